@@ -1,0 +1,55 @@
+"""The offline API, vLLM-style: LLM(model).generate(prompts, sampling_params) -> RequestOutputs."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from tqdm import tqdm
+
+from engine.config import EngineArgs
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+_PROGRESS_MIN_PROMPTS = 16
+
+
+class LLM:
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", **engine_args):
+        self.engine = LLMEngine(EngineArgs(model=model, device=device, dtype=dtype, **engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Submits every prompt at once (the scheduler batches them) and returns results in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        results: dict[str, RequestOutput] = {}
+        for prompt, p in zip(prompts, params):
+            request_id = str(next(self._ids))
+            ids = self.engine.add_request(request_id, prompt, p)
+            results[request_id] = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, ids,
+                                                 [CompletionOutput(i, logprobs=[] if p.logprobs is not None else None)
+                                                  for i in range(p.n)])
+        bar = tqdm(total=len(prompts), desc="generating", disable=not use_tqdm or len(prompts) < _PROGRESS_MIN_PROMPTS)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                completion = results[out.request_id].outputs[out.index]
+                completion.text += out.new_text
+                completion.token_ids += out.new_token_ids
+                if out.new_logprobs is not None:
+                    completion.logprobs += out.new_logprobs
+                if out.finished:
+                    completion.finish_reason, completion.stop_reason = out.finish_reason, out.stop_reason
+                if out.request_finished:
+                    results[out.request_id].finished = True
+                    bar.update()
+        bar.close()
+        return list(results.values())

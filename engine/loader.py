@@ -1,0 +1,108 @@
+"""Finding a checkpoint (local directory or hub repo id) and loading its safetensors into a model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from engine.config import ModelConfig
+from engine.models import MODEL_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+
+class LoadError(ValueError):
+    pass
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub repo id, downloaded (or found in the HF cache offline)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise LoadError(f"model path {model!r} is not a directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except Exception as online_error:  # offline, or no access: fall back to the local cache
+        try:
+            return Path(snapshot_download(model, revision=revision, allow_patterns=_HUB_PATTERNS,
+                                          local_files_only=True))
+        except Exception:
+            raise LoadError(f"cannot find model {model!r}: not a local directory, and the hub download "
+                            f"failed ({online_error}) with nothing cached") from None
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index}: missing 'weight_map'")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise LoadError(f"{index} names shard files that do not exist: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"no .safetensors files in {model_dir}")
+    return files
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Builds the model in `dtype` on `device` (A_log, D, dt_bias stay fp32) and fills it from the checkpoint.
+
+    Each checkpoint tensor goes through the model's `load_transform` (in fp32) before the cast, so
+    folded multipliers lose no precision. Missing, unexpected or mis-shaped tensors are errors.
+    """
+    with _default_dtype(dtype), torch.device(device):
+        model = MODEL_REGISTRY[arch](cfg)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = model.checkpoint_names()
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    files = safetensors_files(model_dir)
+    with torch.no_grad():
+        for file in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if name not in expected and name != "lm_head.weight":
+                        unexpected.append(name)
+                        continue
+                    seen.add(name)
+                    for target, tensor in model.load_transform(name, f.get_tensor(name).float()):
+                        param = params[target]
+                        if tuple(tensor.shape) != tuple(param.shape):
+                            raise LoadError(f"tensor {name!r} in {file.name} has shape {tuple(tensor.shape)}, "
+                                            f"the model expects {tuple(param.shape)} (check config.json)")
+                        param.copy_(tensor)
+    missing = sorted(expected - seen)
+    if missing or unexpected:
+        raise LoadError(f"checkpoint {model_dir} does not match {arch}: "
+                        f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+                        f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    logger.info("loaded %s from %s: %.2f GB of weights in %s", arch, model_dir,
+                sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, dtype)
+    return model.eval()

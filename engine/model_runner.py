@@ -1,0 +1,123 @@
+"""Owns the tensors: the model, its cache pools, and turning a ScheduledBatch into one flat ForwardBatch
+whose logits (one row per sequence that samples) come back from a single forward pass."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.cache_pools import allocate_layer_caches, kv_block_bytes, state_slot_bytes
+from engine.config import EngineArgs, FalconH1Config, ModelConfig
+from engine.forward_batch import ForwardBatch
+from engine.loader import load_model
+from engine.scheduler import ScheduledBatch
+from kernels import PAD_SLOT
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU_CACHE_BYTES = 4 << 30  # default KV budget on CPU, where no memory profile is taken
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, args: EngineArgs, model_dir, arch: str, cfg: ModelConfig, max_model_len: int,
+                 max_num_batched_tokens: int):
+        self.args, self.cfg = args, cfg
+        self.device = resolve_device(args.device)
+        self.dtype = cfg.dtype if args.dtype == "auto" else _DTYPES[args.dtype]
+        if self.device.type == "cpu" and self.dtype is torch.float16:
+            logger.warning("float16 on CPU is slow and imprecise; consider --dtype float32")
+        self.state_dtype = _DTYPES[args.ssm_state_dtype]
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.uses_kv = isinstance(cfg, FalconH1Config)
+        self.block_size = args.kv_block_size if self.uses_kv else 0
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        self.model = load_model(model_dir, arch, cfg, self.dtype, self.device)
+        logger.info("model loaded in %.1f s", time.perf_counter() - start)
+        self.num_slots = args.max_num_seqs
+        self.num_blocks = self._plan_kv_blocks()
+        self.caches = allocate_layer_caches(cfg, self.num_slots, max(self.num_blocks, 1), max(self.block_size, 1),
+                                            self.dtype, self.state_dtype, self.device)
+
+    def _plan_kv_blocks(self) -> int:
+        if not self.uses_kv:
+            return 0
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        if self.args.num_kv_blocks is not None:
+            num_blocks = self.args.num_kv_blocks
+        else:
+            block_bytes = kv_block_bytes(self.cfg, self.block_size, self.dtype)
+            wanted = self.args.max_num_seqs * blocks_per_seq
+            num_blocks = min(wanted, max(_CPU_CACHE_BYTES // block_bytes, blocks_per_seq))
+        slot_bytes = state_slot_bytes(self.cfg, self.dtype, self.state_dtype)
+        logger.info("cache plan: %d state slots (%.1f MB each), %d KV blocks of %d tokens",
+                    self.num_slots, slot_bytes / 1e6, num_blocks, self.block_size)
+        return num_blocks
+
+    def prepare(self, sched: ScheduledBatch) -> ForwardBatch:
+        input_ids, positions, slot_mapping, logits_indices = [], [], [], []
+        query_start_loc, seq_lens = [0], []
+        bs = self.block_size
+        for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
+            start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start: start + n]
+            positions += range(start, start + n)
+            if bs:
+                slot_mapping += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(start + n)
+            if sched.samples(i):
+                logits_indices.append(query_start_loc[-1] - 1)
+        if not bs:
+            slot_mapping = [PAD_SLOT] * len(input_ids)
+        width = max((len(s.block_table) for s in sched.seqs), default=0) or 1
+        block_tables = [s.block_table + [0] * (width - len(s.block_table)) for s in sched.seqs]
+
+        def tensor(data, dtype):
+            return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+
+        return ForwardBatch(
+            input_ids=tensor(input_ids, torch.long),
+            positions=tensor(positions, torch.long),
+            query_start_loc=tensor(query_start_loc, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            state_slots=tensor([s.state_slot for s in sched.seqs], torch.int32),
+            has_initial_state=tensor([s.num_computed_tokens > 0 for s in sched.seqs], torch.bool),
+            block_tables=tensor(block_tables, torch.int32),
+            slot_mapping=tensor(slot_mapping, torch.long),
+            logits_indices=tensor(logits_indices, torch.long),
+            num_decodes=sched.num_decodes,
+            max_query_len=max(sched.num_new_tokens),
+            max_seq_len=max(seq_lens),
+        )
+
+    @torch.inference_mode()
+    def execute(self, sched: ScheduledBatch) -> torch.Tensor:
+        """Runs one step; returns logits [S, V] (fp32) for the sequences that sample, in batch order."""
+        batch = self.prepare(sched)
+        hidden = self.model(batch, self.caches)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def copy_state(self, src_slot: int, dst_slot: int) -> None:
+        for cache in self.caches:
+            cache.conv_state[dst_slot] = cache.conv_state[src_slot]
+            cache.ssm_state[dst_slot] = cache.ssm_state[src_slot]
+
+    @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        for cache in self.caches:
+            cache.k_cache[dst] = cache.k_cache[src]
+            cache.v_cache[dst] = cache.v_cache[src]

@@ -1,0 +1,177 @@
+"""Falcon-H1: each layer runs a Mamba2 mixer and GQA attention side by side on the same normed input,
+then a SwiGLU MLP (MODELS.md has the equations).
+
+    xn = RMSNorm(h)
+    h  = h + Mamba2(xn) + Attention(xn)
+    h  = h + MLP(RMSNorm(h))
+    logits = lm_head(RMSNorm(h))
+
+All muP multipliers are folded into the weights while loading (`load_transform`), so the forward pass
+below has none. Parameter names equal the checkpoint's tensor names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import ops
+from engine.cache_pools import LayerCache
+from engine.config import FalconH1Config
+from engine.forward_batch import ForwardBatch
+from engine.models.common import RMSNorm
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: FalconH1Config):
+        super().__init__()
+        self.cfg = cfg
+        H, G, N = cfg.mamba_n_heads, cfg.mamba_n_groups, cfg.mamba_d_state
+        self.in_proj = nn.Linear(cfg.hidden_size, 2 * cfg.mamba_d_ssm + 2 * G * N + H, bias=cfg.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.mamba_d_conv, groups=cfg.conv_dim,
+                                bias=cfg.mamba_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(H, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(H, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(H, dtype=torch.float32))
+        self.norm = RMSNorm(cfg.mamba_d_ssm, cfg.rms_norm_eps) if cfg.mamba_rms_norm else None
+        self.out_proj = nn.Linear(cfg.mamba_d_ssm, cfg.hidden_size, bias=cfg.projectors_bias)
+
+    def forward(self, u: torch.Tensor, batch: ForwardBatch, cache: LayerCache) -> torch.Tensor:
+        cfg, T = self.cfg, u.shape[0]
+        H, P, G, N = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
+        z, xBC, dt = self.in_proj(u).split([cfg.mamba_d_ssm, cfg.conv_dim, H], dim=-1)
+        xBC = ops.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv_state, batch)
+        x, B, C = xBC.split([cfg.mamba_d_ssm, G * N, G * N], dim=-1)
+        A = -torch.exp(self.A_log)
+        y = ops.mamba2_scan(x.reshape(T, H, P), dt, A, B.reshape(T, G, N), C.reshape(T, G, N), self.D,
+                            self.dt_bias, cfg.time_step_limit, cache.ssm_state, batch, cfg.mamba_chunk_size)
+        y = y.reshape(T, cfg.mamba_d_ssm)
+        if self.norm is None:
+            y = y * F.silu(z)
+        else:
+            y = ops.gated_rms_norm(y, z, self.norm.weight, self.norm.eps, G, cfg.mamba_norm_before_gate)
+        return self.out_proj(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: FalconH1Config):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, inv_freq: torch.Tensor
+                ) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, k = ops.rope(q, k, batch.positions, inv_freq)
+        o = ops.attention(q, k, v, cache.k_cache, cache.v_cache, batch, self.scale)
+        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: FalconH1Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: FalconH1Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mamba = Mamba2Mixer(cfg)
+        self.self_attn = Attention(cfg)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feed_forward = MLP(cfg)
+
+
+class FalconH1Model(nn.Module):
+    def __init__(self, cfg: FalconH1Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class FalconH1ForCausalLM(nn.Module):
+    def __init__(self, cfg: FalconH1Config):
+        super().__init__()
+        self.cfg = cfg
+        self.model = FalconH1Model(cfg)
+        # Even when tied, the head is its own tensor: it carries lm_head_multiplier, the embedding another.
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        D = cfg.head_dim
+        self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D)),
+                             persistent=False)
+
+    def forward(self, batch: ForwardBatch, caches: list[LayerCache]) -> torch.Tensor:
+        """Returns the final hidden states [S, d] of the rows in batch.logits_indices."""
+        h = self.model.embed_tokens(batch.input_ids)
+        residual, delta = h, None
+        for layer, cache in zip(self.model.layers, caches):
+            if delta is None:
+                xn = layer.input_layernorm(h)
+            else:  # h = h + MLP output of the previous layer, fused with this layer's input norm
+                xn, residual = ops.add_rms_norm(delta, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            mixed = layer.mamba(xn, batch, cache) + layer.self_attn(xn, batch, cache, self.inv_freq)
+            xn, residual = ops.add_rms_norm(mixed, residual, layer.pre_ff_layernorm.weight, layer.pre_ff_layernorm.eps)
+            delta = layer.feed_forward(xn)
+        idx = batch.logits_indices
+        norm = self.model.final_layernorm
+        return ops.add_rms_norm(delta[idx], residual[idx], norm.weight, norm.eps)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def checkpoint_names(self) -> set[str]:
+        names = set(self.state_dict())
+        return names - {"lm_head.weight"} if self.cfg.tie_word_embeddings else names
+
+    def load_transform(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Maps one checkpoint tensor (fp32) to the parameters it fills, with the multipliers folded in."""
+        cfg = self.cfg
+        if name == "model.embed_tokens.weight":
+            out = [(name, tensor * cfg.embedding_multiplier)]
+            if cfg.tie_word_embeddings:
+                out.append(("lm_head.weight", tensor * cfg.lm_head_multiplier))
+            return out
+        if name == "lm_head.weight":
+            return [] if cfg.tie_word_embeddings else [(name, tensor * cfg.lm_head_multiplier)]
+        kind = name.rsplit(".", 1)[-1]  # weight | bias | A_log | ...
+        is_weight = kind == "weight"
+        # Input-side scales (x * s before a linear layer) scale only the weight; output-side ones both.
+        if ".self_attn.q_proj." in name or ".self_attn.v_proj." in name:
+            return [(name, tensor * cfg.attention_in_multiplier if is_weight else tensor)]
+        if ".self_attn.k_proj." in name:
+            scale = cfg.attention_in_multiplier * cfg.key_multiplier if is_weight else cfg.key_multiplier
+            return [(name, tensor * scale)]
+        if ".self_attn.o_proj." in name:
+            return [(name, tensor * cfg.attention_out_multiplier)]
+        if ".mamba.in_proj." in name:
+            rows = self._ssm_row_multipliers()
+            return [(name, tensor * (rows[:, None] * cfg.ssm_in_multiplier if is_weight else rows))]
+        if ".mamba.out_proj." in name:
+            return [(name, tensor * cfg.ssm_out_multiplier)]
+        if ".feed_forward.gate_proj." in name:
+            return [(name, tensor * cfg.mlp_multipliers[0])]
+        if ".feed_forward.down_proj." in name:
+            return [(name, tensor * cfg.mlp_multipliers[1])]
+        return [(name, tensor)]
+
+    def _ssm_row_multipliers(self) -> torch.Tensor:
+        """ssm_multipliers m0..m4 expanded over the in_proj rows [z | x | B | C | dt]."""
+        cfg = self.cfg
+        gn = cfg.mamba_n_groups * cfg.mamba_d_state
+        sizes = [cfg.mamba_d_ssm, cfg.mamba_d_ssm, gn, gn, cfg.mamba_n_heads]
+        return torch.cat([torch.full((n,), m) for n, m in zip(sizes, cfg.ssm_multipliers)])

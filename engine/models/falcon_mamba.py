@@ -1,0 +1,106 @@
+"""FalconMamba (Mamba1, MODELS.md): a stack of pre-norm residual Mamba1 mixers.
+
+    h = h + Mixer(RMSNorm(h))          (residual stream in fp32 when residual_in_fp32)
+    Mixer(u): [x ; z] = W_in u;  x = SiLU(conv(x));  [dl ; B ; C] = W_x x
+              dl, B, C = rms(dl), rms(B), rms(C)      (weightless; FalconMamba only, not plain Mamba)
+              y = SelectiveScan(x, dt = W_dt dl, A = -exp(A_log), B, C, D, dt_bias) * SiLU(z);  out = W_out y
+    logits = lm_head(RMSNorm(h))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine import ops
+from engine.cache_pools import LayerCache
+from engine.config import FalconMambaConfig
+from engine.forward_batch import ForwardBatch
+from engine.models.common import RMSNorm
+
+
+class DtProj(nn.Module):
+    """W_dt [d_inner, R] in the model dtype; its bias is the scan's dt_bias, kept in fp32."""
+
+    def __init__(self, rank: int, d_inner: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_inner, rank))
+        self.bias = nn.Parameter(torch.empty(d_inner, dtype=torch.float32))
+
+
+class Mamba1Mixer(nn.Module):
+    def __init__(self, cfg: FalconMambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_in, N, R = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
+        self.in_proj = nn.Linear(cfg.hidden_size, 2 * d_in, bias=cfg.use_bias)
+        self.conv1d = nn.Conv1d(d_in, d_in, cfg.conv_kernel, groups=d_in, bias=cfg.use_conv_bias)
+        self.x_proj = nn.Linear(d_in, R + 2 * N, bias=False)
+        self.dt_proj = DtProj(R, d_in)
+        self.A_log = nn.Parameter(torch.empty(d_in, N, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(d_in, dtype=torch.float32))
+        self.out_proj = nn.Linear(d_in, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(self, u: torch.Tensor, batch: ForwardBatch, cache: LayerCache) -> torch.Tensor:
+        cfg = self.cfg
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x = ops.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv_state, batch)
+        dl, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
+        if cfg.bcdt_norm:
+            dl, B, C = (ops.rms_norm(t, None, cfg.mixer_rms_eps) for t in (dl, B, C))
+        dt = dl @ self.dt_proj.weight.t()
+        A = -torch.exp(self.A_log)
+        y = ops.mamba1_scan(x, dt, A, B, C, self.D, self.dt_proj.bias, z, cache.ssm_state, batch)
+        return self.out_proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: FalconMambaConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.mixer = Mamba1Mixer(cfg)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: FalconMambaConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+
+
+class FalconMambaForCausalLM(nn.Module):
+    def __init__(self, cfg: FalconMambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    def forward(self, batch: ForwardBatch, caches: list[LayerCache]) -> torch.Tensor:
+        """Returns the final hidden states [S, d] of the rows in batch.logits_indices."""
+        h = self.backbone.embeddings(batch.input_ids)
+        residual = h.float() if self.cfg.residual_in_fp32 else h
+        layers = self.backbone.layers
+        xn = layers[0].norm(h)
+        for i, (layer, cache) in enumerate(zip(layers, caches)):
+            out = layer.mixer(xn, batch, cache)
+            if i + 1 < len(layers):  # h = h + out, fused with the next layer's norm
+                nxt = layers[i + 1].norm
+                xn, residual = ops.add_rms_norm(out, residual, nxt.weight, nxt.eps)
+        idx = batch.logits_indices
+        norm = self.backbone.norm_f
+        return ops.add_rms_norm(out[idx], residual[idx], norm.weight, norm.eps)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def checkpoint_names(self) -> set[str]:
+        names = set(self.state_dict())
+        return names - {"lm_head.weight"} if self.cfg.tie_word_embeddings else names
+
+    def load_transform(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return []  # tied: the embedding fills it
+        return [(name, tensor)]

@@ -1,0 +1,41 @@
+"""What the engine hands back: per-step deltas (server streaming) and whole results (offline API)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepOutput:
+    """New output of one sample (index) of one request after one engine step."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[dict[int, float]] | None  # one dict per new token: top ids (+ the sampled one)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int = 0
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    error: str | None = None
+    request_finished: bool = False  # the last output of the whole request (all n samples done)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False

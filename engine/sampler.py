@@ -1,0 +1,107 @@
+"""Batched sampling on the device: logit_bias, penalties, min_tokens, temperature, top-k/top-p/min-p,
+per-request seeded generators, and logprobs of the model's raw distribution (vLLM's default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place, for rows whose request asks for them (OpenAI's and vLLM's definitions):
+    repetition: a token seen in prompt or output has its logit divided by r if > 0, else multiplied;
+    frequency/presence: logit -= f * count_in_output + p * (count_in_output > 0)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty
+            or s.params.repetition_penalty != 1.0]
+    if not rows:
+        return
+    V, device = logits.shape[1], logits.device
+    counts = torch.zeros(len(rows), V, device=device)
+    seen = torch.zeros(len(rows), V, dtype=torch.bool, device=device)
+    for j, i in enumerate(rows):
+        out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long, device=device)
+        counts[j].scatter_add_(0, out, torch.ones_like(out, dtype=counts.dtype))
+        seen[j, torch.tensor(seqs[i].token_ids, dtype=torch.long, device=device)] = True
+    params = [seqs[i].params for i in rows]
+    rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    sub = logits[rows]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    logits[rows] = sub - freq * counts - pres * (counts > 0)
+
+
+def filter_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                             min_p: torch.Tensor) -> torch.Tensor:
+    """Sets to -inf every logit outside the row's top-k, its top-p nucleus, or under min_p * max prob."""
+    V = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=logits.device)[None, :]
+    probs = sorted_logits.softmax(-1)
+    drop = rank >= torch.where(top_k > 0, top_k, V)[:, None]
+    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]  # keep tokens until the mass before them reaches p
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> SampleResult:
+    """One token per row of logits [S, V] (fp32) for seqs[row]."""
+    S, V = logits.shape
+    device = logits.device
+    params = [s.params for s in seqs]
+    want_logprobs = [p.logprobs is not None for p in params]
+    raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
+    logits = logits.clone()
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=device)
+    apply_penalties(logits, seqs)
+    for i, (s, p) in enumerate(zip(seqs, params)):
+        if s.num_output_tokens < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)
+            logits[i, [t for t in banned if t < V]] = float("-inf")
+
+    tokens = logits.argmax(-1)
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if random_rows:
+        sub = [params[i] for i in random_rows]
+        temp = torch.tensor([p.temperature for p in sub], device=device)[:, None]
+        probs = filter_top_k_top_p_min_p(
+            logits[random_rows] / temp,
+            torch.tensor([p.top_k for p in sub], device=device),
+            torch.tensor([p.top_p for p in sub], device=device),
+            torch.tensor([p.min_p for p in sub], device=device),
+        ).softmax(-1)
+        # argmax(p / q) with q ~ Exp(1) is a draw from p; a seeded row draws q from its own generator,
+        # so its tokens do not depend on its batch mates.
+        q = torch.empty_like(probs).exponential_()
+        for j, i in enumerate(random_rows):
+            if seqs[i].generator is not None:
+                q[j].exponential_(generator=seqs[i].generator)
+        tokens[random_rows] = (probs / q).argmax(-1)
+
+    token_list = tokens.tolist()
+    logprobs: list[dict[int, float] | None] = [None] * S
+    rows = [i for i in range(S) if want_logprobs[i]]
+    if rows:
+        k = max(max(params[i].logprobs for i in rows), 1)
+        top = raw_logprobs[rows].topk(k, dim=-1)
+        chosen = raw_logprobs[rows, tokens[rows]].tolist()
+        top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+        for j, i in enumerate(rows):
+            n = params[i].logprobs
+            entry = dict(zip(top_ids[j][:n], top_vals[j][:n]))
+            entry[token_list[i]] = chosen[j]
+            logprobs[i] = entry
+    return SampleResult(token_list, logprobs)

@@ -1,0 +1,156 @@
+"""Iteration-level scheduling: which sequences run in the next forward step, and how many of their
+tokens. Decodes first, then prefill chunks of running sequences, then newly admitted ones, within
+`max_num_batched_tokens` and `max_num_seqs`. When KV blocks run out the most recently admitted
+sequence is preempted (its slot and blocks freed, requeued to recompute) so the others finish."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.cache_manager import CacheManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # per sequence, this step
+    num_decodes: int = 0  # seqs[:num_decodes] are decodes (one token each)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+    def samples(self, i: int) -> bool:
+        """Whether sequence i reaches its last token this step, so it needs a sampled token."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._admissions = itertools.count()
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        preemptions_before = self.num_preemptions
+        decodes: list[Sequence] = []
+        prefills: list[tuple[Sequence, int]] = []
+        # Running sequences in admission order, so preemption (newest first) never hits one already placed.
+        for seq in sorted(self.running, key=lambda s: s.admitted_order):
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._reserve_blocks(seq, seq.num_computed_tokens + n):
+                continue  # seq itself was preempted
+            budget -= n
+            if seq.is_decode:
+                decodes.append(seq)
+            else:
+                prefills.append((seq, n))
+        self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+        # After a preemption, admitting more would only take the blocks back from whoever needs them next.
+        admit = self.num_preemptions == preemptions_before
+        while admit and self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
+            seq = self.waiting.popleft()
+            n = min(seq.num_uncomputed_tokens, budget)
+            if self.cache.blocks_needed(seq, n) + self._fork_blocks(seq) > self.cache.num_free_blocks:
+                self.waiting.appendleft(seq)
+                break
+            self._admit(seq, n)
+            budget -= n
+            prefills.append((seq, n))
+        return ScheduledBatch(seqs=decodes + [s for s, _ in prefills],
+                              num_new_tokens=[1] * len(decodes) + [n for _, n in prefills],
+                              num_decodes=len(decodes))
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        # A request with n samples holds n slots from the start, so forking it never waits.
+        return (len(self.running) + seq.num_samples <= self.max_num_seqs
+                and self.cache.num_free_slots >= seq.num_samples)
+
+    def _fork_blocks(self, seq: Sequence) -> int:
+        # Each extra sample gets its own copy of the last, partly filled prompt block.
+        return seq.num_samples - 1 if self.cache.block_size else 0
+
+    def _admit(self, seq: Sequence, num_new_tokens: int) -> None:
+        seq.state_slot = self.cache.take_slot()
+        seq.reserved_slots = [self.cache.take_slot() for _ in range(seq.num_samples - 1)]
+        seq.reserved_blocks = [self.cache.take_block() for _ in range(self._fork_blocks(seq))]
+        self.cache.grow(seq, seq.num_computed_tokens + num_new_tokens)
+        seq.status = SequenceStatus.RUNNING
+        seq.admitted_order = next(self._admissions)
+        self.running.append(seq)
+
+    def _reserve_blocks(self, seq: Sequence, num_tokens: int) -> bool:
+        """Makes room for seq's first num_tokens tokens, preempting newer sequences; False if seq itself went."""
+        while self.cache.blocks_needed(seq, num_tokens) > self.cache.num_free_blocks:
+            victim = max((s for s in self.running if s.status is SequenceStatus.RUNNING),
+                         key=lambda s: s.admitted_order)
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        self.cache.grow(seq, num_tokens)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees everything seq holds and puts it first in line to be recomputed from its tokens."""
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def fork(self, parent: Sequence) -> tuple[list[Sequence], list[tuple[int, int]]]:
+        """Splits a prefilled request with n samples into n sequences. Children take the reserved slots
+        and share the parent's full KV blocks; a last, partly filled block (which each sample will write
+        on) is replaced by a reserved block. Returns the children and the (src, dst) blocks to copy; the
+        caller copies state rows and block contents."""
+        children, block_copies = [], []
+        partial = parent.num_computed_tokens % self.cache.block_size if self.cache.block_size else 0
+        for index, slot in enumerate(parent.reserved_slots, start=1):
+            child = parent.clone_for_sample(index)
+            child.state_slot = slot
+            child.admitted_order = next(self._admissions)
+            shared = parent.block_table[:-1] if partial else parent.block_table
+            self.cache.share_blocks(shared)
+            child.block_table = list(shared)
+            if partial:
+                own = parent.reserved_blocks.pop()
+                child.block_table.append(own)
+                block_copies.append((parent.block_table[-1], own))
+            children.append(child)
+        self.cache.release_blocks(parent.reserved_blocks)
+        parent.reserved_slots, parent.reserved_blocks = [], []
+        parent.num_samples = 1
+        self.running.extend(children)
+        return children, block_copies
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self._release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        for slot in seq.reserved_slots:
+            self.cache.slots.release(slot)
+        self.cache.release_blocks(seq.reserved_blocks)
+        seq.reserved_slots, seq.reserved_blocks = [], []
+        self.cache.release(seq)

@@ -1,0 +1,82 @@
+"""One generated sequence: its tokens, how many are already in the caches, and which cache rows it holds."""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 generator: torch.Generator | None = None, num_samples: int = 1):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index  # which of the request's n samples
+        self.params = params
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose state and KV are in the caches
+        self.status = SequenceStatus.WAITING
+        self.state_slot: int | None = None
+        self.block_table: list[int] = []
+        self.admitted_order = -1  # larger = admitted later = preempted first
+        self.reserved_slots: list[int] = []  # held for the samples this sequence forks into
+        self.reserved_blocks: list[int] = []
+        # A request with n > 1 starts as one sequence that forks after its prompt is prefilled.
+        self.num_samples = num_samples
+        self.generator = generator
+        self.output_text = ""
+        self.num_emitted_chars = 0
+        self.num_emitted_tokens = 0
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.detokenizer = None  # set by the engine (engine.tokenizer.IncrementalDetokenizer)
+
+    def clone_for_sample(self, index: int) -> Sequence:
+        """A running copy for sample `index` of the same request, before any output token."""
+        child = Sequence(self.request_id, index, self.token_ids, self.params)
+        child.num_prompt_tokens = self.num_prompt_tokens
+        child.num_computed_tokens = self.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        return child
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_uncomputed_tokens == 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id}#{self.index}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, {self.status.value})")
