@@ -1,31 +1,54 @@
 """The ops layer: what models call. Each op runs its Triton kernel on CUDA and its torch reference
-elsewhere (kernels/<op>.py holds both), and splits the flat batch into its decode and prefill parts."""
+elsewhere (kernels/<op>.py holds both, same signature), and splits the flat batch into its decode
+and prefill parts. FALCON_SERVE_TORCH_OPS=1 forces the references everywhere (for debugging)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from engine.forward_batch import ForwardBatch
-from kernels.attention import paged_attention_ref, write_kv_ref
-from kernels.conv1d import causal_conv1d_update_ref, causal_conv1d_varlen_ref
-from kernels.norm import add_rms_norm_ref, gated_rms_norm_ref, rms_norm_ref
-from kernels.rope import rope_ref
-from kernels.selective_scan import selective_scan_update_ref, selective_scan_varlen_ref
-from kernels.ssd_scan import ssd_scan_varlen_ref
-from kernels.ssm_state_update import ssm_state_update_ref
+from kernels import attention as attention_kernels
+from kernels import conv1d, norm, selective_scan, ssd_scan, ssm_state_update
+from kernels import rope as rope_kernels
 
-rms_norm = rms_norm_ref
-add_rms_norm = add_rms_norm_ref
-gated_rms_norm = gated_rms_norm_ref
-rope = rope_ref
+_FORCE_TORCH = os.environ.get("FALCON_SERVE_TORCH_OPS") == "1"
+
+
+def _impl(module, name: str, x: torch.Tensor):
+    """The Triton kernel `name` of a kernels module on CUDA, else its `<name>_ref` reference."""
+    if x.is_cuda and not _FORCE_TORCH and hasattr(module, name):
+        return getattr(module, name)
+    return getattr(module, name + "_ref")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _impl(norm, "rms_norm", x)(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(norm, "add_rms_norm", x)(x, residual, weight, eps)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, n_groups: int,
+                   norm_before_gate: bool) -> torch.Tensor:
+    return _impl(norm, "gated_rms_norm", y)(y, z, weight, eps, n_groups, norm_before_gate)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(rope_kernels, "rope", q)(q, k, positions, inv_freq)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              batch: ForwardBatch, scale: float) -> torch.Tensor:
+                 batch: ForwardBatch, scale: float) -> torch.Tensor:
     """Writes the new k, v [T, Hkv, D] into their pages, then attends q [T, Hq, D] over each sequence."""
-    write_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
-    return paged_attention_ref(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables,
-                               scale)
+    _impl(attention_kernels, "write_kv", q)(k, v, k_cache, v_cache, batch.slot_mapping)
+    return _impl(attention_kernels, "paged_attention", q)(
+        q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, scale,
+        batch.num_decodes, batch.max_query_len, batch.max_seq_len)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_states: torch.Tensor,
@@ -34,10 +57,11 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     nd = batch.num_decodes
     out = torch.empty_like(x)
     if nd:
-        out[:nd] = causal_conv1d_update_ref(x[:nd], weight, bias, conv_states, batch.state_slots[:nd])
+        out[:nd] = _impl(conv1d, "causal_conv1d_update", x)(x[:nd], weight, bias, conv_states, batch.state_slots[:nd])
     if batch.num_prefill_seqs:
-        out[nd:] = causal_conv1d_varlen_ref(x[nd:], weight, bias, conv_states, batch.prefill_query_start_loc(),
-                                            batch.state_slots[nd:], batch.has_initial_state[nd:])
+        out[nd:] = _impl(conv1d, "causal_conv1d_varlen", x)(
+            x[nd:], weight, bias, conv_states, batch.prefill_query_start_loc(), batch.state_slots[nd:],
+            batch.has_initial_state[nd:])
     return out
 
 
@@ -48,12 +72,12 @@ def mamba2_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     nd = batch.num_decodes
     y = torch.empty_like(x)
     if nd:
-        y[:nd] = ssm_state_update_ref(x[:nd], dt[:nd], A, B[:nd], C[:nd], D, dt_bias, dt_limit, ssm_states,
-                                      batch.state_slots[:nd])
+        y[:nd] = _impl(ssm_state_update, "ssm_state_update", x)(
+            x[:nd], dt[:nd], A, B[:nd], C[:nd], D, dt_bias, dt_limit, ssm_states, batch.state_slots[:nd])
     if batch.num_prefill_seqs:
-        y[nd:] = ssd_scan_varlen_ref(x[nd:], dt[nd:], A, B[nd:], C[nd:], D, dt_bias, dt_limit, ssm_states,
-                                     batch.prefill_query_start_loc(), batch.state_slots[nd:],
-                                     batch.has_initial_state[nd:], chunk_size)
+        y[nd:] = _impl(ssd_scan, "ssd_scan_varlen", x)(
+            x[nd:], dt[nd:], A, B[nd:], C[nd:], D, dt_bias, dt_limit, ssm_states, batch.prefill_query_start_loc(),
+            batch.state_slots[nd:], batch.has_initial_state[nd:], chunk_size)
     return y
 
 
@@ -64,10 +88,10 @@ def mamba1_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     nd = batch.num_decodes
     y = torch.empty_like(x)
     if nd:
-        y[:nd] = selective_scan_update_ref(x[:nd], dt[:nd], A, B[:nd], C[:nd], D, dt_bias, z[:nd], ssm_states,
-                                           batch.state_slots[:nd])
+        y[:nd] = _impl(selective_scan, "selective_scan_update", x)(
+            x[:nd], dt[:nd], A, B[:nd], C[:nd], D, dt_bias, z[:nd], ssm_states, batch.state_slots[:nd])
     if batch.num_prefill_seqs:
-        y[nd:] = selective_scan_varlen_ref(x[nd:], dt[nd:], A, B[nd:], C[nd:], D, dt_bias, z[nd:], ssm_states,
-                                           batch.prefill_query_start_loc(), batch.state_slots[nd:],
-                                           batch.has_initial_state[nd:])
+        y[nd:] = _impl(selective_scan, "selective_scan_varlen", x)(
+            x[nd:], dt[nd:], A, B[nd:], C[nd:], D, dt_bias, z[nd:], ssm_states, batch.prefill_query_start_loc(),
+            batch.state_slots[nd:], batch.has_initial_state[nd:])
     return y

@@ -20,12 +20,15 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                        scale: float) -> torch.Tensor:
+                        scale: float, num_decodes: int = 0, max_query_len: int = 0, max_seq_len: int = 0
+                        ) -> torch.Tensor:
     """q [T, Hq, D] holds the new tokens of B sequences (rows query_start_loc[b]:query_start_loc[b+1]).
 
     Sequence b has seq_lens[b] tokens in the cache (its new ones already written); its i-th new query
     sits at position seq_lens[b] - n_new + i and attends causally to cache positions 0..that position.
     Query head h reads KV head h // (Hq / Hkv). Softmax in fp32. Returns o [T, Hq, D].
+    num_decodes (the first sequences have one query each), max_query_len and max_seq_len (upper bounds)
+    only let the kernel size its launch without reading the device; they do not change the result.
     """
     out = torch.empty_like(q)
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
