@@ -177,7 +177,8 @@ class FalconH1Config:
                               f"the Mamba inner size {d_ssm} ('mamba_d_ssm')")
         groups = f.positive("mamba_n_groups", 1)
         if n_heads % groups:
-            raise ConfigError(f"{source}: 'mamba_n_heads' ({n_heads}) must be a multiple of 'mamba_n_groups' ({groups})")
+            raise ConfigError(f"{source}: 'mamba_n_heads' ({n_heads}) must be a multiple of "
+                              f"'mamba_n_groups' ({groups})")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"{source}: field 'rope_parameters' must be an object, got {rope!r}")
@@ -312,7 +313,8 @@ def parse_model_config(raw: dict, source: str = "config.json") -> tuple[str, Mod
         return arch, FalconH1Config.from_dict(raw, source)
     if arch in ("FalconMambaForCausalLM", "MambaForCausalLM"):
         return arch, FalconMambaConfig.from_dict(raw, source, bcdt_norm=arch == "FalconMambaForCausalLM")
-    raise ConfigError(f"{source}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    raise ConfigError(f"{source}: architecture {arch!r} is not supported; "
+                      f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def load_model_config(model_dir: str | Path) -> tuple[str, ModelConfig]:

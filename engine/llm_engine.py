@@ -181,7 +181,8 @@ class LLMEngine:
         for child in children:
             self.runner.copy_state(parent.state_slot, child.state_slot)
             child.generator = self._generator(child.params, child.index)
-            child.detokenizer = IncrementalDetokenizer(self.tokenizer, parent.token_ids, child.params.skip_special_tokens)
+            child.detokenizer = IncrementalDetokenizer(self.tokenizer, parent.token_ids,
+                                                       child.params.skip_special_tokens)
             self.sequences[parent.request_id].append(child)
         for src, dst in block_copies:
             self.runner.copy_block(src, dst)

@@ -61,6 +61,8 @@ def build_checkpoint(directory: Path, config, seed: int = 0) -> Path:
             p.copy_(torch.randn_like(p) * 0.5)
         elif "norm" in name:
             p.copy_(1 + 0.3 * torch.randn_like(p))
+        elif name.endswith("bias"):  # init leaves biases at zero, which would hide a missed one
+            p.copy_(0.2 * torch.randn_like(p))
     model.save_pretrained(directory)
     byte_level_tokenizer_files(directory)
     return Path(directory)

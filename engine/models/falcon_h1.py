@@ -57,7 +57,8 @@ class Mamba2Mixer(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: FalconH1Config):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
@@ -123,7 +124,8 @@ class FalconH1ForCausalLM(nn.Module):
             if delta is None:
                 xn = layer.input_layernorm(h)
             else:  # h = h + MLP output of the previous layer, fused with this layer's input norm
-                xn, residual = ops.add_rms_norm(delta, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
+                norm = layer.input_layernorm
+                xn, residual = ops.add_rms_norm(delta, residual, norm.weight, norm.eps)
             mixed = layer.mamba(xn, batch, cache) + layer.self_attn(xn, batch, cache, self.inv_freq)
             xn, residual = ops.add_rms_norm(mixed, residual, layer.pre_ff_layernorm.weight, layer.pre_ff_layernorm.eps)
             delta = layer.feed_forward(xn)
