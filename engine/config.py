@@ -349,6 +349,7 @@ class EngineArgs:
     seed: int = 0
     enforce_eager: bool = False
     chat_template: str | None = None  # template text overriding the tokenizer's
+    load_format: str = "auto"  # auto (safetensors) | dummy (random weights of the right shapes, for benchmarks)
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -359,6 +360,7 @@ class EngineArgs:
               f"device must be auto, cuda or cpu, got {self.device!r}")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16"),
               f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        check(self.load_format in ("auto", "dummy"), f"load_format must be auto or dummy, got {self.load_format!r}")
         check(self.ssm_state_dtype in ("float32", "bfloat16", "float16"),
               f"ssm_state_dtype must be float32, bfloat16 or float16, got {self.ssm_state_dtype!r}")
         check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")

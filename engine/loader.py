@@ -71,7 +71,22 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights with the checkpoint's shapes: enough for benchmarks, where the work per token is
+    the same. SSM parameters get values in their usual ranges so the recurrence stays stable."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.uniform_(0.0, 2.0, generator=generator)
+        elif name.endswith(("D", "dt_bias", "dt_proj.bias")) or "norm" in name:
+            p.uniform_(0.5, 1.5, generator=generator)
+        else:
+            p.normal_(0.0, 0.02, generator=generator)
+
+
+def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               dummy: bool = False) -> nn.Module:
     """Builds the model in `dtype` on `device` (A_log, D, dt_bias stay fp32) and fills it from the checkpoint.
 
     Each checkpoint tensor goes through the model's `load_transform` (in fp32) before the cast, so
@@ -79,6 +94,9 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
     """
     with _default_dtype(dtype), torch.device(device):
         model = MODEL_REGISTRY[arch](cfg)
+    if dummy:
+        init_dummy_weights(model)
+        return model.eval()
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = model.checkpoint_names()
     seen: set[str] = set()

@@ -8,17 +8,18 @@ import time
 
 import torch
 
-from engine.cache_pools import allocate_layer_caches, kv_block_bytes, state_slot_bytes
+from engine.cache_pools import allocate_layer_caches
 from engine.config import EngineArgs, FalconH1Config, ModelConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.forward_batch import ForwardBatch
 from engine.loader import load_model
+from engine.memory_plan import plan_memory
 from engine.scheduler import ScheduledBatch
 from kernels import PAD_SLOT
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_CPU_CACHE_BYTES = 4 << 30  # default KV budget on CPU, where no memory profile is taken
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,27 +45,21 @@ class ModelRunner:
         self.block_size = args.kv_block_size if self.uses_kv else 0
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        self.model = load_model(model_dir, arch, cfg, self.dtype, self.device)
+        self.model = load_model(model_dir, arch, cfg, self.dtype, self.device, dummy=args.load_format == "dummy")
         logger.info("model loaded in %.1f s", time.perf_counter() - start)
-        self.num_slots = args.max_num_seqs
-        self.num_blocks = self._plan_kv_blocks()
+        plan = plan_memory(self.model, cfg, device=self.device, dtype=self.dtype, state_dtype=self.state_dtype,
+                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                           max_model_len=max_model_len, block_size=self.block_size,
+                           gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks)
+        plan.log(self.block_size, max_model_len)
+        self.num_slots, self.num_blocks = plan.num_slots, plan.num_blocks
         self.caches = allocate_layer_caches(cfg, self.num_slots, max(self.num_blocks, 1), max(self.block_size, 1),
                                             self.dtype, self.state_dtype, self.device)
-
-    def _plan_kv_blocks(self) -> int:
-        if not self.uses_kv:
-            return 0
-        blocks_per_seq = -(-self.max_model_len // self.block_size)
-        if self.args.num_kv_blocks is not None:
-            num_blocks = self.args.num_kv_blocks
-        else:
-            block_bytes = kv_block_bytes(self.cfg, self.block_size, self.dtype)
-            wanted = self.args.max_num_seqs * blocks_per_seq
-            num_blocks = min(wanted, max(_CPU_CACHE_BYTES // block_bytes, blocks_per_seq))
-        slot_bytes = state_slot_bytes(self.cfg, self.dtype, self.state_dtype)
-        logger.info("cache plan: %d state slots (%.1f MB each), %d KV blocks of %d tokens",
-                    self.num_slots, slot_bytes / 1e6, num_blocks, self.block_size)
-        return num_blocks
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not args.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.caches, args.max_num_seqs, max_model_len, self.block_size,
+                                       self.device)
+            self.graphs.capture()
 
     def prepare(self, sched: ScheduledBatch) -> ForwardBatch:
         input_ids, positions, slot_mapping, logits_indices = [], [], [], []
@@ -106,6 +101,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: ScheduledBatch) -> torch.Tensor:
         """Runs one step; returns logits [S, V] (fp32) for the sequences that sample, in batch order."""
+        seqs = sched.seqs
+        if self.graphs is not None and sched.num_decodes == len(seqs) and self.graphs.fits(len(seqs)):
+            return self.graphs.run([s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
+                                   [s.state_slot for s in seqs], [s.block_table for s in seqs])
         batch = self.prepare(sched)
         hidden = self.model(batch, self.caches)
         return self.model.compute_logits(hidden)

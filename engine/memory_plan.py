@@ -1,0 +1,103 @@
+"""How many KV blocks fit: after the weights are loaded, one profiling forward at the largest batch
+measures the activation peak; what is left of gpu_memory_utilization * total goes to max_num_seqs
+state slots first and KV blocks second."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.cache_pools import allocate_layer_caches, kv_block_bytes, state_slot_bytes
+from engine.forward_batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+CUDA_GRAPH_RESERVE = 512 << 20  # graph pools and allocator slack, not seen by the profile
+CPU_KV_BUDGET = 4 * GIB  # on CPU there is no profile: a fixed budget
+
+
+@dataclass
+class MemoryPlan:
+    num_slots: int
+    num_blocks: int
+    weights_bytes: int
+    activation_bytes: int
+    slot_bytes: int
+    block_bytes: int
+
+    def log(self, block_size: int, max_model_len: int) -> None:
+        per_seq = -(-max_model_len // block_size) if block_size else 0
+        concurrent = self.num_blocks // per_seq if per_seq else self.num_slots
+        logger.info("memory plan: weights %.2f GiB, activation peak %.2f GiB, %d state slots x %.1f MiB, "
+                    "%d KV blocks x %.2f MiB (%d tokens); %d sequences of max_model_len %d fit at once",
+                    self.weights_bytes / GIB, self.activation_bytes / GIB, self.num_slots, self.slot_bytes / 2**20,
+                    self.num_blocks, self.block_bytes / 2**20, self.num_blocks * block_size,
+                    min(concurrent, self.num_slots), max_model_len)
+
+
+def profile_batch(num_tokens: int, device: torch.device) -> ForwardBatch:
+    """One sequence of num_tokens new tokens in slot 0 and blocks 0.., starting from an empty state."""
+    i32 = dict(dtype=torch.int32, device=device)
+    return ForwardBatch(
+        input_ids=torch.zeros(num_tokens, dtype=torch.long, device=device),
+        positions=torch.arange(num_tokens, device=device),
+        query_start_loc=torch.tensor([0, num_tokens], **i32),
+        seq_lens=torch.tensor([num_tokens], **i32),
+        state_slots=torch.zeros(1, **i32),
+        has_initial_state=torch.zeros(1, dtype=torch.bool, device=device),
+        block_tables=torch.arange(num_tokens, **i32)[None],  # block_size >= 1: enough entries
+        slot_mapping=torch.arange(num_tokens, device=device),
+        logits_indices=torch.tensor([num_tokens - 1], device=device),
+        num_decodes=0, max_query_len=num_tokens, max_seq_len=num_tokens,
+    )
+
+
+def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype,
+                max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int,
+                gpu_memory_utilization: float, num_kv_blocks: int | None) -> MemoryPlan:
+    slot_bytes = state_slot_bytes(cfg, dtype, state_dtype)
+    block_bytes = kv_block_bytes(cfg, block_size, dtype) if block_size else 0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    num_slots = max_num_seqs  # CUDA-graph padding rows use PAD_SLOT, which kernels skip: no scratch slot
+    blocks_per_seq = -(-max_model_len // block_size) if block_size else 0
+    if device.type != "cuda":
+        activation = 0
+        auto_blocks = min(max_num_seqs * blocks_per_seq, max(CPU_KV_BUDGET // max(block_bytes, 1), blocks_per_seq))
+    else:
+        activation = _profile_activation_peak(model, cfg, device, dtype, state_dtype, max_num_batched_tokens,
+                                              block_size)
+        free, total = torch.cuda.mem_get_info(device)
+        budget = gpu_memory_utilization * total - (total - free) - activation - CUDA_GRAPH_RESERVE
+        for_blocks = budget - num_slots * slot_bytes
+        auto_blocks = int(for_blocks // block_bytes) if block_bytes else 0
+        if for_blocks < blocks_per_seq * block_bytes:
+            raise ValueError(
+                f"not enough GPU memory: {gpu_memory_utilization:.2f} x {total / GIB:.1f} GiB leaves "
+                f"{max(budget, 0) / GIB:.2f} GiB after weights ({weights / GIB:.2f} GiB) and activations "
+                f"({activation / GIB:.2f} GiB); {num_slots} state slots need {num_slots * slot_bytes / GIB:.2f} GiB "
+                f"and one sequence of max_model_len {max_model_len} needs {blocks_per_seq * block_bytes / GIB:.2f} "
+                "GiB of KV cache. Lower --max-model-len or --max-num-seqs, or raise --gpu-memory-utilization.")
+    num_blocks = num_kv_blocks if num_kv_blocks is not None else auto_blocks
+    return MemoryPlan(num_slots, num_blocks if block_size else 0, weights, activation, slot_bytes, block_bytes)
+
+
+@torch.inference_mode()
+def _profile_activation_peak(model, cfg, device, dtype, state_dtype, num_tokens: int, block_size: int) -> int:
+    """Peak bytes a forward of num_tokens prompt tokens allocates beyond weights and its own caches."""
+    bs = max(block_size, 1)
+    caches = allocate_layer_caches(cfg, 1, -(-num_tokens // bs) + 1, bs, dtype, state_dtype, device)
+    batch = profile_batch(num_tokens, device)
+    batch.slot_mapping = batch.slot_mapping if block_size else torch.full_like(batch.slot_mapping, -1)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    model.compute_logits(model(batch, caches))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del caches
+    torch.cuda.empty_cache()
+    return peak
