@@ -18,7 +18,7 @@ _PROGRESS_MIN_PROMPTS = 16
 class LLM:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", **engine_args):
         self.engine = LLMEngine(EngineArgs(model=model, device=device, dtype=dtype, **engine_args))
-        self.tokenizer = self.engine.tokenizer
+        self.tokenizer = self.engine.tokenizer  # None when the checkpoint has no tokenizer.json
         self._ids = itertools.count()
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],

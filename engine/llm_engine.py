@@ -22,6 +22,16 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 logger = logging.getLogger(__name__)
 
 
+class NoText:
+    """The detokenizer of a model served without a tokenizer."""
+
+    def add(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -37,8 +47,13 @@ class LLMEngine:
         model_dir = resolve_model_path(args.model, args.revision)
         arch, cfg = load_model_config(model_dir)
         self.model_config = cfg
-        self.tokenizer = Tokenizer.from_pretrained(args.tokenizer or model_dir, chat_template=args.chat_template)
-        self.eos_token_ids = set(cfg.eos_token_ids) | self.tokenizer.eos_token_ids
+        try:
+            self.tokenizer: Tokenizer | None = Tokenizer.from_pretrained(args.tokenizer or model_dir,
+                                                                         chat_template=args.chat_template)
+        except FileNotFoundError as e:  # weights alone still serve token-id prompts, as vLLM's skip_tokenizer_init
+            logger.warning("%s: prompts must be token ids and outputs carry no text", e)
+            self.tokenizer = None
+        self.eos_token_ids = set(cfg.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
         self.max_model_len = args.max_model_len or min(cfg.max_position_embeddings, 32768)
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
@@ -56,6 +71,8 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: give the prompt as token ids")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -95,10 +112,15 @@ class LLMEngine:
         prompt_ids = self.tokenize_prompt(prompt)
         self.validate(prompt_ids, params)
         seq = Sequence(request_id, 0, prompt_ids, params, self._generator(params, 0), num_samples=params.n)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+        seq.detokenizer = self._detokenizer(prompt_ids, params)
         self.sequences[request_id] = [seq]
         self.scheduler.add(seq)
         return prompt_ids
+
+    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | NoText:
+        if self.tokenizer is None:
+            return NoText()
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.seed is None:
@@ -181,8 +203,7 @@ class LLMEngine:
         for child in children:
             self.runner.copy_state(parent.state_slot, child.state_slot)
             child.generator = self._generator(child.params, child.index)
-            child.detokenizer = IncrementalDetokenizer(self.tokenizer, parent.token_ids,
-                                                       child.params.skip_special_tokens)
+            child.detokenizer = self._detokenizer(parent.token_ids, child.params)
             self.sequences[parent.request_id].append(child)
         for src, dst in block_copies:
             self.runner.copy_block(src, dst)

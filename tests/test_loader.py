@@ -78,3 +78,14 @@ def test_no_weights_or_not_a_directory(tmp_path, h1_dir):
         LLM(str(directory), device="cpu")
     with pytest.raises(LoadError, match="not a directory"):
         resolve_model_path(str(directory / "config.json"))
+
+
+def test_weights_without_a_tokenizer_serve_token_ids(tmp_path, h1_dir):
+    directory = copy_checkpoint(h1_dir, tmp_path / "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (directory / name).unlink()
+    llm = LLM(str(directory), device="cpu", dtype="float32")
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == reference_greedy(h1_dir, PROMPT, 4) and out.text == ""
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate(["text"], SamplingParams(max_tokens=4))
