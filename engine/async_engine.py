@@ -82,6 +82,9 @@ class AsyncEngine:
         return self.engine.stats()
 
     async def shutdown(self) -> None:
+        """Stops the loop; requests still waiting for output get an error instead of hanging."""
+        for queue in self._queues.values():
+            queue.put_nowait(RuntimeError("the engine is shutting down"))
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:

@@ -339,9 +339,9 @@ class EngineArgs:
     revision: str | None = None
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # auto (checkpoint dtype) | float32 | bfloat16 | float16
-    max_model_len: int | None = None  # default: min(max_position_embeddings, 8192)
+    max_model_len: int | None = None  # default: min(max_position_embeddings, 32768)
     max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None  # default: max(2048, max_model_len) capped at 8192
+    max_num_batched_tokens: int | None = None  # token budget per step; default 2048 (CPU), 8192 (CUDA)
     kv_block_size: int = 16
     num_kv_blocks: int | None = None  # default: planned from free memory
     gpu_memory_utilization: float = 0.9

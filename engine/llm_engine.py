@@ -10,7 +10,7 @@ import torch
 from engine.cache_manager import CacheManager
 from engine.config import EngineArgs, load_model_config
 from engine.loader import resolve_model_path
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, resolve_device
 from engine.outputs import StepOutput
 from engine.sampler import sample
 from engine.sampling_params import SamplingParams
@@ -58,7 +58,8 @@ class LLMEngine:
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
-        max_batched = args.max_num_batched_tokens or 2048
+        on_gpu = resolve_device(args.device).type == "cuda"
+        max_batched = args.max_num_batched_tokens or (8192 if on_gpu else 2048)
         self.runner = ModelRunner(args, model_dir, arch, cfg, self.max_model_len, max_batched)
         self.device = self.runner.device
         self.cache = CacheManager(self.runner.num_slots, self.runner.num_blocks, self.runner.block_size)
@@ -223,6 +224,8 @@ class LLMEngine:
             finished=seq.is_finished, finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
             stop_reason=seq.stop_reason,
         )
+        if seq.index == 0 and seq.num_emitted_tokens == 0 and new_tokens:  # the request's first token
+            out.queue_time = seq.queue_time
         seq.num_emitted_chars = len(text)
         seq.num_emitted_tokens = seq.num_output_tokens
         return out

@@ -20,6 +20,7 @@ class StepOutput:
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     error: str | None = None
     request_finished: bool = False  # the last output of the whole request (all n samples done)
+    queue_time: float | None = None  # seconds from arrival to first scheduling, on the request's first output
 
 
 @dataclass

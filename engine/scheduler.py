@@ -6,6 +6,7 @@ sequence is preempted (its slot and blocks freed, requeued to recompute) so the 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -93,6 +94,8 @@ class Scheduler:
         self.cache.grow(seq, seq.num_computed_tokens + num_new_tokens)
         seq.status = SequenceStatus.RUNNING
         seq.admitted_order = next(self._admissions)
+        if seq.queue_time is None:
+            seq.queue_time = time.monotonic() - seq.arrival_time
         self.running.append(seq)
 
     def _reserve_blocks(self, seq: Sequence, num_tokens: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from enum import Enum
 
 import torch
@@ -32,6 +33,8 @@ class Sequence:
         self.state_slot: int | None = None
         self.block_table: list[int] = []
         self.admitted_order = -1  # larger = admitted later = preempted first
+        self.arrival_time = time.monotonic()
+        self.queue_time: float | None = None  # arrival to first admission
         self.reserved_slots: list[int] = []  # held for the samples this sequence forks into
         self.reserved_blocks: list[int] = []
         # A request with n > 1 starts as one sequence that forks after its prompt is prefilled.

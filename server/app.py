@@ -1,0 +1,164 @@
+"""The FastAPI app: routes, admission (draining, API key), engine loading in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server import __version__
+from server.chat import create_chat_completion
+from server.completions import create_completion
+from server.errors import APIError, bad_request, install_error_handlers
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.state import ServerSettings, ServerState
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+
+class AdmissionMiddleware:
+    """Runs before routing: 503 for everything but /metrics while draining, 401 on /v1/* without the key."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = self._refusal(scope) if scope["type"] == "http" else None
+        if error is not None:
+            await error.response()(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> APIError | None:
+        path = scope["path"]
+        if self.state.draining and path != "/metrics":
+            return APIError(503, "The server is shutting down and accepts no new requests.")
+        key = self.state.settings.api_key
+        if key and path.startswith("/v1/"):
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                return APIError(401, "Invalid or missing API key: send it as 'Authorization: Bearer <key>'.",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+
+async def _load(state: ServerState, load_engine: Callable[[], AsyncEngine]) -> None:
+    # A thread, so that /health can answer 503 while the weights load.
+    try:
+        engine = await asyncio.to_thread(load_engine)
+    except Exception as e:
+        logger.exception("failed to load the model")
+        state.load_error = e
+        return
+    engine.start()
+    state.engine = engine
+    logger.info("model loaded: serving %s (max_model_len %d)",
+                ", ".join(state.settings.served_model_names), engine.max_model_len)
+
+
+def create_app(settings: ServerSettings, load_engine: Callable[[], AsyncEngine]) -> FastAPI:
+    """`load_engine` runs in a worker thread at start-up; until it returns, /health answers 503."""
+    state = ServerState(settings)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load(state, load_engine))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            if state.engine is not None:
+                await state.engine.shutdown()
+
+    app = FastAPI(title="falcon-serve", version=__version__, lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(AdmissionMiddleware, state=state)
+
+    @app.get("/health")
+    async def health() -> Response:
+        reason = state.unavailable_reason()
+        if reason is not None:
+            return APIError(503, reason).response()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        engine = state.ready_engine()
+        return ModelList(data=[
+            ModelCard(id=name, created=created, root=settings.model_path, max_model_len=engine.max_model_len)
+            for name in settings.served_model_names
+        ])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(body, request, state)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(body, request, state)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        state.check_model(body.model)
+        tokenizer = state.ready_engine().tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt or messages")
+        if body.messages is not None:
+            try:
+                text = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
+                                                     add_generation_prompt=body.add_generation_prompt,
+                                                     **(body.chat_template_kwargs or {}))
+            except (ValueError, TypeError) as e:
+                raise bad_request(str(e), "messages") from None
+            add_special_tokens = bool(body.add_special_tokens)  # chat templates carry their own
+        else:
+            text = body.prompt or ""
+            add_special_tokens = body.add_special_tokens is not False
+        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return TokenizeResponse(
+            count=len(ids), max_model_len=state.ready_engine().max_model_len, tokens=ids,
+            token_strs=[tokenizer.id_to_token(i) or "" for i in ids] if body.return_token_strs else None)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        state.check_model(body.model)
+        tokenizer = state.ready_engine().tokenizer
+        bad = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise bad_request(f"token ids out of range [0, {tokenizer.vocab_size}): {bad[:10]}", "tokens")
+        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))
+
+    return app

@@ -1,0 +1,62 @@
+"""What the routes share: settings, the engine once loaded, metrics, and the admission state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from server.errors import APIError
+from server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
+    from engine.llm_engine import EngineStats
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str]  # the first one names the model in /metrics
+    model_path: str  # reported as `root` in /v1/models
+    api_key: str | None = None
+    max_queue_len: int | None = None  # waiting requests beyond which new ones get 429
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    engine: AsyncEngine | None = None  # None until the weights are loaded
+    load_error: BaseException | None = None
+    draining: bool = False  # set on SIGTERM: finish what runs, admit nothing new
+    metrics: ServerMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(self.settings.served_model_names[0], self.engine_stats)
+
+    def engine_stats(self) -> EngineStats | None:
+        return self.engine.stats() if self.engine is not None else None
+
+    def unavailable_reason(self) -> str | None:
+        """Why new work cannot be accepted right now, or None when it can."""
+        if self.draining:
+            return "The server is shutting down."
+        if self.load_error is not None:
+            return f"The model failed to load: {self.load_error}"
+        if self.engine is None:
+            return "The model is still loading; retry when GET /health returns 200."
+        if self.engine.errored:
+            return "The engine has stopped after an internal error; the server must be restarted."
+        return None
+
+    def ready_engine(self) -> AsyncEngine:
+        reason = self.unavailable_reason()
+        if reason is not None or self.engine is None:
+            raise APIError(503, reason or "The model is not loaded.")
+        return self.engine
+
+    def check_model(self, requested: str | None) -> str:
+        """The model name to answer with; 404 for a name this server does not serve (like OpenAI)."""
+        names = self.settings.served_model_names
+        if requested is None or requested in names:
+            return requested or names[0]
+        raise APIError(404, f"The model `{requested}` does not exist. This server serves: {', '.join(names)}.",
+                       param="model", code="model_not_found")
