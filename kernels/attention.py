@@ -6,7 +6,11 @@ sequence lives in block block_table[j // block_size] at offset j % block_size.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -45,4 +49,317 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q_pos = torch.arange(seq_len - (qe - qs), seq_len, device=q.device)[:, None]
         scores.masked_fill_(torch.arange(seq_len, device=q.device)[None, :] > q_pos, float("-inf"))
         out[qs:qe] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.float()).to(q.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+
+# Decode: tokens per K/V tile, splits of the context sized so that about this many programs per SM run (an
+# H100 sweep at 7B shapes, benchmarks/kernels_attention.py --sweep: 64 / 2 was best or within 3% everywhere).
+DECODE_BLOCK_N = 64
+DECODE_PROGRAMS_PER_SM = 2
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 2
+DECODE_SPLIT_CHUNK = 32  # partial results merged per step of the reduce pass
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr):
+    """One program per new token: copies its [Hkv, D] key and value rows into their cache slot."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    page = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    h = tl.arange(0, H_PAD)[:, None]
+    d = tl.arange(0, D_PAD)[None, :]
+    mask = (h < KV_HEADS) & (d < HEAD_DIM)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(k_cache_ptr + page * stride_kcb + offset * stride_kct + h * stride_kch + d,
+             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + page * stride_vcb + offset * stride_vct + h * stride_vch + d,
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Triton version of write_kv_ref (same semantics)."""
+    T, kv_heads, head_dim = k.shape
+    if T == 0:
+        return
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    _write_kv_kernel[(T,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), KV_HEADS=kv_heads, HEAD_DIM=head_dim, H_PAD=triton.next_power_of_2(kv_heads),
+        D_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1], num_warps=1 if head_dim <= 64 else 2)
+
+
+@triton.jit
+def _attend_tile(acc, m, l, q, n0, k_cache_ptr, v_cache_ptr, table, kv_head, q_pos, kv_end, qk_scale,
+                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                 D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step of queries q [M, D_PAD] over keys n0 .. n0 + BLOCK_N, gathered through the
+    block table. Scores are q.k * qk_scale (> 0; scale * log2(e), so exp2 gives the softmax), applied in one
+    FMA with the max subtraction. MASKED: key n is visible to row r only if n <= q_pos[r] and n < kv_end;
+    without it every key is visible and in range. P is cast to V's dtype for the second tensor-core dot."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D_PAD)
+    in_range = n < kv_end
+    if MASKED:
+        page = tl.load(table + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    else:
+        page = tl.load(table + n // BLOCK_SIZE).to(tl.int64)
+    k_ptrs = k_cache_ptr + (page * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_head * stride_kh)[:, None] + d[None, :]
+    v_ptrs = v_cache_ptr + (page * stride_vb + (n % BLOCK_SIZE) * stride_vt + kv_head * stride_vh)[:, None] + d[None, :]
+    if MASKED:
+        kv_mask = in_range[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    elif HEAD_DIM == D_PAD:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=(d < HEAD_DIM)[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=(d < HEAD_DIM)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if MASKED:
+        s = tl.where((n[None, :] <= q_pos[:, None]) & in_range[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+                   query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale, partition_size, num_splits,
+                   stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                   stride_ot, stride_oh, stride_bt,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (sequence b, kv head, split): the GROUP query heads of b's single query over the split's slice
+    of the context, [split * partition_size, +partition_size) clipped to seq_len.
+
+    All query heads sharing a KV head go into one [GROUP_PAD, D] x [D, BLOCK_N] dot, so each K/V tile is read
+    once. Without SPLIT the normalised output is written directly; with it, the unnormalised accumulator and its
+    running max / sum go to scratch for _decode_reduce_kernel (the flash-decoding second pass).
+    """
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = split * partition_size
+    if SPLIT:
+        if start >= seq_len:
+            return
+    end = tl.minimum(start + partition_size, seq_len)
+    row = tl.load(query_start_loc_ptr + b)
+
+    g = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + g
+    d = tl.arange(0, D_PAD)
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    q_pos = tl.full([GROUP_PAD], 0, tl.int32) + end - 1
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    table = block_tables_ptr + b * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        acc, m, l = _attend_tile(acc, m, l, q, n0, k_cache_ptr, v_cache_ptr, table, kv_head, q_pos, end, qk_scale,
+                                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                 D_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, PRECISION)
+
+    if SPLIT:
+        part = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split
+        tl.store(part_m_ptr + part, m, mask=g < GROUP)
+        tl.store(part_l_ptr + part, l, mask=g < GROUP)
+        tl.store(part_acc_ptr + part[:, None] * D_PAD + d[None, :], acc, mask=(g < GROUP)[:, None])
+    else:
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
+                          partition_size, num_splits, stride_ot, stride_oh,
+                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """Program (sequence, query head): merges the partial softmax results of the splits that held tokens,
+    SPLIT_CHUNK at a time. Sequences of length 0 get zeros."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    n_active = tl.cdiv(seq_len, partition_size)
+    base = (b * tl.num_programs(1) + h) * num_splits
+    d = tl.arange(0, D_PAD)
+    m = tl.full([], float("-inf"), tl.float32)
+    l = tl.zeros([], tl.float32)
+    acc = tl.zeros([D_PAD], tl.float32)
+    for s0 in range(0, n_active, SPLIT_CHUNK):
+        s = s0 + tl.arange(0, SPLIT_CHUNK)
+        mask = s < n_active
+        m_s = tl.load(part_m_ptr + base + s, mask=mask, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + base + s, mask=mask, other=0.0)
+        acc_s = tl.load(part_acc_ptr + (base + s)[:, None] * D_PAD + d[None, :], mask=mask[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(m_s, 0))
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(m_s - m_new)
+        acc = acc * alpha + tl.sum(w[:, None] * acc_s, 0)
+        l = l * alpha + tl.sum(w * l_s, 0)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)
+    row = tl.load(query_start_loc_ptr + b)
+    tl.store(out_ptr + row * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+                    qk_scale, num_decodes,
+                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                    stride_ot, stride_oh, stride_bt,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (query block, query head, prefill sequence): BLOCK_M new queries of one head against the
+    sequence's cached + new keys, read through its block table, with an fp32 online softmax.
+
+    Query i of the chunk sits at position ctx + i (ctx = seq_len - n_new tokens were cached before). Key tiles
+    wholly below the block's first position are visible to every row and run unmasked; only the tiles from
+    there to the block's last position apply the causal mask. Query blocks are taken last-first so the longest
+    programs start first.
+    """
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    b = num_decodes + tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + b)
+    n_new = tl.load(query_start_loc_ptr + b + 1) - q_start
+    if m_block * BLOCK_M >= n_new:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx = seq_len - n_new
+    kv_head = head // GROUP
+
+    i = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = i < n_new
+    d = tl.arange(0, D_PAD)
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + (q_start + i)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = ctx + i
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    table = block_tables_ptr + b * stride_bt
+    first_pos = ctx + m_block * BLOCK_M
+    unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)
+    for n0 in range(0, unmasked_end, BLOCK_N):
+        acc, m, l = _attend_tile(acc, m, l, q, n0, k_cache_ptr, v_cache_ptr, table, kv_head, q_pos, kv_end,
+                                 qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                 D_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, PRECISION)
+    for n0 in range(unmasked_end, kv_end, BLOCK_N):
+        acc, m, l = _attend_tile(acc, m, l, q, n0, k_cache_ptr, v_cache_ptr, table, kv_head, q_pos, kv_end,
+                                 qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                 D_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, PRECISION)
+
+    out = acc / l[:, None]
+    tl.store(out_ptr + (q_start + i)[:, None] * stride_ot + head * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a small stand-in for the CPU interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _decode_partition(num_decodes: int, kv_heads: int, max_seq_len: int, device: torch.device) -> tuple[int, int]:
+    """(num_splits, partition_size): split the context so num_decodes * kv_heads * num_splits programs fill
+    the GPU, but never below one K/V tile per split. Depends on host ints only (CUDA-graph safe)."""
+    tiles = triton.cdiv(max(max_seq_len, 1), DECODE_BLOCK_N)
+    wanted = triton.cdiv(DECODE_PROGRAMS_PER_SM * _num_sms(device), num_decodes * kv_heads)
+    splits = max(1, min(tiles, wanted))
+    partition = triton.cdiv(tiles, splits) * DECODE_BLOCK_N
+    return triton.cdiv(max(max_seq_len, 1), partition), partition
+
+
+def _prefill_config(dtype: torch.dtype) -> dict:
+    """Tile sizes of the prefill kernel. 64 x 64 tiles, 4 warps, 3 stages: on an H100 at 7B shapes as fast as
+    128 x 128 / 8 warps (262 TFLOP/s for a 4096-token prompt) with a quarter of the shared memory and twice
+    the programs for short chunks; smaller tiles for fp32, whose dots run on FMA units."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                    scale: float, num_decodes: int = 0, max_query_len: int = 0, max_seq_len: int = 0
+                    ) -> torch.Tensor:
+    """Triton version of paged_attention_ref: the first num_decodes sequences go to the (split) decode kernel,
+    the rest to the varlen prefill kernel. With num_decodes > 0 and max_seq_len > 0 the decode launch reads
+    nothing from the device (CUDA-graph capturable); missing hints are computed from the tensors."""
+    T, num_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // kv_heads
+    q = _last_dim_contiguous(q)
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and block_tables.stride(-1) == 1
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale = scale * _LOG2E
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+
+    if num_decodes > 0:
+        if max_seq_len <= 0:
+            max_seq_len = int(seq_lens[:num_decodes].max())
+        num_splits, partition = _decode_partition(num_decodes, kv_heads, max_seq_len, q.device)
+        split = num_splits > 1
+        part_shape = (num_decodes * num_heads * num_splits) if split else 1
+        part_m = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+        part_l = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+        part_acc = torch.empty(part_shape * d_pad, dtype=torch.float32, device=q.device)
+        _decode_kernel[(num_decodes, kv_heads, num_splits)](
+            q, k_cache, v_cache, out, part_acc, part_m, part_l, query_start_loc, seq_lens, block_tables,
+            qk_scale, partition, num_splits, q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1),
+            block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, SPLIT=split,
+            PRECISION=precision, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
+        if split:
+            _decode_reduce_kernel[(num_decodes, num_heads)](
+                part_acc, part_m, part_l, out, query_start_loc, seq_lens, partition, num_splits,
+                out.stride(0), out.stride(1), HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_CHUNK=DECODE_SPLIT_CHUNK,
+                num_warps=4)
+
+    num_prefills = num_seqs - num_decodes
+    if num_prefills > 0:
+        if max_query_len <= 0:
+            max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+        cfg = _prefill_config(q.dtype)
+        grid = (triton.cdiv(max_query_len, cfg["BLOCK_M"]), num_heads, num_prefills)
+        _prefill_kernel[grid](
+            q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, qk_scale, num_decodes,
+            q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1), block_tables.stride(0),
+            GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, PRECISION=precision, **cfg)
     return out

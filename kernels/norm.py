@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -36,3 +38,127 @@ def gated_rms_norm_ref(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, e
     if norm_before_gate:
         h = h * gate
     return h.to(y.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels: each program normalises ROWS rows (several when rows are short, so programs stay busy); the
+# whole row (or group) sits in registers, so x is read once and written once.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _row_launch(n_rows: int, block_n: int) -> tuple[int, int, int]:
+    """(rows per program, grid size, num_warps) for rows padded to block_n elements."""
+    rows = max(1, min(32, 2048 // block_n))
+    num_warps = max(1, min(16, rows * block_n // 512))
+    return rows, triton.cdiv(n_rows, rows), num_warps
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x viewed as [rows, cols] with unit column stride (a copy only if no such view exists)."""
+    if x.dim() == 2 and x.stride(-1) == 1:
+        return x
+    return x.reshape(-1, x.shape[-1]) if x.stride(-1) == 1 else x.contiguous().view(-1, x.shape[-1])
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out, eps,
+                     HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out = w * cast_x(x * rsqrt(mean(x^2) + eps)) for ROWS rows, statistics in fp32."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / n_cols + eps)
+    y = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_WEIGHT:
+        y = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :] * y
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Triton version of rms_norm_ref (same dtype rules: weight * normed promotes like torch)."""
+    x2 = _as_rows(x)
+    n_rows, n_cols = x2.shape
+    dtype = x.dtype if weight is None else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(n_rows, n_cols, dtype=dtype, device=x.device)
+    if n_rows:
+        block_n = triton.next_power_of_2(n_cols)
+        rows, grid, num_warps = _row_launch(n_rows, block_n)
+        _rms_norm_kernel[(grid,)](x2, x2 if weight is None else weight, out, n_rows, n_cols, x2.stride(0),
+                                  out.stride(0), eps, HAS_WEIGHT=weight is not None, ROWS=rows, BLOCK_N=block_n,
+                                  num_warps=num_warps)
+    return out.view(x.shape)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr, n_rows, n_cols, stride_x, stride_res, eps,
+                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """h = residual + x rounded to the residual's dtype (stored); out = w * cast_w(hw * rsqrt(mean(hw^2) + eps))
+    with hw = h cast to the weight's dtype. Outputs are contiguous."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    res_dtype = h_ptr.dtype.element_ty
+    w_dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    r = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
+    h = (r.to(tl.float32) + x.to(res_dtype).to(tl.float32)).to(res_dtype)
+    tl.store(h_ptr + rows[:, None] * n_cols + cols[None, :], h, mask=mask)
+    hw = h.to(w_dtype).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(hw * hw, 1) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    y = w[None, :] * (hw * rstd[:, None]).to(w_dtype).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], y.to(w_dtype), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of add_rms_norm_ref: one pass returns (rms_norm(h), h), h = residual + x."""
+    x2, r2 = _as_rows(x), _as_rows(residual)
+    n_rows, n_cols = x2.shape
+    out = torch.empty(n_rows, n_cols, dtype=weight.dtype, device=x.device)
+    h = torch.empty(n_rows, n_cols, dtype=residual.dtype, device=x.device)
+    if n_rows:
+        block_n = triton.next_power_of_2(n_cols)
+        rows, grid, num_warps = _row_launch(n_rows, block_n)
+        _add_rms_norm_kernel[(grid,)](x2, r2, weight, out, h, n_rows, n_cols, x2.stride(0), r2.stride(0), eps,
+                                      ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
+    return out.view(residual.shape), h.view(residual.shape)
+
+
+@triton.jit
+def _gated_rms_norm_kernel(y_ptr, z_ptr, w_ptr, out_ptr, n_rows, group_size, stride_y, stride_z, eps,
+                           NORM_BEFORE_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (row block, group): RMS-normalises one contiguous group of ROWS rows, with the SiLU(z) gate
+    applied after (NORM_BEFORE_GATE) or before the normalisation; all in fp32."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.program_id(1) * group_size + tl.arange(0, BLOCK_N)
+    col_mask = tl.arange(0, BLOCK_N) < group_size
+    mask = (rows < n_rows)[:, None] & col_mask[None, :]
+    y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = z * tl.sigmoid(z)
+    h = y if NORM_BEFORE_GATE else y * gate
+    rstd = tl.rsqrt(tl.sum(h * h, 1) / group_size + eps)
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    h = h * rstd[:, None] * w[None, :]
+    if NORM_BEFORE_GATE:
+        h = h * gate
+    n_cols = tl.num_programs(1) * group_size
+    tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                   n_groups: int, norm_before_gate: bool) -> torch.Tensor:
+    """Triton version of gated_rms_norm_ref."""
+    y2, z2 = _as_rows(y), _as_rows(z)
+    n_rows, n_cols = y2.shape
+    out = torch.empty(n_rows, n_cols, dtype=y.dtype, device=y.device)
+    if n_rows:
+        group_size = n_cols // n_groups
+        block_n = triton.next_power_of_2(group_size)
+        rows, grid, num_warps = _row_launch(n_rows, block_n)
+        _gated_rms_norm_kernel[(grid, n_groups)](y2, z2, weight, out, n_rows, group_size, y2.stride(0),
+                                                 z2.stride(0), eps, NORM_BEFORE_GATE=norm_before_gate, ROWS=rows,
+                                                 BLOCK_N=block_n, num_warps=num_warps)
+    return out.view(y.shape)

@@ -1,0 +1,189 @@
+"""GPU benchmark of the attention-path Triton kernels at Falcon-H1-7B shapes (Hq 12, Hkv 2, head_dim 128,
+block size 16, bf16): paged decode attention (bandwidth: K/V bytes read), causal prefill attention (TFLOP/s),
+rms_norm / add_rms_norm (bandwidth). Times are triton.testing.do_bench medians; decode is also timed replayed
+from a CUDA graph, as the server runs it.
+
+    python benchmarks/kernels_attention.py --out benchmarks/results_kernels_attention.md [--sweep]
+
+--sweep also times alternative decode / prefill launch settings (module constants) to pick the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import attention, norm  # noqa: E402
+
+PEAK_BYTES_S = 3.0e12  # H100 SXM HBM3
+PEAK_FLOPS = 800e12  # H100 SXM dense bf16
+Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, HIDDEN = 12, 2, 128, 16, 3072
+DTYPE = torch.bfloat16
+SCALE = HEAD_DIM**-0.5
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median seconds of fn (do_bench, eager launches)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
+
+
+def bench_graph(fn: Callable[[], object]) -> float:
+    """Median seconds of fn replayed from a CUDA graph."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e-3
+
+
+def paged_batch(seqs: list[tuple[int, int]], num_decodes: int) -> dict:
+    """Caches holding exactly the batch's blocks, handed out in shuffled order; (n_new, seq_len) per sequence."""
+    blocks = [triton.cdiv(s, BLOCK_SIZE) for _, s in seqs]
+    order = torch.randperm(sum(blocks), device="cuda").int()
+    tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device="cuda")
+    used = 0
+    for b, count in enumerate(blocks):
+        tables[b, :count] = order[used: used + count]
+        used += count
+    shape = (sum(blocks), BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    new = [n for n, _ in seqs]
+    return dict(
+        q=torch.randn(sum(new), Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE),
+        k_cache=torch.randn(shape, device="cuda", dtype=DTYPE),
+        v_cache=torch.randn(shape, device="cuda", dtype=DTYPE),
+        query_start_loc=torch.tensor([0] + new, device="cuda").cumsum(0).int(),
+        seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32, device="cuda"),
+        block_tables=tables, scale=SCALE, num_decodes=num_decodes, max_query_len=max(new),
+        max_seq_len=max(s for _, s in seqs),
+    )
+
+
+def attend(batch: dict) -> Callable[[], torch.Tensor]:
+    return lambda: attention.paged_attention(**batch)
+
+
+def decode_rows(sweep: bool) -> list[list[str]]:
+    rows = []
+    for num_seqs, ctx in ((1, 4096), (32, 4096), (256, 4096), (1, 32768)):
+        batch = paged_batch([(1, ctx)] * num_seqs, num_seqs)
+        kv_bytes = num_seqs * ctx * KV_HEADS * HEAD_DIM * 2 * batch["k_cache"].element_size()
+        settings = [(attention.DECODE_BLOCK_N, attention.DECODE_PROGRAMS_PER_SM, attention.DECODE_NUM_WARPS,
+                     attention.DECODE_NUM_STAGES)]
+        if sweep:
+            settings += [(bn, pps, 4, 2) for bn in (64, 128) for pps in (1, 2, 4)]
+            settings += [(64, 2, 4, 3), (64, 2, 8, 2), (128, 2, 8, 3)]
+            settings = list(dict.fromkeys(settings))
+        defaults = settings[0]
+        for bn, pps, w, st in settings:
+            attention.DECODE_BLOCK_N, attention.DECODE_PROGRAMS_PER_SM = bn, pps
+            attention.DECODE_NUM_WARPS, attention.DECODE_NUM_STAGES = w, st
+            splits, _ = attention._decode_partition(num_seqs, KV_HEADS, ctx, torch.device("cuda"))
+            t, tg = bench(attend(batch)), bench_graph(attend(batch))
+            name = "decode" if (bn, pps, w, st) == defaults else f"decode BLOCK_N={bn} per_SM={pps} w={w} st={st}"
+            rows.append([name, f"{num_seqs} x {ctx} ({splits} splits)", f"{t * 1e6:.1f}",
+                         f"{tg * 1e6:.1f} ({kv_bytes / tg / 1e9:.0f} GB/s)", f"{kv_bytes / 2**20:.0f} MiB",
+                         f"{kv_bytes / t / 1e9:.0f} GB/s", f"{kv_bytes / t / PEAK_BYTES_S:.0%}"])
+        (attention.DECODE_BLOCK_N, attention.DECODE_PROGRAMS_PER_SM, attention.DECODE_NUM_WARPS,
+         attention.DECODE_NUM_STAGES) = defaults
+        del batch
+    return rows
+
+
+def causal_flops(n_new: int, seq_len: int) -> float:
+    """QK^T and PV FLOPs of n_new queries ending at seq_len (query i sees seq_len - n_new + i + 1 keys)."""
+    keys = n_new * (seq_len - n_new) + n_new * (n_new + 1) // 2
+    return 4.0 * Q_HEADS * HEAD_DIM * keys
+
+
+def prefill_rows(sweep: bool) -> list[list[str]]:
+    rows = []
+    default_config = attention._prefill_config
+    for n_new, seq_len in ((4096, 4096), (2048, 4096)):
+        batch = paged_batch([(n_new, seq_len)], 0)
+        flops = causal_flops(n_new, seq_len)
+        configs = [None]
+        if sweep:
+            configs += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                        for bm, bn, w, st in ((128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                                              (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 4))]
+        for cfg in configs:
+            if cfg is not None:
+                attention._prefill_config = lambda dtype, cfg=cfg: cfg
+            t = bench(attend(batch))
+            attention._prefill_config = default_config
+            name = "prefill" if cfg is None else "prefill " + " ".join(f"{k}={v}" for k, v in cfg.items())
+            rows.append([name, f"{n_new} new + {seq_len - n_new} cached", f"{t * 1e6:.1f}", "",
+                         f"{flops / 1e9:.1f} GFLOP", f"{flops / t / 1e12:.0f} TFLOP/s",
+                         f"{flops / t / PEAK_FLOPS:.0%}"])
+        if seq_len == n_new:  # reference point: torch SDPA (flash) over contiguous K/V with the heads repeated
+            q = batch["q"].transpose(0, 1)[None]
+            k, v = (torch.randn(1, Q_HEADS, seq_len, HEAD_DIM, device="cuda", dtype=DTYPE) for _ in range(2))
+            t = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE))
+            rows.append(["torch SDPA (contiguous, reference)", f"{n_new} new", f"{t * 1e6:.1f}", "",
+                         f"{flops / 1e9:.1f} GFLOP", f"{flops / t / 1e12:.0f} TFLOP/s",
+                         f"{flops / t / PEAK_FLOPS:.0%}"])
+        del batch
+    return rows
+
+
+def norm_rows(sweep: bool) -> list[list[str]]:
+    rows = []
+    default_launch = norm._row_launch
+    launches = [None]
+    if sweep:
+        launches += [(r, w) for r, w in ((1, 4), (1, 16), (2, 8), (4, 16))]
+    for launch in launches:
+        if launch is not None:
+            norm._row_launch = lambda n_rows, block_n, r=launch[0], w=launch[1]: (r, triton.cdiv(n_rows, r), w)
+        rows += norm_case_rows("" if launch is None else f" rows={launch[0]} w={launch[1]}")
+        norm._row_launch = default_launch
+    return rows
+
+
+def norm_case_rows(suffix: str) -> list[list[str]]:
+    rows = []
+    for num_rows in (256, 4096):
+        x, residual = (torch.randn(num_rows, HIDDEN, device="cuda", dtype=DTYPE) for _ in range(2))
+        w = torch.rand(HIDDEN, device="cuda", dtype=DTYPE) + 0.5
+        size = num_rows * HIDDEN * x.element_size()
+        cases = (("rms_norm", norm.rms_norm, norm.rms_norm_ref, (x, w, 1e-5), 2 * size),
+                 ("add_rms_norm", norm.add_rms_norm, norm.add_rms_norm_ref, (x, residual, w, 1e-5), 4 * size))
+        for name, fn, ref, fn_args, nbytes in cases:
+            t, t_ref = bench(functools.partial(fn, *fn_args)), bench(functools.partial(ref, *fn_args))
+            rows.append([name + suffix, f"[{num_rows}, {HIDDEN}]", f"{t * 1e6:.1f}", f"torch ref {t_ref * 1e6:.1f}",
+                         f"{nbytes / 2**20:.1f} MiB", f"{nbytes / t / 1e9:.0f} GB/s",
+                         f"{nbytes / t / PEAK_BYTES_S:.0%}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative launch settings")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    header = ["kernel", "shape", "time (us)", "CUDA graph (us)", "bytes / work", "achieved", "of peak"]
+    rows = decode_rows(args.sweep) + prefill_rows(args.sweep) + norm_rows(args.sweep)
+    lines = [
+        f"Falcon-H1-7B attention-path kernels, {datetime.date.today().isoformat()}, "
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}. "
+        "Peaks: 3.0 TB/s HBM, 800 TFLOP/s bf16 dense. Decode bytes = K + V read; norm bytes = reads + writes.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

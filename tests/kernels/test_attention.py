@@ -1,0 +1,259 @@
+"""Triton write_kv / paged_attention against their torch references.
+
+CPU: Triton's interpreter at small shapes. It mishandles bfloat16 (tl.dot multiplies the raw bits, fp32 -> bf16
+truncates), so the half-precision path is tested there in float16; bfloat16 runs on the GPU. GPU: Falcon-H1
+0.5B / 7B / 34B attention shapes in bf16 and fp32, and decode under CUDA-graph capture and replay.
+Tolerances (max |out - ref| / max |ref|): fp32 < 1e-3 (the kernels use IEEE fp32 dots, no tf32), fp16 / bf16
+< 1e-2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kernels import attention  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and isinstance(attention._decode_kernel, triton.JITFunction):
+    # tests/conftest.py imported triton and the kernels before the variable was set: decorate them again.
+    for module in (tl.standard, tl, attention):
+        importlib.reload(module)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def gpu(test):
+    """pytest.mark.gpu, skipped without CUDA even when run without tests/conftest.py."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def make_batch(seqs: list[tuple[int, int]], num_decodes: int, q_heads: int, kv_heads: int, head_dim: int,
+               block_size: int, dtype: torch.dtype, seed: int) -> dict:
+    """A flat batch of sequences (n_new, seq_len), decodes first, over random caches and a shuffled block pool.
+
+    Every cache slot holds random K/V (the new tokens' rows included, as if already written); unused block-table
+    columns are -1, so a kernel that reads past a sequence's blocks faults or goes wrong.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    needed = [cdiv(seq_len, block_size) for _, seq_len in seqs]
+    num_blocks = sum(needed) + 3
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.full((len(seqs), max(needed) + 2), -1, dtype=torch.int32)
+    used = 0
+    for b, count in enumerate(needed):
+        tables[b, :count] = order[used: used + count].int()
+        used += count
+    new = torch.tensor([n for n, _ in seqs])
+    query_start_loc = torch.cat([torch.zeros(1, dtype=torch.long), new.cumsum(0)]).int()
+    cache_shape = (num_blocks, block_size, kv_heads, head_dim)
+    batch = dict(
+        q=torch.randn(int(new.sum()), q_heads, head_dim, generator=gen).to(dtype),
+        k_cache=torch.randn(cache_shape, generator=gen).to(dtype),
+        v_cache=torch.randn(cache_shape, generator=gen).to(dtype),
+        query_start_loc=query_start_loc,
+        seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32),
+        block_tables=tables,
+    )
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    batch.update(scale=head_dim**-0.5, num_decodes=num_decodes, max_query_len=int(new.max()),
+                 max_seq_len=max(s for _, s in seqs))
+    return batch
+
+
+def slot_mapping(batch: dict, seqs: list[tuple[int, int]], block_size: int) -> torch.Tensor:
+    """Flat cache slot of every new token (block * block_size + offset)."""
+    tables = batch["block_tables"].cpu()
+    slots = []
+    for b, (n_new, seq_len) in enumerate(seqs):
+        pos = torch.arange(seq_len - n_new, seq_len)
+        slots.append(tables[b, pos // block_size].long() * block_size + pos % block_size)
+    return torch.cat(slots).to(DEVICE)
+
+
+def check_attention(batch: dict) -> None:
+    args = (batch["q"], batch["k_cache"], batch["v_cache"], batch["query_start_loc"], batch["seq_lens"],
+            batch["block_tables"], batch["scale"], batch["num_decodes"], batch["max_query_len"], batch["max_seq_len"])
+    out = attention.paged_attention(*args)
+    ref = attention.paged_attention_ref(*args)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert err < TOL[out.dtype], err
+
+
+# Layouts (n_new, seq_len), decodes first. Covers a padding row (seq_len 0), length-1 sequences, sequences
+# shorter than a block, longer than several blocks and longer than one 64-token decode tile, first prefill
+# chunks, chunks continuing cached tokens, a one-token chunk and chunks longer than one query block.
+CPU_LAYOUTS = {
+    "decode": ([(1, 1), (1, 3), (1, 0), (1, 4), (1, 37), (1, 150)], 6),
+    "decode_long": ([(1, 300)], 1),
+    "prefill": ([(5, 5), (1, 1), (13, 40), (70, 70)], 0),
+    "mixed": ([(1, 9), (1, 0), (1, 130), (3, 3), (1, 17), (20, 61), (9, 9)], 3),
+    "long_chunk": ([(1, 66), (140, 200)], 1),
+}
+
+
+@pytest.mark.parametrize("layout", list(CPU_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_attention_layouts(layout: str, dtype: torch.dtype):
+    seqs, num_decodes = CPU_LAYOUTS[layout]
+    check_attention(make_batch(seqs, num_decodes, 6, 2, 24, 4, dtype, seed=len(layout)))
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,block_size", [(8, 2, 64, 16), (4, 1, 32, 8), (10, 2, 16, 4)])
+def test_paged_attention_head_shapes(q_heads: int, kv_heads: int, head_dim: int, block_size: int):
+    seqs, num_decodes = CPU_LAYOUTS["mixed"]
+    check_attention(make_batch(seqs, num_decodes, q_heads, kv_heads, head_dim, block_size, torch.float32,
+                               seed=head_dim))
+
+
+@pytest.mark.parametrize("programs_per_sm,block_n,chunk", [(1, 64, 32), (64, 16, 8)])
+def test_decode_split_counts(monkeypatch, programs_per_sm: int, block_n: int, chunk: int):
+    """One split per sequence, and many (23 splits of 48 tokens for the longest, merged 8 at a time)."""
+    monkeypatch.setattr(attention, "DECODE_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(attention, "DECODE_BLOCK_N", block_n)
+    monkeypatch.setattr(attention, "DECODE_SPLIT_CHUNK", chunk)
+    seqs = [(1, 1100), (1, 0), (1, 65), (1, 5)]
+    check_attention(make_batch(seqs, 4, 6, 2, 24, 4, torch.float32, seed=programs_per_sm))
+
+
+def test_decode_graph_bound_and_missing_hints():
+    """max_seq_len far above the real lengths (the CUDA-graph case) and no hints at all give the same result."""
+    seqs, num_decodes = CPU_LAYOUTS["mixed"]
+    batch = make_batch(seqs, num_decodes, 6, 2, 24, 4, torch.float32, seed=7)
+    check_attention({**batch, "max_seq_len": 4096})
+    check_attention({**batch, "max_seq_len": 0, "max_query_len": 0})
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_write_kv(cache_dtype: torch.dtype):
+    seqs = [(1, 9), (1, 1), (13, 40), (6, 6)]
+    block_size = 4
+    batch = make_batch(seqs, 2, 6, 2, 24, block_size, cache_dtype, seed=3)
+    slots = slot_mapping(batch, seqs, block_size)
+    slots[[1, 4]] = -1  # padded rows
+    T = slots.shape[0]
+    kv = torch.randn(T, 2, 2 * 24, device=DEVICE)
+    k, v = kv[..., :24], kv[..., 24:]  # non-contiguous views, like slices of a fused projection
+    k_ref, v_ref = batch["k_cache"].clone(), batch["v_cache"].clone()
+    attention.write_kv_ref(k, v, k_ref, v_ref, slots)
+    attention.write_kv(k, v, batch["k_cache"], batch["v_cache"], slots)
+    assert torch.equal(batch["k_cache"], k_ref) and torch.equal(batch["v_cache"], v_ref)
+
+
+def test_write_then_attend():
+    """ops.attention's sequence: write the new tokens' K/V, then attend over cached + new tokens."""
+    seqs, num_decodes = [(1, 21), (1, 2), (17, 17), (6, 30)], 2
+    block_size = 4
+    batch = make_batch(seqs, num_decodes, 6, 2, 24, block_size, torch.float32, seed=11)
+    T = batch["q"].shape[0]
+    k, v = torch.randn(2, T, 2, 24, device=DEVICE)
+    attention.write_kv(k, v, batch["k_cache"], batch["v_cache"], slot_mapping(batch, seqs, block_size))
+    check_attention(batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: published Falcon-H1 attention shapes (Hq, Hkv, head_dim), block size 16.
+# ----------------------------------------------------------------------------------------------------------------
+
+MODELS = {"0.5B": (8, 2, 64), "7B": (12, 2, 128), "34B": (20, 4, 128)}
+GPU_SEQS = ([(1, 1), (1, 0), (1, 15), (1, 16), (1, 17), (1, 300), (1, 2049), (1, 5000),
+             (1000, 4000), (517, 517), (1, 1), (64, 100), (200, 1300)], 8)
+
+
+@gpu
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_attention_gpu(model: str, dtype: torch.dtype):
+    q_heads, kv_heads, head_dim = MODELS[model]
+    seqs, num_decodes = GPU_SEQS
+    check_attention(make_batch(seqs, num_decodes, q_heads, kv_heads, head_dim, 16, dtype, seed=1))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_long_decode_gpu(dtype: torch.dtype):
+    """One 32k-token sequence (many splits) and a batch of 64 decodes of mixed lengths."""
+    check_attention(make_batch([(1, 32768)], 1, 12, 2, 128, 16, dtype, seed=2))
+    lengths = torch.randint(1, 6000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    check_attention(make_batch([(1, n) for n in lengths], 64, 12, 2, 128, 16, dtype, seed=3))
+
+
+@gpu
+def test_write_kv_gpu():
+    q_heads, kv_heads, head_dim = MODELS["34B"]
+    seqs, num_decodes = GPU_SEQS
+    batch = make_batch(seqs, num_decodes, q_heads, kv_heads, head_dim, 16, torch.bfloat16, seed=4)
+    slots = slot_mapping(batch, seqs, 16)
+    slots[1] = -1
+    k, v = torch.randn(2, slots.shape[0], kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    k_ref, v_ref = batch["k_cache"].clone(), batch["v_cache"].clone()
+    attention.write_kv_ref(k, v, k_ref, v_ref, slots)
+    attention.write_kv(k, v, batch["k_cache"], batch["v_cache"], slots)
+    assert torch.equal(batch["k_cache"], k_ref) and torch.equal(batch["v_cache"], v_ref)
+
+
+@gpu
+def test_decode_cuda_graph():
+    """Decode captured once with max_seq_len = max_model_len, replayed after the lengths and tables change."""
+    q_heads, kv_heads, head_dim = MODELS["7B"]
+    max_model_len, block_size = 8192, 16
+    first = make_batch([(1, n) for n in (5, 0, 700, 4100, 33, 1, 8000, 16)], 8, q_heads, kv_heads, head_dim,
+                       block_size, torch.bfloat16, seed=5)
+    second = make_batch([(1, n) for n in (8192, 3, 0, 64, 2500, 17, 1, 999)], 8, q_heads, kv_heads, head_dim,
+                        block_size, torch.bfloat16, seed=6)
+    num_blocks = max(first["k_cache"].shape[0], second["k_cache"].shape[0])
+    max_blocks = max(first["block_tables"].shape[1], second["block_tables"].shape[1])
+    static = {
+        "q": first["q"].clone(),
+        "k_cache": torch.zeros(num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16),
+        "v_cache": torch.zeros(num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16),
+        "query_start_loc": first["query_start_loc"].clone(),
+        "seq_lens": torch.zeros(8, dtype=torch.int32, device=DEVICE),
+        "block_tables": torch.full((8, max_blocks), -1, dtype=torch.int32, device=DEVICE),
+    }
+
+    def load(batch: dict) -> None:
+        for name in ("q", "seq_lens"):
+            static[name].copy_(batch[name])
+        for name in ("k_cache", "v_cache"):
+            static[name][: batch[name].shape[0]].copy_(batch[name])
+        static["block_tables"].fill_(-1)
+        static["block_tables"][:, : batch["block_tables"].shape[1]].copy_(batch["block_tables"])
+
+    def run() -> torch.Tensor:
+        return attention.paged_attention(static["q"], static["k_cache"], static["v_cache"], static["query_start_loc"],
+                                         static["seq_lens"], static["block_tables"], head_dim**-0.5, 8, 1,
+                                         max_model_len)
+
+    load(first)
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for batch in (first, second):
+        load(batch)
+        graph.replay()
+        ref = attention.paged_attention_ref(static["q"], static["k_cache"], static["v_cache"],
+                                            static["query_start_loc"], static["seq_lens"], static["block_tables"],
+                                            head_dim**-0.5, 8, 1, max_model_len)
+        assert rel_err(out, ref) < 1e-2

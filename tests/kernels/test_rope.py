@@ -1,0 +1,74 @@
+"""Triton NeoX RoPE against rope_ref.
+
+Angles are the same fp32 products fp32(position) * inv_freq in both; cos/sin of those angles (up to ~2.6e5 rad at
+theta 1e11, where inv_freq[0] = 1) may differ by 1-2 ulp between the kernel and torch, hence the tolerances:
+max |out - ref| / max |ref| < 1e-3 in fp32, < 1e-2 in fp16 / bf16 (a flipped last bit after cos is cast to the
+activation dtype). CPU: Triton's interpreter in fp32 / fp16 (it truncates fp32 -> bf16, so bf16 runs on the GPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kernels import rope  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and isinstance(rope._rope_kernel, triton.JITFunction):
+    # tests/conftest.py imported triton and the kernels before the variable was set: decorate them again.
+    for module in (tl.standard, tl, rope):
+        importlib.reload(module)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def gpu(test):
+    """pytest.mark.gpu, skipped without CUDA even when run without tests/conftest.py."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
+def inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """Like the model's buffer: 1 / theta^(2i / head_dim) in fp32."""
+    return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))).to(DEVICE)
+
+
+def check(T: int, q_heads: int, kv_heads: int, head_dim: int, theta: float, max_pos: int, dtype: torch.dtype,
+          seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    # q and k as views of one fused projection output (row stride wider than the heads)
+    qkv = torch.randn(T, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
+    q = qkv[:, : q_heads * head_dim].view(T, q_heads, head_dim)
+    k = qkv[:, q_heads * head_dim: (q_heads + kv_heads) * head_dim].view(T, kv_heads, head_dim)
+    positions = torch.randint(0, max_pos, (T,), generator=gen).to(DEVICE)
+    freqs = inv_freq(head_dim, theta)
+    before = qkv.clone()
+    q_out, k_out = rope.rope(q, k, positions, freqs)
+    q_ref, k_ref = rope.rope_ref(q, k, positions, freqs)
+    assert torch.equal(qkv, before), "inputs must be left untouched"
+    for out, ref in ((q_out, q_ref), (k_out, k_ref)):
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim,theta,max_pos", [(24, 1e4, 512), (64, 1e11, 262144), (16, 1e11, 16)])
+def test_rope(dtype: torch.dtype, head_dim: int, theta: float, max_pos: int):
+    check(19, 6, 2, head_dim, theta, max_pos, dtype, seed=head_dim)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(8, 2, 64), (12, 2, 128), (20, 4, 128)])
+def test_rope_gpu(dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int):
+    check(4096, q_heads, kv_heads, head_dim, 1e11, 262144, dtype, seed=q_heads)
+    check(3, q_heads, kv_heads, head_dim, 1e11, 262144, dtype, seed=1)
