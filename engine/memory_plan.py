@@ -70,7 +70,10 @@ def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: tor
         activation = _profile_activation_peak(model, cfg, device, dtype, state_dtype, max_num_batched_tokens,
                                               block_size)
         free, total = torch.cuda.mem_get_info(device)
-        budget = gpu_memory_utilization * total - (total - free) - activation - CUDA_GRAPH_RESERVE
+        # Our share of the GPU is utilization * total, of which the weights are spent; other processes'
+        # memory only matters if it leaves less than that free.
+        ours = gpu_memory_utilization * total - torch.cuda.memory_allocated(device)
+        budget = min(ours, free) - activation - CUDA_GRAPH_RESERVE
         for_blocks = budget - num_slots * slot_bytes
         auto_blocks = int(for_blocks // block_bytes) if block_bytes else 0
         if for_blocks < blocks_per_seq * block_bytes:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter, on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from tests.tiny_models import build_checkpoint, falcon_h1_config, falcon_mamba_config
 

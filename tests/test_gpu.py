@@ -12,6 +12,8 @@ from tests.tiny_models import reference_greedy
 
 pytestmark = pytest.mark.gpu
 
+# Several engines live in one process here: each takes a small share of the GPU.
+SHARE = dict(gpu_memory_utilization=0.2)
 PROMPTS = [[5 + (11 * i + 5 * j) % 250 for j in range(3 + 9 * i)] for i in range(6)]
 
 
@@ -24,7 +26,7 @@ def greedy(max_tokens=16, **kw):
 def test_cuda_float32_matches_transformers(request, fixture, enforce_eager):
     directory = request.getfixturevalue(fixture)
     llm = LLM(str(directory), device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=24,
-              kv_block_size=16, enforce_eager=enforce_eager)
+              kv_block_size=16, enforce_eager=enforce_eager, **SHARE)
     assert (llm.engine.runner.graphs is None) == enforce_eager
     outputs = llm.generate(PROMPTS, greedy())
     for prompt, out in zip(PROMPTS, outputs):
@@ -33,8 +35,8 @@ def test_cuda_float32_matches_transformers(request, fixture, enforce_eager):
 
 def test_graph_replay_equals_eager_with_sampling(h1_dir):
     params = [SamplingParams(max_tokens=20, temperature=0.8, seed=i, ignore_eos=True) for i in range(len(PROMPTS))]
-    graphs = LLM(str(h1_dir), device="cuda", dtype="float32", max_num_seqs=8)
-    eager = LLM(str(h1_dir), device="cuda", dtype="float32", max_num_seqs=8, enforce_eager=True)
+    graphs = LLM(str(h1_dir), device="cuda", dtype="float32", max_num_seqs=8, **SHARE)
+    eager = LLM(str(h1_dir), device="cuda", dtype="float32", max_num_seqs=8, enforce_eager=True, **SHARE)
     for a, b in zip(graphs.generate(PROMPTS, params), eager.generate(PROMPTS, params)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
@@ -46,7 +48,8 @@ def test_bfloat16_agrees_with_float32_on_0_5b_shapes(tmp_path):
     byte_level_tokenizer_files(tmp_path)
     runs = {}
     for dtype in ("float32", "bfloat16"):
-        llm = LLM(str(tmp_path), device="cuda", dtype=dtype, load_format="dummy", max_model_len=2048, max_num_seqs=8)
+        llm = LLM(str(tmp_path), device="cuda", dtype=dtype, load_format="dummy", max_model_len=2048, max_num_seqs=8,
+                  **SHARE)
         runs[dtype] = llm.generate(PROMPTS, greedy(32, logprobs=1))
         del llm
         torch.cuda.empty_cache()

@@ -1,0 +1,258 @@
+"""GPU benchmark of the Mamba Triton kernels at Falcon-H1-7B (Mamba2) and FalconMamba-7B (Mamba1) shapes.
+
+Decode kernels (conv update, Mamba2 state update, Mamba1 step) at 1, 32 and 256 sequences are memory-bound:
+bytes moved = state read + write + per-token inputs/outputs (weights, A, D, dt_bias are L2-resident and not
+counted), against ~3.0 TB/s. Prefill kernels at 4,096 tokens (one sequence, and 16 x 256): the SSD scan's
+FLOPs (causal intra-chunk CB and CB@x, C@S_in, chunk states) against ~800 TFLOP/s dense bf16.
+
+Times: triton.testing.do_bench's median, which flushes L2 before every call; calls also cycle through
+disjoint slot sets with their own inputs (up to 4x the 50 MB L2 together). Rates use this time. For
+reference, the mean of the same calls replayed back to back from one CUDA graph (how decode runs in the
+server; no launch gaps, but states under ~1 MB a call can stay in L2 across the cycle).
+
+    python -m benchmarks.kernels_mamba --out bench.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
+from kernels.selective_scan import selective_scan_update, selective_scan_varlen
+from kernels.ssd_scan import ssd_scan_varlen
+from kernels.ssm_state_update import ssm_state_update
+
+H1_7B = dict(H=24, P=128, G=1, N=256, K=4, chunk=256)  # Falcon-H1-7B: d_ssm 3072, conv_dim 3072 + 2*G*N
+MAMBA_7B = dict(C=8192, N=16, K=4)  # FalconMamba-7B: d_inner 8192
+HBM_BYTES_S = 3.0e12
+TENSOR_FLOP_S = 800e12
+L2_DEFEAT_BYTES = 200 * 2**20
+DTYPE = torch.bfloat16
+DEV = "cuda"
+
+
+@dataclass
+class Row:
+    kernel: str
+    size: str
+    eager_us: float
+    graph_us: float
+    bytes: float
+    flops: float = 0.0
+
+
+def timed(calls: list[Callable[[], object]], graph_calls: int = 64) -> tuple[float, float]:
+    """(do_bench median, CUDA-graph mean) in microseconds of one call, cycling through `calls`."""
+    state = {"i": 0}
+
+    def next_call() -> None:
+        calls[state["i"] % len(calls)]()
+        state["i"] += 1
+
+    eager = do_bench(next_call, warmup=25, rep=200, return_mode="median") * 1e3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(graph_calls):
+            next_call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 10
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return eager, start.elapsed_time(end) * 1e3 / (reps * graph_calls)
+
+
+def rotations(bytes_per_call: float) -> int:
+    """Disjoint slot sets to cycle through so consecutive calls miss in L2."""
+    return max(2, min(64, math.ceil(L2_DEFEAT_BYTES / bytes_per_call)))
+
+
+def slot_sets(batch: int, rot: int) -> list[torch.Tensor]:
+    perm = torch.randperm(batch * rot, device=DEV).to(torch.int32)
+    return list(perm.view(rot, batch))
+
+
+def bench_conv_update(batch: int) -> Row:
+    C, K = H1_7B["H"] * H1_7B["P"] + 2 * H1_7B["G"] * H1_7B["N"], H1_7B["K"]
+    nbytes = 2 * batch * C * (K - 1) * DTYPE.itemsize + 2 * batch * C * DTYPE.itemsize
+    rot = rotations(nbytes)
+    states = torch.randn(batch * rot, C, K - 1, device=DEV, dtype=DTYPE)
+    weight = torch.randn(C, K, device=DEV, dtype=DTYPE)
+    bias = torch.randn(C, device=DEV, dtype=DTYPE)
+    calls = []
+    for slots in slot_sets(batch, rot):
+        x = torch.randn(batch, C, device=DEV, dtype=DTYPE)
+        calls.append(lambda x=x, slots=slots: causal_conv1d_update(x, weight, bias, states, slots))
+    return Row("conv1d update (H1-7B)", f"{batch} seqs x C={C}", *timed(calls), nbytes)
+
+
+def mamba2_params(H: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    A = -torch.rand(H, device=DEV) * 4 - 0.1
+    D = torch.randn(H, device=DEV)
+    dt_bias = torch.randn(H, device=DEV) - 2
+    return A, D, dt_bias
+
+
+def bench_ssm_state_update(batch: int) -> Row:
+    H, P, G, N = (H1_7B[k] for k in "HPGN")
+    io = DTYPE.itemsize
+    nbytes = batch * (2 * H * P * N * 4 + 2 * H * P * io + 2 * G * N * io + H * io)
+    rot = rotations(nbytes)
+    states = torch.randn(batch * rot, H, P, N, device=DEV)
+    A, D, dt_bias = mamba2_params(H)
+    calls = []
+    for slots in slot_sets(batch, rot):
+        x = torch.randn(batch, H, P, device=DEV, dtype=DTYPE)
+        dt = torch.randn(batch, H, device=DEV, dtype=DTYPE)
+        B, C = (torch.randn(batch, G, N, device=DEV, dtype=DTYPE) for _ in range(2))
+        calls.append(lambda x=x, dt=dt, B=B, C=C, slots=slots: ssm_state_update(
+            x, dt, A, B, C, D, dt_bias, (0.0, math.inf), states, slots))
+    return Row("Mamba2 state update (H1-7B, fp32 state)", f"{batch} seqs x {H}x{P}x{N}", *timed(calls), nbytes)
+
+
+def mamba1_params(C: int, N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    A = -torch.rand(C, N, device=DEV) * 2 - 0.05
+    D = torch.randn(C, device=DEV)
+    dt_bias = torch.randn(C, device=DEV) - 2
+    return A, D, dt_bias
+
+
+def bench_selective_scan_update(batch: int) -> Row:
+    C, N = MAMBA_7B["C"], MAMBA_7B["N"]
+    io = DTYPE.itemsize
+    nbytes = batch * (2 * C * N * 4 + 4 * C * io + 2 * N * io)
+    rot = rotations(nbytes)
+    states = torch.randn(batch * rot, C, N, device=DEV)
+    A, D, dt_bias = mamba1_params(C, N)
+    calls = []
+    for slots in slot_sets(batch, rot):
+        x, dt, z = (torch.randn(batch, C, device=DEV, dtype=DTYPE) for _ in range(3))
+        B, Cm = (torch.randn(batch, N, device=DEV, dtype=DTYPE) for _ in range(2))
+        calls.append(lambda x=x, dt=dt, z=z, B=B, Cm=Cm, slots=slots: selective_scan_update(
+            x, dt, A, B, Cm, D, dt_bias, z, states, slots))
+    return Row("Mamba1 step (FalconMamba-7B, fp32 state)", f"{batch} seqs x {C}x{N}", *timed(calls), nbytes)
+
+
+def varlen_batch(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    qsl = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    slots = torch.arange(len(lengths), dtype=torch.int32, device=DEV)
+    init = torch.ones(len(lengths), dtype=torch.bool, device=DEV)
+    return qsl, slots, init
+
+
+def ssd_flops(lengths: list[int], H: int, P: int, G: int, N: int, chunk: int) -> float:
+    """Useful FLOPs of the chunked scan: per chunk of L tokens, causal CB (per group) and CB@x (per head),
+    C@S_in and the chunk state (per head)."""
+    total = 0.0
+    for n in lengths:
+        for start in range(0, n, chunk):
+            L = min(chunk, n - start)
+            causal = L * (L + 1) / 2
+            total += G * 2 * N * causal + H * (2 * P * causal + 2 * L * N * P + 2 * L * P * N)
+    return total
+
+
+def bench_ssd(lengths: list[int]) -> Row:
+    H, P, G, N, chunk = (H1_7B[k] for k in ("H", "P", "G", "N", "chunk"))
+    T = sum(lengths)
+    x = torch.randn(T, H, P, device=DEV, dtype=DTYPE)
+    dt = torch.randn(T, H, device=DEV, dtype=DTYPE)
+    B, C = (torch.randn(T, G, N, device=DEV, dtype=DTYPE) for _ in range(2))
+    A, D, dt_bias = mamba2_params(H)
+    states = torch.randn(len(lengths), H, P, N, device=DEV)
+    qsl, slots, init = varlen_batch(lengths)
+    io = DTYPE.itemsize
+    nbytes = T * (2 * H * P + 2 * G * N + H) * io + 2 * len(lengths) * H * P * N * 4
+    call = lambda: ssd_scan_varlen(x, dt, A, B, C, D, dt_bias, (0.0, math.inf), states, qsl, slots, init, chunk)  # noqa: E731
+    size = f"{len(lengths)} x {lengths[0]} tokens" if len(lengths) > 1 else f"{T} tokens"
+    return Row("Mamba2 SSD prefill (H1-7B, chunk 256)", size, *timed([call], graph_calls=8), nbytes,
+               ssd_flops(lengths, H, P, G, N, chunk))
+
+
+def bench_selective_scan(lengths: list[int]) -> Row:
+    C, N = MAMBA_7B["C"], MAMBA_7B["N"]
+    T = sum(lengths)
+    x, dt, z = (torch.randn(T, C, device=DEV, dtype=DTYPE) for _ in range(3))
+    B, Cm = (torch.randn(T, N, device=DEV, dtype=DTYPE) for _ in range(2))
+    A, D, dt_bias = mamba1_params(C, N)
+    states = torch.randn(len(lengths), C, N, device=DEV)
+    qsl, slots, init = varlen_batch(lengths)
+    nbytes = T * (4 * C + 2 * N) * DTYPE.itemsize + 2 * len(lengths) * C * N * 4
+    call = lambda: selective_scan_varlen(x, dt, A, B, Cm, D, dt_bias, z, states, qsl, slots, init)  # noqa: E731
+    size = f"{len(lengths)} x {lengths[0]} tokens" if len(lengths) > 1 else f"{T} tokens"
+    return Row("Mamba1 scan prefill (FalconMamba-7B)", size, *timed([call], graph_calls=8), nbytes)
+
+
+def bench_conv_varlen(lengths: list[int]) -> Row:
+    C, K = H1_7B["H"] * H1_7B["P"] + 2 * H1_7B["G"] * H1_7B["N"], H1_7B["K"]
+    T = sum(lengths)
+    x = torch.randn(T, C, device=DEV, dtype=DTYPE)
+    weight = torch.randn(C, K, device=DEV, dtype=DTYPE)
+    bias = torch.randn(C, device=DEV, dtype=DTYPE)
+    states = torch.randn(len(lengths), C, K - 1, device=DEV, dtype=DTYPE)
+    qsl, slots, init = varlen_batch(lengths)
+    nbytes = 2 * T * C * DTYPE.itemsize + 2 * len(lengths) * C * (K - 1) * DTYPE.itemsize
+    call = lambda: causal_conv1d_varlen(x, weight, bias, states, qsl, slots, init)  # noqa: E731
+    return Row("conv1d prefill (H1-7B)", f"{T} tokens x C={C}", *timed([call], graph_calls=8), nbytes)
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| kernel | size | do_bench median (us) | CUDA graph (us) | MB moved | GB/s | % of 3.0 TB/s "
+             "| GFLOP | TFLOP/s | % of 800 TFLOP/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        gbs = r.bytes / (r.eager_us * 1e-6) / 1e9
+        cells = [r.kernel, r.size, f"{r.eager_us:.1f}", f"{r.graph_us:.1f}", f"{r.bytes / 1e6:.2f}", f"{gbs:.0f}",
+                 f"{100 * gbs * 1e9 / HBM_BYTES_S:.0f}%"]
+        if r.flops:
+            tfs = r.flops / (r.eager_us * 1e-6) / 1e12
+            cells += [f"{r.flops / 1e9:.1f}", f"{tfs:.0f}", f"{100 * tfs * 1e12 / TENSOR_FLOP_S:.0f}%"]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="also write the markdown table to this file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for bench in (bench_conv_update, bench_ssm_state_update, bench_selective_scan_update):
+        for batch in (1, 32, 256):
+            rows.append(bench(batch))
+    for lengths in ([4096], [256] * 16):
+        rows.append(bench_ssd(lengths))
+    for lengths in ([4096], [256] * 16):
+        rows.append(bench_selective_scan(lengths))
+    rows.append(bench_conv_varlen([4096]))
+    header = (f"Mamba kernels, {datetime.date.today().isoformat()}, {torch.cuda.get_device_name()}, "
+              f"torch {torch.__version__}, triton {triton.__version__}, bf16 activations\n")
+    text = header + "\n" + table(rows) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Mamba2 chunked SSD scan (Triton) against its torch reference: interpreted on CPU at small shapes
+(TRITON_INTERPRET=1), compiled on a GPU at the published Falcon-H1 shapes."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels import ssd_scan  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PAD = -1
+NO_LIMIT = (0.0, math.inf)
+
+# (sequence lengths, has_initial_state, state slots) for chunk 8; slot -1 is a padded sequence.
+LAYOUTS = [
+    ([1], [True], [2]),
+    ([3, 1, 5], [True, False, True], [4, 0, 1]),  # all shorter than a chunk
+    ([40], [True], [0]),  # five chunks
+    ([17, 1, 16, 8], [False, True, True, False], [3, 5, PAD, 1]),  # partial chunks, exact multiples, padding
+]
+
+# Falcon-H1 Mamba shapes (H, P, G, N, chunk).
+GPU_SHAPES = {"h1-0.5b": (24, 64, 1, 128, 128), "h1-7b": (24, 128, 1, 256, 256), "h1-34b": (32, 128, 2, 256, 128)}
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def _check(lengths, init, slots, H, P, G, N, chunk, dtype, state_dtype=torch.float32, dt_limit=NO_LIMIT):
+    T = sum(lengths)
+    num_slots = max(slots) + 2
+    # x, B and C as slices of one wider row, like the model's split of the conv output.
+    xBC = torch.randn(T, H * P + 2 * G * N, device=DEVICE, dtype=dtype)
+    x = xBC[:, : H * P].view(T, H, P)
+    B = xBC[:, H * P: H * P + G * N].view(T, G, N)
+    C = xBC[:, H * P + G * N:].view(T, G, N)
+    dt = torch.randn(T, H, device=DEVICE, dtype=dtype)
+    A = -torch.rand(H, device=DEVICE) * 2 - 0.1
+    D = torch.randn(H, device=DEVICE)
+    dt_bias = torch.randn(H, device=DEVICE) - 2
+    states = torch.randn(num_slots, H, P, N, device=DEVICE).to(state_dtype)
+    qsl = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    slots_t = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
+    init_t = torch.tensor(init, dtype=torch.bool, device=DEVICE)
+    ref_states, out_states = states.clone(), states.clone()
+    args = (x, dt, A, B, C, D, dt_bias, dt_limit)
+    ref = ssd_scan.ssd_scan_varlen_ref(*args, ref_states, qsl, slots_t, init_t, chunk)
+    out = ssd_scan.ssd_scan_varlen(*args, out_states, qsl, slots_t, init_t, chunk)
+    live = torch.cat([torch.full((n,), s >= 0, dtype=torch.bool) for n, s in zip(lengths, slots)]).to(DEVICE)
+    tol = 1e-3 if dtype == torch.float32 and state_dtype == torch.float32 else 1e-2
+    assert _rel_err(out[live], ref[live]) < tol
+    assert _rel_err(out_states, ref_states) < tol
+    unowned = [r for r in range(num_slots) if r not in slots]
+    assert torch.equal(out_states[unowned], states[unowned])  # slots nobody owns (padding has none)
+
+
+@pytest.mark.parametrize("lengths,init,slots", LAYOUTS)
+def test_scan_interpreted(lengths, init, slots):
+    _check(lengths, init, slots, H=4, P=16, G=2, N=16, chunk=8, dtype=torch.float32)
+
+
+def test_scan_chunk16_one_group_dt_limit_interpreted():
+    _check([33, 2, 16], [True, False, True], [1, 0, 2], H=2, P=16, G=1, N=16, chunk=16, dtype=torch.float32,
+           dt_limit=(0.05, 0.8))
+
+
+def test_scan_head_dim_under_a_tile_interpreted():
+    # tests/tiny_models.py's Falcon-H1: H 8, P 8 (below the 16-wide dot tiles), G 2, N 16, chunk 8.
+    _check([11, 1, 24], [False, True, True], [2, 0, 3], H=8, P=8, G=2, N=16, chunk=8, dtype=torch.float32)
+
+
+def test_scan_bf16_state_interpreted():
+    # bf16 x/B/C run on the GPU only: Triton's interpreter multiplies bf16 dot operands as their raw bits.
+    _check([20, 5], [True, False], [0, 1], H=2, P=16, G=1, N=16, chunk=8, dtype=torch.float32,
+           state_dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("model", list(GPU_SHAPES))
+def test_scan_gpu(model, dtype):
+    H, P, G, N, chunk = GPU_SHAPES[model]
+    _check([700, 1, 2 * chunk, 77, 5], [True, False, True, True, False], [6, 2, 0, PAD, 4],
+           H=H, P=P, G=G, N=N, chunk=chunk, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_scan_cuda_graph():
+    """The prefill wrapper builds its chunk metadata on the device: it captures and replays with new
+    sequence lengths (same total) and slots."""
+    H, P, G, N, chunk = GPU_SHAPES["h1-34b"]
+    T = 300
+    x = torch.randn(T, H, P, device=DEVICE, dtype=torch.bfloat16)
+    dt = torch.randn(T, H, device=DEVICE, dtype=torch.bfloat16)
+    B, C = (torch.randn(T, G, N, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    A = -torch.rand(H, device=DEVICE) * 2 - 0.1
+    D, dt_bias = torch.randn(H, device=DEVICE), torch.randn(H, device=DEVICE) - 2
+    states = torch.randn(6, H, P, N, device=DEVICE)
+    qsl = torch.tensor([0, 100, 200, 300], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    init = torch.tensor([True, False, True], device=DEVICE)
+    args = (x, dt, A, B, C, D, dt_bias, NO_LIMIT)
+    ssd_scan.ssd_scan_varlen(*args, states.clone(), qsl, slots, init, chunk)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ssd_scan.ssd_scan_varlen(*args, states, qsl, slots, init, chunk)
+    qsl.copy_(torch.tensor([0, 1, 260, 300], dtype=torch.int32))
+    slots.copy_(torch.tensor([4, PAD, 1], dtype=torch.int32))
+    init.copy_(torch.tensor([False, True, True]))
+    ref_states = states.clone()
+    graph.replay()
+    ref = ssd_scan.ssd_scan_varlen_ref(*args, ref_states, qsl, slots, init, chunk)
+    live = torch.ones(T, dtype=torch.bool, device=DEVICE)
+    live[1:260] = False
+    assert _rel_err(out[live], ref[live]) < 1e-2
+    assert _rel_err(states, ref_states) < 1e-2
