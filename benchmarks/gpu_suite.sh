@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 
 # 1. correctness on the GPU: kernels at real shapes, engine vs transformers, graphs vs eager, bf16 vs fp32
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/kernels -s 2>&1 | tee "$out/gpu_tests.log" | tail -15
+python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu.py tests/kernels} -s 2>&1 | tee "$out/gpu_tests.log" | tail -15
 
 # 2. the server on the GPU, driven by the load generator
 python3 -m server --device cuda --port 8011 > "$out/server.log" 2>&1 &

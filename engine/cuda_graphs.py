@@ -32,11 +32,13 @@ class DecodeGraphs:
         self.buckets = bucket_sizes(max_num_seqs)
         n, width = self.buckets[-1], max(-(-max_model_len // max(block_size, 1)), 1)
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.long, device=device)
-        self.input_ids = torch.zeros(n, **i64)
-        self.positions = torch.zeros(n, **i64)
-        self.seq_lens = torch.zeros(n, **i32)
-        self.state_slots = torch.full((n,), PAD_SLOT, **i32)
-        self.slot_mapping = torch.full((n,), -1, **i64)
+        # Rows of two tensors, so a step's inputs arrive in two copies (plus the block tables).
+        self.longs = torch.zeros(3, n, **i64)
+        self.input_ids, self.positions, self.slot_mapping = self.longs
+        self.ints = torch.zeros(2, n, **i32)
+        self.seq_lens, self.state_slots = self.ints
+        self.state_slots.fill_(PAD_SLOT)
+        self.slot_mapping.fill_(-1)
         self.block_tables = torch.zeros(n, width, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.has_initial_state = torch.ones(n, dtype=torch.bool, device=device)
@@ -82,13 +84,11 @@ class DecodeGraphs:
         b = next(size for size in self.buckets if size >= n)
         pad = b - n
         bs = self.block_size
-        self.input_ids[:b].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.seq_lens[:b].copy_(torch.tensor([p + 1 for p in positions] + [0] * pad), non_blocking=True)
-        self.state_slots[:b].copy_(torch.tensor(state_slots + [PAD_SLOT] * pad), non_blocking=True)
+        slots = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, positions)] if bs else [-1] * n
+        self.longs[:, :b].copy_(torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad]))
+        self.ints[:, :b].copy_(torch.tensor([[p + 1 for p in positions] + [0] * pad,
+                                             state_slots + [PAD_SLOT] * pad], dtype=torch.int32))
         if bs:
-            slots = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, positions)]
-            self.slot_mapping[:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
             width = max(len(t) for t in block_tables)
             rows = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
             self.block_tables[:n, :width].copy_(rows, non_blocking=True)

@@ -182,7 +182,9 @@ class LLMEngine:
                 for child in self._fork(seq):
                     samplers.append(child)
                     rows.append(row)
-        result = sample(logits[rows], samplers, self.eos_token_ids)
+        if rows != list(range(logits.shape[0])):
+            logits = logits[rows]
+        result = sample(logits, samplers, self.eos_token_ids)
         outputs = []
         for seq, token, logprobs in zip(samplers, result.token_ids, result.logprobs):
             seq.token_ids.append(token)

@@ -96,6 +96,7 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
         model = MODEL_REGISTRY[arch](cfg)
     if dummy:
         init_dummy_weights(model)
+        model.finalize_weights()
         return model.eval()
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = model.checkpoint_names()
@@ -121,6 +122,7 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
         raise LoadError(f"checkpoint {model_dir} does not match {arch}: "
                         f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
                         f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    model.finalize_weights()
     logger.info("loaded %s from %s: %.2f GB of weights in %s", arch, model_dir,
                 sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, dtype)
     return model.eval()

@@ -70,10 +70,10 @@ def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: tor
         activation = _profile_activation_peak(model, cfg, device, dtype, state_dtype, max_num_batched_tokens,
                                               block_size)
         free, total = torch.cuda.mem_get_info(device)
-        # Our share of the GPU is utilization * total, of which the weights are spent; other processes'
-        # memory only matters if it leaves less than that free.
-        ours = gpu_memory_utilization * total - torch.cuda.memory_allocated(device)
-        budget = min(ours, free) - activation - CUDA_GRAPH_RESERVE
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
+        # Our share of the GPU is utilization * total, of which our weights are spent; memory held by
+        # others (processes, or engines before this one) only matters if it leaves less than that free.
+        budget = min(gpu_memory_utilization * total - weights, free) - activation - CUDA_GRAPH_RESERVE
         for_blocks = budget - num_slots * slot_bytes
         auto_blocks = int(for_blocks // block_bytes) if block_bytes else 0
         if for_blocks < blocks_per_seq * block_bytes:

@@ -23,6 +23,16 @@ def _impl(module, name: str, x: torch.Tensor):
     return getattr(module, name + "_ref")
 
 
+def _split_by_phase(x: torch.Tensor, batch: ForwardBatch, decode, prefill) -> torch.Tensor:
+    """decode(x[:num_decodes]) and prefill(x[num_decodes:]) side by side; no copy when one part is empty."""
+    nd = batch.num_decodes
+    if batch.num_prefill_seqs == 0:
+        return decode(x)
+    if nd == 0:
+        return prefill(x)
+    return torch.cat([decode(x[:nd]), prefill(x[nd:])])
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     return _impl(norm, "rms_norm", x)(x, weight, eps)
 
@@ -55,14 +65,15 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   batch: ForwardBatch) -> torch.Tensor:
     """SiLU(causal depthwise conv) of x [T, C] continuing each sequence's conv state."""
     nd = batch.num_decodes
-    out = torch.empty_like(x)
-    if nd:
-        out[:nd] = _impl(conv1d, "causal_conv1d_update", x)(x[:nd], weight, bias, conv_states, batch.state_slots[:nd])
-    if batch.num_prefill_seqs:
-        out[nd:] = _impl(conv1d, "causal_conv1d_varlen", x)(
-            x[nd:], weight, bias, conv_states, batch.prefill_query_start_loc(), batch.state_slots[nd:],
-            batch.has_initial_state[nd:])
-    return out
+
+    def decode(x):
+        return _impl(conv1d, "causal_conv1d_update", x)(x, weight, bias, conv_states, batch.state_slots[:nd])
+
+    def prefill(x):
+        return _impl(conv1d, "causal_conv1d_varlen", x)(x, weight, bias, conv_states, batch.prefill_query_start_loc(),
+                                                        batch.state_slots[nd:], batch.has_initial_state[nd:])
+
+    return _split_by_phase(x, batch, decode, prefill)
 
 
 def mamba2_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -70,15 +81,17 @@ def mamba2_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
                 batch: ForwardBatch, chunk_size: int) -> torch.Tensor:
     """Mamba2 SSM over x [T, H, P]: state update for decodes, chunked scan for prefills."""
     nd = batch.num_decodes
-    y = torch.empty_like(x)
-    if nd:
-        y[:nd] = _impl(ssm_state_update, "ssm_state_update", x)(
-            x[:nd], dt[:nd], A, B[:nd], C[:nd], D, dt_bias, dt_limit, ssm_states, batch.state_slots[:nd])
-    if batch.num_prefill_seqs:
-        y[nd:] = _impl(ssd_scan, "ssd_scan_varlen", x)(
-            x[nd:], dt[nd:], A, B[nd:], C[nd:], D, dt_bias, dt_limit, ssm_states, batch.prefill_query_start_loc(),
+
+    def decode(x):
+        return _impl(ssm_state_update, "ssm_state_update", x)(
+            x, dt[:nd], A, B[:nd], C[:nd], D, dt_bias, dt_limit, ssm_states, batch.state_slots[:nd])
+
+    def prefill(x):
+        return _impl(ssd_scan, "ssd_scan_varlen", x)(
+            x, dt[nd:], A, B[nd:], C[nd:], D, dt_bias, dt_limit, ssm_states, batch.prefill_query_start_loc(),
             batch.state_slots[nd:], batch.has_initial_state[nd:], chunk_size)
-    return y
+
+    return _split_by_phase(x, batch, decode, prefill)
 
 
 def mamba1_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -86,12 +99,14 @@ def mamba1_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
                 batch: ForwardBatch) -> torch.Tensor:
     """Mamba1 SSM over x [T, C], gated by SiLU(z): step for decodes, varlen scan for prefills."""
     nd = batch.num_decodes
-    y = torch.empty_like(x)
-    if nd:
-        y[:nd] = _impl(selective_scan, "selective_scan_update", x)(
-            x[:nd], dt[:nd], A, B[:nd], C[:nd], D, dt_bias, z[:nd], ssm_states, batch.state_slots[:nd])
-    if batch.num_prefill_seqs:
-        y[nd:] = _impl(selective_scan, "selective_scan_varlen", x)(
-            x[nd:], dt[nd:], A, B[nd:], C[nd:], D, dt_bias, z[nd:], ssm_states, batch.prefill_query_start_loc(),
+
+    def decode(x):
+        return _impl(selective_scan, "selective_scan_update", x)(
+            x, dt[:nd], A, B[:nd], C[:nd], D, dt_bias, z[:nd], ssm_states, batch.state_slots[:nd])
+
+    def prefill(x):
+        return _impl(selective_scan, "selective_scan_varlen", x)(
+            x, dt[nd:], A, B[nd:], C[nd:], D, dt_bias, z[nd:], ssm_states, batch.prefill_query_start_loc(),
             batch.state_slots[nd:], batch.has_initial_state[nd:])
-    return y
+
+    return _split_by_phase(x, batch, decode, prefill)

@@ -61,7 +61,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) 
     params = [s.params for s in seqs]
     want_logprobs = [p.logprobs is not None for p in params]
     raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
-    logits = logits.clone()
+    if any(p.logit_bias or p.min_tokens or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+           for p in params):
+        logits = logits.clone()  # the caller's logits stay as the model gave them
     for i, p in enumerate(params):
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=device)

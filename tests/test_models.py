@@ -84,7 +84,7 @@ def test_bfloat16_keeps_ssm_parameters_fp32(h1_dir):
     llm = LLM(str(h1_dir), device="cpu", dtype="bfloat16")
     model = llm.engine.runner.model
     mixer = model.model.layers[0].mamba
-    assert mixer.in_proj.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].in_proj.weight.dtype == torch.bfloat16
     assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_bias.dtype == torch.float32
     assert llm.engine.runner.caches[0].ssm_state.dtype == torch.float32
     out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]

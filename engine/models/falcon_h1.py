@@ -20,7 +20,7 @@ from engine import ops
 from engine.cache_pools import LayerCache
 from engine.config import FalconH1Config
 from engine.forward_batch import ForwardBatch
-from engine.models.common import RMSNorm
+from engine.models.common import RMSNorm, fuse_linears
 
 
 class Mamba2Mixer(nn.Module):
@@ -37,14 +37,14 @@ class Mamba2Mixer(nn.Module):
         self.norm = RMSNorm(cfg.mamba_d_ssm, cfg.rms_norm_eps) if cfg.mamba_rms_norm else None
         self.out_proj = nn.Linear(cfg.mamba_d_ssm, cfg.hidden_size, bias=cfg.projectors_bias)
 
-    def forward(self, u: torch.Tensor, batch: ForwardBatch, cache: LayerCache) -> torch.Tensor:
-        cfg, T = self.cfg, u.shape[0]
+    def forward(self, zxbcdt: torch.Tensor, batch: ForwardBatch, cache: LayerCache) -> torch.Tensor:
+        """zxbcdt = in_proj(u), computed by the layer together with attention's q, k, v."""
+        cfg, T = self.cfg, zxbcdt.shape[0]
         H, P, G, N = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
-        z, xBC, dt = self.in_proj(u).split([cfg.mamba_d_ssm, cfg.conv_dim, H], dim=-1)
+        z, xBC, dt = zxbcdt.split([cfg.mamba_d_ssm, cfg.conv_dim, H], dim=-1)
         xBC = ops.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv_state, batch)
         x, B, C = xBC.split([cfg.mamba_d_ssm, G * N, G * N], dim=-1)
-        A = -torch.exp(self.A_log)
-        y = ops.mamba2_scan(x.reshape(T, H, P), dt, A, B.reshape(T, G, N), C.reshape(T, G, N), self.D,
+        y = ops.mamba2_scan(x.reshape(T, H, P), dt, self.A, B.reshape(T, G, N), C.reshape(T, G, N), self.D,
                             self.dt_bias, cfg.time_step_limit, cache.ssm_state, batch, cfg.mamba_chunk_size)
         y = y.reshape(T, cfg.mamba_d_ssm)
         if self.norm is None:
@@ -65,12 +65,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LayerCache, inv_freq: torch.Tensor
-                ) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, cache: LayerCache,
+                inv_freq: torch.Tensor) -> torch.Tensor:
+        """q, k, v: the projections of the layer's input, computed by the layer with Mamba's in_proj."""
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         q, k = ops.rope(q, k, batch.positions, inv_freq)
         o = ops.attention(q, k, v, cache.k_cache, cache.v_cache, batch, self.scale)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
@@ -84,7 +85,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -95,6 +97,25 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = MLP(cfg)
+
+    def forward(self, xn: torch.Tensor, batch: ForwardBatch, cache: LayerCache, inv_freq: torch.Tensor
+                ) -> torch.Tensor:
+        """Mamba2(xn) + Attention(xn); both start from one matmul of xn."""
+        zxbcdt, q, k, v = self.in_proj(xn).split(self.in_proj_sizes, dim=-1)
+        return self.mamba(zxbcdt, batch, cache) + self.self_attn(q, k, v, batch, cache, inv_freq)
+
+    @torch.no_grad()
+    def finalize_weights(self) -> None:
+        """Once loaded: one matmul for everything that reads the normed input (Mamba's in_proj, q, k, v)
+        and one for the MLP's gate and up (fewer, larger matmuls stream weights faster at small batch);
+        A = -exp(A_log) computed once."""
+        m, a, f = self.mamba, self.self_attn, self.feed_forward
+        parts = [m.in_proj, a.q_proj, a.k_proj, a.v_proj]
+        self.in_proj_sizes = [lin.out_features for lin in parts]
+        self.in_proj = fuse_linears(parts)
+        f.gate_up_proj = fuse_linears([f.gate_proj, f.up_proj])
+        del m.in_proj, a.q_proj, a.k_proj, a.v_proj, f.gate_proj, f.up_proj
+        m.register_buffer("A", -torch.exp(m.A_log.float()), persistent=False)
 
 
 class FalconH1Model(nn.Module):
@@ -126,7 +147,7 @@ class FalconH1ForCausalLM(nn.Module):
             else:  # h = h + MLP output of the previous layer, fused with this layer's input norm
                 norm = layer.input_layernorm
                 xn, residual = ops.add_rms_norm(delta, residual, norm.weight, norm.eps)
-            mixed = layer.mamba(xn, batch, cache) + layer.self_attn(xn, batch, cache, self.inv_freq)
+            mixed = layer(xn, batch, cache, self.inv_freq)
             xn, residual = ops.add_rms_norm(mixed, residual, layer.pre_ff_layernorm.weight, layer.pre_ff_layernorm.eps)
             delta = layer.feed_forward(xn)
         idx = batch.logits_indices
@@ -135,6 +156,10 @@ class FalconH1ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def finalize_weights(self) -> None:
+        for layer in self.model.layers:
+            layer.finalize_weights()
 
     def checkpoint_names(self) -> set[str]:
         names = set(self.state_dict())

@@ -49,8 +49,7 @@ class Mamba1Mixer(nn.Module):
         if cfg.bcdt_norm:
             dl, B, C = (ops.rms_norm(t, None, cfg.mixer_rms_eps) for t in (dl, B, C))
         dt = dl @ self.dt_proj.weight.t()
-        A = -torch.exp(self.A_log)
-        y = ops.mamba1_scan(x, dt, A, B, C, self.D, self.dt_proj.bias, z, cache.ssm_state, batch)
+        y = ops.mamba1_scan(x, dt, self.A, B, C, self.D, self.dt_proj.bias, z, cache.ssm_state, batch)
         return self.out_proj(y)
 
 
@@ -95,6 +94,12 @@ class FalconMambaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def finalize_weights(self) -> None:
+        """Once loaded: A = -exp(A_log) computed once rather than every step."""
+        for layer in self.backbone.layers:
+            layer.mixer.register_buffer("A", -torch.exp(layer.mixer.A_log.float()), persistent=False)
 
     def checkpoint_names(self) -> set[str]:
         names = set(self.state_dict())
