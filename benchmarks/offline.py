@@ -137,13 +137,14 @@ def max_concurrent(engine: LLMEngine, context: int) -> int:
 
 
 def bench_model(name: str, root: Path, batch_sizes: list[int], prefill_lens: list[int], max_num_seqs: int) -> list:
+    _, cfg = parse_model_config(SHAPES[name])
+    prefill_lens = [t for t in prefill_lens if t + 64 <= cfg.max_position_embeddings]
     args = EngineArgs(model=str(model_dir(name, root)), device="cuda", dtype="bfloat16", load_format="dummy",
                       max_model_len=max(prefill_lens) + 64, max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=8192, gpu_memory_utilization=0.92)
     start = time.perf_counter()
     engine = LLMEngine(args)
     rows = [(name, "start-up (load + plan + graph capture)", f"{time.perf_counter() - start:.1f} s", "", "")]
-    _, cfg = parse_model_config(SHAPES[name])
     bench_decode(engine, min(batch_sizes), steps=4)  # compile kernels before timing
     bench_prefill(engine, 1024)
     for n in batch_sizes:
