@@ -41,24 +41,35 @@ def test_graph_replay_equals_eager_with_sampling(h1_dir):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
-def test_bfloat16_agrees_with_float32_on_0_5b_shapes(tmp_path):
+def first_token_logprobs(directory, dtype, monkeypatch, torch_ops=False):
+    """Top-20 logprobs of the first generated token of each prompt (a teacher-forced comparison: every
+    run sees the same prompt, unlike later tokens, which follow each run's own choices)."""
+    monkeypatch.setattr("engine.ops._FORCE_TORCH", torch_ops)
+    llm = LLM(str(directory), device="cuda", dtype=dtype, load_format="dummy", max_model_len=2048, max_num_seqs=8,
+              enforce_eager=torch_ops, **SHARE)
+    outs = llm.generate(PROMPTS, greedy(1, logprobs=20))
+    del llm
+    torch.cuda.empty_cache()
+    return [o.outputs[0].logprobs[0] for o in outs]
+
+
+def compare(reference, other):
+    diffs = [abs(ref[t] - oth[t]) for ref, oth in zip(reference, other) for t in ref.keys() & oth.keys()]
+    top1 = sum(max(ref, key=ref.get) == max(oth, key=oth.get) for ref, oth in zip(reference, other))
+    return max(diffs), sum(diffs) / len(diffs), top1
+
+
+def test_bfloat16_agrees_with_float32_on_0_5b_shapes(tmp_path, monkeypatch):
+    """bf16 against fp32 on random weights with Falcon-H1-0.5B's shapes; the same comparison with the
+    torch reference ops in bf16 is the yardstick for what bf16 itself costs."""
     from benchmarks.offline import SHAPES
 
     (tmp_path / "config.json").write_text(json.dumps(SHAPES["falcon-h1-0.5b"]))
     byte_level_tokenizer_files(tmp_path)
-    runs = {}
-    for dtype in ("float32", "bfloat16"):
-        llm = LLM(str(tmp_path), device="cuda", dtype=dtype, load_format="dummy", max_model_len=2048, max_num_seqs=8,
-                  **SHARE)
-        runs[dtype] = llm.generate(PROMPTS, greedy(32, logprobs=1))
-        del llm
-        torch.cuda.empty_cache()
-    prefixes, diffs = [], []
-    for full, half in zip(runs["float32"], runs["bfloat16"]):
-        a, b = full.outputs[0], half.outputs[0]
-        same = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
-        prefixes.append(same)
-        diffs += [abs(a.logprobs[i][a.token_ids[i]] - b.logprobs[i][b.token_ids[i]]) for i in range(same)]
-    print(f"bf16 vs fp32: identical greedy prefix per prompt {prefixes} of 32; max |logprob diff| on the "
-          f"shared prefix {max(diffs):.4f}, mean {sum(diffs) / len(diffs):.4f}")
-    assert min(prefixes) >= 4 and max(diffs) < 0.1
+    fp32 = first_token_logprobs(tmp_path, "float32", monkeypatch)
+    kernels = compare(fp32, first_token_logprobs(tmp_path, "bfloat16", monkeypatch))
+    torch_ops = compare(fp32, first_token_logprobs(tmp_path, "bfloat16", monkeypatch, torch_ops=True))
+    for name, (worst, mean, top1) in (("triton bf16", kernels), ("torch-reference bf16", torch_ops)):
+        print(f"{name} vs triton fp32: max |logprob diff| {worst:.4f}, mean {mean:.4f} over the top-20 tokens; "
+              f"same top-1 token for {top1}/{len(PROMPTS)} prompts")
+    assert kernels[0] < 1.0 and kernels[1] < 2 * torch_ops[1] + 0.01
