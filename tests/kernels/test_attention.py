@@ -9,7 +9,6 @@ Tolerances (max |out - ref| / max |ref|): fp32 < 1e-3 (the kernels use IEEE fp32
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -18,23 +17,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from kernels import attention  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") == "1" and isinstance(attention._decode_kernel, triton.JITFunction):
-    # tests/conftest.py imported triton and the kernels before the variable was set: decorate them again.
-    for module in (tl.standard, tl, attention):
-        importlib.reload(module)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
-
-def gpu(test):
-    """pytest.mark.gpu, skipped without CUDA even when run without tests/conftest.py."""
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -179,7 +167,7 @@ GPU_SEQS = ([(1, 1), (1, 0), (1, 15), (1, 16), (1, 17), (1, 300), (1, 2049), (1,
              (1000, 4000), (517, 517), (1, 1), (64, 100), (200, 1300)], 8)
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_paged_attention_gpu(model: str, dtype: torch.dtype):
@@ -188,7 +176,7 @@ def test_paged_attention_gpu(model: str, dtype: torch.dtype):
     check_attention(make_batch(seqs, num_decodes, q_heads, kv_heads, head_dim, 16, dtype, seed=1))
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_long_decode_gpu(dtype: torch.dtype):
     """One 32k-token sequence (many splits) and a batch of 64 decodes of mixed lengths."""
@@ -197,7 +185,7 @@ def test_long_decode_gpu(dtype: torch.dtype):
     check_attention(make_batch([(1, n) for n in lengths], 64, 12, 2, 128, 16, dtype, seed=3))
 
 
-@gpu
+@pytest.mark.gpu
 def test_write_kv_gpu():
     q_heads, kv_heads, head_dim = MODELS["34B"]
     seqs, num_decodes = GPU_SEQS
@@ -211,7 +199,7 @@ def test_write_kv_gpu():
     assert torch.equal(batch["k_cache"], k_ref) and torch.equal(batch["v_cache"], v_ref)
 
 
-@gpu
+@pytest.mark.gpu
 def test_decode_cuda_graph():
     """Decode captured once with max_seq_len = max_model_len, replayed after the lengths and tables change."""
     q_heads, kv_heads, head_dim = MODELS["7B"]

@@ -7,7 +7,6 @@ Tolerances (max |out - ref| / max |ref|): fp32 < 1e-3, fp16 / bf16 < 1e-2; outpu
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -16,24 +15,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from kernels import norm  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") == "1" and isinstance(norm._rms_norm_kernel, triton.JITFunction):
-    # tests/conftest.py imported triton and the kernels before the variable was set: decorate them again.
-    for module in (tl.standard, tl, norm):
-        importlib.reload(module)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 EPS = 1e-5
 
-
-def gpu(test):
-    """pytest.mark.gpu, skipped without CUDA even when run without tests/conftest.py."""
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -113,7 +101,7 @@ def test_gated_rms_norm(dtype: torch.dtype, n_groups: int, norm_before_gate: boo
 GPU_DTYPES = [torch.bfloat16, torch.float32]
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("rows,cols", [(1, 1024), (256, 3072), (4096, 3072), (777, 5120)])
 def test_rms_norms_gpu(dtype: torch.dtype, rows: int, cols: int):
@@ -130,7 +118,7 @@ def test_rms_norms_gpu(dtype: torch.dtype, rows: int, cols: int):
     assert torch.equal(h, h_ref)
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_weightless_rms_norm_gpu(dtype: torch.dtype):
     proj = rand(2048, 256 + 16 + 16, dtype=dtype, seed=9)
@@ -138,7 +126,7 @@ def test_weightless_rms_norm_gpu(dtype: torch.dtype):
         assert_close(norm.rms_norm(part, None, 1e-6), norm.rms_norm_ref(part, None, 1e-6))
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("d_ssm,n_groups", [(1536, 1), (3072, 1), (4096, 2)])
 @pytest.mark.parametrize("norm_before_gate", [False, True])

@@ -8,7 +8,6 @@ activation dtype). CPU: Triton's interpreter in fp32 / fp16 (it truncates fp32 -
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -17,23 +16,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from kernels import rope  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") == "1" and isinstance(rope._rope_kernel, triton.JITFunction):
-    # tests/conftest.py imported triton and the kernels before the variable was set: decorate them again.
-    for module in (tl.standard, tl, rope):
-        importlib.reload(module)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
-
-def gpu(test):
-    """pytest.mark.gpu, skipped without CUDA even when run without tests/conftest.py."""
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -66,7 +54,7 @@ def test_rope(dtype: torch.dtype, head_dim: int, theta: float, max_pos: int):
     check(19, 6, 2, head_dim, theta, max_pos, dtype, seed=head_dim)
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(8, 2, 64), (12, 2, 128), (20, 4, 128)])
 def test_rope_gpu(dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int):
