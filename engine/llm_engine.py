@@ -170,12 +170,13 @@ class LLMEngine:
         logits = self.runner.execute(sched)
         samplers: list[Sequence] = []
         rows: list[int] = []  # logits row of each sampler: one per sampling sequence, in batch order
+        row = -1
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
             sampling = sched.samples(i)
             seq.num_computed_tokens += n
             if not sampling:
                 continue
-            row = len(set(rows))
+            row += 1
             samplers.append(seq)
             rows.append(row)
             if seq.num_samples > 1:  # prompt done: fork the other samples, sharing this row's logits
