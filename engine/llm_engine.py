@@ -219,7 +219,7 @@ class LLMEngine:
         text = seq.output_text
         if not flush and seq.params.stop_strings:
             text = text[: max(seq.num_emitted_chars, len(text) - max(map(len, seq.params.stop_strings)) + 1)]
-        new_tokens = seq.output_token_ids[seq.num_emitted_tokens:]
+        new_tokens = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens:]
         out = StepOutput(
             request_id=seq.request_id, index=seq.index, new_token_ids=new_tokens,
             new_text=text[seq.num_emitted_chars:],
