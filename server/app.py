@@ -16,6 +16,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from engine.tokenizer import DEFAULT_CHAT_TEMPLATE
 from server import __version__
 from server.chat import create_chat_completion
 from server.completions import create_completion
@@ -64,10 +65,22 @@ class AdmissionMiddleware:
         return None
 
 
+def _check_tokenizer(engine: AsyncEngine) -> None:
+    """The HTTP API speaks text: it needs a tokenizer, and chat needs a template (a generic one if none)."""
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise ValueError("the model directory has no tokenizer.json; pass one with --tokenizer DIR")
+    if tokenizer.chat_template is None:
+        logger.warning("the tokenizer has no chat template: /v1/chat/completions uses a generic ChatML "
+                       "template; pass the model's own with --chat-template FILE")
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
 async def _load(state: ServerState, load_engine: Callable[[], AsyncEngine]) -> None:
     # A thread, so that /health can answer 503 while the weights load.
     try:
         engine = await asyncio.to_thread(load_engine)
+        _check_tokenizer(engine)
     except Exception as e:
         logger.exception("failed to load the model")
         state.load_error = e

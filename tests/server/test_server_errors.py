@@ -143,3 +143,18 @@ def test_engine_failure_is_a_500_and_the_server_keeps_serving(server, monkeypatc
     ok = httpx.post(server.url + CHAT, json={"messages": USER, "max_tokens": 4})
     assert ok.status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_model_without_chat_template_gets_a_generic_one(tmp_path, start_server) -> None:
+    """A base model's tokenizer often has no chat template: chat still works, with a logged warning."""
+    from server.demo import build_demo_checkpoint
+
+    directory = build_demo_checkpoint(tmp_path / "base", seed=3)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    live = start_server(model=str(directory))
+    r = httpx.post(live.url + "/v1/chat/completions",
+                   json={"model": "tiny-falcon", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
