@@ -9,8 +9,8 @@ import os
 import torch
 
 from engine.forward_batch import ForwardBatch
+from kernels import activation, conv1d, norm, selective_scan, ssd_scan, ssm_state_update
 from kernels import attention as attention_kernels
-from kernels import conv1d, norm, selective_scan, ssd_scan, ssm_state_update
 from kernels import rope as rope_kernels
 
 _FORCE_TORCH = os.environ.get("FALCON_SERVE_TORCH_OPS") == "1"
@@ -45,6 +45,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, n_groups: int,
                    norm_before_gate: bool) -> torch.Tensor:
     return _impl(norm, "gated_rms_norm", y)(y, z, weight, eps, n_groups, norm_before_gate)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _impl(activation, "silu_mul", gate)(gate, up)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
