@@ -164,3 +164,19 @@ def test_logprobs_include_the_sampled_token(h1):
         assert token in entry and 2 <= len(entry) <= 3
         assert all(v <= 0 for v in entry.values())
         assert torch.tensor(list(entry.values())).exp().sum() <= 1.0 + 1e-5
+
+
+def test_decodes_are_not_stalled_by_a_long_prefill(h1_dir):
+    """A running request keeps getting a token every step while a long prompt that arrived after it is
+    prefilled in budget-sized chunks (running sequences are scheduled before newer ones)."""
+    llm = LLM(str(h1_dir), device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=8)
+    engine = llm.engine
+    engine.add_request("short", [5, 6, 7], greedy(40))
+    engine.step()  # "short" is prefilled and decoding
+    engine.add_request("long", [9] * 60, greedy(2))
+    for _ in range(8):  # "long" needs 8 steps of prefill chunks
+        sched_sizes = [len(o.new_token_ids) for o in engine.step() if o.request_id == "short"]
+        assert sched_sizes == [1]
+    while engine.has_unfinished():
+        engine.step()
+    assert_pools_full(llm)
