@@ -10,7 +10,7 @@ disjoint slot sets with their own inputs (up to 4x the 50 MB L2 together). Rates
 reference, the mean of the same calls replayed back to back from one CUDA graph (how decode runs in the
 server; no launch gaps, but states under ~1 MB a call can stay in L2 across the cycle).
 
-    python -m benchmarks.kernels_mamba --out bench.md
+    python -m benchmarks.kernels_mamba --out bench.md [--only mamba1-prefill,mamba1-step]
 """
 
 from __future__ import annotations
@@ -231,20 +231,27 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+GROUPS: dict[str, Callable[[], list[Row]]] = {
+    "conv-update": lambda: [bench_conv_update(b) for b in (1, 32, 256)],
+    "mamba2-update": lambda: [bench_ssm_state_update(b) for b in (1, 32, 256)],
+    "mamba1-step": lambda: [bench_selective_scan_update(b) for b in (1, 32, 256)],
+    "mamba2-prefill": lambda: [bench_ssd(lengths) for lengths in ([4096], [256] * 16)],
+    "mamba1-prefill": lambda: [bench_selective_scan(lengths) for lengths in ([4096], [256] * 16)],
+    "conv-prefill": lambda: [bench_conv_varlen([4096])],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--only", help="comma-separated kernel groups to run: " + ", ".join(GROUPS))
     args = parser.parse_args()
+    groups = args.only.split(",") if args.only else list(GROUPS)
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        parser.error(f"unknown groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
     torch.manual_seed(0)
-    rows = []
-    for bench in (bench_conv_update, bench_ssm_state_update, bench_selective_scan_update):
-        for batch in (1, 32, 256):
-            rows.append(bench(batch))
-    for lengths in ([4096], [256] * 16):
-        rows.append(bench_ssd(lengths))
-    for lengths in ([4096], [256] * 16):
-        rows.append(bench_selective_scan(lengths))
-    rows.append(bench_conv_varlen([4096]))
+    rows = [row for g in GROUPS if g in groups for row in GROUPS[g]()]
     header = (f"Mamba kernels, {datetime.date.today().isoformat()}, {torch.cuda.get_device_name()}, "
               f"torch {torch.__version__}, triton {triton.__version__}, bf16 activations\n")
     text = header + "\n" + table(rows) + "\n"

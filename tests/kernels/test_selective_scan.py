@@ -86,9 +86,46 @@ def _check_update(batch, CH, N, dtype, state_dtype=torch.float32, pad_rows=()):
     assert torch.equal(out_states[untouched.to(DEVICE)], states[untouched.to(DEVICE)])
 
 
+# The same with the token axis cut into chunks of 16 (the prefill kernel's chunked passes): sequences within
+# one chunk, across one or several boundaries, ending or starting on one, length 1 on either side of one,
+# empty ones (inside a chunk, on a boundary, at the end), padded ones crossing boundaries.
+CHUNKED_LAYOUTS = [
+    ([40], [True], [1]),
+    ([5, 30, 1, 16, 9], [False, True, True, False, True], [0, 3, PAD, 2, 4]),
+    ([16, 16, 17], [True, False, True], [1, 0, 2]),
+    ([15, 1, 1, 15, 2], [True, False, True, True, False], [4, 2, 0, 1, 3]),
+    ([10, 0, 23, 0], [True, False, True, False], [0, 1, 2, 3]),
+    ([16, 0, 20], [False, False, True], [2, 0, 1]),
+    ([10, 30, 12], [True, True, False], [0, PAD, 1]),
+]
+
+
 @pytest.mark.parametrize("lengths,init,slots", LAYOUTS)
 def test_varlen_interpreted(lengths, init, slots):
     _check_varlen(lengths, init, slots, CH=24, N=16, dtype=torch.float32)
+
+
+@pytest.fixture
+def chunk16(monkeypatch):
+    """Chunks of 16 tokens whatever the size (normally L keeps chunks x channels near PREFILL_CHAINS)."""
+    monkeypatch.setattr(ss, "PREFILL_MIN_CHUNK", 16)
+    monkeypatch.setattr(ss, "PREFILL_CHAINS", 1 << 30)
+
+
+@pytest.mark.parametrize("lengths,init,slots", CHUNKED_LAYOUTS)
+def test_varlen_chunked_interpreted(chunk16, lengths, init, slots):
+    _check_varlen(lengths, init, slots, CH=24, N=16, dtype=torch.float32)
+
+
+def test_varlen_chunked_bf16_channel_blocks_interpreted(chunk16):
+    """bf16 inputs, N below its block, channels over two blocks (the second one partly masked)."""
+    _check_varlen([7, 26, 3], [True, False, True], [2, 0, 1], CH=160, N=12, dtype=torch.bfloat16)
+
+
+def test_varlen_chunked_full_blocks_interpreted(chunk16):
+    """Channel blocks that tile the channels exactly (the unmasked loads the model shapes take)."""
+    block = ss.PREFILL_CHANNELS_PER_THREAD * 32 * ss.PREFILL_WARPS
+    _check_varlen([21, 12], [True, False], [1, 0], CH=block, N=16, dtype=torch.float32)
 
 
 def test_varlen_bf16_interpreted():
@@ -110,6 +147,40 @@ def test_update_bf16_state_interpreted():
 def test_varlen_gpu(dtype):
     _check_varlen([600, 1, 3, 257, 40], [True, False, True, True, False], [5, 1, PAD, 0, 7],
                   CH=8192, N=16, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_varlen_long_gpu():
+    """One 4,096-token sequence (the token axis in several chunks) after a short one, from a saved state."""
+    _check_varlen([5, 4096], [False, True], [1, 0], CH=8192, N=16, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_varlen_cuda_graph():
+    """Captured once, replayed with new tokens, a new split of the same token count into sequences, new slots
+    and initial-state flags: the chunking depends on the token count alone, and there are no host syncs."""
+    CH, N, T = 8192, 16, 900
+    x, dt, B, C, z = _tokens(T, CH, N, torch.bfloat16)
+    A, D, dt_bias = _params(CH, N)
+    states = torch.randn(6, CH, N, device=DEVICE)
+    qsl = torch.tensor([0, 600, T], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    init = torch.tensor([True, False], device=DEVICE)
+    args = (x, dt, A, B, C, D, dt_bias, z)
+    ss.selective_scan_varlen(*args, states.clone(), qsl, slots, init)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ss.selective_scan_varlen(*args, states, qsl, slots, init)
+    for t in (x, dt, B, C, z):
+        t.copy_(torch.randn_like(t))
+    qsl.copy_(torch.tensor([0, 77, T], dtype=torch.int32))
+    slots.copy_(torch.tensor([4, 2], dtype=torch.int32))
+    init.copy_(torch.tensor([False, True]))
+    ref_states = states.clone()
+    graph.replay()
+    ref = ss.selective_scan_varlen_ref(*args, ref_states, qsl, slots, init)
+    assert _rel_err(out, ref) < 1e-2
+    assert _rel_err(states, ref_states) < 1e-2
 
 
 @pytest.mark.gpu
