@@ -48,7 +48,8 @@ class LLMEngine:
         arch, cfg = load_model_config(model_dir)
         self.model_config = cfg
         try:
-            self.tokenizer: Tokenizer | None = Tokenizer.from_pretrained(args.tokenizer or model_dir,
+            tokenizer_dir = resolve_model_path(args.tokenizer, args.revision) if args.tokenizer else model_dir
+            self.tokenizer: Tokenizer | None = Tokenizer.from_pretrained(tokenizer_dir,
                                                                          chat_template=args.chat_template)
         except FileNotFoundError as e:  # weights alone still serve token-id prompts, as vLLM's skip_tokenizer_init
             logger.warning("%s: prompts must be token ids and outputs carry no text", e)
