@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,7 +32,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs, model_dir, arch: str, cfg: ModelConfig, max_model_len: int,
+    def __init__(self, args: EngineArgs, model_dir: Path, arch: str, cfg: ModelConfig, max_model_len: int,
                  max_num_batched_tokens: int):
         self.args, self.cfg = args, cfg
         self.device = resolve_device(args.device)
