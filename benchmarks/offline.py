@@ -136,12 +136,13 @@ def max_concurrent(engine: LLMEngine, context: int) -> int:
     return min(runner.num_slots, runner.num_blocks // -(-context // runner.block_size))
 
 
-def bench_model(name: str, root: Path, batch_sizes: list[int], prefill_lens: list[int], max_num_seqs: int) -> list:
+def bench_model(name: str, root: Path, batch_sizes: list[int], prefill_lens: list[int], max_num_seqs: int,
+                ssm_state_dtype: str = "float32") -> list:
     _, cfg = parse_model_config(SHAPES[name])
     prefill_lens = [t for t in prefill_lens if t + 64 <= cfg.max_position_embeddings]
     args = EngineArgs(model=str(model_dir(name, root)), device="cuda", dtype="bfloat16", load_format="dummy",
                       max_model_len=max(prefill_lens) + 64, max_num_seqs=max_num_seqs,
-                      max_num_batched_tokens=8192, gpu_memory_utilization=0.92)
+                      max_num_batched_tokens=8192, gpu_memory_utilization=0.92, ssm_state_dtype=ssm_state_dtype)
     start = time.perf_counter()
     engine = LLMEngine(args)
     rows = [(name, "start-up (load + plan + graph capture)", f"{time.perf_counter() - start:.1f} s", "", "")]
@@ -172,14 +173,17 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--prefill-lens", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}",
+    lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"SSM state {args.ssm_state_dtype}",
              "", "| model | measurement | result | roofline | achieved |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as root:
         for name in args.models:
             try:
-                rows = bench_model(name, Path(root), args.batch_sizes, args.prefill_lens, args.max_num_seqs)
+                rows = bench_model(name, Path(root), args.batch_sizes, args.prefill_lens, args.max_num_seqs,
+                                   args.ssm_state_dtype)
             except (torch.cuda.OutOfMemoryError, ValueError) as e:
                 rows = [(name, "skipped", f"{type(e).__name__}: {str(e)[:200]}", "", "")]
             for row in rows:
