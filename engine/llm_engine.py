@@ -200,7 +200,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if not isinstance(seq.stop_reason, str):  # a stop string already cut the text; keep it cut
-            seq.output_text += seq.detokenizer.flush()
+            seq.unemitted_text += seq.detokenizer.flush()
         self.scheduler.finish(seq, reason)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
@@ -217,20 +217,20 @@ class LLMEngine:
     def _output(self, seq: Sequence, flush: bool) -> StepOutput:
         """The part of seq's output not yet reported. Text that could still turn into a stop string is
         held back until it cannot (or the sequence ends)."""
-        text = seq.output_text
+        text = seq.unemitted_text
         if not flush and seq.params.stop_strings:
-            text = text[: max(seq.num_emitted_chars, len(text) - max(map(len, seq.params.stop_strings)) + 1)]
+            text = text[: max(0, len(text) - max(map(len, seq.params.stop_strings)) + 1)]
+        seq.unemitted_text = seq.unemitted_text[len(text):]
         new_tokens = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens:]
         out = StepOutput(
             request_id=seq.request_id, index=seq.index, new_token_ids=new_tokens,
-            new_text=text[seq.num_emitted_chars:],
+            new_text=text,
             new_logprobs=seq.logprobs[seq.num_emitted_tokens:] if seq.logprobs is not None else None,
             finished=seq.is_finished, finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
             stop_reason=seq.stop_reason,
         )
         if seq.index == 0 and seq.num_emitted_tokens == 0 and new_tokens:  # the request's first token
             out.queue_time = seq.queue_time
-        seq.num_emitted_chars = len(text)
         seq.num_emitted_tokens = seq.num_output_tokens
         return out
 

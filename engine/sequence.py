@@ -40,8 +40,7 @@ class Sequence:
         # A request with n > 1 starts as one sequence that forks after its prompt is prefilled.
         self.num_samples = num_samples
         self.generator = generator
-        self.output_text = ""
-        self.num_emitted_chars = 0
+        self.unemitted_text = ""  # detokenized output not yet reported (only this: outputs can be long)
         self.num_emitted_tokens = 0
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
