@@ -180,3 +180,34 @@ def test_decodes_are_not_stalled_by_a_long_prefill(h1_dir):
     while engine.has_unfinished():
         engine.step()
     assert_pools_full(llm)
+
+
+def test_random_workload_with_forks_preemption_and_abort(h1_dir):
+    """Random prompt lengths, max_tokens and n on a pool that forces preemption, one request aborted
+    mid-way: every sample equals its prompt's solo greedy run, and the pools are full at the end."""
+    import random
+
+    llm = LLM(str(h1_dir), device="cpu", dtype="float32", max_num_seqs=5, max_num_batched_tokens=12,
+              kv_block_size=4, num_kv_blocks=22)
+    solo = LLM(str(h1_dir), device="cpu", dtype="float32")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(5, 290) for _ in range(rng.randrange(1, 30))] for _ in range(14)]
+    params = [greedy(rng.randrange(1, 25), n=rng.choice([1, 1, 2, 3])) for _ in prompts]
+    engine = llm.engine
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    tokens: dict[tuple[str, int], list[int]] = {}
+    steps = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault((out.request_id, out.index), []).extend(out.new_token_ids)
+        steps += 1
+        if steps == 7:
+            engine.abort("3")
+    assert engine.scheduler.num_preemptions > 0
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        if i == 3:
+            continue
+        reference = solo.generate([prompt], greedy(p.max_tokens))[0].outputs[0].token_ids
+        assert [tokens[(str(i), k)] for k in range(p.n)] == [reference] * p.n
+    assert_pools_full(llm)
