@@ -44,9 +44,7 @@ class DecodeGraphs:
         self.has_initial_state = torch.ones(n, dtype=torch.bool, device=device)
         self.logits_indices = torch.arange(n, **i64)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # Graph outputs are the final hidden states; the lm_head runs after the replay on the real rows
-        # only, so no graph keeps a [bucket, vocab] logits buffer alive (GBs across all buckets).
-        self.hidden: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}
 
     def batch(self, b: int) -> ForwardBatch:
         return ForwardBatch(
@@ -65,11 +63,11 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up: all rows are padding, nothing is written
                 for _ in range(2):
-                    self.model(batch, self.caches)
+                    self.model.compute_logits(self.model(batch, self.caches))
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.hidden[b] = self.model(batch, self.caches)
+                self.logits[b] = self.model.compute_logits(self.model(batch, self.caches))
             self.graphs[b] = graph
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self.buckets,
@@ -95,4 +93,4 @@ class DecodeGraphs:
             rows = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
             self.block_tables[:n, :width].copy_(rows, non_blocking=True)
         self.graphs[b].replay()
-        return self.model.compute_logits(self.hidden[b][:n])
+        return self.logits[b][:n]
