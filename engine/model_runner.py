@@ -11,7 +11,7 @@ import torch
 
 from engine.cache_pools import allocate_layer_caches
 from engine.config import EngineArgs, FalconH1Config, ModelConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, bucket_sizes
 from engine.forward_batch import ForwardBatch
 from engine.loader import load_model
 from engine.memory_plan import plan_memory
@@ -51,16 +51,20 @@ class ModelRunner:
         plan = plan_memory(self.model, cfg, device=self.device, dtype=self.dtype, state_dtype=self.state_dtype,
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            max_model_len=max_model_len, block_size=self.block_size,
-                           gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks)
+                           gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+                           graph_rows=sum(bucket_sizes(args.max_num_seqs)) if self._uses_graphs() else 0)
         plan.log(self.block_size, max_model_len)
         self.num_slots, self.num_blocks = plan.num_slots, plan.num_blocks
         self.caches = allocate_layer_caches(cfg, self.num_slots, max(self.num_blocks, 1), max(self.block_size, 1),
                                             self.dtype, self.state_dtype, self.device)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not args.enforce_eager:
+        if self._uses_graphs():
             self.graphs = DecodeGraphs(self.model, self.caches, args.max_num_seqs, max_model_len, self.block_size,
                                        self.device)
             self.graphs.capture()
+
+    def _uses_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.args.enforce_eager
 
     def prepare(self, sched: ScheduledBatch) -> ForwardBatch:
         input_ids, positions, slot_mapping, logits_indices = [], [], [], []
