@@ -41,9 +41,7 @@ class ModelRunner:
             logger.warning("float16 on CPU is slow and imprecise; consider --dtype float32")
         self.state_dtype = _DTYPES[args.ssm_state_dtype]
         self.max_model_len = max_model_len
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.uses_kv = isinstance(cfg, FalconH1Config)
-        self.block_size = args.kv_block_size if self.uses_kv else 0
+        self.block_size = args.kv_block_size if isinstance(cfg, FalconH1Config) else 0  # pure SSMs: no KV
         torch.manual_seed(args.seed)
         start = time.perf_counter()
         self.model = load_model(model_dir, arch, cfg, self.dtype, self.device, dummy=args.load_format == "dummy")
