@@ -40,7 +40,6 @@ class ModelRunner:
         if self.device.type == "cpu" and self.dtype is torch.float16:
             logger.warning("float16 on CPU is slow and imprecise; consider --dtype float32")
         self.state_dtype = _DTYPES[args.ssm_state_dtype]
-        self.max_model_len = max_model_len
         self.block_size = args.kv_block_size if isinstance(cfg, FalconH1Config) else 0  # pure SSMs: no KV
         torch.manual_seed(args.seed)
         start = time.perf_counter()
