@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from kernels.triton_math import softplus
+
 
 def _step(state: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
           C: torch.Tensor, D: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,14 +59,6 @@ def selective_scan_update_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor
     ssm_states[slots] = state.to(ssm_states.dtype)
     y[keep] = yk.to(y.dtype)
     return y
-
-
-@triton.jit
-def _softplus(x):
-    """torch's softplus (linear above 20), with log1p accuracy for very negative x."""
-    u = tl.exp(x)
-    w = 1.0 + u
-    return tl.where(x > 20.0, x, tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0))))
 
 
 @triton.jit
@@ -433,7 +427,7 @@ def _selective_scan_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_
     x = tl.load(x_ptr + b * stride_xb + c * stride_xc, mask=c_ok, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + b * stride_zb + c * stride_zc, mask=c_ok, other=0.0).to(tl.float32)
     dt = tl.load(dt_ptr + b * stride_dtb + c * stride_dtc, mask=c_ok, other=0.0).to(tl.float32)
-    delta = _softplus(dt + tl.load(dt_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32))
+    delta = softplus(dt + tl.load(dt_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32))
     A = tl.load(A_ptr + c[:, None] * stride_Ac + n[None, :] * stride_An, mask=cn_ok, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * stride_Bb + n * stride_Bn, mask=n_ok, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * stride_Cb + n * stride_Cn, mask=n_ok, other=0.0).to(tl.float32)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.triton_math import softplus
+
 
 def ssd_scan_varlen_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                         D: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float],
@@ -54,14 +56,6 @@ def ssd_scan_varlen_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
 
 
 @triton.jit
-def _softplus(x):
-    """torch's softplus (linear above 20), with log1p accuracy for very negative x."""
-    u = tl.exp(x)
-    w = 1.0 + u
-    return tl.where(x > 20.0, x, tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0))))
-
-
-@triton.jit
 def _chunk_bounds(i, chunk_seq_ptr, cu_chunks_ptr, qsl_ptr, slots_ptr, num_seqs, CHUNK: tl.constexpr):
     """Chunk i of the flat batch: (live, sequence, its first token, its end token, the sequence's slot).
     live is false past the last chunk and for padded sequences (slot < 0)."""
@@ -87,7 +81,7 @@ def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, chunk_seq_ptr, cu_chunks_ptr, qsl
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = (t < end)[:, None] & (h < H)[None, :]
     dt = tl.load(dt_ptr + t[:, None] * stride_dtt + h[None, :] * stride_dth, mask=ok, other=0.0).to(tl.float32)
-    dt = _softplus(dt + tl.load(dt_bias_ptr + h, mask=h < H, other=0.0).to(tl.float32)[None, :])
+    dt = softplus(dt + tl.load(dt_bias_ptr + h, mask=h < H, other=0.0).to(tl.float32)[None, :])
     if CLAMP_DT:
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     dt = tl.where(ok, dt, 0.0)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.triton_math import softplus
+
 
 def ssm_state_update_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                          D: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float],
@@ -32,14 +34,6 @@ def ssm_state_update_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: 
     ssm_states[slots] = state.to(ssm_states.dtype)
     y[keep] = (torch.einsum("bhpn,bhn->bhp", state, Ck) + D[:, None] * xk).to(x.dtype)
     return y
-
-
-@triton.jit
-def _softplus(x):
-    """torch's softplus (linear above 20), with log1p accuracy for very negative x."""
-    u = tl.exp(x)
-    w = 1.0 + u
-    return tl.where(x > 20.0, x, tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0))))
 
 
 @triton.jit
@@ -65,7 +59,7 @@ def _ssm_state_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_
     n_ok = n < N
     g = h // heads_per_group
     dt = tl.load(dt_ptr + b * stride_dtb + h * stride_dth).to(tl.float32)
-    dt = _softplus(dt + tl.load(dt_bias_ptr + h).to(tl.float32))
+    dt = softplus(dt + tl.load(dt_bias_ptr + h).to(tl.float32))
     if CLAMP_DT:
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
