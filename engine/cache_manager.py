@@ -21,6 +21,11 @@ class FreeList:
     def release(self, item: int) -> None:
         self._free.append(item)
 
+    @property
+    def usage(self) -> float:
+        """Fraction in use; 0 for an empty pool (a pure-SSM model has no KV blocks)."""
+        return 1.0 - self.num_free / self.capacity if self.capacity else 0.0
+
 
 class CacheManager:
     def __init__(self, num_slots: int, num_blocks: int, block_size: int):
@@ -76,8 +81,8 @@ class CacheManager:
 
     @property
     def slot_usage(self) -> float:
-        return 1.0 - self.slots.num_free / max(self.slots.capacity, 1)
+        return self.slots.usage
 
     @property
     def kv_usage(self) -> float:
-        return 1.0 - self.blocks.num_free / max(self.blocks.capacity, 1)
+        return self.blocks.usage

@@ -31,10 +31,13 @@ class LLM:
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        # Every prompt is checked before any is queued, so a refused one leaves nothing behind.
+        prompt_ids = [self.engine.prepare(prompt, p, f"prompts[{i}]")
+                      for i, (prompt, p) in enumerate(zip(prompts, params))]
         results: dict[str, RequestOutput] = {}
-        for prompt, p in zip(prompts, params):
+        for prompt, ids, p in zip(prompts, prompt_ids, params):
             request_id = str(next(self._ids))
-            ids = self.engine.add_request(request_id, prompt, p)
+            self.engine.enqueue(request_id, ids, p)
             results[request_id] = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, ids,
                                                  [CompletionOutput(i, logprobs=[] if p.logprobs is not None else None)
                                                   for i in range(p.n)])

@@ -12,6 +12,7 @@ from engine.config import EngineArgs, load_model_config
 from engine.loader import resolve_model_path
 from engine.model_runner import ModelRunner, resolve_device
 from engine.outputs import StepOutput
+from engine.request_checks import ModelLimits, RequestError, check_request
 from engine.sampler import sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -20,6 +21,14 @@ from engine.stop_checker import check_stop
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine hit a fault that may have corrupted shared state; it must be restarted."""
+
+
+class ForkPreparationError(Exception):
+    """Preparing a request's samples failed before anything changed (the cause says why)."""
 
 
 class NoText:
@@ -68,56 +77,38 @@ class LLMEngine:
             logger.warning("the KV cache holds %d tokens, less than max_model_len %d: longer requests are refused",
                            self.cache.blocks.capacity * self.runner.block_size, self.max_model_len)
         self.scheduler = Scheduler(self.cache, args.max_num_seqs, max_batched)
+        self.limits = ModelLimits(vocab_size=cfg.vocab_size, max_model_len=self.max_model_len,
+                                  max_num_seqs=args.max_num_seqs, block_size=self.cache.block_size,
+                                  num_kv_blocks=self.cache.blocks.capacity)
         self.sequences: dict[str, list[Sequence]] = {}
+        self.dead_reason: str | None = None  # set by a fatal fault: see step()
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str) and self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: give the prompt as token ids")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+    def prepare(self, prompt: str | list[int], params: SamplingParams, prompt_param: str = "prompt") -> list[int]:
+        """The prompt's token ids, after checking the request against the model's limits (RequestError)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: give the prompt as token ids", prompt_param)
+            prompt = self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        check_request(ids, params, self.limits, prompt_param)
         return ids
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raises ValueError for a request that could never run, with the numbers."""
-        n, limit = len(prompt_ids), self.max_model_len
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
-        if n + max_tokens > limit:
-            raise ValueError(f"this model's maximum context length is {limit} tokens; the request has {n} "
-                             f"prompt tokens and asks for {max_tokens} more ({n + max_tokens} in total)")
-        if max_tokens < 1:
-            raise ValueError(f"the prompt has {n} tokens, which leaves no room to generate within "
-                             f"max_model_len {limit}")
-        if params.n > self.scheduler.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs {self.scheduler.max_num_seqs}")
-        bs = self.cache.block_size
-        if bs:
-            needed = -(-(n + max_tokens) // bs) + params.n - 1
-            if needed > self.cache.blocks.capacity:
-                raise ValueError(f"the request needs {needed} KV blocks of {bs} tokens but the cache has only "
-                                 f"{self.cache.blocks.capacity}")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad[:5]}")
-
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Queues a request; returns its prompt token ids. Raises ValueError if it can never run."""
+        """Checks and queues a request; returns its prompt token ids. Raises RequestError if it can never run."""
+        ids = self.prepare(prompt, params)
+        self.enqueue(request_id, ids, params)
+        return ids
+
+    def enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queues a request that `prepare` has checked."""
         if request_id in self.sequences:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.tokenize_prompt(prompt)
-        self.validate(prompt_ids, params)
+            raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, 0, prompt_ids, params, self._generator(params, 0), num_samples=params.n)
         seq.detokenizer = self._detokenizer(prompt_ids, params)
         self.sequences[request_id] = [seq]
         self.scheduler.add(seq)
-        return prompt_ids
 
     def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | NoText:
         if self.tokenizer is None:
@@ -127,7 +118,7 @@ class LLMEngine:
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.seed is None:
             return None
-        return torch.Generator(device=self.device).manual_seed(params.seed + index)
+        return torch.Generator(device=self.device).manual_seed(params.sample_seed(index))
 
     def abort(self, request_id: str) -> list[StepOutput]:
         outputs = []
@@ -143,34 +134,63 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.cache.kv_usage,
+        # Requests, not sequences: the n samples of one request count once (vLLM's gauges).
+        running = {s.request_id for s in list(self.scheduler.running)}
+        return EngineStats(len(running), self.scheduler.num_waiting_requests, self.cache.kv_usage,
                            self.cache.slot_usage, self.scheduler.num_preemptions)
 
     # ---- stepping ----------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """Schedules and runs one forward step. A failing step fails the sequences in it, not the engine."""
-        sched = self.scheduler.schedule()
-        if not sched:
-            return []
-        try:
-            return self._run(sched)
-        except Exception as e:  # noqa: BLE001 - report to the requests in this step, keep serving the rest
-            logger.exception("engine step failed; failing the requests of its %d sequences", len(sched.seqs))
-            outputs = []
-            for request_id in dict.fromkeys(s.request_id for s in sched.seqs):
-                for seq in self.sequences.get(request_id, []):
-                    if not seq.is_finished:
-                        self._finish(seq, "error")
-                        out = self._output(seq, flush=True)
-                        out.error = f"{type(e).__name__}: {e}"
-                        outputs.append(out)
-            return self._mark_finished_requests(outputs)
+        """Schedules and runs one forward step.
 
-    def _run(self, sched: ScheduledBatch) -> list[StepOutput]:
-        logits = self.runner.execute(sched)
+        A fault while sampling or emitting one sequence fails that request alone. A fault in scheduling,
+        forking or the forward pass may have left shared state (caches, queues) inconsistent: the engine
+        is then dead and every later call raises EngineDeadError with the reason.
+        """
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        try:
+            sched = self.scheduler.schedule()
+            if not sched:
+                return []
+            logits = self.runner.execute(sched)
+            samplers, rows, failed = self._advance(sched)
+        except Exception as e:
+            logger.exception("engine step failed; the engine cannot continue")
+            self.dead_reason = f"{type(e).__name__}: {e}"
+            raise EngineDeadError(self.dead_reason) from e
+        if rows != list(range(logits.shape[0])):
+            logits = logits[rows]
+        outputs = []
+        for seq, token, logprobs in zip(samplers, *self._sample(logits, samplers, failed)):
+            if seq.request_id in failed:
+                continue
+            try:
+                seq.token_ids.append(token)
+                if seq.logprobs is not None:
+                    seq.logprobs.append(logprobs)
+                reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
+                if reason is not None:
+                    self._finish(seq, reason)
+                outputs.append(self._output(seq, flush=seq.is_finished))
+            except Exception as e:  # noqa: BLE001 - this request's fault: fail it, serve the rest
+                logger.exception("request %s failed while emitting its output", seq.request_id)
+                failed[seq.request_id] = e
+        try:
+            outputs += self._fail(failed)
+        except Exception as e:
+            logger.exception("failing a request left the scheduler inconsistent")
+            self.dead_reason = f"{type(e).__name__}: {e}"
+            raise EngineDeadError(self.dead_reason) from e
+        return self._mark_finished_requests(outputs)
+
+    def _advance(self, sched: ScheduledBatch) -> tuple[list[Sequence], list[int], dict[str, Exception]]:
+        """Counts the computed tokens; forks prefilled n > 1 requests. Returns the sequences to sample,
+        the logits row of each (forked samples share their parent's) and the requests that failed."""
         samplers: list[Sequence] = []
-        rows: list[int] = []  # logits row of each sampler: one per sampling sequence, in batch order
+        rows: list[int] = []
+        failed: dict[str, Exception] = {}
         row = -1
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
             sampling = sched.samples(i)
@@ -181,22 +201,51 @@ class LLMEngine:
             samplers.append(seq)
             rows.append(row)
             if seq.num_samples > 1:  # prompt done: fork the other samples, sharing this row's logits
-                for child in self._fork(seq):
-                    samplers.append(child)
-                    rows.append(row)
-        if rows != list(range(logits.shape[0])):
-            logits = logits[rows]
-        result = sample(logits, samplers, self.eos_token_ids)
+                try:
+                    children = self._fork(seq)
+                except ForkPreparationError as e:
+                    failed[seq.request_id] = e.__cause__
+                    continue
+                samplers += children
+                rows += [row] * len(children)
+        return samplers, rows, failed
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, Exception]
+                ) -> tuple[list[int], list[dict[int, float] | None]]:
+        """One token per row. If the batch fails, each row is sampled alone and only the rows that still
+        fail are failed (their requests land in `failed`)."""
+        try:
+            result = sample(logits, seqs, self.eos_token_ids)
+            return result.token_ids, result.logprobs
+        except Exception:  # noqa: BLE001
+            logger.exception("batched sampling failed; sampling its %d rows one by one", len(seqs))
+        tokens: list[int] = []
+        logprobs: list[dict[int, float] | None] = []
+        for i, seq in enumerate(seqs):
+            try:
+                result = sample(logits[i:i + 1], [seq], self.eos_token_ids)
+                tokens.append(result.token_ids[0])
+                logprobs.append(result.logprobs[0])
+            except Exception as e:  # noqa: BLE001
+                logger.exception("request %s failed while sampling", seq.request_id)
+                failed[seq.request_id] = e
+                tokens.append(-1)
+                logprobs.append(None)
+        return tokens, logprobs
+
+    def _fail(self, failed: dict[str, Exception]) -> list[StepOutput]:
+        """Finishes every unfinished sequence of each failed request with finish_reason "error"."""
         outputs = []
-        for seq, token, logprobs in zip(samplers, result.token_ids, result.logprobs):
-            seq.token_ids.append(token)
-            if seq.logprobs is not None:
-                seq.logprobs.append(logprobs)
-            reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
-            if reason is not None:
-                self._finish(seq, reason)
-            outputs.append(self._output(seq, flush=seq.is_finished))
-        return self._mark_finished_requests(outputs)
+        for request_id, error in failed.items():
+            for seq in self.sequences.get(request_id, []):
+                if seq.is_finished:
+                    continue
+                self.scheduler.finish(seq, "error")  # no detokenizer flush: it may be what failed
+                outputs.append(StepOutput(
+                    request_id=request_id, index=seq.index, new_token_ids=[], new_text="", new_logprobs=None,
+                    finished=True, finish_reason="error", num_prompt_tokens=seq.num_prompt_tokens,
+                    error=f"{type(error).__name__}: {error}"))
+        return outputs
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if not isinstance(seq.stop_reason, str):  # a stop string already cut the text; keep it cut
@@ -204,11 +253,17 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
+        """All or nothing: what can fail for one request (its generators, detokenizers) is built before the
+        scheduler's bookkeeping changes; a failure there raises ForkPreparationError with nothing changed."""
+        try:
+            extra = [(self._generator(parent.params, i), self._detokenizer(parent.token_ids, parent.params))
+                     for i in range(1, parent.num_samples)]
+        except Exception as e:
+            raise ForkPreparationError from e
         children, block_copies = self.scheduler.fork(parent)
-        for child in children:
+        for child, (generator, detokenizer) in zip(children, extra):
             self.runner.copy_state(parent.state_slot, child.state_slot)
-            child.generator = self._generator(child.params, child.index)
-            child.detokenizer = self._detokenizer(parent.token_ids, child.params)
+            child.generator, child.detokenizer = generator, detokenizer
             self.sequences[parent.request_id].append(child)
         for src, dst in block_copies:
             self.runner.copy_block(src, dst)

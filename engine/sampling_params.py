@@ -1,8 +1,25 @@
-"""Per-request sampling and stopping parameters, validated on construction (vLLM's names)."""
+"""Per-request sampling and stopping parameters (vLLM's names), checked on construction.
+
+Construction checks what needs no model: types (a bool is not an integer) and fixed ranges. What
+depends on the model (vocabulary, context length, cache size) is checked once at admission, in
+`engine.request_checks`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+# Temperatures below this sample greedily (vLLM's rule): dividing logits by ~1e-45 overflows to inf/nan.
+GREEDY_TEMPERATURE = 1e-5
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -33,33 +50,42 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
-        check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
-        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        check(is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
+        check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
               "max_tokens", "must be an integer >= 1")
-        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
+        check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None:
             check(self.min_tokens <= self.max_tokens, "min_tokens", "must not exceed max_tokens")
-        check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
-        check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1, 0 (disabled) or >= 1")
-        check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
-        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
-        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
-        check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "must be in (0, 2]")
-        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+        check(is_number(self.temperature) and 0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
+        check(is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        check(is_int(self.top_k) and self.top_k >= -1, "top_k", "must be -1, 0 (disabled) or an integer >= 1")
+        check(is_number(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            check(is_number(getattr(self, name)) and -2.0 <= getattr(self, name) <= 2.0, name, "must be in [-2, 2]")
+        check(is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 2.0,
+              "repetition_penalty", "must be in (0, 2]")
+        check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20),
               "logprobs", "must be an integer in [0, 20]")
-        check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        check(self.seed is None or (is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]),
+              "seed", "must be an integer in [-2**63, 2**64)")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            check(isinstance(getattr(self, name), bool), name, "must be a boolean")
         if self.logit_bias is not None:
             for tok, bias in self.logit_bias.items():
-                if not isinstance(tok, int) or not -100.0 <= float(bias) <= 100.0:
+                if not is_int(tok) or not is_number(bias) or not -100.0 <= bias <= 100.0:
                     raise ValueError(f"logit_bias must map token ids to values in [-100, 100], got {tok!r}: {bias!r}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         check(all(isinstance(s, str) and s for s in stops), "stop", "must be non-empty strings")
         self.stop_strings = stops
         self.stop_token_ids = list(self.stop_token_ids or [])
+        check(all(is_int(t) for t in self.stop_token_ids), "stop_token_ids", "must be integers")
         if self.top_k == -1:
             self.top_k = 0
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
+
+    def sample_seed(self, index: int) -> int | None:
+        """Sample `index`'s seed: seed + index, wrapped into the generator's range (seed may be 2**64 - 1)."""
+        return None if self.seed is None else (self.seed + index) % 2**64

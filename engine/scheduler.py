@@ -38,9 +38,21 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._admissions = itertools.count()
+        # Kept as counts (not computed from `waiting`) so that other threads can read them mid-step.
+        self.num_waiting_requests = 0
+        self.num_waiting_samples = 0  # what the server's queue limit counts: a request with n samples is n
 
     def add(self, seq: Sequence) -> None:
+        self._enter_waiting(seq)
         self.waiting.append(seq)
+
+    def _enter_waiting(self, seq: Sequence) -> None:
+        self.num_waiting_requests += 1
+        self.num_waiting_samples += seq.num_samples
+
+    def _leave_waiting(self, seq: Sequence) -> None:
+        self.num_waiting_requests -= 1
+        self.num_waiting_samples -= seq.num_samples
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -66,11 +78,12 @@ class Scheduler:
         # After a preemption, admitting more would only take the blocks back from whoever needs them next.
         admit = self.num_preemptions == preemptions_before
         while admit and self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
             if self.cache.blocks_needed(seq, n) + self._fork_blocks(seq) > self.cache.num_free_blocks:
-                self.waiting.appendleft(seq)
                 break
+            self.waiting.popleft()
+            self._leave_waiting(seq)
             self._admit(seq, n)
             budget -= n
             prefills.append((seq, n))
@@ -114,6 +127,7 @@ class Scheduler:
         self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
+        self._enter_waiting(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -150,6 +164,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            self._leave_waiting(seq)
 
     def _release(self, seq: Sequence) -> None:
         for slot in seq.reserved_slots:

@@ -217,7 +217,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; bos is prepended only if the config says add_bos_token (and never twice)."""
-        ids = self.hf_tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode does not), so a long text does not stall other threads.
+        ids = self.hf_tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         bos = self.bos_token_id
         if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids.insert(0, bos)

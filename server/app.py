@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
@@ -14,16 +15,21 @@ from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.tokenizer import DEFAULT_CHAT_TEMPLATE
+from engine.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from server import __version__
 from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, bad_request, install_error_handlers
+from server.generation import off_loop
+from server.openapi import ERROR_RESPONSES, HEALTH_RESPONSES, METRICS_RESPONSES, STREAM_RESPONSES, openapi_schema
+from server.prompts import encode, render_chat, template_arguments
 from server.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -39,30 +45,75 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+OPEN_PATHS = ("/health", "/version", "/metrics", "/openapi.json", "/docs", "/redoc")  # no API key needed
+
+
 class AdmissionMiddleware:
-    """Runs before routing: 503 for everything but /metrics while draining, 401 on /v1/* without the key."""
+    """Runs before routing: 503 for everything but /metrics while draining, 401 without the API key on
+    every route that takes input, 413 for a body over the size limit. Counts requests in flight (the
+    drain waits for them)."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = self._refusal(scope) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = self._refusal(scope)
+        if error is None:
+            receive, error = await self._bounded_body(scope, receive)
         if error is not None:
             await error.response()(scope, receive, send)
-        else:
+            return
+        self.state.requests_in_flight += 1
+        try:
             await self.app(scope, receive, send)
+        finally:
+            self.state.requests_in_flight -= 1
 
     def _refusal(self, scope: Scope) -> APIError | None:
         path = scope["path"]
         if self.state.draining and path != "/metrics":
             return APIError(503, "The server is shutting down and accepts no new requests.")
         key = self.state.settings.api_key
-        if key and path.startswith("/v1/"):
+        if key and path not in OPEN_PATHS:
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                 return APIError(401, "Invalid or missing API key: send it as 'Authorization: Bearer <key>'.",
                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return None
+
+    async def _bounded_body(self, scope: Scope, receive: Receive) -> tuple[Receive, APIError | None]:
+        """413 before reading a body declared too large; a chunked body is read here up to the limit."""
+        limit = self.state.settings.max_request_body_bytes
+        too_large = APIError(413, f"The request body is larger than this server accepts ({limit} bytes).")
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            return receive, (too_large if not length.isdigit() or int(length) > limit else None)
+        if scope["method"] in ("GET", "HEAD"):
+            return receive, None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return receive, too_large
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replaying() -> Message:
+            return replay.pop() if replay else await receive()
+
+        return replaying, None
+
+
+def tokenizer_decode(tokenizer: Tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False)  # ids the tokenizer lacks decode to nothing
 
 
 def _check_tokenizer(engine: AsyncEngine) -> None:
@@ -112,22 +163,22 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], AsyncEngine])
     install_error_handlers(app)
     app.add_middleware(AdmissionMiddleware, state=state)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses=HEALTH_RESPONSES)
     async def health() -> Response:
         reason = state.unavailable_reason()
         if reason is not None:
             return APIError(503, reason).response()
         return Response(status_code=200)
 
-    @app.get("/version")
+    @app.get("/version", responses=ERROR_RESPONSES)
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models() -> ModelList:
         engine = state.ready_engine()
         return ModelList(data=[
@@ -135,43 +186,44 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], AsyncEngine])
             for name in settings.served_model_names
         ])
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(body, request, state)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=STREAM_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(body, request, state)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         state.check_model(body.model)
-        tokenizer = state.ready_engine().tokenizer
+        engine = state.ready_engine()
+        tokenizer = engine.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt or messages")
         if body.messages is not None:
-            try:
-                text = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
-                                                     add_generation_prompt=body.add_generation_prompt,
-                                                     **(body.chat_template_kwargs or {}))
-            except (ValueError, TypeError) as e:
-                raise bad_request(str(e), "messages") from None
+            template_kwargs = template_arguments(settings, body.chat_template, body.chat_template_kwargs)
+            text = await render_chat(tokenizer, [m.model_dump(exclude_none=True) for m in body.messages],
+                                     body.add_generation_prompt, template_kwargs)
             add_special_tokens = bool(body.add_special_tokens)  # chat templates carry their own
         else:
             text = body.prompt or ""
             add_special_tokens = body.add_special_tokens is not False
-        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        ids = await encode(tokenizer, text, add_special_tokens)
         return TokenizeResponse(
-            count=len(ids), max_model_len=state.ready_engine().max_model_len, tokens=ids,
+            count=len(ids), max_model_len=engine.max_model_len, tokens=ids,
             token_strs=[tokenizer.id_to_token(i) or "" for i in ids] if body.return_token_strs else None)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=ERROR_RESPONSES)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         state.check_model(body.model)
-        tokenizer = state.ready_engine().tokenizer
-        bad = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
+        engine = state.ready_engine()
+        vocab = engine.engine.model_config.vocab_size  # the model's: it may exceed the tokenizer's
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
-            raise bad_request(f"token ids out of range [0, {tokenizer.vocab_size}): {bad[:10]}", "tokens")
-        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))
+            raise bad_request(f"token ids out of range [0, {vocab}): {bad[:10]}", "tokens")
+        text = await off_loop(tokenizer_decode, engine.tokenizer, body.tokens)
+        return DetokenizeResponse(prompt=text)
 
+    app.openapi = functools.partial(openapi_schema, app)
     return app

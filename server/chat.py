@@ -10,18 +10,9 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 from server.errors import bad_request
-from server.generation import (
-    ClientDisconnected,
-    admit,
-    check_fits,
-    check_output,
-    collect,
-    generate,
-    primed,
-    sampling_params,
-    until_disconnected,
-)
+from server.generation import ClientDisconnected, check_output, collect, sampling_params, submit, until_disconnected
 from server.logprobs import chat_logprobs
+from server.prompts import encode, render_chat, template_arguments
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -55,27 +46,23 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     engine = state.ready_engine()
     _reject_unsupported(req)
     tokenizer = engine.tokenizer
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                             **(req.chat_template_kwargs or {}))
-    except (ValueError, TypeError) as e:
-        raise bad_request(str(e), "messages") from None
-    # The template already holds the special tokens it wants (vLLM encodes chat the same way).
-    prompt = tokenizer.encode(text, add_special_tokens=False)
     top_k = req.top_logprobs or 0
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, max_tokens=max_tokens, logprobs=top_k if req.logprobs else None)
-    check_fits(len(prompt), max_tokens, engine.max_model_len, "messages")
-    admit(state, engine)
-
+    template_kwargs = template_arguments(state.settings, req.chat_template, req.chat_template_kwargs)
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    text = await render_chat(tokenizer, messages, req.add_generation_prompt, template_kwargs)
+    # The template already holds the special tokens it wants (vLLM encodes chat the same way).
+    prompt = await encode(tokenizer, text, add_special_tokens=False)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = generate(state, engine, request_id, [prompt], params, arrival)
+    generation = submit(state, engine, request_id, [prompt], params, arrival, prompt_param="messages")
     if not req.stream:
         try:
-            choices = await until_disconnected(request, collect(stream, req.n))
+            choices = await until_disconnected(request, collect(generation, req.n))
         except ClientDisconnected:
             return Response(status_code=499)
+        finally:
+            generation.close()
         completion_tokens = sum(len(c.token_ids) for c in choices.values())
         response = ChatCompletionResponse(
             id=request_id, model=model,
@@ -92,9 +79,6 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
         )
         return JSONResponse(response.model_dump())
 
-    outputs = await primed(request, stream)
-    if outputs is None:
-        return Response(status_code=499)
     include_usage = req.stream_options is not None and req.stream_options.include_usage
 
     async def events() -> AsyncIterator[str]:
@@ -108,7 +92,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
         for index in range(req.n):
             yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
         completion_tokens = 0
-        async for _, out in outputs:
+        async for _, out in generation.outputs():
             check_output(out)
             completion_tokens += len(out.new_token_ids)
             if not (out.new_text or out.finished or (req.logprobs and out.new_token_ids)):
@@ -126,4 +110,4 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
                                   total_tokens=len(prompt) + completion_tokens))
         yield DONE
 
-    return EventStreamResponse(events(), close=stream.aclose)
+    return EventStreamResponse(events(), close=generation.close)

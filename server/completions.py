@@ -10,18 +10,9 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 from server.errors import bad_request
-from server.generation import (
-    ClientDisconnected,
-    admit,
-    check_fits,
-    check_output,
-    collect,
-    generate,
-    primed,
-    sampling_params,
-    until_disconnected,
-)
+from server.generation import ClientDisconnected, check_output, collect, sampling_params, submit, until_disconnected
 from server.logprobs import completion_logprobs
+from server.prompts import encode
 from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
@@ -53,17 +44,13 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
     engine = state.ready_engine()
     _reject_unsupported(req)
     tokenizer = engine.tokenizer
-    raw_prompts = _prompts(req)
-    prompts = [tokenizer.encode(p, add_special_tokens=req.add_special_tokens) if isinstance(p, str) else list(p)
-               for p in raw_prompts]
     params = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
-    for ids in prompts:
-        check_fits(len(ids), req.max_tokens, engine.max_model_len, "prompt")
-    admit(state, engine)
-
+    raw_prompts = _prompts(req)
+    prompts = [await encode(tokenizer, p, req.add_special_tokens) if isinstance(p, str) else list(p)
+               for p in raw_prompts]
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    generation = submit(state, engine, request_id, prompts, params, arrival)
     num_prompt_tokens = sum(len(p) for p in prompts)
-    stream = generate(state, engine, request_id, prompts, params, arrival)
 
     def echo_text(choice_index: int) -> str:
         if not req.echo:
@@ -73,9 +60,11 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
 
     if not req.stream:
         try:
-            choices = await until_disconnected(request, collect(stream, req.n))
+            choices = await until_disconnected(request, collect(generation, req.n))
         except ClientDisconnected:
             return Response(status_code=499)
+        finally:
+            generation.close()
         completion_tokens = sum(len(c.token_ids) for c in choices.values())
         response = CompletionResponse(
             id=request_id, model=model,
@@ -91,9 +80,6 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
         )
         return JSONResponse(response.model_dump())
 
-    outputs = await primed(request, stream)
-    if outputs is None:
-        return Response(status_code=499)
     include_usage = req.stream_options is not None and req.stream_options.include_usage
 
     async def events() -> AsyncIterator[str]:
@@ -106,7 +92,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
             payload = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
             return event(payload, exclude=None if include_usage else {"usage"})
 
-        async for prompt_index, out in outputs:
+        async for prompt_index, out in generation.outputs():
             check_output(out)
             completion_tokens += len(out.new_token_ids)
             index = prompt_index * req.n + out.index
@@ -129,4 +115,4 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
                                   total_tokens=num_prompt_tokens + completion_tokens))
         yield DONE
 
-    return EventStreamResponse(events(), close=stream.aclose)
+    return EventStreamResponse(events(), close=generation.close)

@@ -1,34 +1,47 @@
-"""From an HTTP request to engine requests and back: sampling parameters, admission, merged outputs.
+"""From an HTTP request to one engine request and back: sampling parameters, prompts prepared off the
+event loop, admission, disconnects, merged outputs.
 
-Handlers turn their request into prompts (token ids) and `SamplingParams`, then iterate
-`generate(...)`, which yields (prompt index, StepOutput) for all prompts of the request. Leaving
-that iteration early (client gone, error) aborts every engine request it started.
+Handlers build `SamplingParams` and prompts (token ids), then `submit(...)` checks and queues them in
+one step (400 for what can never run, 429 when the queue is full) and returns a `Generation`: one
+object per request, yielding (prompt index, StepOutput) for all its prompts; closing it aborts what
+is unfinished. A client disconnect is noticed one way, by the ASGI `http.disconnect` message.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
+from engine.async_engine import QueueFullError
+from engine.llm_engine import EngineDeadError
 from engine.outputs import StepOutput
+from engine.request_checks import RequestError
 from engine.sampling_params import SamplingParams
 from server.errors import APIError, bad_request
 from server.metrics import RequestMetrics
 from server.protocol import SamplingFields
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from engine.async_engine import AsyncEngine, RequestStream
     from server.state import ServerState
 
 T = TypeVar("T")
 
-DISCONNECT_POLL_S = 0.25
 RETRY_AFTER_S = 1
+
+# Tokenizing and rendering chat templates take CPU time proportional to the input: they run here, not on
+# the event loop (the tokenizer releases the GIL; see engine.tokenizer.Tokenizer.encode).
+_preprocess_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="falcon-serve-preprocess")
+
+
+async def off_loop(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_preprocess_pool, functools.partial(fn, *args, **kwargs))
 
 
 def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -58,121 +71,72 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: in
         raise bad_request(str(e), name if name in values else None) from None
 
 
-def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, prompt_param: str) -> None:
-    """400 for prompts that can never run, with the numbers (vLLM's wording)."""
-    if num_prompt_tokens == 0:
-        raise bad_request(f"{prompt_param} is empty: it must encode to at least one token", prompt_param)
-    if max_tokens is None and num_prompt_tokens >= max_model_len:
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
-            f"{num_prompt_tokens} tokens, which leaves no room for a completion. Please shorten the prompt.",
-            prompt_param)
-    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
-            f"completion). Please reduce the prompt or max_tokens.",
-            "max_tokens")
+@dataclass
+class Generation:
+    """One submitted request: its engine stream and the metrics of each of its prompts."""
 
+    stream: RequestStream
+    records: list[RequestMetrics]
 
-def admit(state: ServerState, engine: AsyncEngine) -> None:
-    """429 when --max-queue-len requests already wait for the engine."""
-    limit = state.settings.max_queue_len
-    if limit is not None and engine.stats().num_waiting >= limit:
-        raise APIError(429, f"The server is busy: {limit} requests are already waiting. Retry later.",
-                       code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+    async def outputs(self) -> AsyncIterator[tuple[int, StepOutput]]:
+        try:
+            async for index, out in self.stream:
+                self.records[index].on_output(out)
+                yield index, out
+        except EngineDeadError as e:
+            raise APIError(503, str(e)) from None
 
-
-async def _tracked(state: ServerState, engine: AsyncEngine, request_id: str, prompt: list[int],
-                   params: SamplingParams, arrival: float) -> AsyncIterator[StepOutput]:
-    record = RequestMetrics(state.metrics, arrival, len(prompt), params.n)
-    rejected = False
-    try:
-        async for out in engine.generate(request_id, prompt, params):
-            record.on_output(out)
-            yield out
-    except ValueError:
-        rejected = True  # refused before it ran: not a request as far as the metrics go
-        raise
-    finally:
-        if not rejected:
+    def close(self) -> None:
+        self.stream.close()
+        for record in self.records:
             record.close()
 
 
-async def generate(state: ServerState, engine: AsyncEngine, request_id: str, prompts: list[list[int]],
-                   params: SamplingParams, arrival: float) -> AsyncIterator[tuple[int, StepOutput]]:
-    """Outputs of all prompts as they come, tagged with the prompt's index. Engine ValueError -> 400."""
-    queue: asyncio.Queue[tuple[int, StepOutput | None, Exception | None]] = asyncio.Queue()
-
-    async def pump(i: int) -> None:
-        try:
-            async for out in _tracked(state, engine, f"{request_id}-{i}", prompts[i], params, arrival):
-                queue.put_nowait((i, out, None))
-        except Exception as e:
-            queue.put_nowait((i, None, e))
-        else:
-            queue.put_nowait((i, None, None))
-
-    tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+def submit(state: ServerState, engine: AsyncEngine, request_id: str, prompts: list[list[int]],
+           params: SamplingParams, arrival: float, prompt_param: str = "prompt") -> Generation:
+    """Checks and queues the request: 400 if it can never run, 429 when the queue is full."""
     try:
-        remaining = len(tasks)
-        while remaining:
-            i, out, error = await queue.get()
-            if isinstance(error, ValueError):
-                raise bad_request(str(error)) from error
-            if error is not None:
-                raise error
-            if out is None:
-                remaining -= 1
-            else:
-                yield i, out
-    finally:
-        # Cancelling a pump closes its engine.generate, which aborts the request and frees its memory.
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        stream = engine.submit(request_id, prompts, params, max_queued_samples=state.settings.max_queue_len,
+                               prompt_param=prompt_param)
+    except RequestError as e:
+        raise bad_request(str(e), e.param) from None
+    except QueueFullError as e:
+        raise APIError(429, f"The server is busy: {e}. Retry later.", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineDeadError as e:
+        raise APIError(503, f"The engine has stopped: {e}") from None
+    return Generation(stream, [RequestMetrics(state.metrics, arrival, len(p), params.n) for p in prompts])
 
 
 class ClientDisconnected(Exception):
     pass
 
 
+async def wait_for_disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Returns when the client has gone (the request body has been read before this is called)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await `awaitable`, cancelling it (and so aborting its engine work) if the client goes away."""
+    """Awaits `awaitable`, cancelling it (so aborting its engine work) if the client goes away."""
     task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientDisconnected
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientDisconnected
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
-async def primed(request: Request, stream: AsyncIterator[T]) -> AsyncIterator[T] | None:
-    """Wait for the first output before a streamed response sends its headers, so that a request the
-    engine refuses is still a plain 4xx. None if the client left meanwhile (the stream is then closed)."""
-    try:
-        first = await until_disconnected(request, anext(stream))
-    except ClientDisconnected:
-        return None
-
-    async def first_then_rest() -> AsyncIterator[T]:
-        yield first
-        async for item in stream:
-            yield item
-
-    return first_then_rest()
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
 
 
 def check_output(out: StepOutput) -> None:
-    """A step that failed inside the engine fails its request with a 500 (the engine keeps serving)."""
+    """A request that failed inside the engine fails with a 500 (the engine keeps serving the others)."""
     if out.error is not None:
-        raise APIError(500, f"The engine failed while generating: {out.error}")
+        raise APIError(500, f"The engine failed while generating this request: {out.error}")
 
 
 @dataclass
@@ -198,10 +162,12 @@ class Choice:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
 
-async def collect(stream: AsyncIterator[tuple[int, StepOutput]], n: int) -> dict[int, Choice]:
-    """Run a non-streamed request to the end; choices keyed by prompt_index * n + sample index."""
+async def collect(generation: Generation, n: int) -> dict[int, Choice]:
+    """Runs a non-streamed request to the end; choices keyed by prompt_index * n + sample index."""
     choices: dict[int, Choice] = {}
-    async with aclosing(stream):
-        async for i, out in stream:
+    try:
+        async for i, out in generation.outputs():
             choices.setdefault(i * n + out.index, Choice()).add(out)
+    finally:
+        generation.close()
     return dict(sorted(choices.items()))

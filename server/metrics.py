@@ -98,7 +98,9 @@ class RequestMetrics:
     def __init__(self, metrics: ServerMetrics, arrival: float, num_prompt_tokens: int, num_samples: int) -> None:
         self.metrics, self.arrival = metrics, arrival
         self.num_prompt_tokens = num_prompt_tokens
-        self.unfinished = set(range(num_samples))
+        self.num_samples = num_samples
+        self.finished: set[int] = set()  # sample indices
+        self.closed = False
         self.last_token_time: dict[int, float] = {}  # per sample index
 
     def on_output(self, out: StepOutput) -> None:
@@ -114,13 +116,14 @@ class RequestMetrics:
                 self.metrics.inter_token_latency.observe(now - last)
             self.last_token_time[out.index] = now
             self.metrics.generation_tokens.inc(len(out.new_token_ids))
-        if out.finished and out.index in self.unfinished:
-            self.unfinished.discard(out.index)
+        if out.finished and out.index not in self.finished:
+            self.finished.add(out.index)
             self.metrics.request_success[out.finish_reason or "stop"].inc()
 
     def close(self) -> None:
-        """The request ended (finished, failed or abandoned by its client)."""
-        for _ in self.unfinished:
-            self.metrics.request_success["abort"].inc()
-        self.unfinished.clear()
+        """The request ended (finished, failed or abandoned by its client); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.metrics.request_success["abort"].inc(self.num_samples - len(self.finished))
         self.metrics.e2e_request_latency.observe(time.monotonic() - self.arrival)

@@ -1,8 +1,10 @@
 """Request and response bodies of the OpenAI-compatible API (OpenAI's shapes, vLLM's extra fields).
 
-Requests ignore unknown fields, as OpenAI's and vLLM's servers do. Here we check types, shapes and
-the ranges OpenAI documents where they are narrower than the engine's; every other range check of
-sampling values lives in `engine.sampling_params.SamplingParams`.
+Requests ignore unknown fields, as OpenAI's and vLLM's servers do. Types are strict, as OpenAI's are:
+no string-to-number or string-to-bool coercion, and a boolean is not an integer. Text must be valid
+Unicode (JSON can spell lone surrogates). Here we check types, shapes and the ranges OpenAI documents
+where they are narrower than the engine's; the other range checks live in the engine
+(`SamplingParams`, then `engine.request_checks` against the model's limits).
 """
 
 from __future__ import annotations
@@ -10,11 +12,43 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown fields are accepted and ignored
+    model_config = ConfigDict(extra="ignore", strict=True)  # unknown fields are accepted and ignored
+
+
+def _lone_surrogate_at(value: Any, path: str) -> str | None:
+    """Where in a decoded JSON value a string holds a lone surrogate (not encodable as UTF-8), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate_at(key, path) or _lone_surrogate_at(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate_at(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+class RequestBody(RequestModel):
+    """A whole request body: also checks that all its text is valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        where = _lone_surrogate_at(data, "")
+        if where:
+            raise ValueError(f"{where} is not valid Unicode text (it contains a lone surrogate)")
+        return data
 
 
 # ------------------------------------------------------------------ shared request parts
@@ -28,7 +62,7 @@ class ResponseFormat(RequestModel):
     type: str = "text"
 
 
-class SamplingFields(RequestModel):
+class SamplingFields(RequestBody):
     """Fields shared by chat and completions: OpenAI's sampling fields plus vLLM's extras."""
 
     model: str | None = None  # None: the served model (vLLM accepts a missing model too)
@@ -79,6 +113,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     # vLLM extras
     add_generation_prompt: bool = True
+    chat_template: str | None = None  # refused unless the server runs with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -199,7 +234,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(RequestModel):
+class TokenizeRequest(RequestBody):
     """vLLM's /tokenize: either a prompt or chat messages."""
 
     model: str | None = None
@@ -207,6 +242,7 @@ class TokenizeRequest(RequestModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM)
     add_generation_prompt: bool = True
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
@@ -218,7 +254,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(RequestModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 from pydantic import BaseModel
@@ -11,6 +11,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.errors import APIError
+from server.generation import wait_for_disconnect
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,12 @@ class EventStreamResponse(StreamingResponse):
     """A streamed response that always notices a client disconnect and always cleans up.
 
     Starlette only listens for disconnects on old ASGI versions and otherwise learns of one from a
-    failed write, which never comes while a request waits in the queue. Here we always listen, and
+    failed write, which never comes while a request waits in the queue. Here we always listen (as the
+    non-streamed path does, through `until_disconnected`), and
     `close` (which aborts the engine requests behind the stream) runs however the stream ends.
     """
 
-    def __init__(self, events: AsyncIterator[str], close: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, events: AsyncIterator[str], close: Callable[[], None]) -> None:
         super().__init__(_errors_in_band(events), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._close = close
@@ -61,8 +63,8 @@ class EventStreamResponse(StreamingResponse):
                     tasks.cancel_scope.cancel()
 
                 tasks.start_soon(stream)
-                await self.listen_for_disconnect(receive)
+                await wait_for_disconnect(receive)
                 tasks.cancel_scope.cancel()
         finally:
             await self.body_iterator.aclose()
-            await self._close()
+            self._close()

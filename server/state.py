@@ -18,7 +18,9 @@ class ServerSettings:
     served_model_names: list[str]  # the first one names the model in /metrics
     model_path: str  # reported as `root` in /v1/models
     api_key: str | None = None
-    max_queue_len: int | None = None  # waiting requests beyond which new ones get 429
+    max_queue_len: int | None = None  # queued sequences (prompts x n, not yet running) beyond which: 429
+    max_request_body_bytes: int = 16 * 2**20  # larger bodies get 413 before they are read
+    trust_request_chat_template: bool = False  # allow chat templates sent by clients (they are code)
 
 
 @dataclass
@@ -27,6 +29,7 @@ class ServerState:
     engine: AsyncEngine | None = None  # None until the weights are loaded
     load_error: BaseException | None = None
     draining: bool = False  # set on SIGTERM: finish what runs, admit nothing new
+    requests_in_flight: int = 0  # HTTP requests being served (the drain waits for them)
     metrics: ServerMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -44,7 +47,8 @@ class ServerState:
         if self.engine is None:
             return "The model is still loading; retry when GET /health returns 200."
         if self.engine.errored:
-            return "The engine has stopped after an internal error; the server must be restarted."
+            return (f"The engine has stopped after an internal error ({self.engine.dead_reason}); "
+                    "the server must be restarted.")
         return None
 
     def ready_engine(self) -> AsyncEngine:

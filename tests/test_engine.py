@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.llm_engine import EngineDeadError
 from tests.tiny_models import EOS, reference_greedy
 
 TEN_PROMPTS = [[5 + (7 * i + 3 * j) % 250 for j in range(2 + 4 * i)] for i in range(10)]  # 2..38 tokens
@@ -130,16 +131,18 @@ def test_requests_that_can_never_run_are_rejected(tight_h1):
         tight_h1.generate([[5] * 500], greedy(20))
     with pytest.raises(ValueError, match="KV blocks"):  # 40 blocks of 4 = 160 tokens
         tight_h1.generate([[5] * 100], greedy(100))
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 300\)"):
+    with pytest.raises(ValueError, match=r"token ids must be integers in \[0, 300\)"):
         tight_h1.generate([[5, 300]], greedy())
     with pytest.raises(ValueError, match="empty"):
         tight_h1.generate([[]], greedy())
 
 
-def test_a_failing_step_fails_its_requests_not_the_engine(h1):
-    engine = h1.engine
-    execute = engine.runner.execute
+def test_a_failing_forward_pass_stops_the_engine(h1_dir):
+    """The forward pass touches every sequence's caches: after a fault there the engine refuses to go on
+    (the server reports it unhealthy) rather than serve from state that may be corrupt."""
+    engine = LLM(str(h1_dir), device="cpu", dtype="float32").engine
     calls = {"n": 0}
+    execute = engine.runner.execute
 
     def flaky(sched):
         calls["n"] += 1
@@ -149,12 +152,12 @@ def test_a_failing_step_fails_its_requests_not_the_engine(h1):
 
     engine.runner.execute = flaky
     engine.add_request("a", TEN_PROMPTS[2], greedy(5))
-    outputs = []
-    while engine.has_unfinished():
-        outputs += engine.step()
-    assert outputs[-1].finish_reason == "error" and "injected fault" in outputs[-1].error
+    engine.step()
+    with pytest.raises(EngineDeadError, match="injected fault"):
+        engine.step()
     engine.runner.execute = execute
-    assert h1.generate([TEN_PROMPTS[2]], greedy(5))[0].outputs[0].finish_reason == "length"
+    with pytest.raises(EngineDeadError, match="injected fault"):  # and stays stopped
+        engine.step()
 
 
 def test_logprobs_include_the_sampled_token(h1):

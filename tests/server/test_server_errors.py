@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -120,29 +121,56 @@ def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
     assert e.value.body["param"] == "temperature"
 
 
-def test_engine_failure_is_a_500_and_the_server_keeps_serving(server, monkeypatch) -> None:
-    llm = server.state.engine.engine
-    real_run = llm._run
+def test_a_fault_in_one_request_fails_it_alone(server, monkeypatch) -> None:
+    """A fault while emitting one request's tokens (here: its stop check) is a 500 for that request only;
+    an innocent request in the same steps gets exactly its solo output, and the engine keeps serving."""
+    import engine.llm_engine
 
-    def failing_run(batch):
-        monkeypatch.setattr(llm, "_run", real_run)  # fail exactly one step
-        raise RuntimeError("injected step failure")
+    innocent = {"messages": USER, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    solo = httpx.post(server.url + CHAT, json=innocent).json()["choices"][0]["message"]["content"]
+    real_check_stop = engine.llm_engine.check_stop
 
+    def poisoned_check_stop(seq, *args):
+        if seq.params.max_tokens == 7:
+            raise RuntimeError("injected fault")
+        return real_check_stop(seq, *args)
+
+    monkeypatch.setattr(engine.llm_engine, "check_stop", poisoned_check_stop)
     errors_before = server.metric("falcon_serve:request_success_total", finished_reason="error")
-    monkeypatch.setattr(llm, "_run", failing_run)
-    r = httpx.post(server.url + CHAT, json={"messages": USER, "max_tokens": 4})
-    assert_error(r, 500, contains="injected step failure")
-
-    monkeypatch.setattr(llm, "_run", failing_run)
-    r = httpx.post(server.url + CHAT, json={"messages": USER, "max_tokens": 4, "stream": True})
+    poisoned = {"messages": USER, "max_tokens": 7}
+    with ThreadPoolExecutor(4) as pool:
+        bad = pool.submit(httpx.post, server.url + CHAT, json=poisoned, timeout=60)
+        bad_stream = pool.submit(httpx.post, server.url + CHAT, json={**poisoned, "stream": True}, timeout=60)
+        good = [pool.submit(httpx.post, server.url + CHAT, json=innocent, timeout=60) for _ in range(2)]
+    assert_error(bad.result(), 500, contains="injected fault")
+    r = bad_stream.result()
     assert r.status_code == 200  # the stream had started: the error comes in-band, then [DONE]
     events = [e[len("data: "):] for e in r.text.strip().split("\n\n")]
-    assert events[-1] == "[DONE]" and "injected step failure" in json.loads(events[-2])["error"]["message"]
-
+    assert events[-1] == "[DONE]" and "injected fault" in json.loads(events[-2])["error"]["message"]
+    for g in good:
+        assert g.result().status_code == 200 and g.result().json()["choices"][0]["message"]["content"] == solo
     assert server.metric("falcon_serve:request_success_total", finished_reason="error") == errors_before + 2
-    ok = httpx.post(server.url + CHAT, json={"messages": USER, "max_tokens": 4})
-    assert ok.status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200
+    server.wait_idle()
+    assert server.metric("falcon_serve:kv_cache_usage_perc") == 0
+
+
+def test_a_fault_in_the_forward_pass_stops_the_engine(start_server, monkeypatch) -> None:
+    """A fault that may corrupt shared state (here: the forward pass) is fatal: in-flight requests get an
+    error, /health answers 503 with the reason (Kubernetes restarts the pod), new requests get 503."""
+    live = start_server()
+    llm = live.state.engine.engine
+
+    def broken_forward(batch):
+        raise RuntimeError("injected device fault")
+
+    monkeypatch.setattr(llm.runner, "execute", broken_forward)
+    r = httpx.post(live.url + CHAT, json={"messages": USER, "max_tokens": 4})
+    assert_error(r, 503, contains="injected device fault")
+    health = httpx.get(live.url + "/health")
+    assert health.status_code == 503 and "injected device fault" in health.json()["error"]["message"]
+    assert_error(httpx.post(live.url + CHAT, json={"messages": USER, "max_tokens": 4}), 503)
+    live.stop()
 
 
 def test_model_without_chat_template_gets_a_generic_one(tmp_path, start_server) -> None:
