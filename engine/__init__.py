@@ -1,8 +1,19 @@
 """falcon-serve's engine: models, caches, scheduling and sampling for hybrid SSM language models."""
 
-from engine.config import EngineArgs
-from engine.llm import LLM
-from engine.outputs import CompletionOutput, RequestOutput, StepOutput
-from engine.sampling_params import SamplingParams
+from __future__ import annotations
 
-__all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "StepOutput"]
+import importlib
+from typing import Any
+
+# Public names, imported on first use: `engine.config` (the CLI's flags) must not pull in torch.
+_EXPORTS = {
+    "LLM": "engine.llm", "EngineArgs": "engine.config", "SamplingParams": "engine.sampling_params",
+    "RequestOutput": "engine.outputs", "CompletionOutput": "engine.outputs", "StepOutput": "engine.outputs",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -11,9 +11,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used, so that `falcon-serve --help` needs no torch
+    import torch
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,8 @@ def _kind_name(kind: type | tuple) -> str:
 
 
 def _checkpoint_dtype(f: _Fields) -> torch.dtype:
+    import torch
+
     name = f.raw.get("dtype") or f.raw.get("torch_dtype") or "float32"
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in dtypes:

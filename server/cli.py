@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import socket
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -16,6 +18,25 @@ logger = logging.getLogger("falcon_serve")
 
 API_KEY_ENV = "FALCON_SERVE_API_KEY"
 ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineArgs)}
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+# vLLM flags that change nothing here, accepted so that a vLLM command line works unchanged: (flag, takes a
+# value, why it does not apply). Flags that would change the output are either implemented or refused.
+VLLM_NO_OP_FLAGS = [
+    ("--trust-remote-code", False, "falcon-serve runs no code from model repositories"),
+    ("--disable-log-requests", False, "requests are not logged"),
+    ("--enable-log-requests", False, "requests are not logged"),
+    ("--disable-log-stats", False, "statistics are in /metrics"),
+    ("--disable-uvicorn-access-log", False, "the access log follows --log-level"),
+    ("--enable-chunked-prefill", False, "chunked prefill is always on"),
+    ("--disable-frontend-multiprocessing", False, "the front end runs in the server process"),
+    ("--disable-custom-all-reduce", False, "there is one GPU per server"),
+    ("--swap-space", True, "preempted sequences are recomputed, never swapped"),
+    ("--max-seq-len-to-capture", True, "CUDA graphs cover every decode length"),
+    ("--tokenizer-mode", True, "the tokenizer is always tokenizer.json"),
+    ("--max-log-len", True, "requests are not logged"),
+]
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -32,10 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = ENGINE_DEFAULTS
     p = argparse.ArgumentParser(
         prog="falcon-serve",
-        description="OpenAI-compatible server for Falcon-H1 and FalconMamba models. Without --model it "
+        description="OpenAI-compatible server for Falcon-H1 and FalconMamba models. Without a model it "
                     "serves a tiny random-weight demo model whose output is noise.",
         formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # --max-model would silently mean --max-model-len
     )
+    p.add_argument("model_tag", nargs="?", metavar="MODEL",
+                   help="checkpoint directory or Hugging Face repo id, as in `vllm serve MODEL` (same as --model)")
     p.add_argument("--config", metavar="FILE",
                    help="YAML preset: top-level keys are these options in snake_case (e.g. max_model_len), "
                         "used as defaults that explicit flags override; a 'metadata' key is ignored")
@@ -53,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d["device"],
                    help="where to run; auto picks cuda when available")
-    g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=d["dtype"],
-                   help="weight and activation dtype; auto uses the checkpoint's")
+    g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "half", "float32", "float"], default=d["dtype"],
+                   help="weight and activation dtype; auto uses the checkpoint's (half = float16, float = float32)")
     g.add_argument("--max-model-len", type=int,
                    help="longest prompt + completion in tokens (default: from the model's config)")
     g.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"],
@@ -64,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the engine's)")
     g.add_argument("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"],
                    help="fraction of GPU memory for weights, activations and caches")
-    g.add_argument("--kv-block-size", type=int, default=d["kv_block_size"],
+    g.add_argument("--kv-block-size", "--block-size", type=int, default=d["kv_block_size"],
                    help="tokens per paged KV-cache block")
     g.add_argument("--num-kv-blocks", type=int,
                    help="KV-cache blocks to allocate (default: planned from free memory)")
@@ -80,11 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (also from ${API_KEY_ENV})")
     g.add_argument("--max-queue-len", type=int,
-                   help="refuse new requests with 429 while this many wait for the engine (default: no limit)")
+                   help="most sequences (prompts x n) waiting for the engine; beyond it new requests get 429 "
+                        "(default: no limit)")
+    g.add_argument("--max-request-body-bytes", type=int, default=16 * 2**20,
+                   help="larger request bodies are refused with 413 before they are read")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="allow clients to send their own chat template (it is code that runs on the server)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed")
     g.add_argument("--shutdown-timeout", type=int, default=30,
                    help="on SIGTERM, seconds to let in-flight requests finish before cancelling them")
-    g.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"], default="info",
-                   help="log verbosity")
+    g.add_argument("--log-level", "--uvicorn-log-level", choices=["debug", "info", "warning", "error", "critical"],
+                   default="info", help="log verbosity")
+
+    g = p.add_argument_group("accepted for vLLM compatibility (no effect here)")
+    for flag, takes_value, why in VLLM_NO_OP_FLAGS:
+        g.add_argument(flag, help=why, **({"metavar": "VALUE"} if takes_value else {"action": "store_true"}))
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="GPUs to split the model over; only 1 is supported")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="only 1 is supported")
+    g.add_argument("--kv-cache-dtype", default="auto", help="only auto (the model's dtype) is supported")
     return p
 
 
@@ -96,11 +135,50 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
         except PresetError as e:
             parser.error(str(e))
         args = parser.parse_args(preset + argv)  # explicit flags come last, so they win
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            parser.error(f"the model is given twice, as {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     if args.max_queue_len is not None and args.max_queue_len < 1:
         parser.error("--max-queue-len must be >= 1")
     if args.shutdown_timeout < 0:
         parser.error("--shutdown-timeout must be >= 0")
+    if args.max_request_body_bytes < 1 or args.header_timeout <= 0:
+        parser.error("--max-request-body-bytes and --header-timeout must be positive")
+    for flag, value, supported in (("--tensor-parallel-size", args.tensor_parallel_size, 1),
+                                   ("--pipeline-parallel-size", args.pipeline_parallel_size, 1),
+                                   ("--kv-cache-dtype", args.kv_cache_dtype, "auto")):
+        if value != supported:
+            parser.error(f"{flag} {value} is not supported (only {supported})")
     return args
+
+
+def _vllm_notices(args: argparse.Namespace) -> None:
+    for flag, _, why in VLLM_NO_OP_FLAGS:
+        if getattr(args, flag[2:].replace("-", "_")) not in (None, False):
+            logger.info("%s has no effect: %s", flag, why)
+
+
+def _check_environment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> socket.socket:
+    """Fails fast, before loading anything, on what would fail later; returns the bound listening socket."""
+    model = args.model
+    looks_like_path = model is not None and (model.startswith((".", "/", "~")) or not HUB_ID.match(model))
+    if looks_like_path and not Path(model).exists():
+        parser.error(f"model {model!r} is neither a directory nor a Hugging Face repo id (organisation/name)")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device} was asked for but no CUDA device is available (use --device cpu)")
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        parser.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    return sock
 
 
 def _engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace, model: str) -> EngineArgs:
@@ -126,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = _check_environment(parser, args)
+    _vllm_notices(args)
 
     # Imported here so that --help stays quick.
     from engine.async_engine import AsyncEngine
@@ -145,8 +225,11 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = ServerSettings(served_model_names=names or [model], model_path=model,
                               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                              max_queue_len=args.max_queue_len)
+                              max_queue_len=args.max_queue_len, max_request_body_bytes=args.max_request_body_bytes,
+                              trust_request_chat_template=args.trust_request_chat_template)
     app = create_app(settings, load_engine)
-    make_server(app, args.host, args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout).run()
+    server = make_server(app, args.host, args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout,
+                         header_timeout=args.header_timeout)
+    server.run(sockets=[sock])
     if app.state.server.load_error is not None:
         sys.exit(1)  # already logged with its traceback
