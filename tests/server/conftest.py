@@ -28,10 +28,10 @@ MAX_MODEL_LEN = 2048
 class LiveServer:
     """One app served by uvicorn in a thread, on a loopback port chosen up front."""
 
-    def __init__(self, app, shutdown_timeout: int = 5) -> None:
+    def __init__(self, app, shutdown_timeout: int = 5, header_timeout: float = 10.0) -> None:
         self.app = app
         self.server: DrainingServer = make_server(app, "127.0.0.1", 0, log_level="warning",
-                                                  shutdown_timeout=shutdown_timeout)
+                                                  shutdown_timeout=shutdown_timeout, header_timeout=header_timeout)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -73,6 +73,18 @@ class LiveServer:
                     return sample.value
         raise KeyError(f"{name} {labels} not in /metrics")
 
+    def assert_released(self, timeout: float = 10) -> None:
+        """Idle, and everything any request held is back: slots, blocks, engine and stream bookkeeping."""
+        self.wait_idle(timeout)
+        deadline = time.monotonic() + timeout
+        engine = self.state.engine
+        while engine._routes or engine.engine.sequences:
+            assert time.monotonic() < deadline, "requests still tracked by the engine"
+            time.sleep(0.05)
+        cache = engine.engine.cache
+        assert cache.num_free_slots == cache.slots.capacity and cache.num_free_blocks == cache.blocks.capacity
+        assert all(refs == 0 for refs in cache.block_refs) and engine.num_queued_samples == 0
+
     def wait_idle(self, timeout: float = 10) -> None:
         """Until the engine runs and queues nothing (as /metrics reports it)."""
         deadline = time.monotonic() + timeout
@@ -106,14 +118,17 @@ def loader(checkpoint: Path) -> Callable[..., Callable]:
 
 @pytest.fixture(scope="session")
 def start_server(checkpoint: Path) -> Iterator[Callable[..., LiveServer]]:
-    """start_server(api_key=..., max_queue_len=..., engine overrides...) -> a ready LiveServer."""
+    """start_server(api_key=..., max_queue_len=..., settings=dict(...), engine overrides...) -> a ready
+    LiveServer; `settings` holds further ServerSettings fields."""
     started: list[LiveServer] = []
 
     def start(*, api_key: str | None = None, max_queue_len: int | None = None, ready: bool = True,
-              load: Callable | None = None, **engine_overrides) -> LiveServer:
-        settings = ServerSettings(served_model_names=[MODEL_NAME, "alias"], model_path=str(checkpoint),
-                                  api_key=api_key, max_queue_len=max_queue_len)
-        live = LiveServer(create_app(settings, load or engine_loader(checkpoint, **engine_overrides)))
+              load: Callable | None = None, settings: dict | None = None, header_timeout: float = 10.0,
+              **engine_overrides) -> LiveServer:
+        server_settings = ServerSettings(served_model_names=[MODEL_NAME, "alias"], model_path=str(checkpoint),
+                                         api_key=api_key, max_queue_len=max_queue_len, **(settings or {}))
+        live = LiveServer(create_app(server_settings, load or engine_loader(checkpoint, **engine_overrides)),
+                          header_timeout=header_timeout)
         started.append(live)
         return live.start(ready=ready)
 
