@@ -1,0 +1,44 @@
+"""The device's two ceilings, measured in the same run as the benchmark that divides by them:
+HBM bandwidth from a large device-to-device copy (bytes read + bytes written), and the dense bf16
+matmul rate from a large square product on random data (zeros run faster than real data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from triton.testing import do_bench
+
+
+@dataclass
+class Ceilings:
+    hbm_bytes_per_s: float
+    bf16_flops: float
+
+    def describe(self) -> str:
+        return (f"measured ceilings: {self.hbm_bytes_per_s / 1e12:.2f} TB/s device-to-device copy (read + write), "
+                f"{self.bf16_flops / 1e12:.0f} TFLOP/s dense bf16 matmul")
+
+
+def median_seconds(fn) -> float:
+    return do_bench(fn, warmup=50, rep=300, return_mode="median") / 1e3
+
+
+def copy_bytes_per_s(nbytes: int = 2 << 30) -> float:
+    """dst.copy_(src) over nbytes of fp32, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_seconds(lambda: dst.copy_(src))
+
+
+def matmul_flops(n: int = 8192) -> float:
+    """An n x n x n bf16 matmul (cuBLAS) on random inputs."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / median_seconds(lambda: a @ b)
+
+
+def measure_ceilings() -> Ceilings:
+    """Medians of CUDA-event timings (do_bench); the buffers are freed before the benchmark proper."""
+    ceilings = Ceilings(hbm_bytes_per_s=copy_bytes_per_s(), bf16_flops=matmul_flops())
+    torch.cuda.empty_cache()
+    return ceilings
