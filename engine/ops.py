@@ -33,8 +33,13 @@ def _split_by_phase(x: torch.Tensor, batch: ForwardBatch, decode, prefill) -> to
     return torch.cat([decode(x[:nd]), prefill(x[nd:])])
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _impl(norm, "rms_norm", x)(x, weight, eps)
+
+
+def split_rms_norm(x: torch.Tensor, sizes: list[int], eps: float) -> torch.Tensor:
+    """Weightless RMSNorm of each column segment of x [T, sum(sizes)], all in one pass."""
+    return _impl(norm, "split_rms_norm", x)(x, sizes, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float

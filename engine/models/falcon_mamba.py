@@ -45,9 +45,11 @@ class Mamba1Mixer(nn.Module):
         cfg = self.cfg
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x = ops.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv_state, batch)
-        dl, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
-        if cfg.bcdt_norm:
-            dl, B, C = (ops.rms_norm(t, None, cfg.mixer_rms_eps) for t in (dl, B, C))
+        sizes = [cfg.time_step_rank, cfg.state_size, cfg.state_size]
+        dlBC = self.x_proj(x)
+        if cfg.bcdt_norm:  # dl, B, C = rms(dl), rms(B), rms(C)
+            dlBC = ops.split_rms_norm(dlBC, sizes, cfg.mixer_rms_eps)
+        dl, B, C = dlBC.split(sizes, dim=-1)
         dt = dl @ self.dt_proj.weight.t()
         y = ops.mamba1_scan(x, dt, self.A, B, C, self.D, self.dt_proj.bias, z, cache.ssm_state, batch)
         return self.out_proj(y)
