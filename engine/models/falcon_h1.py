@@ -72,8 +72,8 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = ops.rope(q, k, batch.positions, inv_freq)
-        o = ops.attention(q, k, v, cache.k_cache, cache.v_cache, batch, self.scale)
+        q = ops.rope_write_kv(q, k, v, inv_freq, cache.k_cache, cache.v_cache, batch)  # rotated k, v to the cache
+        o = ops.paged_attention(q, cache.k_cache, cache.v_cache, batch, self.scale)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 
 
