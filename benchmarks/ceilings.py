@@ -28,8 +28,7 @@ def median_seconds(fn) -> float:
 
 def sustained_seconds(fn, calls: int = 20, repeats: int = 5) -> float:
     """Median over `repeats` of the mean time of `calls` back-to-back calls between two CUDA events, after as
-    many calls of warm-up: the rate the device sustains (single isolated calls of a large matmul measured
-    ~13% slower on an H200)."""
+    many calls of warm-up: the rate the device sustains."""
     for _ in range(calls):
         fn()
     times = []
