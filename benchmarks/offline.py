@@ -2,7 +2,8 @@
 
 For each model: decode tok/s at 1, 32 and 256 concurrent sequences (128-token prompts), prefill time
 of 4,096- and 32,768-token prompts, and how many 4k-context sequences fit, each next to its roofline:
-decode moves weights + state + KV bytes per step over ~3.0 TB/s; prefill does FLOPs over ~800 TFLOP/s.
+decode moves weights + state + KV bytes per step at the HBM bandwidth; prefill does FLOPs at the bf16
+matmul rate. Both ceilings are measured first, in the same run (benchmarks/ceilings.py).
 
     python benchmarks/offline.py --models falcon-h1-7b falcon-mamba-7b --out results.md
 """
@@ -17,13 +18,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.ceilings import Ceilings, measure_ceilings
 from engine.config import EngineArgs, FalconH1Config, parse_model_config
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import byte_level_tokenizer_files
-
-HBM_BYTES_PER_S = 3.0e12
-BF16_FLOPS = 800e12
 
 _H1_COMMON = dict(architectures=["FalconH1ForCausalLM"], mamba_d_conv=4, rope_theta=1e11, mamba_rms_norm=True,
                   mamba_norm_before_gate=False, torch_dtype="bfloat16", max_position_embeddings=262144)
@@ -136,8 +135,8 @@ def max_concurrent(engine: LLMEngine, context: int) -> int:
     return min(runner.num_slots, runner.num_blocks // -(-context // runner.block_size))
 
 
-def bench_model(name: str, root: Path, batch_sizes: list[int], prefill_lens: list[int], max_num_seqs: int,
-                ssm_state_dtype: str = "float32") -> list:
+def bench_model(name: str, root: Path, ceilings: Ceilings, batch_sizes: list[int], prefill_lens: list[int],
+                max_num_seqs: int, ssm_state_dtype: str = "float32") -> list:
     _, cfg = parse_model_config(SHAPES[name])
     prefill_lens = [t for t in prefill_lens if t + 64 <= cfg.max_position_embeddings]
     args = EngineArgs(model=str(model_dir(name, root)), device="cuda", dtype="bfloat16", load_format="dummy",
@@ -152,12 +151,12 @@ def bench_model(name: str, root: Path, batch_sizes: list[int], prefill_lens: lis
         if n > max_num_seqs:
             continue
         tok_s, sched_share = bench_decode(engine, n)
-        roof = n / (decode_bytes(engine, n, 128 + 32) / HBM_BYTES_PER_S)
+        roof = n / (decode_bytes(engine, n, 128 + 32) / ceilings.hbm_bytes_per_s)
         rows.append((name, f"decode, {n} seq", f"{tok_s:,.0f} tok/s", f"{roof:,.0f} tok/s",
                      f"{tok_s / roof:.0%} (scheduler {sched_share:.0%} of step time)"))
     for tokens in prefill_lens:
         seconds = bench_prefill(engine, tokens)
-        roof = prefill_flops(cfg, tokens) / BF16_FLOPS
+        roof = prefill_flops(cfg, tokens) / ceilings.bf16_flops
         rows.append((name, f"prefill {tokens:,} tokens", f"{seconds * 1e3:,.0f} ms", f"{roof * 1e3:,.0f} ms",
                      f"{roof / seconds:.0%}"))
     rows.append((name, "max concurrent seqs at 4k context", str(max_concurrent(engine, 4096)),
@@ -176,14 +175,15 @@ def main() -> None:
     parser.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    ceilings = measure_ceilings()
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"SSM state {args.ssm_state_dtype}",
+             f"SSM state {args.ssm_state_dtype}; {ceilings.describe()}",
              "", "| model | measurement | result | roofline | achieved |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as root:
         for name in args.models:
             try:
-                rows = bench_model(name, Path(root), args.batch_sizes, args.prefill_lens, args.max_num_seqs,
-                                   args.ssm_state_dtype)
+                rows = bench_model(name, Path(root), ceilings, args.batch_sizes, args.prefill_lens,
+                                   args.max_num_seqs, args.ssm_state_dtype)
             except (torch.cuda.OutOfMemoryError, ValueError) as e:
                 rows = [(name, "skipped", f"{type(e).__name__}: {str(e)[:200]}", "", "")]
             for row in rows:

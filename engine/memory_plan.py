@@ -59,7 +59,8 @@ def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: tor
                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int,
                 gpu_memory_utilization: float, num_kv_blocks: int | None, graph_rows: int = 0) -> MemoryPlan:
     """graph_rows: rows of all CUDA-graph buckets together. Each graph keeps its own logits buffer (fp32,
-    plus the lm_head output in the model dtype); they are reserved here, before the caches take the rest."""
+    plus the lm_head output over its padded rows in the model dtype); they are reserved here, before the
+    caches take the rest."""
     slot_bytes = state_slot_bytes(cfg, dtype, state_dtype)
     block_bytes = kv_block_bytes(cfg, block_size, dtype) if block_size else 0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -75,7 +76,7 @@ def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: tor
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
         # Our share of the GPU is utilization * total, of which our weights are spent; memory held by
         # others (processes, or engines before this one) only matters if it leaves less than that free.
-        graph_logits = graph_rows * cfg.vocab_size * (4 + dtype.itemsize)
+        graph_logits = graph_rows * (cfg.vocab_size * 4 + model.lm_head.weight.shape[0] * dtype.itemsize)
         budget = min(gpu_memory_utilization * total - weights, free) - activation - graph_logits - ALLOCATOR_SLACK
         for_blocks = budget - num_slots * slot_bytes
         auto_blocks = int(for_blocks // block_bytes) if block_bytes else 0

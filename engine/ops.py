@@ -33,8 +33,13 @@ def _split_by_phase(x: torch.Tensor, batch: ForwardBatch, decode, prefill) -> to
     return torch.cat([decode(x[:nd]), prefill(x[nd:])])
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _impl(norm, "rms_norm", x)(x, weight, eps)
+
+
+def split_rms_norm(x: torch.Tensor, sizes: list[int], eps: float) -> torch.Tensor:
+    """Weightless RMSNorm of each column segment of x [T, sum(sizes)], all in one pass."""
+    return _impl(norm, "split_rms_norm", x)(x, sizes, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -51,15 +56,16 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _impl(activation, "silu_mul", gate)(gate, up)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(rope_kernels, "rope", q)(q, k, positions, inv_freq)
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """RoPE on q [T, Hq, D] and k [T, Hkv, D]; the rotated k and v go into their pages. Returns the rotated q."""
+    return _impl(rope_kernels, "rope_write_kv", q)(q, k, v, batch.positions, inv_freq, k_cache, v_cache,
+                                                   batch.slot_mapping)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 batch: ForwardBatch, scale: float) -> torch.Tensor:
-    """Writes the new k, v [T, Hkv, D] into their pages, then attends q [T, Hq, D] over each sequence."""
-    _impl(attention_kernels, "write_kv", q)(k, v, k_cache, v_cache, batch.slot_mapping)
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                    scale: float) -> torch.Tensor:
+    """Attends q [T, Hq, D] over each sequence's cached tokens, its new ones included."""
     return _impl(attention_kernels, "paged_attention", q)(
         q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, scale,
         batch.num_decodes, batch.max_query_len, batch.max_seq_len)

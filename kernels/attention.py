@@ -1,4 +1,5 @@
-"""Paged attention over a block-table KV cache: K/V writes, and causal GQA attention for the flat batch.
+"""Paged attention over a block-table KV cache: causal GQA attention for the flat batch, and the torch
+reference of the K/V write (the Triton write is fused with RoPE in kernels/rope.py).
 
 Cache layout per layer: k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim]. Token j of a
 sequence lives in block block_table[j // block_size] at offset j % block_size.
@@ -65,45 +66,6 @@ DECODE_PROGRAMS_PER_SM = 2
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 2
 DECODE_SPLIT_CHUNK = 32  # partial results merged per step of the reduce pass
-
-
-@triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
-                     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr):
-    """One program per new token: copies its [Hkv, D] key and value rows into their cache slot."""
-    t = tl.program_id(0)
-    slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    page = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
-    h = tl.arange(0, H_PAD)[:, None]
-    d = tl.arange(0, D_PAD)[None, :]
-    mask = (h < KV_HEADS) & (d < HEAD_DIM)
-    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-    tl.store(k_cache_ptr + page * stride_kcb + offset * stride_kct + h * stride_kch + d,
-             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + page * stride_vcb + offset * stride_vct + h * stride_vch + d,
-             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Triton version of write_kv_ref (same semantics)."""
-    T, kv_heads, head_dim = k.shape
-    if T == 0:
-        return
-    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    _write_kv_kernel[(T,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), KV_HEADS=kv_heads, HEAD_DIM=head_dim, H_PAD=triton.next_power_of_2(kv_heads),
-        D_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1], num_warps=1 if head_dim <= 64 else 2)
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""RMSNorm (optionally weightless, optionally fused with the residual add) and grouped gated RMSNorm."""
+"""RMSNorm (optionally fused with the residual add), weightless RMSNorm of each column segment of a row
+(FalconMamba's dt, B and C in one launch), and grouped gated RMSNorm."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> to
     xf = x.float()
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return normed if weight is None else weight * normed
+
+
+def split_rms_norm_ref(x: torch.Tensor, sizes: list[int], eps: float) -> torch.Tensor:
+    """x [T, sum(sizes)] with each column segment (sizes, in order) normalised alone, weightless."""
+    return torch.cat([rms_norm_ref(part, None, eps) for part in x.split(sizes, dim=-1)], dim=-1)
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -62,7 +68,7 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out, eps,
-                     HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """out = w * cast_x(x * rsqrt(mean(x^2) + eps)) for ROWS rows, statistics in fp32."""
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -70,23 +76,53 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, 1) / n_cols + eps)
     y = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    if HAS_WEIGHT:
-        y = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :] * y
+    y = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :] * y
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Triton version of rms_norm_ref (same dtype rules: weight * normed promotes like torch)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton version of rms_norm_ref with a weight (same dtype rules: weight * normed promotes like torch)."""
     x2 = _as_rows(x)
     n_rows, n_cols = x2.shape
-    dtype = x.dtype if weight is None else torch.promote_types(weight.dtype, x.dtype)
+    dtype = torch.promote_types(weight.dtype, x.dtype)
     out = torch.empty(n_rows, n_cols, dtype=dtype, device=x.device)
     if n_rows:
         block_n = triton.next_power_of_2(n_cols)
         rows, grid, num_warps = _row_launch(n_rows, block_n)
-        _rms_norm_kernel[(grid,)](x2, x2 if weight is None else weight, out, n_rows, n_cols, x2.stride(0),
-                                  out.stride(0), eps, HAS_WEIGHT=weight is not None, ROWS=rows, BLOCK_N=block_n,
-                                  num_warps=num_warps)
+        _rms_norm_kernel[(grid,)](x2, weight, out, n_rows, n_cols, x2.stride(0), out.stride(0), eps, ROWS=rows,
+                                  BLOCK_N=block_n, num_warps=num_warps)
+    return out.view(x.shape)
+
+
+@triton.jit
+def _split_rms_norm_kernel(x_ptr, out_ptr, n_rows, n_cols, end0, end1, stride_x, eps,
+                           ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Columns [0, end0), [end0, end1), [end1, n_cols) of ROWS rows, each normalised alone, statistics in fp32:
+    one load of the row, three masked sums of squares, each element scaled by its own segment's rsqrt."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sq = x * x
+    first, second = (cols < end0)[None, :], ((cols >= end0) & (cols < end1))[None, :]
+    rstd0 = tl.rsqrt(tl.sum(tl.where(first, sq, 0.0), 1) / end0 + eps)[:, None]
+    rstd1 = tl.rsqrt(tl.sum(tl.where(second, sq, 0.0), 1) / (end1 - end0) + eps)[:, None]
+    rstd2 = tl.rsqrt(tl.sum(tl.where(first | second, 0.0, sq), 1) / (n_cols - end1) + eps)[:, None]
+    y = x * tl.where(first, rstd0, tl.where(second, rstd1, rstd2))
+    tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def split_rms_norm(x: torch.Tensor, sizes: list[int], eps: float) -> torch.Tensor:
+    """Triton version of split_rms_norm_ref for three segments; the output is contiguous."""
+    assert len(sizes) == 3 and min(sizes) > 0 and sum(sizes) == x.shape[-1], sizes
+    x2 = _as_rows(x)
+    n_rows, n_cols = x2.shape
+    out = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
+    if n_rows:
+        block_n = triton.next_power_of_2(n_cols)
+        rows, grid, num_warps = _row_launch(n_rows, block_n)
+        _split_rms_norm_kernel[(grid,)](x2, out, n_rows, n_cols, sizes[0], sizes[0] + sizes[1], x2.stride(0), eps,
+                                        ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
     return out.view(x.shape)
 
 

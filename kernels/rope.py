@@ -1,10 +1,13 @@
-"""NeoX (rotate-half) rotary position embedding over the full head_dim."""
+"""NeoX (rotate-half) rotary position embedding over the full head_dim, fused with writing the new tokens'
+rotated keys and their values into the paged KV cache (kernels/attention.py describes its layout)."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.attention import write_kv_ref
 
 
 def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
@@ -25,62 +28,88 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq
     return rotate(q), rotate(k)
 
 
+def rope_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                      inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                      ) -> torch.Tensor:
+    """rope_ref on q and k; the rotated k and v go to their KV cache slots (write_kv_ref). Returns rotated q."""
+    q, k = rope_ref(q, k, positions, inv_freq)
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Triton kernel: one program per token computes the D/2 angles once and rotates all its q and k heads.
+# Triton kernel: one program per token computes the D/2 angles once, rotates all its q heads, and writes its
+# rotated k heads and its v heads straight into their cache slot (the rotated k never goes through memory).
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, t, stride_xt, stride_xh, cos, sin,
+def _rotate_heads(x_row, stride_xh, out_row, stride_oh, cos, sin,
                   NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
-    """out = x * cos + rotate_half(x) * sin for the NUM_HEADS heads of token t, rounded like the torch
-    reference: cos/sin cast to x's dtype and each product rounded to it before the sum."""
+    """out = x * cos + rotate_half(x) * sin for NUM_HEADS heads (x_row, out_row: the token's first head),
+    rounded like the torch reference: cos/sin cast to x's dtype and each product rounded to it before the sum."""
     h = tl.arange(0, H_PAD)[:, None]
     i = tl.arange(0, HALF_PAD)[None, :]
     mask = (h < NUM_HEADS) & (i < HALF)
-    dtype = x_ptr.dtype.element_ty
-    x_row = x_ptr + t * stride_xt + h * stride_xh + i
-    x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
+    dtype = x_row.dtype.element_ty
+    x_ptrs = x_row + h * stride_xh + i
+    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
     c = cos.to(dtype).to(tl.float32)[None, :]
     s = sin.to(dtype).to(tl.float32)[None, :]
     o1 = (x1 * c).to(dtype).to(tl.float32) + (-x2 * s).to(dtype).to(tl.float32)
     o2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
-    out_row = out_ptr + t * (NUM_HEADS * 2 * HALF) + h * (2 * HALF) + i
-    tl.store(out_row, o1.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_row + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
+    out_ptrs = out_row + h * stride_oh + i
+    tl.store(out_ptrs, o1.to(dtype).to(out_row.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs + HALF, o2.to(dtype).to(out_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, inv_freq_ptr,
-                 stride_qt, stride_qh, stride_kt, stride_kh,
-                 Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr,
-                 HALF: tl.constexpr, HALF_PAD: tl.constexpr):
-    """Token t: angle = fp32(position) * inv_freq (one fp32 product, like the reference), then q and k."""
-    t = tl.program_id(0)
+def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, inv_freq_ptr,
+                          slot_mapping_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                          stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                          Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr,
+                          HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Token t: angle = fp32(position) * inv_freq (one fp32 product, like the reference); q to q_out, and
+    unless slot_mapping[t] < 0 (padding), rotated k and v to cache slot = page * BLOCK_SIZE + offset."""
+    t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, HALF_PAD)
     pos = tl.load(positions_ptr + t).to(tl.float32)
     angle = pos * tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
     cos = tl.cos(angle)
     sin = tl.sin(angle)
-    _rotate_heads(q_ptr, q_out_ptr, t, stride_qt, stride_qh, cos, sin, Q_HEADS, QH_PAD, HALF, HALF_PAD)
-    _rotate_heads(k_ptr, k_out_ptr, t, stride_kt, stride_kh, cos, sin, K_HEADS, KH_PAD, HALF, HALF_PAD)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, q_out_ptr + t * (Q_HEADS * 2 * HALF), 2 * HALF, cos, sin,
+                  Q_HEADS, QH_PAD, HALF, HALF_PAD)
+    slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    page, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, k_cache_ptr + page * stride_kcb + offset * stride_kct, stride_kch,
+                  cos, sin, K_HEADS, KH_PAD, HALF, HALF_PAD)
+    h = tl.arange(0, KH_PAD)[:, None]
+    d = tl.arange(0, 2 * HALF_PAD)[None, :]
+    mask = (h < K_HEADS) & (d < 2 * HALF)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(v_cache_ptr + page * stride_vcb + offset * stride_vct + h * stride_vch + d,
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of rope_ref; returns new contiguous (q, k). cos/sin are fp32 cos/sin of the same fp32
-    angles as the reference, so results agree to the last bit up to a 1-2 ulp difference of cos/sin."""
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                  ) -> torch.Tensor:
+    """Triton version of rope_write_kv_ref; returns a new contiguous rotated q. cos/sin are fp32 cos/sin of the
+    same fp32 angles as the reference, so results agree to the last bit up to a 1-2 ulp difference of cos/sin."""
     T, q_heads, head_dim = q.shape
     k_heads = k.shape[1]
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if T:
         half = head_dim // 2
-        _rope_kernel[(T,)](q, k, q_out, k_out, positions, inv_freq.float(), q.stride(0), q.stride(1), k.stride(0),
-                           k.stride(1), Q_HEADS=q_heads, K_HEADS=k_heads, QH_PAD=triton.next_power_of_2(q_heads),
-                           KH_PAD=triton.next_power_of_2(k_heads), HALF=half,
-                           HALF_PAD=triton.next_power_of_2(half), num_warps=4 if q_heads * head_dim >= 1024 else 1)
-    return q_out, k_out
+        _rope_write_kv_kernel[(T,)](
+            q, k, v, q_out, k_cache, v_cache, positions, inv_freq.float(), slot_mapping, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+            Q_HEADS=q_heads, K_HEADS=k_heads, QH_PAD=triton.next_power_of_2(q_heads),
+            KH_PAD=triton.next_power_of_2(k_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
+            BLOCK_SIZE=k_cache.shape[1], num_warps=4 if q_heads * head_dim >= 1024 else 1)
+    return q_out

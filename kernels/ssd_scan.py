@@ -51,8 +51,9 @@ def ssd_scan_varlen_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
 #   4. _ssd_state_passing_kernel: S_in(c+1) = exp(a_end(c)) S_in(c) + S_c, sequentially per sequence, from the
 #                                 slot's state (or zeros); the last one goes back to the slot
 #   5. _ssd_chunk_scan_kernel:    y_t = exp(a_t) C_t S_in + sum_{s<=t} CB[t, s] exp(a_t - a_s) dt_s x_s + D x_t
-# Steps 2, 3 and 5 are tl.dot matmuls with fp32 accumulation. Chunk -> sequence metadata is built on the
-# device (no host sync); grids are sized by an upper bound on the number of chunks, extra programs return.
+# kernels/ssd_minimal.py writes steps 2-5 as one page of einsums. Steps 2, 3 and 5 are tl.dot matmuls with fp32
+# accumulation. Chunk -> sequence metadata is built on the device (no host sync); grids are sized by an upper
+# bound on the number of chunks, extra programs return.
 
 
 @triton.jit

@@ -89,3 +89,17 @@ def test_bfloat16_keeps_ssm_parameters_fp32(h1_dir):
     assert llm.engine.runner.caches[0].ssm_state.dtype == torch.float32
     out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("fixture", ["h1_dir", "mamba_dir"])
+def test_lm_head_rows_padded_to_128_and_sliced_off(request, fixture):
+    """The head holds 384 rows for the 300-token vocabulary (the checkpoint's rows, then zeros); logits keep
+    exactly the vocabulary's 300 columns and equal the unpadded product."""
+    model = LLM(str(request.getfixturevalue(fixture)), device="cpu", dtype="float32").engine.runner.model
+    weight = model.lm_head.weight
+    assert weight.shape[0] == 384
+    assert torch.count_nonzero(weight[300:]) == 0 and torch.count_nonzero(weight[:300].abs().sum(1)) == 300
+    hidden = torch.randn(5, weight.shape[1])
+    logits = model.compute_logits(hidden)
+    assert logits.shape == (5, 300) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, hidden @ weight[:300].t())

@@ -20,7 +20,7 @@ from engine import ops
 from engine.cache_pools import LayerCache
 from engine.config import FalconH1Config
 from engine.forward_batch import ForwardBatch
-from engine.models.common import RMSNorm, fuse_linears
+from engine.models.common import LMHead, RMSNorm, fuse_linears, pad_vocab_rows
 
 
 class Mamba2Mixer(nn.Module):
@@ -72,8 +72,8 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = ops.rope(q, k, batch.positions, inv_freq)
-        o = ops.attention(q, k, v, cache.k_cache, cache.v_cache, batch, self.scale)
+        q = ops.rope_write_kv(q, k, v, inv_freq, cache.k_cache, cache.v_cache, batch)  # rotated k, v to the cache
+        o = ops.paged_attention(q, cache.k_cache, cache.v_cache, batch, self.scale)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 
 
@@ -132,7 +132,7 @@ class FalconH1ForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = FalconH1Model(cfg)
         # Even when tied, the head is its own tensor: it carries lm_head_multiplier, the embedding another.
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
         D = cfg.head_dim
         self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D)),
                              persistent=False)
@@ -155,7 +155,7 @@ class FalconH1ForCausalLM(nn.Module):
         return ops.add_rms_norm(delta[idx], residual[idx], norm.weight, norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden)
 
     def finalize_weights(self) -> None:
         for layer in self.model.layers:
@@ -171,10 +171,10 @@ class FalconH1ForCausalLM(nn.Module):
         if name == "model.embed_tokens.weight":
             out = [(name, tensor * cfg.embedding_multiplier)]
             if cfg.tie_word_embeddings:
-                out.append(("lm_head.weight", tensor * cfg.lm_head_multiplier))
+                out.append(("lm_head.weight", pad_vocab_rows(tensor * cfg.lm_head_multiplier)))
             return out
         if name == "lm_head.weight":
-            return [] if cfg.tie_word_embeddings else [(name, tensor * cfg.lm_head_multiplier)]
+            return [] if cfg.tie_word_embeddings else [(name, pad_vocab_rows(tensor * cfg.lm_head_multiplier))]
         kind = name.rsplit(".", 1)[-1]  # weight | bias | A_log | ...
         is_weight = kind == "weight"
         # Input-side scales (x * s before a linear layer) scale only the weight; output-side ones both.

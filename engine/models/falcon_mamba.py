@@ -16,7 +16,7 @@ from engine import ops
 from engine.cache_pools import LayerCache
 from engine.config import FalconMambaConfig
 from engine.forward_batch import ForwardBatch
-from engine.models.common import RMSNorm
+from engine.models.common import LMHead, RMSNorm, pad_vocab_rows
 
 
 class DtProj(nn.Module):
@@ -45,9 +45,11 @@ class Mamba1Mixer(nn.Module):
         cfg = self.cfg
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x = ops.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv_state, batch)
-        dl, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
-        if cfg.bcdt_norm:
-            dl, B, C = (ops.rms_norm(t, None, cfg.mixer_rms_eps) for t in (dl, B, C))
+        sizes = [cfg.time_step_rank, cfg.state_size, cfg.state_size]
+        dlBC = self.x_proj(x)
+        if cfg.bcdt_norm:  # dl, B, C = rms(dl), rms(B), rms(C)
+            dlBC = ops.split_rms_norm(dlBC, sizes, cfg.mixer_rms_eps)
+        dl, B, C = dlBC.split(sizes, dim=-1)
         dt = dl @ self.dt_proj.weight.t()
         y = ops.mamba1_scan(x, dt, self.A, B, C, self.D, self.dt_proj.bias, z, cache.ssm_state, batch)
         return self.out_proj(y)
@@ -73,8 +75,8 @@ class FalconMambaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:  # the head shares the embedding table, unpadded
             self.lm_head.weight = self.backbone.embeddings.weight
 
     def forward(self, batch: ForwardBatch, caches: list[LayerCache]) -> torch.Tensor:
@@ -93,7 +95,7 @@ class FalconMambaForCausalLM(nn.Module):
         return ops.add_rms_norm(out[idx], residual[idx], norm.weight, norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden)
 
     @torch.no_grad()
     def finalize_weights(self) -> None:
@@ -106,6 +108,6 @@ class FalconMambaForCausalLM(nn.Module):
         return names - {"lm_head.weight"} if self.cfg.tie_word_embeddings else names
 
     def load_transform(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-            return []  # tied: the embedding fills it
+        if name == "lm_head.weight":  # when tied, the embedding fills it
+            return [] if self.cfg.tie_word_embeddings else [(name, pad_vocab_rows(tensor))]
         return [(name, tensor)]

@@ -1,4 +1,4 @@
-"""Triton write_kv / paged_attention against their torch references.
+"""Triton paged_attention against its torch reference (the K/V write is tested with RoPE, tests/kernels/test_rope.py).
 
 CPU: Triton's interpreter at small shapes. It mishandles bfloat16 (tl.dot multiplies the raw bits, fp32 -> bf16
 truncates), so the half-precision path is tested there in float16; bfloat16 runs on the GPU. GPU: Falcon-H1
@@ -131,30 +131,14 @@ def test_decode_graph_bound_and_missing_hints():
     check_attention({**batch, "max_seq_len": 0, "max_query_len": 0})
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_write_kv(cache_dtype: torch.dtype):
-    seqs = [(1, 9), (1, 1), (13, 40), (6, 6)]
-    block_size = 4
-    batch = make_batch(seqs, 2, 6, 2, 24, block_size, cache_dtype, seed=3)
-    slots = slot_mapping(batch, seqs, block_size)
-    slots[[1, 4]] = -1  # padded rows
-    T = slots.shape[0]
-    kv = torch.randn(T, 2, 2 * 24, device=DEVICE)
-    k, v = kv[..., :24], kv[..., 24:]  # non-contiguous views, like slices of a fused projection
-    k_ref, v_ref = batch["k_cache"].clone(), batch["v_cache"].clone()
-    attention.write_kv_ref(k, v, k_ref, v_ref, slots)
-    attention.write_kv(k, v, batch["k_cache"], batch["v_cache"], slots)
-    assert torch.equal(batch["k_cache"], k_ref) and torch.equal(batch["v_cache"], v_ref)
-
-
 def test_write_then_attend():
-    """ops.attention's sequence: write the new tokens' K/V, then attend over cached + new tokens."""
+    """The model's sequence: write the new tokens' K/V, then attend over cached + new tokens."""
     seqs, num_decodes = [(1, 21), (1, 2), (17, 17), (6, 30)], 2
     block_size = 4
     batch = make_batch(seqs, num_decodes, 6, 2, 24, block_size, torch.float32, seed=11)
     T = batch["q"].shape[0]
     k, v = torch.randn(2, T, 2, 24, device=DEVICE)
-    attention.write_kv(k, v, batch["k_cache"], batch["v_cache"], slot_mapping(batch, seqs, block_size))
+    attention.write_kv_ref(k, v, batch["k_cache"], batch["v_cache"], slot_mapping(batch, seqs, block_size))
     check_attention(batch)
 
 
@@ -183,20 +167,6 @@ def test_long_decode_gpu(dtype: torch.dtype):
     check_attention(make_batch([(1, 32768)], 1, 12, 2, 128, 16, dtype, seed=2))
     lengths = torch.randint(1, 6000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     check_attention(make_batch([(1, n) for n in lengths], 64, 12, 2, 128, 16, dtype, seed=3))
-
-
-@pytest.mark.gpu
-def test_write_kv_gpu():
-    q_heads, kv_heads, head_dim = MODELS["34B"]
-    seqs, num_decodes = GPU_SEQS
-    batch = make_batch(seqs, num_decodes, q_heads, kv_heads, head_dim, 16, torch.bfloat16, seed=4)
-    slots = slot_mapping(batch, seqs, 16)
-    slots[1] = -1
-    k, v = torch.randn(2, slots.shape[0], kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
-    k_ref, v_ref = batch["k_cache"].clone(), batch["v_cache"].clone()
-    attention.write_kv_ref(k, v, k_ref, v_ref, slots)
-    attention.write_kv(k, v, batch["k_cache"], batch["v_cache"], slots)
-    assert torch.equal(batch["k_cache"], k_ref) and torch.equal(batch["v_cache"], v_ref)
 
 
 @pytest.mark.gpu

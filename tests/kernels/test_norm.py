@@ -1,4 +1,5 @@
-"""Triton RMSNorm / fused add + RMSNorm / grouped gated RMSNorm against their torch references.
+"""Triton RMSNorm / fused add + RMSNorm / split weightless RMSNorm / grouped gated RMSNorm against their torch
+references.
 
 CPU: Triton's interpreter at small shapes, in fp32 and fp16 (the interpreter truncates fp32 -> bf16 instead of
 rounding, so bf16 runs on the GPU only). GPU: Falcon-H1 / FalconMamba widths in bf16 and fp32.
@@ -52,11 +53,22 @@ def test_rms_norm(dtype: torch.dtype, shape: tuple[int, ...]):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-def test_rms_norm_weightless_strided(dtype: torch.dtype):
-    """FalconMamba's weightless norms of dt / B / C: column slices of one projection (row stride > width)."""
-    proj = rand(29, 6 + 8 + 8, dtype=dtype, seed=3)
-    for part in proj.split([6, 8, 8], dim=-1):
-        assert_close(norm.rms_norm(part, None, 1e-6), norm.rms_norm_ref(part, None, 1e-6))
+@pytest.mark.parametrize("sizes", [[6, 8, 8], [20, 3, 1], [1, 1, 1]])
+def test_split_rms_norm(dtype: torch.dtype, sizes: list[int]):
+    """FalconMamba's weightless norms of dt / B / C in one launch, on a column slice (row stride > width)."""
+    wide = rand(29, sum(sizes) + 5, dtype=dtype, seed=sum(sizes))
+    proj = wide[:, 2: 2 + sum(sizes)]
+    assert_close(norm.split_rms_norm(proj, sizes, 1e-6), norm.split_rms_norm_ref(proj, sizes, 1e-6))
+
+
+def test_split_rms_norm_segments_are_independent():
+    """Scaling one segment of a row leaves the other two segments' outputs exactly as they were."""
+    x = rand(8, 22, seed=11)
+    scaled = x.clone()
+    scaled[:, 6:14] *= 100
+    out, out_scaled = norm.split_rms_norm(x, [6, 8, 8], 1e-6), norm.split_rms_norm(scaled, [6, 8, 8], 1e-6)
+    assert torch.equal(out[:, :6], out_scaled[:, :6]) and torch.equal(out[:, 14:], out_scaled[:, 14:])
+    assert_close(out_scaled[:, 6:14], out[:, 6:14])
 
 
 def test_rms_norm_mixed_dtypes():
@@ -120,10 +132,11 @@ def test_rms_norms_gpu(dtype: torch.dtype, rows: int, cols: int):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-def test_weightless_rms_norm_gpu(dtype: torch.dtype):
-    proj = rand(2048, 256 + 16 + 16, dtype=dtype, seed=9)
-    for part in proj.split([256, 16, 16], dim=-1):
-        assert_close(norm.rms_norm(part, None, 1e-6), norm.rms_norm_ref(part, None, 1e-6))
+@pytest.mark.parametrize("rows", [1, 2048])
+def test_split_rms_norm_gpu(dtype: torch.dtype, rows: int):
+    """FalconMamba-7B's x_proj output: dt rank 256, state size 16."""
+    proj = rand(rows, 256 + 16 + 16, dtype=dtype, seed=9)
+    assert_close(norm.split_rms_norm(proj, [256, 16, 16], 1e-6), norm.split_rms_norm_ref(proj, [256, 16, 16], 1e-6))
 
 
 @pytest.mark.gpu
