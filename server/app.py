@@ -24,6 +24,7 @@ from server.completions import create_completion
 from server.errors import APIError, bad_request, install_error_handlers
 from server.generation import off_loop
 from server.openapi import ERROR_RESPONSES, HEALTH_RESPONSES, METRICS_RESPONSES, STREAM_RESPONSES, openapi_schema
+from server.playground import add_playground
 from server.prompts import encode, render_chat, template_arguments
 from server.protocol import (
     ChatCompletionRequest,
@@ -162,6 +163,8 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], AsyncEngine])
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(AdmissionMiddleware, state=state)
+    if settings.playground:
+        add_playground(app)
 
     @app.get("/health", response_class=Response, responses=HEALTH_RESPONSES)
     async def health() -> Response:
