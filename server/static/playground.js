@@ -1,5 +1,6 @@
 // The falcon-serve playground: chat over /v1/chat/completions (SSE), a live view of /metrics.
-// Model output only ever goes into the page as text (textContent), never as HTML.
+// Model output only ever goes into the page as text (textContent), never as HTML. URLs are relative,
+// so the page also works behind a reverse proxy that serves it under a path prefix.
 "use strict";
 
 const KEY_STORAGE = "falcon-serve-api-key";  // sessionStorage: gone when the tab closes
@@ -59,7 +60,7 @@ $("key-form").addEventListener("submit", (e) => {
 async function loadModels() {
   let models;
   try {
-    models = (await (await api("/v1/models")).json()).data;
+    models = (await (await api("v1/models")).json()).data;
   } catch (e) {
     $("server-status").textContent = e.message;
     if (!$("key-dialog").open) setTimeout(loadModels, 2000);  // e.g. 503 while the model loads
@@ -93,7 +94,9 @@ function addMessage(role, text) {
 }
 
 function numberField(id, parse) {
-  const raw = $(id).value.trim();
+  const input = $(id);
+  if (input.validity.badInput) throw new ApiError(`${id} must be a number`);  // the browser reads it as ""
+  const raw = input.value.trim();
   if (raw === "") return undefined;
   const value = parse(raw);
   if (!Number.isFinite(value)) throw new ApiError(`${id} must be a number`);
@@ -170,7 +173,7 @@ async function send(text) {
   controller = new AbortController();
   setStreaming(true);
   try {
-    const response = await api("/v1/chat/completions", {
+    const response = await api("v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body), signal: controller.signal,
     });
@@ -250,7 +253,7 @@ let previous = null;
 
 async function pollMetrics() {
   try {
-    const response = await fetch("/metrics", { headers: authHeaders() });
+    const response = await fetch("metrics", { headers: authHeaders() });
     if (response.ok) showMetrics(parseMetrics(await response.text()), performance.now());
   } catch (_) { /* the server is away; try again later */ }
   setTimeout(pollMetrics, METRICS_PERIOD_MS);

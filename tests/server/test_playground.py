@@ -44,6 +44,7 @@ def browser() -> Iterator[WebDriver]:
     options.binary_location = CHROMIUM
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for get_log
     # An explicit driver path: selenium then never tries to download one.
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     try:
@@ -97,7 +98,7 @@ def test_page_is_served_with_csp_and_without_the_key(start_server) -> None:
     for path in ("/", "/playground"):
         r = httpx.get(live.url + path)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-        assert r.headers["content-security-policy"] == CSP and "/static/playground.js" in r.text
+        assert r.headers["content-security-policy"] == CSP and 'src="static/playground.js"' in r.text
     for asset in ("playground.js", "playground.css", "favicon.svg"):
         assert httpx.get(f"{live.url}/static/{asset}").status_code == 200, asset
     assert httpx.get(live.url + "/v1/models").status_code == 401  # the API itself stays closed
@@ -116,7 +117,13 @@ def test_disable_playground_gives_404(checkpoint: Path) -> None:
     assert asyncio.run(statuses()) == [404, 404, 404, 200]
 
 
+def console_errors(driver: WebDriver) -> list[str]:
+    """Errors logged in the page's console since the last call (script errors, CSP refusals, 404s)."""
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
 def test_chat_streams_with_the_settings_and_fills_the_stats(browser: WebDriver, server) -> None:
+    console_errors(browser)
     open_page(browser, server.url + "/")
     options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#model option")]
     assert options == ["tiny-falcon", "alias"]
@@ -157,6 +164,7 @@ def test_chat_streams_with_the_settings_and_fills_the_stats(browser: WebDriver, 
     shot = ARTIFACTS / "playground.png"
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert console_errors(browser) == []
 
 
 def test_stop_button_aborts_the_request(browser: WebDriver, server) -> None:
@@ -180,6 +188,16 @@ def test_stop_button_aborts_the_request(browser: WebDriver, server) -> None:
 
     fill(browser, max_tokens="5")  # and the next message is answered
     wait_state(browser, send(browser, "again"), "done")
+
+
+def test_a_refused_request_shows_the_servers_message(browser: WebDriver, server) -> None:
+    open_page(browser, server.url + "/")
+    fill(browser, temperature="-1")
+    reply = send(browser, "hi")
+    wait_state(browser, reply, "error")
+    assert content(reply).startswith("400: ") and "temperature" in content(reply)
+    fill(browser, temperature="0", max_tokens="3")  # the failed turn left the conversation intact
+    wait_state(browser, send(browser, "hi"), "done")
 
 
 HTML_REPLY = ('<script>window.injected = "script"</script><img src="x" onerror="window.injected = \'img\'">'
