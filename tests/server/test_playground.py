@@ -204,23 +204,35 @@ HTML_REPLY = ('<script>window.injected = "script"</script><img src="x" onerror="
               "<b>bold</b> &amp; **markdown**")
 
 
-class ScriptedTextEngine(AsyncEngine):
-    """The real engine, whose reply text is replaced by HTML_REPLY, a few characters per generated
-    token (the rest with the last one). Tokens, usage, timing and finishing stay the engine's own:
-    only the text is scripted, because a random-weight model cannot be made to write markup."""
+class ScriptedText:
+    """Stands in for LLMEngine.step: the real step, whose reply text is replaced by HTML_REPLY, a few
+    characters per generated token (the rest with the last one). Tokens, usage, timing and finishing
+    stay the engine's own: only the text is scripted, since a random-weight model cannot write markup."""
 
-    async def generate(self, request_id, prompt, params):
-        pieces = [HTML_REPLY[i:i + 7] for i in range(0, len(HTML_REPLY), 7)]
-        async for out in super().generate(request_id, prompt, params):
+    def __init__(self, step: Callable[[], list]) -> None:
+        self.step = step
+        self.pieces: dict[tuple[str, int], list[str]] = {}  # (request id, sample index) -> text still to send
+
+    def __call__(self) -> list:
+        outputs = self.step()
+        for out in outputs:
+            pieces = self.pieces.setdefault((out.request_id, out.index),
+                                            [HTML_REPLY[i:i + 7] for i in range(0, len(HTML_REPLY), 7)])
             if out.finished:
                 out.new_text = "".join(pieces)
+                pieces.clear()
             elif out.new_token_ids:
                 out.new_text = pieces.pop(0) if pieces else ""
-            yield out
+        return outputs
 
 
 def test_html_in_a_reply_is_shown_as_text(browser: WebDriver, start_server, loader) -> None:
-    live = start_server(load=lambda: ScriptedTextEngine(loader()().engine))
+    def load() -> AsyncEngine:
+        engine = loader()()
+        engine.engine.step = ScriptedText(engine.engine.step)
+        return engine
+
+    live = start_server(load=load)
     open_page(browser, live.url + "/")
     fill(browser, max_tokens="8")
     reply = send(browser, "<i>user markup</i> too")
