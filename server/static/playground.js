@@ -93,14 +93,15 @@ function addMessage(role, text) {
   return { box, content, stats };
 }
 
-function numberField(id, parse) {
+// The field's number, or undefined when it is empty; an error for text that is not one.
+function numberField(id, integer = false) {
   const input = $(id);
-  if (input.validity.badInput) throw new ApiError(`${id} must be a number`);  // the browser reads it as ""
   const raw = input.value.trim();
-  if (raw === "") return undefined;
-  const value = parse(raw);
-  if (!Number.isFinite(value)) throw new ApiError(`${id} must be a number`);
-  return value;
+  const value = integer && !/^-?\d+$/.test(raw) ? NaN : Number(raw);
+  if (input.validity.badInput || (raw !== "" && !Number.isFinite(value))) {  // badInput: the browser says ""
+    throw new ApiError(`${id} must be ${integer ? "an integer" : "a number"}`);
+  }
+  return raw === "" ? undefined : value;
 }
 
 function requestBody(messages) {
@@ -109,10 +110,10 @@ function requestBody(messages) {
     messages,
     stream: true,
     stream_options: { include_usage: true },
-    temperature: numberField("temperature", Number),
-    top_p: numberField("top_p", Number),
-    max_tokens: numberField("max_tokens", (s) => (/^\d+$/.test(s) ? Number(s) : NaN)),
-    seed: numberField("seed", (s) => (/^-?\d+$/.test(s) ? Number(s) : NaN)),
+    temperature: numberField("temperature"),
+    top_p: numberField("top_p"),
+    max_tokens: numberField("max_tokens", true),
+    seed: numberField("seed", true),
   };
   const stop = $("stop-strings").value.split("\n").filter((s) => s !== "");
   if (stop.length) body.stop = stop;
@@ -160,10 +161,11 @@ async function send(text) {
   let body;
   try {
     body = requestBody(messages);
-  } catch (e) {
+  } catch (e) {  // a bad setting: the message stays in the box, to send once it is fixed
     addMessage("error", e.message).box.classList.add("error");
     return;
   }
+  $("prompt").value = "";
   conversation.push({ role: "user", content: text });
   addMessage("user", text);
   const reply = addMessage("assistant", "");
@@ -220,11 +222,10 @@ $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("prompt").value;
   if (!text.trim() || controller) return;
-  $("prompt").value = "";
   send(text);
 });
 $("prompt").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
     e.preventDefault();
     $("composer").requestSubmit();
   }

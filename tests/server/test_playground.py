@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def fill(driver: WebDriver, **fields: str) -> None:
 def send(driver: WebDriver, text: str) -> WebElement:
     """Type a message, press Enter; the new reply's box."""
     before = len(driver.find_elements(By.CSS_SELECTOR, ".message.assistant"))
-    driver.find_element(By.ID, "prompt").send_keys(text + "\n")
+    fill(driver, prompt=text + "\n")
     return wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant")[before:])[0]
 
 
@@ -167,21 +168,46 @@ def test_chat_streams_with_the_settings_and_fills_the_stats(browser: WebDriver, 
     assert console_errors(browser) == []
 
 
-def test_stop_button_aborts_the_request(browser: WebDriver, server) -> None:
-    server.wait_idle()
+STEP_DELAY_S = 0.005
+
+
+@pytest.fixture(scope="module")
+def slow_server(start_server, loader):
+    """The real engine, pausing STEP_DELAY_S before each step: a 2000-token stream then lasts about 10 s
+    however fast the CPU is, long enough to watch it in the live view and to stop it with a click."""
+
+    def load() -> AsyncEngine:
+        engine = loader()()
+        step = engine.engine.step
+
+        def slow_step() -> list:
+            time.sleep(STEP_DELAY_S)
+            return step()
+
+        engine.engine.step = slow_step
+        return engine
+
+    return start_server(load=load)
+
+
+def test_stop_button_aborts_the_request(browser: WebDriver, slow_server) -> None:
+    server = slow_server
     aborts = server.metric("falcon_serve:request_success_total", finished_reason="abort")
     open_page(browser, server.url + "/playground")
-    # Greedy from "Go on" on this checkpoint meets no EOS in 2000 tokens: seconds on a CPU.
+    # Greedy from "Go on" on this checkpoint meets no EOS in 2000 tokens.
     fill(browser, temperature="0", max_tokens="2000")
     reply = send(browser, "Go on")
     wait_for(browser, lambda d: content(reply))
     assert server.metric("falcon_serve:num_requests_running") == 1  # text shows while it still runs
-    wait_for(browser, lambda d: d.find_element(By.ID, "metric-running").text == "1")  # the live view too
+    # The live view shows it running in one of the 32 state slots.
+    wait_for(browser, lambda d: d.find_element(By.ID, "metric-running").text == "1")
+    assert browser.find_element(By.ID, "metric-slots").text == f"{100 / 32:.1f} %"
     browser.find_element(By.ID, "stop").click()
     wait_state(browser, reply, "stopped")
     server.wait_idle()
     assert server.metric("falcon_serve:request_success_total", finished_reason="abort") == aborts + 1
     assert server.metric("falcon_serve:kv_cache_usage_perc") == 0
+    assert server.metric("falcon_serve:state_slots_usage_perc") == 0
     assert "finish: stopped" in reply.find_element(By.CLASS_NAME, "stats").text
     assert browser.find_element(By.ID, "send").is_enabled()
     wait_for(browser, lambda d: d.find_element(By.ID, "metric-running").text == "0")
@@ -196,7 +222,12 @@ def test_a_refused_request_shows_the_servers_message(browser: WebDriver, server)
     reply = send(browser, "hi")
     wait_state(browser, reply, "error")
     assert content(reply).startswith("400: ") and "temperature" in content(reply)
-    fill(browser, temperature="0", max_tokens="3")  # the failed turn left the conversation intact
+    fill(browser, temperature="0", max_tokens="2.5")  # refused by the page itself: nothing is sent
+    browser.find_element(By.ID, "prompt").send_keys("hi\n")
+    notice = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".message.error:not(.assistant)"))
+    assert [content(n) for n in notice] == ["max_tokens must be an integer"]
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "hi"  # kept, to send once fixed
+    fill(browser, max_tokens="3")  # the failed turns left the conversation intact
     wait_state(browser, send(browser, "hi"), "done")
 
 
