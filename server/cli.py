@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on")
     g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (also from ${API_KEY_ENV})")
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health, /version, /metrics, the "
+                        f"API docs and the playground page (also from ${API_KEY_ENV})")
     g.add_argument("--max-queue-len", type=int,
                    help="most sequences (prompts x n) waiting for the engine; beyond it new requests get 429 "
                         "(default: no limit)")
