@@ -24,6 +24,7 @@ from server.completions import create_completion
 from server.errors import APIError, bad_request, install_error_handlers
 from server.generation import off_loop
 from server.openapi import ERROR_RESPONSES, HEALTH_RESPONSES, METRICS_RESPONSES, STREAM_RESPONSES, openapi_schema
+from server.playground import PLAYGROUND_PATHS, add_playground
 from server.prompts import encode, render_chat, template_arguments
 from server.protocol import (
     ChatCompletionRequest,
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-OPEN_PATHS = ("/health", "/version", "/metrics", "/openapi.json", "/docs", "/redoc")  # no API key needed
+# No API key needed (they take no input). The playground's stay open when it is off: a 404 then, not a 401.
+OPEN_PATHS = ("/health", "/version", "/metrics", "/openapi.json", "/docs", "/redoc", *PLAYGROUND_PATHS)
 
 
 class AdmissionMiddleware:
@@ -162,6 +164,8 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], AsyncEngine])
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(AdmissionMiddleware, state=state)
+    if settings.playground:
+        add_playground(app)
 
     @app.get("/health", response_class=Response, responses=HEALTH_RESPONSES)
     async def health() -> Response:

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on")
     g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (also from ${API_KEY_ENV})")
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health, /version, /metrics, the "
+                        f"API docs and the playground page (also from ${API_KEY_ENV})")
     g.add_argument("--max-queue-len", type=int,
                    help="most sequences (prompts x n) waiting for the engine; beyond it new requests get 429 "
                         "(default: no limit)")
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow clients to send their own chat template (it is code that runs on the server)")
     g.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection may take to send a request's headers before it is closed")
+    g.add_argument("--disable-playground", action="store_true",
+                   help="do not serve the chat page at / and /playground")
     g.add_argument("--shutdown-timeout", type=int, default=30,
                    help="on SIGTERM, seconds to let in-flight requests finish before cancelling them")
     g.add_argument("--log-level", "--uvicorn-log-level", choices=["debug", "info", "warning", "error", "critical"],
@@ -226,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = ServerSettings(served_model_names=names or [model], model_path=model,
                               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                               max_queue_len=args.max_queue_len, max_request_body_bytes=args.max_request_body_bytes,
-                              trust_request_chat_template=args.trust_request_chat_template)
+                              trust_request_chat_template=args.trust_request_chat_template,
+                              playground=not args.disable_playground)
     app = create_app(settings, load_engine)
     server = make_server(app, args.host, args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout,
                          header_timeout=args.header_timeout)

@@ -118,13 +118,15 @@ def container(dep: dict) -> dict:
 
 
 def parse_args(args: list[str]) -> dict[str, str]:
-    """['--k=v', '--flag', 'v'] -> {'k': 'v', 'flag': 'v'} (argparse accepts both)."""
+    """['--k=v', '--opt', 'v', '--switch'] -> {'k': 'v', 'opt': 'v', 'switch': ''} (argparse accepts these)."""
     out, i = {}, 0
     while i < len(args):
         a = args[i]
         assert a.startswith("--"), f"unexpected positional arg {a!r}"
         if "=" in a:
             k, v = a[2:].split("=", 1)
+        elif i + 1 == len(args) or args[i + 1].startswith("--"):
+            k, v = a[2:], ""  # a switch such as --disable-playground
         else:
             k, v = a[2:], args[i + 1]
             i += 1
@@ -365,6 +367,7 @@ def test_deployment(target):
 
     args = parse_args(c["args"])
     assert args["host"] == "0.0.0.0" and args["port"] == "8000"
+    assert args.get("disable-playground") == "", "the chat page stays off in deployments"
     assert {"model", "served-model-name", "max-model-len"} <= args.keys()
 
 

@@ -27,6 +27,7 @@ def test_defaults() -> None:
     args = parse()
     assert (args.model, args.host, args.port, args.device, args.dtype) == (None, "127.0.0.1", 8000, "auto", "auto")
     assert args.max_queue_len is None and args.api_key is None and args.enforce_eager is False
+    assert args.disable_playground is False and parse("--disable-playground").disable_playground is True
 
 
 def test_config_preset_is_overridden_by_flags(tmp_path: Path) -> None:
@@ -99,10 +100,11 @@ class Process:
 def test_cli_serves_a_checkpoint_and_drains_on_sigterm(checkpoint: Path, tmp_path: Path) -> None:
     server = Process(tmp_path, "--model", str(checkpoint), "--device", "cpu", "--dtype", "float32",
                      "--served-model-name", "cli-model", "--max-model-len", "2048", "--api-key", "k1",
-                     "--shutdown-timeout", "30")
+                     "--shutdown-timeout", "30", "--disable-playground")
     try:
         server.wait_ready()
         assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/").status_code == 404  # --disable-playground
         auth = {"Authorization": "Bearer k1"}
         models = httpx.get(server.url + "/v1/models", headers=auth).json()["data"]
         assert [(m["id"], m["max_model_len"]) for m in models] == [("cli-model", 2048)]
@@ -138,6 +140,7 @@ def test_cli_without_model_serves_the_demo(tmp_path: Path) -> None:
         server.wait_ready()
         auth = {"Authorization": "Bearer env-key"}
         assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/").status_code == 200  # the playground page needs no key
         assert httpx.get(server.url + "/v1/models", headers=auth).json()["data"][0]["id"] == "falcon-serve-demo"
         r = httpx.post(server.url + "/v1/chat/completions", headers=auth,
                        json={"model": "falcon-serve-demo", "messages": [{"role": "user", "content": "hi"}],
