@@ -57,8 +57,8 @@ def decode_bytes(engine: LLMEngine, n: int, context: int) -> float:
     """Bytes one decode step must move: every weight but the embedding table once, each sequence's
     state read and written, its KV read and the new K/V written."""
     runner = engine.runner
-    weights = sum(p.numel() * p.element_size() for name, p in runner.model.named_parameters()
-                  if "embed" not in name)
+    tensors = [*runner.model.named_parameters(), *runner.model.named_buffers()]  # quantized layers: buffers
+    weights = sum(t.numel() * t.element_size() for name, t in tensors if "embed" not in name)
     state = sum(c.conv_state[0].nbytes + c.ssm_state[0].nbytes for c in runner.caches)
     kv_per_token = sum(c.k_cache[0, 0].nbytes * 2 for c in runner.caches if c.k_cache is not None)
     return weights + n * (2 * state + (context + 1) * kv_per_token)

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch is imported where it is used, so that `falcon-serve --help` needs no torch
     import torch
 
+if TYPE_CHECKING:
+    from engine.quantization import QuantConfig
+
 
 class ConfigError(ValueError):
     pass
@@ -90,6 +93,12 @@ def _token_ids(f: _Fields, name: str) -> list[int]:
     return ids
 
 
+def _quantization(raw: dict, source: str) -> QuantConfig | None:
+    from engine.quantization import parse_quantization_config  # it raises our ConfigError
+
+    return parse_quantization_config(raw.get("quantization_config"), source)
+
+
 def _check_silu(f: _Fields) -> None:
     act = f.get("hidden_act", str, "silu")
     if act not in ("silu", "swish"):
@@ -140,6 +149,7 @@ class FalconH1Config:
     dtype: torch.dtype
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    quantization: QuantConfig | None = None  # config.json's quantization_config, or --quantization
 
     @property
     def conv_dim(self) -> int:
@@ -230,6 +240,7 @@ class FalconH1Config:
             dtype=_checkpoint_dtype(f),
             bos_token_id=f.get("bos_token_id", int, None),
             eos_token_ids=tuple(_token_ids(f, "eos_token_id")),
+            quantization=_quantization(raw, source),
         )
 
 
@@ -255,6 +266,7 @@ class FalconMambaConfig:
     dtype: torch.dtype
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    quantization: QuantConfig | None = None  # config.json's quantization_config, or --quantization
 
     num_attention_layers = 0
 
@@ -298,6 +310,7 @@ class FalconMambaConfig:
             dtype=_checkpoint_dtype(f),
             bos_token_id=f.get("bos_token_id", int, None),
             eos_token_ids=tuple(_token_ids(f, "eos_token_id")),
+            quantization=_quantization(raw, source),
         )
 
 
@@ -353,6 +366,7 @@ class EngineArgs:
     enforce_eager: bool = False
     chat_template: str | None = None  # template text overriding the tokenizer's
     load_format: str = "auto"  # auto (safetensors) | dummy (random weights of the right shapes, for benchmarks)
+    quantization: str | None = None  # None: as the checkpoint is | gptq (checks the checkpoint is) | fp8
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -363,6 +377,8 @@ class EngineArgs:
               f"device must be auto, cuda or cpu, got {self.device!r}")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16"),
               f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        check(self.quantization in (None, "gptq", "fp8"),
+              f"quantization must be gptq or fp8, got {self.quantization!r}")
         check(self.load_format in ("auto", "dummy"), f"load_format must be auto or dummy, got {self.load_format!r}")
         check(self.ssm_state_dtype in ("float32", "bfloat16", "float16"),
               f"ssm_state_dtype must be float32, bfloat16 or float16, got {self.ssm_state_dtype!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from engine.config import EngineArgs, load_model_config
 from engine.loader import resolve_model_path
 from engine.model_runner import ModelRunner, resolve_device
 from engine.outputs import StepOutput
+from engine.quantization import resolve_quantization
 from engine.request_checks import ModelLimits, RequestError, check_request
 from engine.sampler import sample
 from engine.sampling_params import SamplingParams
@@ -55,6 +57,7 @@ class LLMEngine:
         self.args = args
         model_dir = resolve_model_path(args.model, args.revision)
         arch, cfg = load_model_config(model_dir)
+        cfg = dataclasses.replace(cfg, quantization=resolve_quantization(cfg.quantization, args.quantization))
         self.model_config = cfg
         try:
             tokenizer_dir = resolve_model_path(args.tokenizer, args.revision) if args.tokenizer else model_dir

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.models import MODEL_REGISTRY
+from engine.quantization import QUANTIZED_LINEARS
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,16 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of all weights as stored: parameters and buffers (quantized layers keep theirs as buffers)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LINEARS)]
+
+
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights with the checkpoint's shapes: enough for benchmarks, where the work per token is
@@ -83,6 +94,18 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             p.uniform_(0.5, 1.5, generator=generator)
         else:
             p.normal_(0.0, 0.02, generator=generator)
+    for _, layer in _quantized_layers(model):
+        layer.init_dummy(generator)
+
+
+def _copy_into(model: nn.Module, modules: dict[str, nn.Module], target: str, tensor: torch.Tensor) -> None:
+    """param/buffer `target` = tensor, or through its module's load_tensor hook (FP8 quantizes there)."""
+    owner, _, local = target.rpartition(".")
+    module = modules[owner]
+    if hasattr(module, "load_tensor"):
+        module.load_tensor(local, tensor)
+    else:
+        getattr(module, local).copy_(tensor)
 
 
 def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -98,7 +121,8 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
         init_dummy_weights(model)
         model.finalize_weights()
         return model.eval()
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    modules = dict(model.named_modules())
     expected = model.checkpoint_names()
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -111,18 +135,31 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
                         unexpected.append(name)
                         continue
                     seen.add(name)
-                    for target, tensor in model.load_transform(name, f.get_tensor(name).float()):
+                    stored = f.get_tensor(name)
+                    if stored.is_floating_point():  # GPTQ's packed int32 codes stay integers
+                        stored = stored.float()
+                    for target, tensor in model.load_transform(name, stored):
                         param = params[target]
                         if tuple(tensor.shape) != tuple(param.shape):
                             raise LoadError(f"tensor {name!r} in {file.name} has shape {tuple(tensor.shape)}, "
                                             f"the model expects {tuple(param.shape)} (check config.json)")
-                        param.copy_(tensor)
-    missing = sorted(expected - seen)
+                        _copy_into(model, modules, target, tensor)
+    optional = {f"{name}.{t}" for name, layer in _quantized_layers(model)
+                for t in getattr(layer, "optional_checkpoint_tensors", ())}
+    missing = sorted(expected - seen - optional)
     if missing or unexpected:
+        quantized = any(n.endswith(".qweight") for n in [*missing, *unexpected])
         raise LoadError(f"checkpoint {model_dir} does not match {arch}: "
                         f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-                        f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+                        f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+                        + ("; GPTQ layers (qweight) are expected exactly where config.json's quantization_config "
+                           "says: attention q/k/v/o, Mamba in_proj/out_proj, MLP gate/up/down" if quantized else ""))
+    for name, layer in _quantized_layers(model):
+        try:
+            layer.finalize(name)
+        except ValueError as e:
+            raise LoadError(f"checkpoint {model_dir}: {e}") from None
     model.finalize_weights()
-    logger.info("loaded %s from %s: %.2f GB of weights in %s", arch, model_dir,
-                sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, dtype)
+    logger.info("loaded %s from %s: %.2f GB of weights in %s%s", arch, model_dir, model_weight_bytes(model) / 1e9,
+                dtype, f", {cfg.quantization.method}-quantized projections" if cfg.quantization else "")
     return model.eval()

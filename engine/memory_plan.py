@@ -11,6 +11,7 @@ import torch
 
 from engine.cache_pools import allocate_layer_caches, kv_block_bytes, state_slot_bytes
 from engine.forward_batch import ForwardBatch
+from engine.loader import model_weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: tor
     caches take the rest."""
     slot_bytes = state_slot_bytes(cfg, dtype, state_dtype)
     block_bytes = kv_block_bytes(cfg, block_size, dtype) if block_size else 0
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = model_weight_bytes(model)  # quantized layers at their packed size
     num_slots = max_num_seqs  # CUDA-graph padding rows use PAD_SLOT, which kernels skip: no scratch slot
     blocks_per_seq = -(-max_model_len // block_size) if block_size else 0
     if device.type != "cuda":

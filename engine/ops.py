@@ -11,6 +11,8 @@ import torch
 from engine.forward_batch import ForwardBatch
 from kernels import activation, conv1d, norm, selective_scan, ssd_scan, ssm_state_update
 from kernels import attention as attention_kernels
+from kernels import fp8_linear as fp8_kernels
+from kernels import quant_linear as gptq_kernels
 from kernels import rope as rope_kernels
 
 _FORCE_TORCH = os.environ.get("FALCON_SERVE_TORCH_OPS") == "1"
@@ -61,6 +63,15 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: t
     """RoPE on q [T, Hq, D] and k [T, Hkv, D]; the rotated k and v go into their pages. Returns the rotated q."""
     return _impl(rope_kernels, "rope_write_kv", q)(q, k, v, batch.positions, inv_freq, k_cache, v_cache,
                                                    batch.slot_mapping)
+
+
+def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """x [T, K] @ W^T + bias for a quantized linear layer (engine/quantization): GPTQ (qweight, scales,
+    zeros, perm, bits, group_size) or FP8 (weight, weight_scale)."""
+    if layer.method == "fp8":
+        return _impl(fp8_kernels, "fp8_linear", x)(x, layer.weight, layer.weight_scale, layer.bias)
+    return _impl(gptq_kernels, "gptq_linear", x)(x, layer.qweight, layer.scales, layer.zeros, layer.perm, layer.bias,
+                                                 layer.bits, layer.group_size, layer.out_features)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to run; auto picks cuda when available")
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "half", "float32", "float"], default=d["dtype"],
                    help="weight and activation dtype; auto uses the checkpoint's (half = float16, float = float32)")
+    g.add_argument("--quantization", "-q", choices=["gptq", "fp8"],
+                   help="gptq: check that --model is a GPTQ checkpoint (they load as such without this flag); "
+                        "fp8: quantize a 16-bit checkpoint's projections to float8_e4m3 at load "
+                        "(default: as the checkpoint is)")
     g.add_argument("--max-model-len", type=int,
                    help="longest prompt + completion in tokens (default: from the model's config)")
     g.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"],
@@ -198,7 +202,7 @@ def _engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace, mode
             max_num_batched_tokens=args.max_num_batched_tokens, kv_block_size=args.kv_block_size,
             num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
             ssm_state_dtype=args.ssm_state_dtype, seed=args.seed, enforce_eager=args.enforce_eager,
-            chat_template=chat_template)
+            chat_template=chat_template, quantization=args.quantization)
     except ValueError as e:
         parser.error(str(e))
 

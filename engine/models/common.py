@@ -7,11 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
+from engine.quantization import fuse_quantized
 
 
 @torch.no_grad()
-def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+def fuse_linears(linears: list[nn.Module]) -> nn.Module:
     """One linear layer computing the concatenated outputs of several that read the same input."""
+    if not all(type(lin) is nn.Linear for lin in linears):
+        return fuse_quantized(linears)
     weight = torch.cat([lin.weight for lin in linears])
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(lin.bias is not None for lin in linears),
                       device=weight.device, dtype=weight.dtype)

@@ -21,6 +21,7 @@ from engine.cache_pools import LayerCache
 from engine.config import FalconH1Config
 from engine.forward_batch import ForwardBatch
 from engine.models.common import LMHead, RMSNorm, fuse_linears, pad_vocab_rows
+from engine.quantization import linear
 
 
 class Mamba2Mixer(nn.Module):
@@ -28,14 +29,15 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, G, N = cfg.mamba_n_heads, cfg.mamba_n_groups, cfg.mamba_d_state
-        self.in_proj = nn.Linear(cfg.hidden_size, 2 * cfg.mamba_d_ssm + 2 * G * N + H, bias=cfg.mamba_proj_bias)
+        self.in_proj = linear(cfg.hidden_size, 2 * cfg.mamba_d_ssm + 2 * G * N + H, cfg.mamba_proj_bias,
+                              cfg.quantization)
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.mamba_d_conv, groups=cfg.conv_dim,
                                 bias=cfg.mamba_conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(H, dtype=torch.float32))
         self.norm = RMSNorm(cfg.mamba_d_ssm, cfg.rms_norm_eps) if cfg.mamba_rms_norm else None
-        self.out_proj = nn.Linear(cfg.mamba_d_ssm, cfg.hidden_size, bias=cfg.projectors_bias)
+        self.out_proj = linear(cfg.mamba_d_ssm, cfg.hidden_size, cfg.projectors_bias, cfg.quantization)
 
     def forward(self, zxbcdt: torch.Tensor, batch: ForwardBatch, cache: LayerCache) -> torch.Tensor:
         """zxbcdt = in_proj(u), computed by the layer together with attention's q, k, v."""
@@ -59,10 +61,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_proj = linear(cfg.hidden_size, self.num_heads * self.head_dim, cfg.attention_bias, cfg.quantization)
+        self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.attention_bias, cfg.quantization)
+        self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.attention_bias, cfg.quantization)
+        self.o_proj = linear(self.num_heads * self.head_dim, cfg.hidden_size, cfg.attention_bias, cfg.quantization)
         self.scale = self.head_dim**-0.5
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, cache: LayerCache,
@@ -80,9 +82,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: FalconH1Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.quantization)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.quantization)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -175,26 +177,39 @@ class FalconH1ForCausalLM(nn.Module):
             return out
         if name == "lm_head.weight":
             return [] if cfg.tie_word_embeddings else [(name, pad_vocab_rows(tensor * cfg.lm_head_multiplier))]
-        kind = name.rsplit(".", 1)[-1]  # weight | bias | A_log | ...
-        is_weight = kind == "weight"
-        # Input-side scales (x * s before a linear layer) scale only the weight; output-side ones both.
+        multipliers = self._linear_multipliers(name)
+        if multipliers is None:
+            return [(name, tensor)]
+        weight_m, bias_m = multipliers  # a number, or one per output row
+        kind = name.rsplit(".", 1)[-1]
+        if kind == "weight":
+            return [(name, tensor * (weight_m[:, None] if torch.is_tensor(weight_m) else weight_m))]
+        if kind == "scales":  # GPTQ [groups, out]: the integer codes stay, each output column's scales carry it
+            return [(name, tensor * weight_m)]
+        if kind == "bias":
+            return [(name, tensor * bias_m)]
+        return [(name, tensor)]  # GPTQ qweight, qzeros, g_idx
+
+    def _linear_multipliers(self, name: str) -> tuple | None:
+        """(weight, bias) multipliers of the linear layer `name` belongs to. Input-side scales (x * s before
+        the layer) scale only the weight; output-side ones both."""
+        cfg = self.cfg
         if ".self_attn.q_proj." in name or ".self_attn.v_proj." in name:
-            return [(name, tensor * cfg.attention_in_multiplier if is_weight else tensor)]
+            return cfg.attention_in_multiplier, 1.0
         if ".self_attn.k_proj." in name:
-            scale = cfg.attention_in_multiplier * cfg.key_multiplier if is_weight else cfg.key_multiplier
-            return [(name, tensor * scale)]
+            return cfg.attention_in_multiplier * cfg.key_multiplier, cfg.key_multiplier
         if ".self_attn.o_proj." in name:
-            return [(name, tensor * cfg.attention_out_multiplier)]
+            return cfg.attention_out_multiplier, cfg.attention_out_multiplier
         if ".mamba.in_proj." in name:
             rows = self._ssm_row_multipliers()
-            return [(name, tensor * (rows[:, None] * cfg.ssm_in_multiplier if is_weight else rows))]
+            return rows * cfg.ssm_in_multiplier, rows
         if ".mamba.out_proj." in name:
-            return [(name, tensor * cfg.ssm_out_multiplier)]
+            return cfg.ssm_out_multiplier, cfg.ssm_out_multiplier
         if ".feed_forward.gate_proj." in name:
-            return [(name, tensor * cfg.mlp_multipliers[0])]
+            return cfg.mlp_multipliers[0], cfg.mlp_multipliers[0]
         if ".feed_forward.down_proj." in name:
-            return [(name, tensor * cfg.mlp_multipliers[1])]
-        return [(name, tensor)]
+            return cfg.mlp_multipliers[1], cfg.mlp_multipliers[1]
+        return None
 
     def _ssm_row_multipliers(self) -> torch.Tensor:
         """ssm_multipliers m0..m4 expanded over the in_proj rows [z | x | B | C | dt]."""

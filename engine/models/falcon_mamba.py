@@ -17,6 +17,7 @@ from engine.cache_pools import LayerCache
 from engine.config import FalconMambaConfig
 from engine.forward_batch import ForwardBatch
 from engine.models.common import LMHead, RMSNorm, pad_vocab_rows
+from engine.quantization import linear
 
 
 class DtProj(nn.Module):
@@ -33,13 +34,13 @@ class Mamba1Mixer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d_in, N, R = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
-        self.in_proj = nn.Linear(cfg.hidden_size, 2 * d_in, bias=cfg.use_bias)
+        self.in_proj = linear(cfg.hidden_size, 2 * d_in, cfg.use_bias, cfg.quantization)
         self.conv1d = nn.Conv1d(d_in, d_in, cfg.conv_kernel, groups=d_in, bias=cfg.use_conv_bias)
         self.x_proj = nn.Linear(d_in, R + 2 * N, bias=False)
         self.dt_proj = DtProj(R, d_in)
         self.A_log = nn.Parameter(torch.empty(d_in, N, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(d_in, dtype=torch.float32))
-        self.out_proj = nn.Linear(d_in, cfg.hidden_size, bias=cfg.use_bias)
+        self.out_proj = linear(d_in, cfg.hidden_size, cfg.use_bias, cfg.quantization)
 
     def forward(self, u: torch.Tensor, batch: ForwardBatch, cache: LayerCache) -> torch.Tensor:
         cfg = self.cfg

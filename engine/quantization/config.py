@@ -1,0 +1,120 @@
+"""Quantization configs: GPTQ from a checkpoint's `quantization_config`, FP8 from `--quantization fp8`.
+
+Every field of a GPTQ `quantization_config` that changes what the stored tensors mean is read and
+checked; an unsupported value is a ConfigError naming the field. Fields that only describe how the
+checkpoint was made (calibration data, damping, ...) do not change inference and are accepted as is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from engine.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Written by AutoGPTQ / GPTQModel / transformers' GPTQConfig; they only describe the quantization run.
+_GPTQ_PROCESS_FIELDS = {
+    "damp_percent", "damp_auto_increment", "true_sequential", "static_groups", "mse", "tokenizer", "dataset",
+    "model_name_or_path", "model_file_base_name", "meta", "quantizer", "use_cuda_fp16", "model_seqlen",
+    "block_name_to_quantize", "module_name_preceding_first_block", "batch_size", "pad_token_id", "use_exllama",
+    "exllama_config", "max_input_length", "cache_block_outputs", "backend", "is_marlin_format", "v2",
+    "v2_alpha", "v2_memory_device", "hyb_act", "act_group_aware", "adapter", "rotation", "buffered_fwd", "fail_safe",
+    "mock_quantization",
+}
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ integer weights: `bits` per value packed into int32 along the input dimension, one fp16 scale
+    and zero point per (group of `group_size` input channels, output channel); g_idx maps channels to groups."""
+
+    bits: int
+    group_size: int  # -1: one group spanning all input channels
+    desc_act: bool
+    sym: bool
+    zeros_offset_by_one: bool  # checkpoint_format "gptq" (v1) stores zero - 1; "gptq_v2" stores the zero
+
+    method = "gptq"
+
+    @property
+    def pack_factor(self) -> int:
+        return 32 // self.bits
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """float8_e4m3 weights with one fp32 scale per output channel, quantized from 16-bit weights at load."""
+
+    method = "fp8"
+
+
+QuantConfig = GPTQConfig | FP8Config
+QUANTIZATION_METHODS = ("gptq", "fp8")
+
+
+def parse_quantization_config(raw: object, source: str) -> QuantConfig | None:
+    """config.json's `quantization_config` (None when absent)."""
+    if raw is None:
+        return None
+    where = f"{source}: quantization_config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be an object, got {raw!r}")
+    method = raw.get("quant_method")
+    if method != "gptq":
+        raise ConfigError(f"{where}.quant_method {method!r} is not supported (supported: 'gptq'; for FP8, "
+                          "serve the 16-bit checkpoint with --quantization fp8)")
+
+    def field(name, kinds, default=None, required=False):
+        if name not in raw or raw[name] is None:
+            if required:
+                raise ConfigError(f"{where}: missing field '{name}'")
+            return default
+        value = raw[name]
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{name} has the wrong type: {value!r}")
+        return value
+
+    bits = field("bits", (int,), required=True)
+    if bits not in (4, 8):
+        raise ConfigError(f"{where}.bits {bits} is not supported (supported: 4, 8)")
+    group_size = field("group_size", (int,), -1)
+    if group_size != -1 and (group_size < 32 or group_size % 32):
+        raise ConfigError(f"{where}.group_size {group_size} is not supported (supported: -1 or a multiple of 32)")
+    fmt = field("checkpoint_format", (str,), None) or field("format", (str,), "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ConfigError(f"{where}.checkpoint_format {fmt!r} is not supported (supported: 'gptq', 'gptq_v2')")
+    pack_dtype = field("pack_dtype", (str,), "int32")
+    if pack_dtype not in ("int32", "torch.int32"):
+        raise ConfigError(f"{where}.pack_dtype {pack_dtype!r} is not supported (supported: 'int32')")
+    if field("lm_head", (bool,), False):
+        raise ConfigError(f"{where}.lm_head true (a quantized lm_head) is not supported")
+    if field("dynamic", (dict,), None):
+        raise ConfigError(f"{where}.dynamic (per-module overrides) is not supported")
+    if field("modules_in_block_to_quantize", (list,), None) is not None:
+        raise ConfigError(f"{where}.modules_in_block_to_quantize is not supported: every linear projection of "
+                          "a block (attention q/k/v/o, Mamba in_proj/out_proj, MLP gate/up/down) must be quantized")
+    known = {"quant_method", "bits", "group_size", "checkpoint_format", "format", "pack_dtype", "lm_head",
+             "dynamic", "modules_in_block_to_quantize", "desc_act", "sym"} | _GPTQ_PROCESS_FIELDS
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        logger.warning("%s: ignoring fields %s (not known to change how GPTQ tensors are read)", where, unknown)
+    return GPTQConfig(bits=bits, group_size=group_size, desc_act=field("desc_act", (bool,), False),
+                      sym=field("sym", (bool,), True), zeros_offset_by_one=fmt == "gptq")
+
+
+def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) -> QuantConfig | None:
+    """What to run: the checkpoint's own quantization, checked against --quantization when one is given."""
+    if requested is None:
+        return checkpoint
+    if requested not in QUANTIZATION_METHODS:
+        raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {requested!r}")
+    if requested == "gptq":
+        if checkpoint is None:
+            raise ConfigError("--quantization gptq: the checkpoint has no GPTQ quantization_config in config.json")
+        return checkpoint
+    if checkpoint is not None:
+        raise ConfigError(f"--quantization fp8 quantizes 16-bit checkpoints; this one is already "
+                          f"{checkpoint.method}-quantized")
+    return FP8Config()

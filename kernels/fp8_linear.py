@@ -1,0 +1,128 @@
+"""FP8 linear layer: y = x @ (W_fp8 * scale)^T + bias, W float8_e4m3 [N, K] with one fp32 scale per output row.
+
+Two GPU paths, picked by the number of rows (both measured in benchmarks/quant.py):
+- few rows (decode): weight-only, a Triton GEMM that converts each fp8 tile to the activation dtype in
+  registers, split along K like the GPTQ kernel, scales applied to the fp32 sum;
+- many rows: Hopper's fp8 tensor cores through torch._scaled_mm, activations quantized per row
+  (dynamic, scale = amax / 448), so the product is rowwise-scaled fp8 x fp8.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.quant_linear import matmul_config, split_k_matmul, store_tile
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALED_MM_MIN_ROWS = 128  # from here on (on sm_89+): fp8 x fp8 tensor cores
+
+
+def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric float8_e4m3fn quantization of w [N, K]: (q, scale [N] fp32), w ~ q * scale[:, None]."""
+    scale = w.float().abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
+    q = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x's dtype: dequantize, matmul in float32, add bias."""
+    y = x.float() @ (weight.float() * scale[:, None]).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, N_W, K, stride_xm,
+                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, K_TILES, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight-only fp8: as _gptq_matmul_kernel, with W^T tiles read from the row-major [N, K] fp8 weight."""
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_begin = pid_k * K_TILES * BLOCK_K
+    for i in range(K_TILES):
+        offs_k = k_begin + i * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        w = w.to(tl.float32).to(x_ptr.dtype.element_ty)  # e4m3 values are exact in fp16 / bf16 / fp32
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    store_tile(acc, b_ptr, out_ptr, offs_m, offs_n, M, N, N_W, pid_k, HAS_BIAS, SPLIT)
+
+
+def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                           config: dict | None = None) -> torch.Tensor:
+    x = x.contiguous()
+    (M, K), N = x.shape, weight.shape[0]
+    config = config or matmul_config(M, N, K, K, x.device)
+    return split_k_matmul(_fp8_matmul_kernel, x, (weight, scale), bias, N, N, config)
+
+
+def quantize_fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations per row: (x_fp8 [M, K], scale [M, 1] fp32), the layout torch._scaled_mm takes."""
+    q, scale = quantize_fp8_weight(x)
+    return q, scale[:, None]
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+    q = tl.clamp(x / scale, -448.0, 448.0)
+    tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of quantize_fp8_rows_ref: one launch instead of five elementwise passes."""
+    M, K = x.shape
+    q = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(M, 1, device=x.device, dtype=torch.float32)
+    if M:
+        block = triton.next_power_of_2(K)
+        _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return q, scale
+
+
+def fp8_scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+                         ) -> torch.Tensor:
+    """fp8 x fp8 on tensor cores: x quantized per row on the fly, one scale per row of x and of W."""
+    x_fp8, x_scale = quantize_fp8_rows(x) if x.is_cuda else quantize_fp8_rows_ref(x)
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    y = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=out_dtype)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+def _has_fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+               ) -> torch.Tensor:
+    """GPU version of fp8_linear_ref: weight-only for few rows, fp8 tensor cores for many (half-precision x).
+    _scaled_mm needs K and N divisible by 16: the last N % 16 rows of W (a fused projection's) go weight-only."""
+    (M, K), N = x.shape, weight.shape[0]
+    if M < SCALED_MM_MIN_ROWS or x.dtype == torch.float32 or K % 16 or N < 16 or not _has_fp8_tensor_cores(x.device):
+        return fp8_weight_only_linear(x, weight, scale, bias)
+    n16 = N - N % 16
+    y = fp8_scaled_mm_linear(x, weight[:n16], scale[:n16], bias[:n16] if bias is not None else None)
+    if n16 == N:
+        return y
+    rest = fp8_weight_only_linear(x, weight[n16:], scale[n16:], bias[n16:] if bias is not None else None)
+    return torch.cat([y, rest], dim=1)

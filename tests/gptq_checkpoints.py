@@ -1,0 +1,150 @@
+"""Tiny GPTQ and FP8 checkpoints for tests, without any download.
+
+From a tiny random transformers checkpoint, `write_gptq` writes two directories:
+- the GPTQ checkpoint in the layout AutoGPTQ / GPTQModel publish (TII's Falcon-H1 GPTQ releases):
+  config.json with `quantization_config`, and per quantized projection `qweight` int32 [K / (32/bits), N]
+  (values packed along the input dimension, lowest bits first), `qzeros` int32 [G, N / (32/bits)] (packed
+  along the output dimension; format "gptq" stores zero - 1, "gptq_v2" the zero), `scales` fp16 [G, N],
+  `g_idx` int32 [K] (act-order: channels quantized in a permuted order, groups following that order);
+  every other tensor in fp16;
+- the same model with every weight dequantized (W = scales * (q - zero)), as a plain checkpoint:
+  transformers on it is the reference.
+The packer here is written independently of engine/quantization so that one cannot hide the other's bug.
+
+`write_fp8_reference` writes the plain checkpoint whose projections are the per-output-row float8_e4m3
+round trip of the original, the reference for `--quantization fp8`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+# The projections GPTQ quantizes in each architecture (tensor-name patterns of their weights).
+QUANTIZED = re.compile(r"\.(self_attn\.(q|k|v|o)_proj|mamba\.(in|out)_proj|feed_forward\.(gate|up|down)_proj"
+                       r"|mixer\.(in|out)_proj)\.weight$")
+# Projections that read the same input share an act-order permutation, as real GPTQ runs give them
+# (the permutation comes from that input's Hessian).
+_SAME_INPUT = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
+               "mamba.in_proj": "attn_in", "feed_forward.gate_proj": "mlp_in", "feed_forward.up_proj": "mlp_in"}
+
+
+def _input_key(prefix: str) -> str:
+    layer, _, module = prefix.partition(".layers.")[2].partition(".")
+    return f"{layer}.{_SAME_INPUT.get(module, module)}"
+
+
+def pack_along_rows(q: np.ndarray, bits: int) -> np.ndarray:
+    """q [K, N] unsigned values -> int32 [K / (32/bits), N]; value k of a word at bits (k % pack) * bits."""
+    pack = 32 // bits
+    out = np.zeros((q.shape[0] // pack, q.shape[1]), dtype=np.uint32)
+    for i in range(pack):
+        out |= q[i::pack].astype(np.uint32) << np.uint32(bits * i)
+    return out.view(np.int32)
+
+
+def pack_along_cols(q: np.ndarray, bits: int) -> np.ndarray:
+    return np.ascontiguousarray(pack_along_rows(np.ascontiguousarray(q.T), bits).T)
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int, g_idx: torch.Tensor, sym: bool, v1: bool):
+    """Round-to-nearest per (group, output row). Returns (q [K, N], zeros [G, N], scales fp16 [G, N], W_deq [N, K])."""
+    N, K = w.shape
+    maxq = (1 << bits) - 1
+    groups = int(g_idx.max()) + 1
+    q = torch.zeros(K, N, dtype=torch.int64)
+    zeros = torch.zeros(groups, N, dtype=torch.int64)
+    scales = torch.zeros(groups, N, dtype=torch.float16)
+    deq = torch.zeros(N, K)
+    for g in range(groups):
+        cols = (g_idx == g).nonzero().flatten()
+        wg = w[:, cols].double()  # [N, group]
+        if sym:
+            scale = (2 * wg.abs().amax(dim=1) / maxq).clamp_min(1e-8)
+            zero = torch.full((N,), (maxq + 1) // 2, dtype=torch.int64)
+        else:
+            lo, hi = wg.amin(dim=1).clamp(max=0), wg.amax(dim=1).clamp(min=0)
+            scale = ((hi - lo) / maxq).clamp_min(1e-8)
+            # v1 stores zero - 1, so a zero point of 0 cannot be written: GPTQ v1 writers never produce one here.
+            zero = torch.round(-lo / scale).clamp(1 if v1 else 0, maxq).long()
+        scale16 = scale.half()
+        codes = torch.round(wg / scale16.double()[:, None]) + zero[:, None]
+        codes = codes.clamp(0, maxq).long()
+        q[cols] = codes.T
+        zeros[g], scales[g] = zero, scale16
+        deq[:, cols] = ((codes - zero[:, None]).double() * scale16.double()[:, None]).float()
+    return q, zeros, scales, deq
+
+
+def _g_idx(K: int, group_size: int, perm: torch.Tensor | None) -> torch.Tensor:
+    gs = K if group_size == -1 else group_size
+    order = torch.arange(K) if perm is None else perm
+    g_idx = torch.empty(K, dtype=torch.int32)
+    g_idx[order] = (torch.arange(K) // gs).to(torch.int32)  # the i-th channel quantized is in group i // gs
+    return g_idx
+
+
+def write_gptq(source: Path, gptq_dir: Path, plain_dir: Path, *, bits: int, group_size: int, desc_act: bool,
+               checkpoint_format: str = "gptq", sym: bool = True, shared_act_order: bool = True, seed: int = 0
+               ) -> None:
+    """source: a tiny fp32 checkpoint (tests/tiny_models.build_checkpoint). See the module docstring."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(Path(source) / "model.safetensors"))
+    quantized, plain = {}, {}
+    perms: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not QUANTIZED.search(name):
+            quantized[name] = t.half()
+            plain[name] = t.half().float()
+            continue
+        prefix = name[: -len(".weight")]
+        N, K = t.shape
+        perm = None
+        if desc_act:
+            key = _input_key(prefix) if shared_act_order else prefix
+            perm = perms.setdefault(key, torch.randperm(K, generator=gen))
+        g_idx = _g_idx(K, group_size, perm)
+        q, zeros, scales, deq = quantize(t.float(), bits, group_size, g_idx, sym, checkpoint_format == "gptq")
+        stored_zeros = (zeros - 1) & ((1 << bits) - 1) if checkpoint_format == "gptq" else zeros
+        quantized[prefix + ".qweight"] = torch.from_numpy(pack_along_rows(q.numpy(), bits))
+        quantized[prefix + ".qzeros"] = torch.from_numpy(pack_along_cols(stored_zeros.numpy(), bits))
+        quantized[prefix + ".scales"] = scales
+        quantized[prefix + ".g_idx"] = g_idx
+        plain[name] = deq
+    config = json.loads((Path(source) / "config.json").read_text())
+    config["torch_dtype"] = "float16"
+    for directory, weights, cfg in (
+            (gptq_dir, quantized, dict(config, quantization_config=dict(
+                quant_method="gptq", bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
+                checkpoint_format=checkpoint_format, lm_head=False, pack_dtype="int32", damp_percent=0.01,
+                true_sequential=True, static_groups=False, meta=dict(quantizer=["gptqmodel:2.2.0"])))),
+            (plain_dir, plain, config)):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(cfg))
+        for f in Path(source).glob("tokenizer*"):
+            shutil.copy(f, directory / f.name)
+
+
+def write_fp8_reference(source: Path, plain_dir: Path) -> None:
+    """source's projections replaced by their per-output-row float8_e4m3 round trip (scale = amax / 448)."""
+    tensors = load_file(str(Path(source) / "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if QUANTIZED.search(name):
+            scale = t.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 448.0
+            t = (t.float() / scale).to(torch.float8_e4m3fn).float() * scale
+        out[name] = t.contiguous()
+    plain_dir = Path(plain_dir)
+    plain_dir.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(plain_dir / "model.safetensors"), metadata={"format": "pt"})
+    for f in list(Path(source).glob("tokenizer*")) + [Path(source) / "config.json"]:
+        shutil.copy(f, plain_dir / f.name)

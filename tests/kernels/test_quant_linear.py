@@ -1,0 +1,145 @@
+"""Triton GPTQ (W4A16 / W8A16) and FP8 weight-only GEMMs against their torch references.
+
+CPU: Triton's interpreter at small shapes, in float32 and float16 (the interpreter mishandles bf16 dots);
+every path is exercised: split-K with its reduce kernel and without, act-order gather, bias, group sizes
+32 / 128 / one group, and the dequantize-then-cuBLAS path. GPU: the Falcon-H1-7B / FalconMamba-7B
+projection shapes in bf16 at decode (1, 32 rows) and prefill (256, 4096 rows), and the fp8 tensor-core path.
+Tolerance: max |out - ref| / max |ref| < 1e-4 in fp32, 1e-2 in fp16 / bf16 (one rounding of the output
+and of each dequantized weight), 3e-2 for fp8 tensor cores (activations are quantized to fp8 too).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import fp8_linear as fp8
+from kernels import quant_linear as ql
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def random_gptq(K: int, N: int, bits: int, group_size: int, act_order: bool, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    info = torch.iinfo(torch.int32)
+    qweight = torch.randint(info.min, info.max, (K * bits // 32, N), generator=g, dtype=torch.int32)
+    groups = -(-K // group_size)
+    scales = (torch.rand(groups, N, generator=g) * 0.02 + 0.005).to(torch.float16 if dtype != torch.float32 else dtype)
+    zeros = torch.randint(0, 1 << bits, (groups, N), generator=g).to(torch.int16)
+    perm = torch.randperm(K, generator=g).to(torch.int32) if act_order else None
+    bias = torch.randn(N, generator=g).to(dtype)
+    return [t.to(DEVICE) if t is not None else None for t in (qweight, scales, zeros, perm, bias)]
+
+
+def check_gptq(M, K, N, bits, group_size, act_order, dtype, with_bias=True, config=None, padded_to=None):
+    """padded_to: store the weights with that many columns (garbage beyond N), as layers pad them."""
+    N_w = padded_to or N
+    qweight, scales, zeros, perm, bias = random_gptq(K, N_w, bits, group_size, act_order, dtype, seed=M + K + bits)
+    bias = bias[:N] if with_bias else None
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(DEVICE, dtype)
+    out = ql.gptq_linear(x, qweight, scales, zeros, perm, bias, bits, group_size, N, config=config)
+    ref = ql.gptq_linear_ref(x, qweight, scales, zeros, perm, bias, bits, group_size, N)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+SMALL = [  # M, K, N, bits, group_size, act_order
+    (1, 256, 64, 4, 128, False),
+    (3, 256, 96, 8, 32, True),
+    (17, 128, 72, 4, 128, True),
+    (2, 192, 40, 4, 192, False),  # one group (group_size -1 resolves to K)
+    (5, 96, 64, 8, 32, False),
+]
+
+
+@pytest.mark.parametrize("shape", SMALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gptq_kernel_small(shape, dtype):
+    check_gptq(*shape, dtype)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gptq_kernel_split_k_and_bias(split_k):
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    check_gptq(37, 256, 48, 4, 64, True, torch.float32, with_bias=split_k == 3, config=config)  # 3 row tiles
+    check_gptq(4, 256, 48, 8, 64, False, torch.float32, with_bias=split_k == 1, config=config)
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gptq_kernel_padded_columns(split_k):
+    config = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    check_gptq(3, 128, 72, 4, 64, True, torch.float32, config=config, padded_to=128)
+    check_gptq(1100, 128, 72, 4, 64, False, torch.float32, padded_to=128)  # dequantize + matmul
+
+
+def test_gptq_dequantize_kernel():
+    qweight, scales, zeros, _, _ = random_gptq(256, 80, 4, 64, False, torch.float32)
+    out = ql.gptq_dequantize(qweight, scales, zeros, 4, 64, torch.float32)
+    assert torch.equal(out, ql.dequantize_ref(qweight, scales, zeros, 4, 64))
+
+
+def test_gptq_long_inputs_use_the_dequantized_matmul(monkeypatch):
+    monkeypatch.setattr(ql, "DEQUANT_MATMUL_MIN_ROWS", 8)
+    check_gptq(9, 128, 64, 4, 32, True, torch.float32)
+
+
+def test_fp8_weight_only_kernel():
+    g = torch.Generator().manual_seed(0)
+    w, scale = fp8.quantize_fp8_weight(torch.randn(72, 160, generator=g) * 0.05)
+    x = torch.randn(5, 160, generator=g)
+    bias = torch.randn(72, generator=g)
+    w, scale, x, bias = (t.to(DEVICE) for t in (w, scale, x, bias))
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=2)
+    out = fp8.fp8_weight_only_linear(x, w, scale, bias, config=config)
+    assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, bias)) < TOL[torch.float32]
+
+
+def test_fp8_activation_quantization_kernel():
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    q, scale = fp8.quantize_fp8_rows(x)
+    q_ref, scale_ref = fp8.quantize_fp8_rows_ref(x)
+    assert torch.allclose(scale, scale_ref, rtol=1e-6) and scale.shape == (5, 1)
+    # Triton's interpreter converts fp32 -> e4m3 wrongly (124.0 -> 64.0): the codes are checked on the GPU only
+    if DEVICE == "cuda":
+        assert torch.equal(q.float(), q_ref.float())
+
+
+def test_fp8_quantization_round_trip():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    q, scale = fp8.quantize_fp8_weight(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64,)
+    assert torch.equal(q.float().abs().amax(dim=1), torch.full((64,), 448.0))  # each row's max hits the range
+    # e4m3 keeps 3 mantissa bits: relative error at most 2^-4 above the subnormal range
+    big = w.abs() > scale[:, None] * 2**-6
+    assert ((q.float() * scale[:, None] - w).abs()[big] / w.abs()[big]).max() <= 2**-4 + 1e-6
+
+
+# Falcon-H1-7B: fused in_proj+qkv, o/out_proj, fused gate+up, down; FalconMamba-7B: in_proj, out_proj.
+GPU_SHAPES = [(3072, 8728),  # N % 16 = 8: the fp8 tensor-core path leaves 8 rows to the weight-only kernel
+              (3072, 3072), (3072, 24576), (12288, 3072), (4096, 16384), (8192, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", GPU_SHAPES)
+@pytest.mark.parametrize("M", [1, 32, 256, 4096])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_kernel_gpu(K, N, M, bits):
+    check_gptq(M, K, N, bits, 128, True, torch.bfloat16, padded_to=-(-N // 64) * 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", GPU_SHAPES)
+@pytest.mark.parametrize("M", [1, 32, 256, 4096])
+def test_fp8_kernel_gpu(K, N, M):
+    g = torch.Generator().manual_seed(M)
+    w, scale = fp8.quantize_fp8_weight(torch.randn(N, K, generator=g) * 0.02)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    w, scale, x = w.cuda(), scale.cuda(), x.cuda()
+    out = fp8.fp8_linear(x, w, scale, None)
+    tol = 3e-2 if M >= fp8.SCALED_MM_MIN_ROWS else TOL[torch.bfloat16]
+    assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, None)) < tol
