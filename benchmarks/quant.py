@@ -8,9 +8,10 @@ GEMMs: weights bf16 (torch.nn.functional.linear, cuBLAS), GPTQ 4/8-bit (kernels/
 weight-only (Triton) and FP8 x FP8 (torch._scaled_mm, activations quantized per row). Each timing is a CUDA
 graph of calls that cycle through enough weight copies to miss the 50-60 MB L2, replayed; "achieved" is
 weight bytes (codes, scales and zero points included) per call over the time, against a device-to-device
-copy (bytes read + written). A small sweep of GPTQ tile configs at 1 and 32 rows shows how far the default
-heuristic is from the best tried. End to end: decode tok/s at 1 / 32 / 256 sequences, a 4k prefill, the
-weight bytes and how many 4k-context sequences fit. Stops starting new measurements after --budget-s.
+copy (bytes read + written, benchmarks/ceilings.py). A small sweep of GPTQ tile configs at 1 and 32 rows
+shows how far the default heuristic is from the best tried. End to end: decode tok/s at 1 / 32 / 256
+sequences, a 4k prefill, the weight bytes and how many 4k-context sequences fit. Stops starting new
+measurements after --budget-s.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.ceilings import copy_bytes_per_s
 from benchmarks.offline import SHAPES, bench_decode, bench_prefill, decode_bytes, max_concurrent
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
@@ -61,15 +63,6 @@ def time_graph(fn, reps: int = 5) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1e3 / reps
-
-
-def copy_ceiling() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(50):  # let the clocks come up first (a cold first measurement read 2.7 TB/s)
-        dst.copy_(src)
-    seconds = time_graph(lambda: [dst.copy_(src) for _ in range(4)], reps=20) / 4
-    return 2 * src.numel() / seconds
 
 
 def make_weights(fmt: str, K: int, N: int, gen: torch.Generator):
@@ -222,7 +215,7 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.perf_counter() + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
-    ceiling = copy_ceiling()
+    ceiling = copy_bytes_per_s()
     header = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; device-to-device copy "
               f"{ceiling / 1e12:.2f} TB/s (read + written)", ""]
     print(header[0], flush=True)
