@@ -98,14 +98,22 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
         layer.init_dummy(generator)
 
 
-def _copy_into(model: nn.Module, modules: dict[str, nn.Module], target: str, tensor: torch.Tensor) -> None:
-    """param/buffer `target` = tensor, or through its module's load_tensor hook (FP8 quantizes there)."""
+def _copy_into(modules: dict[str, nn.Module], target: str, tensor: torch.Tensor, source: str) -> None:
+    """param/buffer `target` = tensor, or through its module's load_tensor hook (FP8 quantizes there and
+    checks shapes itself). `source` names the checkpoint tensor and file, for errors."""
     owner, _, local = target.rpartition(".")
     module = modules[owner]
     if hasattr(module, "load_tensor"):
-        module.load_tensor(local, tensor)
-    else:
-        getattr(module, local).copy_(tensor)
+        try:
+            module.load_tensor(local, tensor)
+        except ValueError as e:
+            raise LoadError(f"tensor {source}: {e}") from None
+        return
+    param = getattr(module, local)
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise LoadError(f"tensor {source} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)} "
+                        "(check config.json)")
+    param.copy_(tensor)
 
 
 def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -121,8 +129,7 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
         init_dummy_weights(model)
         model.finalize_weights()
         return model.eval()
-    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     expected = model.checkpoint_names()
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -136,14 +143,10 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
                         continue
                     seen.add(name)
                     stored = f.get_tensor(name)
-                    if stored.is_floating_point():  # GPTQ's packed int32 codes stay integers
+                    if stored.is_floating_point() and stored.dtype.itemsize > 1:  # GPTQ / FP8 codes stay as they are
                         stored = stored.float()
                     for target, tensor in model.load_transform(name, stored):
-                        param = params[target]
-                        if tuple(tensor.shape) != tuple(param.shape):
-                            raise LoadError(f"tensor {name!r} in {file.name} has shape {tuple(tensor.shape)}, "
-                                            f"the model expects {tuple(param.shape)} (check config.json)")
-                        _copy_into(model, modules, target, tensor)
+                        _copy_into(modules, target, tensor, f"{name!r} in {file.name}")
     optional = {f"{name}.{t}" for name, layer in _quantized_layers(model)
                 for t in getattr(layer, "optional_checkpoint_tensors", ())}
     missing = sorted(expected - seen - optional)

@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "half", "float32", "float"], default=d["dtype"],
                    help="weight and activation dtype; auto uses the checkpoint's (half = float16, float = float32)")
     g.add_argument("--quantization", "-q", choices=["gptq", "fp8"],
-                   help="gptq: check that --model is a GPTQ checkpoint (they load as such without this flag); "
-                        "fp8: quantize a 16-bit checkpoint's projections to float8_e4m3 at load "
+                   help="gptq: check that --model is a GPTQ checkpoint (GPTQ and FP8 checkpoints load as such "
+                        "without this flag); fp8: quantize a 16-bit checkpoint's projections to float8_e4m3 at load "
                         "(default: as the checkpoint is)")
     g.add_argument("--max-model-len", type=int,
                    help="longest prompt + completion in tokens (default: from the model's config)")

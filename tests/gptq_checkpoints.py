@@ -148,3 +148,35 @@ def write_fp8_reference(source: Path, plain_dir: Path) -> None:
     save_file(out, str(plain_dir / "model.safetensors"), metadata={"format": "pt"})
     for f in list(Path(source).glob("tokenizer*")) + [Path(source) / "config.json"]:
         shutil.copy(f, plain_dir / f.name)
+
+
+def write_fp8_checkpoint(source: Path, fp8_dir: Path, plain_dir: Path, *, per_channel: bool, static: bool) -> None:
+    """An FP8 checkpoint as vLLM reads `quant_method: "fp8"`: per projection `weight` float8_e4m3fn and
+    `weight_scale` fp32 (a scalar, or [N, 1] per channel), `input_scale` with the static scheme; the rest
+    fp16. plain_dir: the same model with W = codes * weight_scale, the reference."""
+    tensors = load_file(str(Path(source) / "model.safetensors"))
+    fp8, plain = {}, {}
+    for name, t in tensors.items():
+        if not QUANTIZED.search(name):
+            fp8[name], plain[name] = t.half(), t.half().float()
+            continue
+        prefix = name[: -len(".weight")]
+        amax = t.abs().amax(dim=1, keepdim=True) if per_channel else t.abs().amax()
+        scale = (amax / 448.0).float()
+        codes = (t / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        fp8[name], fp8[prefix + ".weight_scale"] = codes, scale
+        if static:
+            fp8[prefix + ".input_scale"] = torch.tensor(0.05)
+        plain[name] = codes.float() * scale
+    config = json.loads((Path(source) / "config.json").read_text())
+    config["torch_dtype"] = "float16"
+    quant = dict(quant_method="fp8", activation_scheme="static" if static else "dynamic", ignored_layers=["lm_head"])
+    outputs = ((fp8_dir, fp8, dict(config, quantization_config=quant)), (plain_dir, plain, config))
+    for directory, weights, cfg in outputs:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(cfg))
+        for f in Path(source).glob("tokenizer*"):
+            shutil.copy(f, directory / f.name)

@@ -20,7 +20,13 @@ from engine.loader import LoadError, model_weight_bytes
 from engine.quantization import ConcatLinear, FP8Config, GPTQConfig
 from engine.quantization.fp8 import FP8Linear
 from engine.quantization.gptq import GPTQLinear, pack_int32_rows, unpack_int32
-from tests.gptq_checkpoints import pack_along_cols, pack_along_rows, write_fp8_reference, write_gptq
+from tests.gptq_checkpoints import (
+    pack_along_cols,
+    pack_along_rows,
+    write_fp8_checkpoint,
+    write_fp8_reference,
+    write_gptq,
+)
 from tests.tiny_models import build_checkpoint, falcon_h1_config, falcon_mamba_config, reference_greedy
 
 PROMPTS = [[5, 40, 70, 100, 33, 8, 90, 120, 77, 66, 10, 11, 12, 13, 200, 150, 44], [7, 250, 3]]
@@ -113,6 +119,17 @@ def test_fp8_matches_transformers_on_dequantized_weights(tmp_path, h1_source, ma
     assert layers and all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers)
 
 
+@pytest.mark.parametrize("model, per_channel, static", [("h1", False, False), ("h1", True, True),
+                                                       ("mamba", False, True)])
+def test_fp8_checkpoints_match_transformers_on_dequantized_weights(tmp_path, h1_source, mamba_source, model,
+                                                                    per_channel, static):
+    write_fp8_checkpoint(h1_source if model == "h1" else mamba_source, tmp_path / "fp8", tmp_path / "plain",
+                         per_channel=per_channel, static=static)
+    llm = compare(tmp_path / "fp8", tmp_path / "plain")
+    layers = layers_of(llm, FP8Linear)
+    assert layers and all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers)
+
+
 def test_memory_plan_counts_packed_weights(tmp_path, h1_source):
     write_gptq(h1_source, tmp_path / "gptq", tmp_path / "plain", bits=4, group_size=128, desc_act=False)
     quant = LLM(str(tmp_path / "gptq"), device="cpu", dtype="float32").engine.runner.model
@@ -151,7 +168,7 @@ def test_gptq_config_fields_are_read():
 @pytest.mark.parametrize("changes, field", [
     (dict(bits=3), "bits"), (dict(bits=None), "bits"), (dict(group_size=100), "group_size"),
     (dict(checkpoint_format="marlin"), "checkpoint_format"), (dict(quant_method="awq"), "quant_method"),
-    (dict(quant_method="fp8"), "quant_method"), (dict(quant_method="compressed-tensors"), "quant_method"),
+    (dict(quant_method="compressed-tensors"), "quant_method"),
     (dict(lm_head=True), "lm_head"), (dict(pack_dtype="int16"), "pack_dtype"),
     (dict(dynamic={"-:.*down_proj": {}}), "dynamic"), (dict(desc_act="yes"), "desc_act"),
     (dict(modules_in_block_to_quantize=[["self_attn.q_proj"]]), "modules_in_block_to_quantize"),
@@ -206,6 +223,17 @@ def test_engine_packing_agrees_with_the_test_packer():
         assert torch.equal(unpack_int32(packed, bits, dim=0), q.int())
         assert torch.equal(pack_int32_rows(q, bits), packed)
         assert torch.equal(unpack_int32(torch.from_numpy(pack_along_cols(q.numpy(), bits)), bits, dim=1), q.int())
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(weight_block_size=[128, 128]), "weight_block_size"),
+    (dict(activation_scheme="per-token"), "activation_scheme"),
+    (dict(ignored_layers=["model.layers.0.self_attn.q_proj"]), "ignored_layers"), (dict(fmt="e5m2"), "fmt"),
+])
+def test_unsupported_fp8_fields_are_named(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        parse_with({"quant_method": "fp8", "activation_scheme": "dynamic", **changes})
+    assert parse_with(dict(quant_method="fp8", ignored_layers=["lm_head"])) == FP8Config(from_checkpoint=True)
 
 
 def test_fp8_config_parses_from_the_flag():

@@ -182,13 +182,17 @@ class FalconH1ForCausalLM(nn.Module):
             return [(name, tensor)]
         weight_m, bias_m = multipliers  # a number, or one per output row
         kind = name.rsplit(".", 1)[-1]
-        if kind == "weight":
+        if kind == "weight" and tensor.dtype != torch.float8_e4m3fn:
             return [(name, tensor * (weight_m[:, None] if torch.is_tensor(weight_m) else weight_m))]
-        if kind == "scales":  # GPTQ [groups, out]: the integer codes stay, each output column's scales carry it
+        # Quantized weights keep their codes; the scales carry the multipliers, per output row:
+        # GPTQ `scales` [groups, out], FP8 `weight_scale` (one, or one per row).
+        if kind == "scales":
             return [(name, tensor * weight_m)]
+        if kind == "weight_scale":
+            return [(name, tensor.reshape(-1) * weight_m)]
         if kind == "bias":
             return [(name, tensor * bias_m)]
-        return [(name, tensor)]  # GPTQ qweight, qzeros, g_idx
+        return [(name, tensor)]  # GPTQ qweight, qzeros, g_idx; FP8 codes and input_scale
 
     def _linear_multipliers(self, name: str) -> tuple | None:
         """(weight, bias) multipliers of the linear layer `name` belongs to. Input-side scales (x * s before

@@ -1,4 +1,4 @@
-"""Quantization configs: GPTQ from a checkpoint's `quantization_config`, FP8 from `--quantization fp8`.
+"""Quantization configs: GPTQ or FP8 from a checkpoint's `quantization_config`, FP8 from `--quantization fp8`.
 
 Every field of a GPTQ `quantization_config` that changes what the stored tensors mean is read and
 checked; an unsupported value is a ConfigError naming the field. Fields that only describe how the
@@ -8,6 +8,7 @@ checkpoint was made (calibration data, damping, ...) do not change inference and
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from engine.config import ConfigError
@@ -45,7 +46,11 @@ class GPTQConfig:
 
 @dataclass(frozen=True)
 class FP8Config:
-    """float8_e4m3 weights with one fp32 scale per output channel, quantized from 16-bit weights at load."""
+    """float8_e4m3 weights with one fp32 scale per output channel: quantized from 16-bit weights at load
+    (--quantization fp8), or read from an FP8 checkpoint (its per-tensor or per-channel `weight_scale`)."""
+
+    from_checkpoint: bool = False
+    static_input_scale: bool = False  # the checkpoint has `input_scale` tensors (read, not used)
 
     method = "fp8"
 
@@ -62,9 +67,11 @@ def parse_quantization_config(raw: object, source: str) -> QuantConfig | None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be an object, got {raw!r}")
     method = raw.get("quant_method")
+    if method == "fp8":
+        return _parse_fp8(raw, where)
     if method != "gptq":
-        raise ConfigError(f"{where}.quant_method {method!r} is not supported (supported: 'gptq'; for FP8, "
-                          "serve the 16-bit checkpoint with --quantization fp8)")
+        raise ConfigError(f"{where}.quant_method {method!r} is not supported (supported: 'gptq', 'fp8'; "
+                          "or serve a 16-bit checkpoint with --quantization fp8)")
 
     def field(name, kinds, default=None, required=False):
         if name not in raw or raw[name] is None:
@@ -104,6 +111,29 @@ def parse_quantization_config(raw: object, source: str) -> QuantConfig | None:
                       sym=field("sym", (bool,), True), zeros_offset_by_one=fmt == "gptq")
 
 
+_PROJECTION = re.compile(r"(q|k|v|o|gate|up|down)_proj|in_proj|out_proj")
+
+
+def _parse_fp8(raw: dict, where: str) -> FP8Config:
+    """vLLM's FP8 checkpoint format: per projection `weight` float8_e4m3fn [N, K] and `weight_scale` fp32
+    (per tensor, or per output channel), plus `input_scale` with activation_scheme "static"."""
+    scheme = raw.get("activation_scheme", "dynamic")
+    if scheme not in ("dynamic", "static"):
+        raise ConfigError(f"{where}.activation_scheme {scheme!r} is not supported (supported: 'dynamic', 'static')")
+    if raw.get("weight_block_size") is not None:
+        raise ConfigError(f"{where}.weight_block_size (block-wise FP8 scales) is not supported")
+    ignored = raw.get("ignored_layers") or []
+    if not isinstance(ignored, list) or any(_PROJECTION.search(str(name)) for name in ignored):
+        raise ConfigError(f"{where}.ignored_layers {ignored!r}: every linear projection must be FP8 here")
+    fmt = raw.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"{where}.fmt {fmt!r} is not supported (supported: 'e4m3')")
+    if scheme == "static":
+        logger.warning("%s.activation_scheme 'static': the checkpoint's input_scale tensors are read but not "
+                       "used; activations are quantized per token at run time instead", where)
+    return FP8Config(from_checkpoint=True, static_input_scale=scheme == "static")
+
+
 def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) -> QuantConfig | None:
     """What to run: the checkpoint's own quantization, checked against --quantization when one is given."""
     if requested is None:
@@ -111,8 +141,10 @@ def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) 
     if requested not in QUANTIZATION_METHODS:
         raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {requested!r}")
     if requested == "gptq":
-        if checkpoint is None:
+        if not isinstance(checkpoint, GPTQConfig):
             raise ConfigError("--quantization gptq: the checkpoint has no GPTQ quantization_config in config.json")
+        return checkpoint
+    if isinstance(checkpoint, FP8Config):  # an FP8 checkpoint, and --quantization fp8 asked for
         return checkpoint
     if checkpoint is not None:
         raise ConfigError(f"--quantization fp8 quantizes 16-bit checkpoints; this one is already "

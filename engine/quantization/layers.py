@@ -23,7 +23,7 @@ def linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig |
     if isinstance(quant, GPTQConfig):
         return GPTQLinear(in_features, out_features, bias, quant)
     assert isinstance(quant, FP8Config)
-    return FP8Linear(in_features, out_features, bias)
+    return FP8Linear(in_features, out_features, bias, quant)
 
 
 class ConcatLinear(nn.Module):
