@@ -12,7 +12,8 @@ From a tiny random transformers checkpoint, `write_gptq` writes two directories:
 The packer here is written independently of engine/quantization so that one cannot hide the other's bug.
 
 `write_fp8_reference` writes the plain checkpoint whose projections are the per-output-row float8_e4m3
-round trip of the original, the reference for `--quantization fp8`.
+round trip of the original, the reference for `--quantization fp8`; `write_fp8_checkpoint` an FP8
+checkpoint as vLLM reads them (`quant_method: "fp8"`) with its dequantized reference.
 """
 
 from __future__ import annotations
@@ -117,14 +118,20 @@ def write_gptq(source: Path, gptq_dir: Path, plain_dir: Path, *, bits: int, grou
         quantized[prefix + ".scales"] = scales
         quantized[prefix + ".g_idx"] = g_idx
         plain[name] = deq
+    _write_pair(source, gptq_dir, quantized, plain_dir, plain, dict(
+        quant_method="gptq", bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
+        checkpoint_format=checkpoint_format, lm_head=False, pack_dtype="int32", damp_percent=0.01,
+        true_sequential=True, static_groups=False, meta=dict(quantizer=["gptqmodel:2.2.0"])))
+
+
+def _write_pair(source: Path, quant_dir: Path, quantized: dict, plain_dir: Path, plain: dict, quant_config: dict
+                ) -> None:
+    """The quantized checkpoint (config with quantization_config, fp16 dtype) and its plain reference,
+    each with source's tokenizer files."""
     config = json.loads((Path(source) / "config.json").read_text())
     config["torch_dtype"] = "float16"
-    for directory, weights, cfg in (
-            (gptq_dir, quantized, dict(config, quantization_config=dict(
-                quant_method="gptq", bits=bits, group_size=group_size, desc_act=desc_act, sym=sym,
-                checkpoint_format=checkpoint_format, lm_head=False, pack_dtype="int32", damp_percent=0.01,
-                true_sequential=True, static_groups=False, meta=dict(quantizer=["gptqmodel:2.2.0"])))),
-            (plain_dir, plain, config)):
+    for directory, weights, cfg in ((quant_dir, quantized, dict(config, quantization_config=quant_config)),
+                                    (plain_dir, plain, config)):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"),
@@ -168,15 +175,5 @@ def write_fp8_checkpoint(source: Path, fp8_dir: Path, plain_dir: Path, *, per_ch
         if static:
             fp8[prefix + ".input_scale"] = torch.tensor(0.05)
         plain[name] = codes.float() * scale
-    config = json.loads((Path(source) / "config.json").read_text())
-    config["torch_dtype"] = "float16"
-    quant = dict(quant_method="fp8", activation_scheme="static" if static else "dynamic", ignored_layers=["lm_head"])
-    outputs = ((fp8_dir, fp8, dict(config, quantization_config=quant)), (plain_dir, plain, config))
-    for directory, weights, cfg in outputs:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"),
-                  metadata={"format": "pt"})
-        (directory / "config.json").write_text(json.dumps(cfg))
-        for f in Path(source).glob("tokenizer*"):
-            shutil.copy(f, directory / f.name)
+    _write_pair(source, fp8_dir, fp8, plain_dir, plain, dict(
+        quant_method="fp8", activation_scheme="static" if static else "dynamic", ignored_layers=["lm_head"]))
