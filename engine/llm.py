@@ -45,6 +45,8 @@ class LLM:
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 completion = results[out.request_id].outputs[out.index]
+                if out.prompt_logprobs is not None:
+                    results[out.request_id].prompt_logprobs = out.prompt_logprobs
                 completion.text += out.new_text
                 completion.token_ids += out.new_token_ids
                 if out.new_logprobs is not None:

@@ -12,7 +12,8 @@ from engine.cache_manager import CacheManager
 from engine.config import EngineArgs, load_model_config
 from engine.loader import resolve_model_path
 from engine.model_runner import ModelRunner, resolve_device
-from engine.outputs import StepOutput
+from engine.outputs import Logprob, StepOutput
+from engine.prompt_logprobs import PromptScores
 from engine.quantization import resolve_quantization
 from engine.request_checks import ModelLimits, RequestError, check_request
 from engine.sampler import sample
@@ -157,25 +158,31 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             if not sched:
                 return []
-            logits = self.runner.execute(sched)
-            samplers, rows, failed = self._advance(sched)
+            logits, prompt_scores = self.runner.execute(sched)
+            samplers, rows, scored_only, failed = self._advance(sched, prompt_scores)
         except Exception as e:
             logger.exception("engine step failed; the engine cannot continue")
             self.dead_reason = f"{type(e).__name__}: {e}"
             raise EngineDeadError(self.dead_reason) from e
         if rows != list(range(logits.shape[0])):
             logits = logits[rows]
+        tokens, logprobs = self._sample(logits, samplers, failed) if samplers else ([], [])
+        # A scored-only sequence (max_tokens=0) finishes with its prompt, without a token.
+        emitted = [(seq, None, None) for seq in scored_only] + list(zip(samplers, tokens, logprobs))
         outputs = []
-        for seq, token, logprobs in zip(samplers, *self._sample(logits, samplers, failed)):
+        for seq, token, token_logprobs in emitted:
             if seq.request_id in failed:
                 continue
             try:
-                seq.token_ids.append(token)
-                if seq.logprobs is not None:
-                    seq.logprobs.append(logprobs)
-                reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
-                if reason is not None:
-                    self._finish(seq, reason)
+                if token is None:
+                    self._finish(seq, "length")
+                else:
+                    seq.token_ids.append(token)
+                    if seq.logprobs is not None:
+                        seq.logprobs.append(token_logprobs)
+                    reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
+                    if reason is not None:
+                        self._finish(seq, reason)
                 outputs.append(self._output(seq, flush=seq.is_finished))
             except Exception as e:  # noqa: BLE001 - this request's fault: fail it, serve the rest
                 logger.exception("request %s failed while emitting its output", seq.request_id)
@@ -188,30 +195,41 @@ class LLMEngine:
             raise EngineDeadError(self.dead_reason) from e
         return self._mark_finished_requests(outputs)
 
-    def _advance(self, sched: ScheduledBatch) -> tuple[list[Sequence], list[int], dict[str, Exception]]:
-        """Counts the computed tokens; forks prefilled n > 1 requests. Returns the sequences to sample,
-        the logits row of each (forked samples share their parent's) and the requests that failed."""
+    def _advance(self, sched: ScheduledBatch, prompt_scores: dict[int, PromptScores]
+                 ) -> tuple[list[Sequence], list[int], list[Sequence], dict[str, Exception]]:
+        """Counts the computed tokens, records prompt logprobs, forks prefilled n > 1 requests. Returns the
+        sequences to sample, the logits row of each (forked samples share their parent's), the sequences
+        that finish without sampling (max_tokens=0) and the requests that failed."""
         samplers: list[Sequence] = []
         rows: list[int] = []
+        scored_only: list[Sequence] = []
         failed: dict[str, Exception] = {}
         row = -1
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
+            if i in prompt_scores:
+                try:
+                    self._add_prompt_logprobs(seq, prompt_scores[i])
+                except Exception as e:  # noqa: BLE001 - e.g. its detokenization: this request's fault
+                    logger.exception("request %s failed while recording prompt logprobs", seq.request_id)
+                    failed[seq.request_id] = e
             sampling = sched.samples(i)
             seq.num_computed_tokens += n
             if not sampling:
                 continue
             row += 1
-            samplers.append(seq)
-            rows.append(row)
+            group = [seq]
             if seq.num_samples > 1:  # prompt done: fork the other samples, sharing this row's logits
                 try:
-                    children = self._fork(seq)
+                    group += self._fork(seq)
                 except ForkPreparationError as e:
                     failed[seq.request_id] = e.__cause__
                     continue
-                samplers += children
-                rows += [row] * len(children)
-        return samplers, rows, failed
+            if seq.params.max_tokens == 0:
+                scored_only += group
+            else:
+                samplers += group
+                rows += [row] * len(group)
+        return samplers, rows, scored_only, failed
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, Exception]
                 ) -> tuple[list[int], list[dict[int, float] | None]]:
@@ -249,6 +267,18 @@ class LLMEngine:
                     finished=True, finish_reason="error", num_prompt_tokens=seq.num_prompt_tokens,
                     error=f"{type(error).__name__}: {error}"))
         return outputs
+
+    def _add_prompt_logprobs(self, seq: Sequence, scores: PromptScores) -> None:
+        """Appends one {token id: Logprob} per scored position: the actual next token first, then the top-k."""
+        first = len(seq.prompt_logprobs)
+        for j, (lp, rank) in enumerate(zip(scores.token_logprobs, scores.ranks)):
+            entry = {seq.token_ids[first + j]: Logprob(lp, rank)}
+            for r, (token, top_lp) in enumerate(zip(scores.top_ids[j], scores.top_logprobs[j]), start=1):
+                entry.setdefault(token, Logprob(top_lp, r))
+            if self.tokenizer is not None:
+                for token, logprob in entry.items():
+                    logprob.decoded_token = self.tokenizer.decode([token], skip_special_tokens=False)
+            seq.prompt_logprobs.append(entry)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if not isinstance(seq.stop_reason, str):  # a stop string already cut the text; keep it cut
@@ -289,6 +319,8 @@ class LLMEngine:
         )
         if seq.index == 0 and seq.num_emitted_tokens == 0 and new_tokens:  # the request's first token
             out.queue_time = seq.queue_time
+        if seq.prompt_logprobs is not None and not seq.needs_prompt_logprobs and not seq.prompt_logprobs_reported:
+            out.prompt_logprobs, seq.prompt_logprobs_reported = seq.prompt_logprobs, True
         seq.num_emitted_tokens = seq.num_output_tokens
         return out
 

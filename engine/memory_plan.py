@@ -12,6 +12,7 @@ import torch
 from engine.cache_pools import allocate_layer_caches, kv_block_bytes, state_slot_bytes
 from engine.forward_batch import ForwardBatch
 from engine.loader import model_weight_bytes
+from engine.prompt_logprobs import ROWS_PER_BLOCK, score_rows
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +95,19 @@ def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: tor
 
 @torch.inference_mode()
 def _profile_activation_peak(model, cfg, device, dtype, state_dtype, num_tokens: int, block_size: int) -> int:
-    """Peak bytes a forward of num_tokens prompt tokens allocates beyond weights and its own caches."""
+    """Peak bytes a forward of num_tokens prompt tokens allocates beyond weights and its own caches,
+    scoring one block of prompt positions (the most prompt logprobs hold at once)."""
     bs = max(block_size, 1)
     caches = allocate_layer_caches(cfg, 1, -(-num_tokens // bs) + 1, bs, dtype, state_dtype, device)
     batch = profile_batch(num_tokens, device)
     batch.slot_mapping = batch.slot_mapping if block_size else torch.full_like(batch.slot_mapping, -1)
+    rows = min(num_tokens, ROWS_PER_BLOCK)
+    batch.logits_indices = torch.arange(num_tokens - rows, num_tokens, device=device)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    model.compute_logits(model(batch, caches))
+    score_rows(model.compute_logits, model(batch, caches), torch.zeros(rows, dtype=torch.long, device=device), k=20)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
     del caches

@@ -1,5 +1,6 @@
 """Owns the tensors: the model, its cache pools, and turning a ScheduledBatch into one flat ForwardBatch
-whose logits (one row per sequence that samples) come back from a single forward pass."""
+whose logits (one row per sequence that samples) come back from a single forward pass, with the scores
+of the prompt positions that sequences asking for prompt logprobs computed in this step."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from engine.cuda_graphs import DecodeGraphs, bucket_sizes
 from engine.forward_batch import ForwardBatch
 from engine.loader import load_model
 from engine.memory_plan import plan_memory
+from engine.prompt_logprobs import PromptScores, score_rows, split_scores
 from engine.scheduler import ScheduledBatch
 from kernels import PAD_SLOT
 
@@ -64,7 +66,8 @@ class ModelRunner:
         return self.device.type == "cuda" and not self.args.enforce_eager
 
     def prepare(self, sched: ScheduledBatch) -> ForwardBatch:
-        input_ids, positions, slot_mapping, logits_indices = [], [], [], []
+        """The flat batch; its logits_indices are the sampling rows, then the prompt rows to score."""
+        input_ids, positions, slot_mapping, logits_indices, score_indices = [], [], [], [], []
         query_start_loc, seq_lens = [0], []
         bs = self.block_size
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
@@ -73,10 +76,12 @@ class ModelRunner:
             positions += range(start, start + n)
             if bs:
                 slot_mapping += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            score_indices += [query_start_loc[-1] + p - start for p in seq.prompt_positions_to_score(n)]
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
             if sched.samples(i):
                 logits_indices.append(query_start_loc[-1] - 1)
+        logits_indices += score_indices
         if not bs:
             slot_mapping = [PAD_SLOT] * len(input_ids)
         width = max((len(s.block_table) for s in sched.seqs), default=0) or 1
@@ -101,15 +106,33 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, sched: ScheduledBatch) -> torch.Tensor:
-        """Runs one step; returns logits [S, V] (fp32) for the sequences that sample, in batch order."""
+    def execute(self, sched: ScheduledBatch) -> tuple[torch.Tensor, dict[int, PromptScores]]:
+        """Runs one step; returns logits [S, V] (fp32) for the sequences that sample, in batch order, and
+        the prompt scores of this step keyed by batch index."""
         seqs = sched.seqs
         if self.graphs is not None and sched.num_decodes == len(seqs) and self.graphs.fits(len(seqs)):
             return self.graphs.run([s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
-                                   [s.state_slot for s in seqs], [s.block_table for s in seqs])
+                                   [s.state_slot for s in seqs], [s.block_table for s in seqs]), {}
         batch = self.prepare(sched)
         hidden = self.model(batch, self.caches)
-        return self.model.compute_logits(hidden)
+        num_samplers = sum(map(sched.samples, range(len(seqs))))
+        logits = self.model.compute_logits(hidden[:num_samplers])
+        if hidden.shape[0] == num_samplers:
+            return logits, {}
+        return logits, self._score_prompts(sched, hidden[num_samplers:])
+
+    def _score_prompts(self, sched: ScheduledBatch, hidden: torch.Tensor) -> dict[int, PromptScores]:
+        """hidden: the final hidden states of the prompt rows prepare() listed, in the same order."""
+        targets, spans, owners = [], [], []
+        for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
+            scored = seq.prompt_positions_to_score(n)
+            if scored:
+                spans.append((len(targets), len(scored), seq.params.prompt_logprobs))
+                owners.append(i)
+                targets += seq.token_ids[scored.start + 1: scored.stop + 1]
+        k = max(k for _, _, k in spans)
+        scores = score_rows(self.model.compute_logits, hidden, torch.tensor(targets, device=self.device), k)
+        return dict(zip(owners, split_scores(scores, spans)))
 
     @torch.inference_mode()
     def copy_state(self, src_slot: int, dst_slot: int) -> None:

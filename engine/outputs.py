@@ -6,6 +6,18 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """One prompt token's score, as vLLM reports prompt logprobs."""
+
+    logprob: float
+    rank: int  # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, Logprob] | None]  # per prompt token: None for the first, then actual + top-k
+
+
+@dataclass
 class StepOutput:
     """New output of one sample (index) of one request after one engine step."""
 
@@ -21,6 +33,7 @@ class StepOutput:
     error: str | None = None
     request_finished: bool = False  # the last output of the whole request (all n samples done)
     queue_time: float | None = None  # seconds from arrival to first scheduling, on the request's first output
+    prompt_logprobs: PromptLogprobs | None = None  # once per request, on sample 0's first output after prefill
 
 
 @dataclass
@@ -40,3 +53,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    prompt_logprobs: PromptLogprobs | None = None

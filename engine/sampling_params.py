@@ -25,7 +25,7 @@ def is_number(value: object) -> bool:
 @dataclass
 class SamplingParams:
     n: int = 1
-    max_tokens: int | None = 16  # None: up to max_model_len
+    max_tokens: int | None = 16  # None: up to max_model_len; 0 (with prompt_logprobs): score the prompt only
     min_tokens: int = 0
     temperature: float = 1.0  # 0 = greedy (exact argmax)
     top_p: float = 1.0
@@ -42,7 +42,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # number of top logprobs per token (the sampled one is always included)
-    prompt_logprobs: None = None  # accepted for vLLM compatibility; not supported
+    prompt_logprobs: int | None = None  # number of top logprobs per prompt token (the actual one is always included)
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -51,8 +51,9 @@ class SamplingParams:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
         check(is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
-        check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
-              "max_tokens", "must be an integer >= 1")
+        check(self.max_tokens is None or (is_int(self.max_tokens) and (
+            self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None))),
+              "max_tokens", "must be an integer >= 1 (0 only with prompt_logprobs: score the prompt)")
         check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None:
             check(self.min_tokens <= self.max_tokens, "min_tokens", "must not exceed max_tokens")
@@ -66,6 +67,8 @@ class SamplingParams:
               "repetition_penalty", "must be in (0, 2]")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20),
               "logprobs", "must be an integer in [0, 20]")
+        check(self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+              "prompt_logprobs", "must be an integer in [0, 20]")
         check(self.seed is None or (is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]),
               "seed", "must be an integer in [-2**63, 2**64)")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):

@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -43,6 +44,10 @@ class Sequence:
         self.unemitted_text = ""  # detokenized output not yet reported (only this: outputs can be long)
         self.num_emitted_tokens = 0
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # One entry per prompt token scored so far (the first has no context: None), kept across preemption.
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.prompt_logprobs_reported = False
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.detokenizer = None  # set by the engine (engine.tokenizer.IncrementalDetokenizer)
@@ -52,8 +57,23 @@ class Sequence:
         child = Sequence(self.request_id, index, self.token_ids, self.params)
         child.num_prompt_tokens = self.num_prompt_tokens
         child.num_computed_tokens = self.num_computed_tokens
+        child.prompt_logprobs = None  # scored once per request, by sample 0
         child.status = SequenceStatus.RUNNING
         return child
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt positions remain to be scored. Such a sequence must compute every prompt
+        position itself: a prefix cache must not serve it (hook for the prefix cache)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    def prompt_positions_to_score(self, num_new_tokens: int) -> range:
+        """Positions among this step's new tokens whose logits score a prompt token not scored yet
+        (position p scores token p+1; after a preemption the recompute scores nothing twice)."""
+        if not self.needs_prompt_logprobs:
+            return range(0)
+        start = max(self.num_computed_tokens, len(self.prompt_logprobs) - 1)
+        return range(start, min(self.num_computed_tokens + num_new_tokens, self.num_prompt_tokens - 1))
 
     @property
     def num_tokens(self) -> int:
