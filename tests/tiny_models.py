@@ -3,6 +3,7 @@ in code, and transformers' own greedy continuation / logprobs to compare against
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -90,3 +91,16 @@ def rewrite_config(directory: Path, **changes) -> None:
     raw = json.loads(path.read_text())
     raw.update(changes)
     path.write_text(json.dumps(raw))
+
+
+@functools.lru_cache(maxsize=4)
+def reference_model(directory: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def reference_prompt_logprobs(directory: Path, prompt: list[int]) -> torch.Tensor:
+    """transformers' log-softmax at every prompt position: row p is the distribution of token p+1."""
+    return reference_model(Path(directory))(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
