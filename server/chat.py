@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from server.errors import bad_request
 from server.generation import ClientDisconnected, check_output, collect, sampling_params, submit, until_disconnected
-from server.logprobs import chat_logprobs
+from server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from server.prompts import encode, render_chat, template_arguments
 from server.protocol import (
     AssistantMessage,
@@ -48,7 +48,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     tokenizer = engine.tokenizer
     top_k = req.top_logprobs or 0
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=top_k if req.logprobs else None)
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=top_k if req.logprobs else None,
+                             prompt_logprobs=req.prompt_logprobs)
     template_kwargs = template_arguments(state.settings, req.chat_template, req.chat_template_kwargs)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     text = await render_chat(tokenizer, messages, req.add_generation_prompt, template_kwargs)
@@ -76,6 +77,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
             ],
             usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
                         total_tokens=len(prompt) + completion_tokens),
+            prompt_logprobs=vllm_prompt_logprobs(prompt, choices[0].prompt_logprobs, req.prompt_logprobs)
+            if req.prompt_logprobs is not None else None,
         )
         return JSONResponse(response.model_dump())
 

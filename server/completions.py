@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
+from engine.outputs import PromptLogprobs
 from server.errors import bad_request
 from server.generation import ClientDisconnected, check_output, collect, sampling_params, submit, until_disconnected
-from server.logprobs import completion_logprobs
+from server.logprobs import completion_logprobs, echoed_prompt_logprobs, vllm_prompt_logprobs
 from server.prompts import encode
-from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
+from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
 
@@ -23,9 +24,18 @@ def _reject_unsupported(req: CompletionRequest) -> None:
         raise bad_request("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (only best_of == n)", "best_of")
-    if req.echo and req.logprobs is not None:
-        # Echoed logprobs would need the prompt's logprobs, which the engine does not compute.
-        raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+    if req.max_tokens == 0 and not req.echo:
+        raise bad_request("max_tokens must be at least 1; 0 is only allowed with echo (score the prompt)",
+                          "max_tokens")
+
+
+def _prompt_logprobs_k(req: CompletionRequest) -> int | None:
+    """How many top logprobs per prompt token the engine computes: for echoed logprobs and for vLLM's
+    prompt_logprobs; echo with max_tokens 0 scores the prompt in any case."""
+    wanted = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+    if req.echo and req.max_tokens == 0:
+        wanted.append(0)
+    return max(wanted, default=None)
 
 
 def _prompts(req: CompletionRequest) -> list[str | list[int]]:
@@ -44,7 +54,8 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
     engine = state.ready_engine()
     _reject_unsupported(req)
     tokenizer = engine.tokenizer
-    params = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+    params = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+                             prompt_logprobs=_prompt_logprobs_k(req))
     raw_prompts = _prompts(req)
     prompts = [await encode(tokenizer, p, req.add_special_tokens) if isinstance(p, str) else list(p)
                for p in raw_prompts]
@@ -58,6 +69,22 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
         prompt = raw_prompts[choice_index // req.n]
         return prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)
 
+    def choice_logprobs(choice_index: int, token_ids: list[int], logprobs: list[dict[int, float]],
+                        text_offset: int, prompt_logprobs: PromptLogprobs | None) -> CompletionLogprobs | None:
+        """The logprobs of new tokens starting at text_offset; with echo, the prompt's first (when given)."""
+        if req.logprobs is None:
+            return None
+        echoed = None
+        if req.echo and prompt_logprobs is not None:
+            echoed, text_offset = echoed_prompt_logprobs(tokenizer, prompts[choice_index // req.n],
+                                                         prompt_logprobs, req.logprobs)
+        return completion_logprobs(tokenizer, token_ids, logprobs, text_offset, after=echoed)
+
+    def vllm_extra(choice_index: int, prompt_logprobs: PromptLogprobs | None):
+        if req.prompt_logprobs is None:
+            return None
+        return vllm_prompt_logprobs(prompts[choice_index // req.n], prompt_logprobs, req.prompt_logprobs)
+
     if not req.stream:
         try:
             choices = await until_disconnected(request, collect(generation, req.n))
@@ -66,13 +93,15 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
         finally:
             generation.close()
         completion_tokens = sum(len(c.token_ids) for c in choices.values())
+        # Prompt logprobs come once per prompt, with its sample 0.
+        prompt_lps = {i: choices[i - i % req.n].prompt_logprobs for i in choices}
         response = CompletionResponse(
             id=request_id, model=model,
             choices=[
                 CompletionChoice(
                     index=i, text=echo_text(i) + c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                    logprobs=completion_logprobs(tokenizer, c.token_ids, c.logprobs, 0)
-                    if req.logprobs is not None else None)
+                    logprobs=choice_logprobs(i, c.token_ids, c.logprobs, 0, prompt_lps[i]),
+                    prompt_logprobs=vllm_extra(i, prompt_lps[i]))
                 for i, c in choices.items()
             ],
             usage=Usage(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
@@ -86,6 +115,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
         created = int(time.time())
         started: set[int] = set()  # choices that got their first delta (which carries the echo)
         offsets: dict[int, int] = {}  # per choice: text_offset of its next token
+        prompt_lps: dict[int, PromptLogprobs] = {}  # per prompt, from its sample 0's first output
         completion_tokens = 0
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
@@ -96,17 +126,19 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
             check_output(out)
             completion_tokens += len(out.new_token_ids)
             index = prompt_index * req.n + out.index
-            text = out.new_text
+            if out.prompt_logprobs is not None:
+                prompt_lps[prompt_index] = out.prompt_logprobs
+            text, echoed = out.new_text, None
             if index not in started:
                 started.add(index)
                 text = echo_text(index) + text  # echo arrives with the first delta, as in vLLM
+                echoed = prompt_lps.get(prompt_index)  # ... and so do the echoed prompt's logprobs
             if not (text or out.finished or (req.logprobs is not None and out.new_token_ids)):
                 continue  # e.g. tokens held back while they might still become a stop string
-            logprobs = None
-            if req.logprobs is not None:
-                start = offsets.get(index, 0)
-                logprobs = completion_logprobs(tokenizer, out.new_token_ids, out.new_logprobs or [], start)
-                offsets[index] = start + sum(len(token) for token in logprobs.tokens)
+            logprobs = choice_logprobs(index, out.new_token_ids, out.new_logprobs or [], offsets.get(index, 0),
+                                       echoed)
+            if logprobs is not None and logprobs.tokens:
+                offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
             yield chunk([CompletionChoice(index=index, text=text, logprobs=logprobs,
                                           finish_reason=out.finish_reason if out.finished else None,
                                           stop_reason=out.stop_reason if out.finished else None)])

@@ -20,7 +20,7 @@ from fastapi import Request
 
 from engine.async_engine import QueueFullError
 from engine.llm_engine import EngineDeadError
-from engine.outputs import StepOutput
+from engine.outputs import PromptLogprobs, StepOutput
 from engine.request_checks import RequestError
 from engine.sampling_params import SamplingParams
 from server.errors import APIError, bad_request
@@ -44,8 +44,11 @@ async def off_loop(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
     return await asyncio.get_running_loop().run_in_executor(_preprocess_pool, functools.partial(fn, *args, **kwargs))
 
 
-def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None) -> SamplingParams:
     """SamplingParams from the request; unset fields keep the engine's defaults. Bad values -> 400."""
+    if req.stream and req.prompt_logprobs is not None:  # vLLM refuses this too: they would have no chunk
+        raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
     logit_bias = None
     if req.logit_bias is not None:
         try:
@@ -59,7 +62,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: in
         "min_tokens": req.min_tokens, "logit_bias": logit_bias, "stop": req.stop,
         "stop_token_ids": req.stop_token_ids, "ignore_eos": req.ignore_eos,
         "include_stop_str_in_output": req.include_stop_str_in_output,
-        "skip_special_tokens": req.skip_special_tokens, "logprobs": logprobs,
+        "skip_special_tokens": req.skip_special_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
     }
     # max_tokens=None is meaningful (up to max_model_len); the other Nones mean "not given".
     kwargs = {k: v for k, v in values.items() if v is not None or k == "max_tokens"}
@@ -148,6 +151,7 @@ class Choice:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # on sample 0 of each prompt, when asked for
 
     @property
     def text(self) -> str:
@@ -158,6 +162,8 @@ class Choice:
         self.token_ids += out.new_token_ids
         self.text_parts.append(out.new_text)
         self.logprobs += out.new_logprobs or []
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 

@@ -1,12 +1,14 @@
-"""Engine logprobs (one {token id: logprob} dict per generated token) in OpenAI's two shapes."""
+"""Engine logprobs (one {token id: logprob} dict per generated token) in OpenAI's two shapes, and prompt
+logprobs (engine.outputs.Logprob entries) as echoed completions logprobs and as vLLM's `prompt_logprobs`."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from server.protocol import CompletionLogprobs, TokenLogprob, TopLogprob
+from server.protocol import CompletionLogprobs, PromptLogprob, TokenLogprob, TopLogprob
 
 if TYPE_CHECKING:
+    from engine.outputs import PromptLogprobs
     from engine.tokenizer import Tokenizer
 
 
@@ -35,11 +37,12 @@ def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[dic
 
 
 def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[dict[int, float]],
-                        text_offset: int) -> CompletionLogprobs:
+                        text_offset: int, after: CompletionLogprobs | None = None) -> CompletionLogprobs:
     """Legacy completions shape. `text_offset` is where the first token starts in the choice's text;
     offsets advance by each token's own text, as in vLLM. The sampled token is always included in
-    `top_logprobs`, so an entry may have logprobs+1 items (vLLM does the same)."""
-    result = CompletionLogprobs()
+    `top_logprobs`, so an entry may have logprobs+1 items (vLLM does the same). Appended to `after`
+    (the echoed prompt's part) if given."""
+    result = after or CompletionLogprobs()
     for token_id, dist in zip(token_ids, logprobs, strict=True):
         text = token_text(tokenizer, token_id)
         result.tokens.append(text)
@@ -51,3 +54,38 @@ def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: li
         result.text_offset.append(text_offset)
         text_offset += len(text)
     return result
+
+
+def echoed_prompt_logprobs(tokenizer: Tokenizer, prompt_ids: list[int], prompt_logprobs: PromptLogprobs,
+                           top_k: int) -> tuple[CompletionLogprobs, int]:
+    """The prompt's part of echoed completions logprobs, offsets from 0: the first token has no context, so
+    its logprob and top_logprobs are None (as OpenAI and vLLM send them); the others carry the actual
+    token and the `top_k` most likely ones. Also returns the text offset just past the prompt."""
+    result = CompletionLogprobs()
+    text_offset = 0
+    for token_id, entry in zip(prompt_ids, prompt_logprobs, strict=True):
+        text = token_text(tokenizer, token_id)
+        result.tokens.append(text)
+        result.text_offset.append(text_offset)
+        text_offset += len(text)
+        if entry is None:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+            continue
+        result.token_logprobs.append(entry[token_id].logprob)
+        top: dict[str, float] = {}
+        for t, lp in sorted(entry.items(), key=lambda item: item[1].rank):
+            if t == token_id or lp.rank <= top_k:
+                top.setdefault(token_text(tokenizer, t), lp.logprob)
+        result.top_logprobs.append(top)
+    return result, text_offset
+
+
+def vllm_prompt_logprobs(prompt_ids: list[int], prompt_logprobs: PromptLogprobs,
+                         top_k: int) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs` response field: per prompt token None (the first) or {token id: logprob,
+    rank, decoded_token} for the actual token and the `top_k` most likely ones."""
+    return [None if entry is None else
+            {str(t): PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+             for t, lp in entry.items() if t == token_id or lp.rank <= top_k}
+            for token_id, entry in zip(prompt_ids, prompt_logprobs, strict=True)]

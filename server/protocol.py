@@ -86,6 +86,7 @@ class SamplingFields(RequestBody):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 # ------------------------------------------------------------------ chat
@@ -144,6 +145,17 @@ class ChatChoice(BaseModel):
     stop_reason: str | int | None = None  # vLLM extra: the stop string or token id that ended it
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `prompt_logprobs` entry, keyed by token id."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -157,6 +169,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra, when the request asks for them
 
 
 class ChatChunkChoice(BaseModel):
@@ -191,9 +204,11 @@ class CompletionRequest(SamplingFields):
 
 
 class CompletionLogprobs(BaseModel):
+    """With echo, the prompt's tokens come first; the first has no context (None, as OpenAI sends it)."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -203,6 +218,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra, when the request asks for them
 
 
 class CompletionResponse(BaseModel):
