@@ -38,6 +38,8 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from server.protocol_responses import ResponseObject, ResponsesRequest
+from server.responses import create_response
 from server.state import ServerSettings, ServerState
 
 if TYPE_CHECKING:
@@ -197,6 +199,10 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], AsyncEngine])
     @app.post("/v1/completions", response_model=CompletionResponse, responses=STREAM_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(body, request, state)
+
+    @app.post("/v1/responses", response_model=ResponseObject, responses=STREAM_RESPONSES)
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return await create_response(body, request, state)
 
     @app.post("/tokenize", responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
