@@ -317,8 +317,8 @@ class LLMEngine:
             finished=seq.is_finished, finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
             stop_reason=seq.stop_reason,
         )
-        if seq.index == 0 and seq.num_emitted_tokens == 0 and new_tokens:  # the request's first token
-            out.queue_time = seq.queue_time
+        if seq.index == 0 and seq.num_emitted_tokens == 0 and (new_tokens or seq.params.max_tokens == 0):
+            out.queue_time = seq.queue_time  # on the request's first token, or its only output
         if seq.prompt_logprobs is not None and not seq.needs_prompt_logprobs and not seq.prompt_logprobs_reported:
             out.prompt_logprobs, seq.prompt_logprobs_reported = seq.prompt_logprobs, True
         seq.num_emitted_tokens = seq.num_output_tokens

@@ -116,6 +116,8 @@ class RequestMetrics:
                 self.metrics.inter_token_latency.observe(now - last)
             self.last_token_time[out.index] = now
             self.metrics.generation_tokens.inc(len(out.new_token_ids))
+        elif out.prompt_logprobs is not None:  # a request that scores its prompt and generates nothing
+            self.metrics.prompt_tokens.inc(self.num_prompt_tokens)
         if out.finished and out.index not in self.finished:
             self.finished.add(out.index)
             self.metrics.request_success[out.finish_reason or "stop"].inc()

@@ -43,7 +43,8 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, prompt_ids,
     assert r.usage.prompt_tokens == n and r.usage.completion_tokens == 3
 
 
-def test_max_tokens_zero_with_echo_generates_nothing(client: openai.OpenAI, prompt_ids, reference) -> None:
+def test_max_tokens_zero_with_echo_generates_nothing(server, client: openai.OpenAI, prompt_ids, reference) -> None:
+    counted = server.metric("falcon_serve:prompt_tokens_total")
     r = client.completions.create(model=MODEL_NAME, prompt=[prompt_ids, prompt_ids[:5]], echo=True, logprobs=0,
                                   max_tokens=0)
     first, second = r.choices
@@ -51,6 +52,7 @@ def test_max_tokens_zero_with_echo_generates_nothing(client: openai.OpenAI, prom
     assert first.logprobs.token_logprobs[1:] == pytest.approx(reference, abs=1e-4)
     assert len(second.logprobs.tokens) == 5
     assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(prompt_ids) + 5
+    assert server.metric("falcon_serve:prompt_tokens_total") - counted == len(prompt_ids) + 5
     echo_only = client.completions.create(model=MODEL_NAME, prompt=PROMPT, echo=True, max_tokens=0)
     assert echo_only.choices[0].text == PROMPT and echo_only.choices[0].logprobs is None
 
