@@ -9,6 +9,7 @@ from typing import Any
 _EXPORTS = {
     "LLM": "engine.llm", "EngineArgs": "engine.config", "SamplingParams": "engine.sampling_params",
     "RequestOutput": "engine.outputs", "CompletionOutput": "engine.outputs", "StepOutput": "engine.outputs",
+    "Logprob": "engine.outputs",
 }
 __all__ = list(_EXPORTS)
 
