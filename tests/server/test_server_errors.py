@@ -58,7 +58,6 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": ""}, 400, "prompt", "empty"),
     (COMPLETIONS, {"prompt": [1, 2, 999999]}, 400, None, "999999"),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400, "logprobs", ""),
-    (COMPLETIONS, {"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo", ""),
     (COMPLETIONS, {"prompt": "hi", "suffix": "x"}, 400, "suffix", ""),
     (COMPLETIONS, {"prompt": "hi", "best_of": 3}, 400, "best_of", ""),
     (COMPLETIONS, {"prompt": "hi", "stop": [""]}, 400, "stop", ""),
