@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from engine.sampling_params import SamplingParams
 
 _PROGRESS_MIN_PROMPTS = 16
@@ -46,7 +46,7 @@ class LLM:
             for out in self.engine.step():
                 completion = results[out.request_id].outputs[out.index]
                 if out.prompt_logprobs is not None:
-                    results[out.request_id].prompt_logprobs = out.prompt_logprobs
+                    results[out.request_id].prompt_logprobs = self._with_token_texts(out.prompt_logprobs)
                 completion.text += out.new_text
                 completion.token_ids += out.new_token_ids
                 if out.new_logprobs is not None:
@@ -58,3 +58,11 @@ class LLM:
                     bar.update()
         bar.close()
         return list(results.values())
+
+    def _with_token_texts(self, prompt_logprobs: PromptLogprobs) -> PromptLogprobs:
+        """Fills each Logprob's decoded_token (each token alone, special tokens shown), as vLLM does."""
+        if self.tokenizer is not None:
+            for entry in prompt_logprobs:
+                for token, logprob in (entry or {}).items():
+                    logprob.decoded_token = self.tokenizer.decode([token], skip_special_tokens=False)
+        return prompt_logprobs

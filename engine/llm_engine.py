@@ -207,11 +207,7 @@ class LLMEngine:
         row = -1
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
             if i in prompt_scores:
-                try:
-                    self._add_prompt_logprobs(seq, prompt_scores[i])
-                except Exception as e:  # noqa: BLE001 - e.g. its detokenization: this request's fault
-                    logger.exception("request %s failed while recording prompt logprobs", seq.request_id)
-                    failed[seq.request_id] = e
+                self._add_prompt_logprobs(seq, prompt_scores[i])
             sampling = sched.samples(i)
             seq.num_computed_tokens += n
             if not sampling:
@@ -269,15 +265,13 @@ class LLMEngine:
         return outputs
 
     def _add_prompt_logprobs(self, seq: Sequence, scores: PromptScores) -> None:
-        """Appends one {token id: Logprob} per scored position: the actual next token first, then the top-k."""
+        """Appends one {token id: Logprob} per scored position: the actual next token first, then the top-k.
+        Token texts are left to the API layers (off the step loop)."""
         first = len(seq.prompt_logprobs)
         for j, (lp, rank) in enumerate(zip(scores.token_logprobs, scores.ranks)):
             entry = {seq.token_ids[first + j]: Logprob(lp, rank)}
             for r, (token, top_lp) in enumerate(zip(scores.top_ids[j], scores.top_logprobs[j]), start=1):
                 entry.setdefault(token, Logprob(top_lp, r))
-            if self.tokenizer is not None:
-                for token, logprob in entry.items():
-                    logprob.decoded_token = self.tokenizer.decode([token], skip_special_tokens=False)
             seq.prompt_logprobs.append(entry)
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -77,7 +77,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
             ],
             usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
                         total_tokens=len(prompt) + completion_tokens),
-            prompt_logprobs=vllm_prompt_logprobs(prompt, choices[0].prompt_logprobs, req.prompt_logprobs)
+            prompt_logprobs=vllm_prompt_logprobs(tokenizer, prompt, choices[0].prompt_logprobs, req.prompt_logprobs)
             if req.prompt_logprobs is not None else None,
         )
         return JSONResponse(response.model_dump())

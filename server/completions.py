@@ -11,7 +11,15 @@ from starlette.responses import JSONResponse, Response
 
 from engine.outputs import PromptLogprobs
 from server.errors import bad_request
-from server.generation import ClientDisconnected, check_output, collect, sampling_params, submit, until_disconnected
+from server.generation import (
+    ClientDisconnected,
+    check_output,
+    collect,
+    off_loop,
+    sampling_params,
+    submit,
+    until_disconnected,
+)
 from server.logprobs import completion_logprobs, echoed_prompt_logprobs, vllm_prompt_logprobs
 from server.prompts import encode
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
@@ -83,7 +91,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
     def vllm_extra(choice_index: int, prompt_logprobs: PromptLogprobs | None):
         if req.prompt_logprobs is None:
             return None
-        return vllm_prompt_logprobs(prompts[choice_index // req.n], prompt_logprobs, req.prompt_logprobs)
+        return vllm_prompt_logprobs(tokenizer, prompts[choice_index // req.n], prompt_logprobs, req.prompt_logprobs)
 
     if not req.stream:
         try:
@@ -93,17 +101,18 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
         finally:
             generation.close()
         completion_tokens = sum(len(c.token_ids) for c in choices.values())
-        # Prompt logprobs come once per prompt, with its sample 0.
-        prompt_lps = {i: choices[i - i % req.n].prompt_logprobs for i in choices}
+
+        def response_choices() -> list[CompletionChoice]:
+            # Prompt logprobs come once per prompt, with its sample 0.
+            prompt_lps = {i: choices[i - i % req.n].prompt_logprobs for i in choices}
+            return [CompletionChoice(
+                index=i, text=echo_text(i) + c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                logprobs=choice_logprobs(i, c.token_ids, c.logprobs, 0, prompt_lps[i]),
+                prompt_logprobs=vllm_extra(i, prompt_lps[i])) for i, c in choices.items()]
+
         response = CompletionResponse(
             id=request_id, model=model,
-            choices=[
-                CompletionChoice(
-                    index=i, text=echo_text(i) + c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                    logprobs=choice_logprobs(i, c.token_ids, c.logprobs, 0, prompt_lps[i]),
-                    prompt_logprobs=vllm_extra(i, prompt_lps[i]))
-                for i, c in choices.items()
-            ],
+            choices=await off_loop(response_choices),  # one text per logprob entry: long prompts take a while
             usage=Usage(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=num_prompt_tokens + completion_tokens),
         )
@@ -135,8 +144,9 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
                 echoed = prompt_lps.get(prompt_index)  # ... and so do the echoed prompt's logprobs
             if not (text or out.finished or (req.logprobs is not None and out.new_token_ids)):
                 continue  # e.g. tokens held back while they might still become a stop string
-            logprobs = choice_logprobs(index, out.new_token_ids, out.new_logprobs or [], offsets.get(index, 0),
-                                       echoed)
+            new = (index, out.new_token_ids, out.new_logprobs or [], offsets.get(index, 0), echoed)
+            # The echoed prompt's entries take one token text each: off the event loop.
+            logprobs = await off_loop(choice_logprobs, *new) if echoed else choice_logprobs(*new)
             if logprobs is not None and logprobs.tokens:
                 offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
             yield chunk([CompletionChoice(index=index, text=text, logprobs=logprobs,

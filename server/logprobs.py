@@ -81,11 +81,11 @@ def echoed_prompt_logprobs(tokenizer: Tokenizer, prompt_ids: list[int], prompt_l
     return result, text_offset
 
 
-def vllm_prompt_logprobs(prompt_ids: list[int], prompt_logprobs: PromptLogprobs,
+def vllm_prompt_logprobs(tokenizer: Tokenizer, prompt_ids: list[int], prompt_logprobs: PromptLogprobs,
                          top_k: int) -> list[dict[str, PromptLogprob] | None]:
     """vLLM's `prompt_logprobs` response field: per prompt token None (the first) or {token id: logprob,
     rank, decoded_token} for the actual token and the `top_k` most likely ones."""
     return [None if entry is None else
-            {str(t): PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+            {str(t): PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=token_text(tokenizer, t))
              for t, lp in entry.items() if t == token_id or lp.rank <= top_k}
             for token_id, entry in zip(prompt_ids, prompt_logprobs, strict=True)]

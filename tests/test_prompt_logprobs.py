@@ -68,6 +68,8 @@ def test_max_tokens_zero_scores_the_prompt_without_sampling(h1_dir):
     assert sum(steps) == len(LONG_PROMPTS[0])  # prefill only, no decode step
     assert [(c.token_ids, c.text, c.finish_reason) for c in out.outputs] == [([], "", "length")] * 2
     assert_matches_reference(out.prompt_logprobs, h1_dir, LONG_PROMPTS[0], 0)
+    assert all(lp.decoded_token == llm.tokenizer.decode([t], skip_special_tokens=False)
+               for entry in out.prompt_logprobs[1:] for t, lp in entry.items())
     assert_pools_full(llm)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
