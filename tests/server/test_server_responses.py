@@ -78,3 +78,14 @@ def test_unsupported_fields_are_named_400s(server, extra, param) -> None:
     r = httpx.post(server.url + "/v1/responses", json={"model": MODEL_NAME, "input": "Hi", **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_langchain_use_responses_api(server, client: openai.OpenAI) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL_NAME, base_url=server.url + "/v1", api_key="unused", use_responses_api=True,
+                     max_tokens=5, temperature=0, max_retries=0)
+    reply = llm.invoke("Hello there")
+    plain = client.responses.create(model=MODEL_NAME, input="Hello there", max_output_tokens=5, temperature=0)
+    assert reply.text == plain.output_text and reply.usage_metadata["output_tokens"] == 5
+    assert "".join(chunk.text for chunk in llm.stream("Hello there")) == plain.output_text
