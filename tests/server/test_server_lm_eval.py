@@ -1,7 +1,7 @@
 """lm-eval against a live server, in-process through lm_eval.simple_evaluate with the recipe of
 server/README.md: `local-completions` with a local tokenizer on a multiple-choice task shipped in
 tests/lm_eval (no downloads) gives transformers' loglikelihoods item by item, and
-`local-chat-completions` generates what the chat endpoint generates."""
+`local-completions` / `local-chat-completions` generate what the endpoints generate."""
 
 from __future__ import annotations
 
@@ -62,3 +62,17 @@ def test_local_chat_completions_generation(server, client: openai.OpenAI, offlin
             model=MODEL_NAME, messages=[{"role": "user", "content": sample["doc"]["question"]}], max_tokens=8,
             temperature=0, stop=["\n\n"])
         assert sample["filtered_resps"][0] == direct.choices[0].message.content
+
+
+def test_local_completions_generation(server, checkpoint, client: openai.OpenAI, offline_repo_root) -> None:
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(model=MODEL_NAME, base_url=server.url + "/v1/completions", tokenizer=str(checkpoint),
+                             max_gen_toks=8)
+    samples = evaluate(lm, "falcon_tiny_gen")
+    assert len(samples) == 3
+    for sample in samples:
+        prompt_ids = lm.tok_encode(sample["arguments"][0][0])  # lm-eval sends its own token ids
+        direct = client.completions.create(model=MODEL_NAME, prompt=prompt_ids, max_tokens=8, temperature=0,
+                                           stop=["\n\n"])
+        assert sample["filtered_resps"][0] == direct.choices[0].text
