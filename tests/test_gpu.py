@@ -73,3 +73,23 @@ def test_bfloat16_agrees_with_float32_on_0_5b_shapes(tmp_path, monkeypatch):
         print(f"{name} vs triton fp32: max |logprob diff| {worst:.4f}, mean {mean:.4f} over the top-20 tokens; "
               f"same top-1 token for {top1}/{len(PROMPTS)} prompts")
     assert kernels[0] < 1.0 and kernels[1] < 2 * torch_ops[1] + 0.01
+
+
+@pytest.mark.parametrize("fixture", ["h1_dir", "mamba_dir"])
+def test_cuda_prompt_logprobs_match_transformers(request, fixture):
+    """Prompt logprobs over prefill chunks on the GPU (graphs on: decodes still replay) equal transformers'."""
+    from tests.tiny_models import reference_prompt_logprobs
+
+    directory = request.getfixturevalue(fixture)
+    llm = LLM(str(directory), device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=24,
+              kv_block_size=16, **SHARE)
+    outputs = llm.generate(PROMPTS, greedy(4, prompt_logprobs=2))
+    for prompt, out in zip(PROMPTS, outputs):
+        ref = reference_prompt_logprobs(directory, prompt)
+        assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+        for p in range(1, len(prompt)):
+            entry = out.prompt_logprobs[p]
+            assert entry[prompt[p]].logprob == pytest.approx(float(ref[p - 1, prompt[p]]), abs=2e-3)
+            best = min(entry, key=lambda t: entry[t].rank)
+            assert entry[best].rank == 1 and entry[best].logprob == pytest.approx(float(ref[p - 1].max()), abs=2e-3)
+        assert out.outputs[0].token_ids == reference_greedy(directory, prompt, 4)
