@@ -20,15 +20,12 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> float:
-    """Seconds to run every prompt to the end (after one warm-up request)."""
-    engine.add_request("warm-up", prompts[0], params)
-    while engine.has_unfinished():
-        engine.step()
+def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, tag: str) -> float:
+    """Seconds to run every prompt to the end."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
+        engine.add_request(f"{tag}-{i}", prompt, params)
     while engine.has_unfinished():
         engine.step()
     torch.cuda.synchronize()
@@ -53,10 +50,12 @@ def main() -> None:
             cases = {"plain (max_tokens=1)": SamplingParams(max_tokens=1, temperature=0),
                      "prompt_logprobs=1, max_tokens=1": SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1),
                      "prompt_logprobs=0, max_tokens=0": SamplingParams(max_tokens=0, prompt_logprobs=0)}
+            for label, params in cases.items():  # warm-up: kernels compiled for every batch shape
+                run(engine, prompts[:8], params, f"warm-{label}")
             base = None
             for label, params in cases.items():
                 torch.cuda.reset_peak_memory_stats()
-                seconds = run(engine, prompts, params)
+                seconds = run(engine, prompts, params, label)
                 base = base or seconds
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 print(f"{name:16s} {label:34s} {tokens / seconds:10.0f} prompt tok/s  "
