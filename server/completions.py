@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
@@ -129,7 +130,9 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
             payload = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
-            return event(payload, exclude=None if include_usage else {"usage"})
+            # Streamed choices have no prompt_logprobs (refused with stream, as in vLLM).
+            exclude: dict[str, Any] = {"choices": {"__all__": {"prompt_logprobs"}}}
+            return event(payload, exclude=exclude if include_usage else {**exclude, "usage": True})
 
         async for prompt_index, out in generation.outputs():
             check_output(out)

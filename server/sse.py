@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio
 from pydantic import BaseModel
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
 
 
-def event(payload: BaseModel, exclude: set[str] | None = None) -> str:
+def event(payload: BaseModel, exclude: set[str] | dict[str, Any] | None = None) -> str:
     return f"data: {payload.model_dump_json(exclude=exclude)}\n\n"
 
 
