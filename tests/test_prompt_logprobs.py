@@ -89,3 +89,23 @@ def test_scoring_rows_are_bounded_per_block(h1_dir, monkeypatch):
     out = llm.generate([LONG_PROMPTS[3]], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
     assert max(widths) == 4 and sum(widths) == len(LONG_PROMPTS[3])  # 32 scored rows + 1 sampling row
     assert_matches_reference(out.prompt_logprobs, h1_dir, LONG_PROMPTS[3], 2)
+
+
+@pytest.mark.parametrize("preempt_after_steps", [2, 7])  # mid-prefill (16 of 45 tokens), and while decoding
+def test_preempted_recompute_scores_nothing_twice(h1_dir, preempt_after_steps):
+    llm = LLM(str(h1_dir), device="cpu", dtype="float32", max_num_batched_tokens=8, kv_block_size=4)
+    engine = llm.engine
+    engine.add_request("r", LONG_PROMPTS[0], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                                           prompt_logprobs=1))
+    outputs = []
+    for _ in range(preempt_after_steps):
+        outputs += engine.step()
+    (seq,) = engine.sequences["r"]
+    engine.scheduler.preempt(seq)
+    while engine.has_unfinished():
+        outputs += engine.step()
+    reported = [out.prompt_logprobs for out in outputs if out.prompt_logprobs is not None]
+    assert len(reported) == 1  # once per request
+    assert_matches_reference(reported[0], h1_dir, LONG_PROMPTS[0], 1)
+    assert sum((out.new_token_ids for out in outputs), []) == reference_greedy(h1_dir, LONG_PROMPTS[0], 4)
+    assert_pools_full(llm)
