@@ -46,7 +46,8 @@ def check_request(prompt_ids: list[int], params: SamplingParams, limits: ModelLi
     if params.n > limits.max_num_seqs:  # its n samples run side by side
         raise RequestError(f"n={params.n} exceeds max_num_seqs {limits.max_num_seqs}", "n")
     n = len(prompt_ids)
-    if n >= limit:
+    scoring_only = params.max_tokens == 0  # a prompt of max_model_len tokens can still be scored
+    if n > limit or (n == limit and not scoring_only):
         raise RequestError(
             f"This model's maximum context length is {limit} tokens. However, your prompt has {n} tokens, "
             "which leaves no room for a completion. Please shorten the prompt.", prompt_param)

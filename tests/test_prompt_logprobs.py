@@ -73,6 +73,12 @@ def test_max_tokens_zero_scores_the_prompt_without_sampling(h1_dir):
     assert_pools_full(llm)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+    full = [5 + i % 250 for i in range(llm.engine.max_model_len)]  # as long as the context: still scored
+    assert llm.generate([full], SamplingParams(max_tokens=0, prompt_logprobs=0))[0].prompt_logprobs[-1]
+    with pytest.raises(ValueError, match="context length"):
+        llm.generate([full + [5]], SamplingParams(max_tokens=0, prompt_logprobs=0))
+    with pytest.raises(ValueError, match="no room"):
+        llm.generate([full], SamplingParams(max_tokens=1, prompt_logprobs=0))
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
 
