@@ -367,6 +367,8 @@ class EngineArgs:
     chat_template: str | None = None  # template text overriding the tokenizer's
     load_format: str = "auto"  # auto (safetensors) | dummy (random weights of the right shapes, for benchmarks)
     quantization: str | None = None  # None: as the checkpoint is | gptq (checks the checkpoint is) | fp8
+    enable_prefix_caching: bool = True  # reuse cached KV blocks and SSM-state checkpoints of earlier prompts
+    prefix_cache_checkpoints: int | None = None  # state checkpoint rows; default: planned (a memory share)
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -389,3 +391,5 @@ class EngineArgs:
         check(self.kv_block_size >= 1, "kv_block_size must be >= 1")
         check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")
         check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
+        check(self.prefix_cache_checkpoints is None or self.prefix_cache_checkpoints >= 0,
+              "prefix_cache_checkpoints must be >= 0")

@@ -51,6 +51,7 @@ class LLM:
                 completion.token_ids += out.new_token_ids
                 if out.new_logprobs is not None:
                     completion.logprobs += out.new_logprobs
+                results[out.request_id].num_cached_tokens = out.num_cached_tokens
                 if out.finished:
                     completion.finish_reason, completion.stop_reason = out.finish_reason, out.stop_reason
                 if out.request_finished:
@@ -66,3 +67,7 @@ class LLM:
                 for token, logprob in (entry or {}).items():
                     logprob.decoded_token = self.tokenizer.decode([token], skip_special_tokens=False)
         return prompt_logprobs
+
+    def reset_prefix_cache(self) -> bool:
+        """Drops every cached prefix not in use (vLLM's name); True if nothing cached is left."""
+        return self.engine.reset_prefix_cache()

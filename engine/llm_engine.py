@@ -51,6 +51,11 @@ class EngineStats:
     kv_cache_usage: float
     state_slot_usage: float
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which served from it
+    prefix_cache_checkpoint_usage: float = 0.0  # fraction of the checkpoint pool in use
+    prefix_cache_evicted_checkpoints: int = 0
+    prefix_cache_evicted_blocks: int = 0
 
 
 class LLMEngine:
@@ -76,7 +81,12 @@ class LLMEngine:
         max_batched = args.max_num_batched_tokens or (8192 if on_gpu else 2048)
         self.runner = ModelRunner(args, model_dir, arch, cfg, self.max_model_len, max_batched)
         self.device = self.runner.device
-        self.cache = CacheManager(self.runner.num_slots, self.runner.num_blocks, self.runner.block_size)
+        prefix_key = hash(("falcon-serve", arch, str(model_dir), str(self.runner.dtype), str(self.runner.state_dtype),
+                           None))  # the last slot: a LoRA adapter id, once adapters exist
+        self.cache = CacheManager(self.runner.num_slots, self.runner.num_blocks, self.runner.block_size,
+                                  num_checkpoints=self.runner.num_checkpoints,
+                                  prefix_key=prefix_key if args.enable_prefix_caching else None,
+                                  prefix_block_size=args.kv_block_size)
         if self.runner.block_size and self.cache.blocks.capacity * self.runner.block_size < self.max_model_len:
             logger.warning("the KV cache holds %d tokens, less than max_model_len %d: longer requests are refused",
                            self.cache.blocks.capacity * self.runner.block_size, self.max_model_len)
@@ -140,8 +150,14 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         # Requests, not sequences: the n samples of one request count once (vLLM's gauges).
         running = {s.request_id for s in list(self.scheduler.running)}
+        prefix = self.cache.stats
         return EngineStats(len(running), self.scheduler.num_waiting_requests, self.cache.kv_usage,
-                           self.cache.slot_usage, self.scheduler.num_preemptions)
+                           self.cache.slot_usage, self.scheduler.num_preemptions, prefix.queries, prefix.hits,
+                           self.cache.checkpoint_usage, prefix.evicted_checkpoints, prefix.evicted_blocks)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drops every cached KV block and state checkpoint not in use; True if nothing cached is left."""
+        return self.cache.reset_prefix_cache()
 
     # ---- stepping ----------------------------------------------------------------------------
 
@@ -158,6 +174,7 @@ class LLMEngine:
             sched = self.scheduler.schedule()
             if not sched:
                 return []
+            self.runner.apply_copies(self.cache.take_copies())  # prefix-cache hits and checkpoints, in order
             logits, prompt_scores = self.runner.execute(sched)
             samplers, rows, scored_only, failed = self._advance(sched, prompt_scores)
         except Exception as e:
@@ -210,6 +227,7 @@ class LLMEngine:
                 self._add_prompt_logprobs(seq, prompt_scores[i])
             sampling = sched.samples(i)
             seq.num_computed_tokens += n
+            self._update_prefix_cache(seq, prompt_done=sampling and seq.num_output_tokens == 0)
             if not sampling:
                 continue
             row += 1
@@ -261,7 +279,7 @@ class LLMEngine:
                 outputs.append(StepOutput(
                     request_id=request_id, index=seq.index, new_token_ids=[], new_text="", new_logprobs=None,
                     finished=True, finish_reason="error", num_prompt_tokens=seq.num_prompt_tokens,
-                    error=f"{type(error).__name__}: {error}"))
+                    num_cached_tokens=seq.num_cached_tokens, error=f"{type(error).__name__}: {error}"))
         return outputs
 
     def _add_prompt_logprobs(self, seq: Sequence, scores: PromptScores) -> None:
@@ -273,6 +291,13 @@ class LLMEngine:
             for r, (token, top_lp) in enumerate(zip(scores.top_ids[j], scores.top_logprobs[j]), start=1):
                 entry.setdefault(token, Logprob(top_lp, r))
             seq.prompt_logprobs.append(entry)
+
+    def _update_prefix_cache(self, seq: Sequence, prompt_done: bool) -> None:
+        """After a step: index seq's new full blocks; checkpoint its state at a branch point or prompt end."""
+        self.cache.register_blocks(seq)
+        if seq.num_computed_tokens == seq.checkpoint_at or prompt_done:
+            seq.checkpoint_at = 0
+            self.cache.checkpoint(seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if not isinstance(seq.stop_reason, str):  # a stop string already cut the text; keep it cut
@@ -309,7 +334,7 @@ class LLMEngine:
             new_text=text,
             new_logprobs=seq.logprobs[seq.num_emitted_tokens:] if seq.logprobs is not None else None,
             finished=seq.is_finished, finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
-            stop_reason=seq.stop_reason,
+            stop_reason=seq.stop_reason, num_cached_tokens=seq.num_cached_tokens,
         )
         if seq.index == 0 and seq.num_emitted_tokens == 0 and (new_tokens or seq.params.max_tokens == 0):
             out.queue_time = seq.queue_time  # on the request's first token, or its only output

@@ -1,6 +1,7 @@
 """How many KV blocks fit: after the weights are loaded, one profiling forward at the largest batch
 measures the activation peak; what is left of gpu_memory_utilization * total goes to max_num_seqs
-state slots first and KV blocks second."""
+state slots first, then the prefix cache's state checkpoints (a share of what is left, or an explicit
+count), and KV blocks last."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 GIB = 1 << 30
 ALLOCATOR_SLACK = 512 << 20  # fragmentation and graph-pool overhead the profile does not see
 CPU_KV_BUDGET = 4 * GIB  # on CPU there is no profile: a fixed budget
+CHECKPOINT_SHARE = 0.1  # of the cache memory left after the state slots, for prefix-cache state checkpoints
 
 
 @dataclass
@@ -29,6 +31,7 @@ class MemoryPlan:
     activation_bytes: int
     slot_bytes: int
     block_bytes: int
+    num_checkpoints: int = 0
 
     def log(self, block_size: int, max_model_len: int) -> None:
         per_seq = -(-max_model_len // block_size) if block_size else 0
@@ -38,6 +41,8 @@ class MemoryPlan:
                     self.weights_bytes / GIB, self.activation_bytes / GIB, self.num_slots, self.slot_bytes / 2**20,
                     self.num_blocks, self.block_bytes / 2**20, self.num_blocks * block_size,
                     min(concurrent, self.num_slots), max_model_len)
+        logger.info("prefix cache: %d state checkpoints x %.1f MiB (%.2f GiB)", self.num_checkpoints,
+                    self.slot_bytes / 2**20, self.num_checkpoints * self.slot_bytes / GIB)
 
 
 def profile_batch(num_tokens: int, device: torch.device) -> ForwardBatch:
@@ -59,18 +64,23 @@ def profile_batch(num_tokens: int, device: torch.device) -> ForwardBatch:
 
 def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype,
                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int,
-                gpu_memory_utilization: float, num_kv_blocks: int | None, graph_rows: int = 0) -> MemoryPlan:
+                gpu_memory_utilization: float, num_kv_blocks: int | None, graph_rows: int = 0,
+                prefix_caching: bool = False, num_checkpoints: int | None = None) -> MemoryPlan:
     """graph_rows: rows of all CUDA-graph buckets together. Each graph keeps its own logits buffer (fp32,
     plus the lm_head output over its padded rows in the model dtype); they are reserved here, before the
-    caches take the rest."""
+    caches take the rest. num_checkpoints: prefix-cache state checkpoints (None: CHECKPOINT_SHARE of the
+    memory left on a GPU, max_num_seqs on CPU); none without prefix_caching."""
     slot_bytes = state_slot_bytes(cfg, dtype, state_dtype)
     block_bytes = kv_block_bytes(cfg, block_size, dtype) if block_size else 0
     weights = model_weight_bytes(model)  # quantized layers at their packed size
     num_slots = max_num_seqs  # CUDA-graph padding rows use PAD_SLOT, which kernels skip: no scratch slot
     blocks_per_seq = -(-max_model_len // block_size) if block_size else 0
+    if not prefix_caching:
+        num_checkpoints = 0
     if device.type != "cuda":
         activation = 0
         auto_blocks = min(max_num_seqs * blocks_per_seq, max(CPU_KV_BUDGET // max(block_bytes, 1), blocks_per_seq))
+        num_checkpoints = max_num_seqs if num_checkpoints is None else num_checkpoints
     else:
         activation = _profile_activation_peak(model, cfg, device, dtype, state_dtype, max_num_batched_tokens,
                                               block_size)
@@ -81,16 +91,22 @@ def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: tor
         graph_logits = graph_rows * (cfg.vocab_size * 4 + model.lm_head.weight.shape[0] * dtype.itemsize)
         budget = min(gpu_memory_utilization * total - weights, free) - activation - graph_logits - ALLOCATOR_SLACK
         for_blocks = budget - num_slots * slot_bytes
+        if num_checkpoints is None:
+            num_checkpoints = max(int(CHECKPOINT_SHARE * for_blocks // slot_bytes), 0)
+        for_blocks -= num_checkpoints * slot_bytes
         auto_blocks = int(for_blocks // block_bytes) if block_bytes else 0
         if for_blocks < blocks_per_seq * block_bytes:
             raise ValueError(
                 f"not enough GPU memory: {gpu_memory_utilization:.2f} x {total / GIB:.1f} GiB leaves "
                 f"{max(budget, 0) / GIB:.2f} GiB after weights ({weights / GIB:.2f} GiB) and activations "
-                f"({activation / GIB:.2f} GiB); {num_slots} state slots need {num_slots * slot_bytes / GIB:.2f} GiB "
+                f"({activation / GIB:.2f} GiB); {num_slots} state slots need {num_slots * slot_bytes / GIB:.2f} GiB, "
+                f"{num_checkpoints} prefix-cache checkpoints {num_checkpoints * slot_bytes / GIB:.2f} GiB, "
                 f"and one sequence of max_model_len {max_model_len} needs {blocks_per_seq * block_bytes / GIB:.2f} "
-                "GiB of KV cache. Lower --max-model-len or --max-num-seqs, or raise --gpu-memory-utilization.")
+                "GiB of KV cache. Lower --max-model-len, --max-num-seqs or --prefix-cache-checkpoints, or raise "
+                "--gpu-memory-utilization.")
     num_blocks = num_kv_blocks if num_kv_blocks is not None else auto_blocks
-    return MemoryPlan(num_slots, num_blocks if block_size else 0, weights, activation, slot_bytes, block_bytes)
+    return MemoryPlan(num_slots, num_blocks if block_size else 0, weights, activation, slot_bytes, block_bytes,
+                      num_checkpoints)
 
 
 @torch.inference_mode()

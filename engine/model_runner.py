@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cache_manager import Copy
 from engine.cache_pools import allocate_layer_caches
 from engine.config import EngineArgs, FalconH1Config, ModelConfig
 from engine.cuda_graphs import DecodeGraphs, bucket_sizes
@@ -51,11 +52,13 @@ class ModelRunner:
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            max_model_len=max_model_len, block_size=self.block_size,
                            gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-                           graph_rows=sum(bucket_sizes(args.max_num_seqs)) if self._uses_graphs() else 0)
+                           graph_rows=sum(bucket_sizes(args.max_num_seqs)) if self._uses_graphs() else 0,
+                           prefix_caching=args.enable_prefix_caching, num_checkpoints=args.prefix_cache_checkpoints)
         plan.log(self.block_size, max_model_len)
-        self.num_slots, self.num_blocks = plan.num_slots, plan.num_blocks
-        self.caches = allocate_layer_caches(cfg, self.num_slots, max(self.num_blocks, 1), max(self.block_size, 1),
-                                            self.dtype, self.state_dtype, self.device)
+        self.num_slots, self.num_blocks, self.num_checkpoints = plan.num_slots, plan.num_blocks, plan.num_checkpoints
+        # State rows: num_slots for running sequences, then the prefix cache's checkpoints (CacheManager).
+        self.caches = allocate_layer_caches(cfg, self.num_slots + self.num_checkpoints, max(self.num_blocks, 1),
+                                            max(self.block_size, 1), self.dtype, self.state_dtype, self.device)
         self.graphs: DecodeGraphs | None = None
         if self._uses_graphs():
             self.graphs = DecodeGraphs(self.model, self.caches, args.max_num_seqs, max_model_len, self.block_size,
@@ -133,6 +136,11 @@ class ModelRunner:
         k = max(k for _, _, k in spans)
         scores = score_rows(self.model.compute_logits, hidden, torch.tensor(targets, device=self.device), k)
         return dict(zip(owners, split_scores(scores, spans)))
+
+    def apply_copies(self, copies: list[Copy]) -> None:
+        """The cache manager's queued row and block copies, in order (later ones may overwrite a source)."""
+        for copy in copies:
+            (self.copy_state if copy.kind == "state" else self.copy_block)(copy.src, copy.dst)
 
     @torch.inference_mode()
     def copy_state(self, src_slot: int, dst_slot: int) -> None:

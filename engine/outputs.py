@@ -29,6 +29,7 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     error: str | None = None
     request_finished: bool = False  # the last output of the whole request (all n samples done)
@@ -54,3 +55,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (vLLM's name)

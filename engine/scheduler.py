@@ -1,7 +1,11 @@
 """Iteration-level scheduling: which sequences run in the next forward step, and how many of their
 tokens. Decodes first, then prefill chunks of running sequences, then newly admitted ones, within
 `max_num_batched_tokens` and `max_num_seqs`. When KV blocks run out the most recently admitted
-sequence is preempted (its slot and blocks freed, requeued to recompute) so the others finish."""
+sequence is preempted (its slot and blocks freed, requeued to recompute) so the others finish.
+
+With prefix caching, admission starts a sequence at its longest cached prefix (CacheManager.lookup),
+a prefill chunk ends where a prompt branches off a cached prefix (so a checkpoint is taken there), and
+finished or preempted sequences leave their state to the cache instead of dropping it."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.cache_manager import CacheManager
+from engine.cache_manager import CacheManager, PrefixHit
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -66,7 +70,7 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.admitted_order):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self._chunk(seq, seq.num_computed_tokens, budget)
             if not self._reserve_blocks(seq, seq.num_computed_tokens + n):
                 continue  # seq itself was preempted
             budget -= n
@@ -79,17 +83,28 @@ class Scheduler:
         admit = self.num_preemptions == preemptions_before
         while admit and self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if self.cache.blocks_needed(seq, n) + self._fork_blocks(seq) > self.cache.num_free_blocks:
+            hit = self.cache.lookup(seq)
+            seq.checkpoint_at = hit.branch_point
+            n = self._chunk(seq, hit.num_tokens, budget)
+            if (self.cache.blocks_for_hit(seq, hit, hit.num_tokens + n) + self._fork_blocks(seq)
+                    > self.cache.num_free_blocks):
                 break
             self.waiting.popleft()
             self._leave_waiting(seq)
-            self._admit(seq, n)
+            self._admit(seq, hit, n)
             budget -= n
             prefills.append((seq, n))
         return ScheduledBatch(seqs=decodes + [s for s, _ in prefills],
                               num_new_tokens=[1] * len(decodes) + [n for _, n in prefills],
                               num_decodes=len(decodes))
+
+    @staticmethod
+    def _chunk(seq: Sequence, start: int, budget: int) -> int:
+        """Tokens of seq to compute from start this step: within budget, and ending at a branch point."""
+        n = min(seq.num_tokens - start, budget)
+        if seq.checkpoint_at > start:
+            n = min(n, seq.checkpoint_at - start)
+        return n
 
     def _can_admit(self, seq: Sequence) -> bool:
         # A request with n samples holds n slots from the start, so forking it never waits.
@@ -100,15 +115,20 @@ class Scheduler:
         # Each extra sample gets its own copy of the last, partly filled prompt block.
         return seq.num_samples - 1 if self.cache.block_size else 0
 
-    def _admit(self, seq: Sequence, num_new_tokens: int) -> None:
+    def _admit(self, seq: Sequence, hit: PrefixHit, num_new_tokens: int) -> None:
         seq.state_slot = self.cache.take_slot()
+        # The hit's blocks are referenced before any block is taken, so taking one cannot evict them.
+        self.cache.acquire(seq, hit, hit.num_tokens + num_new_tokens)
         seq.reserved_slots = [self.cache.take_slot() for _ in range(seq.num_samples - 1)]
         seq.reserved_blocks = [self.cache.take_block() for _ in range(self._fork_blocks(seq))]
-        self.cache.grow(seq, seq.num_computed_tokens + num_new_tokens)
         seq.status = SequenceStatus.RUNNING
         seq.admitted_order = next(self._admissions)
-        if seq.queue_time is None:
+        if seq.queue_time is None:  # first admission: what the request's usage and the metrics report
             seq.queue_time = time.monotonic() - seq.arrival_time
+            seq.num_cached_tokens = hit.num_tokens
+            if hit.looked_up:
+                self.cache.stats.queries += seq.num_tokens
+                self.cache.stats.hits += hit.num_tokens
         self.running.append(seq)
 
     def _reserve_blocks(self, seq: Sequence, num_tokens: int) -> bool:
@@ -123,8 +143,9 @@ class Scheduler:
         return True
 
     def preempt(self, seq: Sequence) -> None:
-        """Frees everything seq holds and puts it first in line to be recomputed from its tokens."""
-        self._release(seq)
+        """Frees everything seq holds (its state goes to the prefix cache) and puts it first in line to be
+        recomputed from its tokens."""
+        self._release(seq, keep_state=True)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self._enter_waiting(seq)
@@ -159,16 +180,17 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self._release(seq)
+        self._release(seq, keep_state=reason != "error")  # a failed step may have half-written the state
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
             self._leave_waiting(seq)
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, keep_state: bool = False) -> None:
         for slot in seq.reserved_slots:
-            self.cache.slots.release(slot)
+            self.cache.release_slot(slot)
         self.cache.release_blocks(seq.reserved_blocks)
         seq.reserved_slots, seq.reserved_blocks = [], []
-        self.cache.release(seq)
+        seq.checkpoint_at = 0
+        self.cache.release(seq, keep_state)

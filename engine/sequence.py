@@ -38,6 +38,9 @@ class Sequence:
         self.queue_time: float | None = None  # arrival to first admission
         self.reserved_slots: list[int] = []  # held for the samples this sequence forks into
         self.reserved_blocks: list[int] = []
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
+        self.checkpoint_at = 0  # a prefill chunk ends here for a prefix-cache checkpoint (0: none)
+        self.prefix_node = None  # prefix-index node of this sequence's indexed full blocks (engine.prefix_cache)
         # A request with n > 1 starts as one sequence that forks after its prompt is prefilled.
         self.num_samples = num_samples
         self.generator = generator
@@ -58,6 +61,8 @@ class Sequence:
         child.num_prompt_tokens = self.num_prompt_tokens
         child.num_computed_tokens = self.num_computed_tokens
         child.prompt_logprobs = None  # scored once per request, by sample 0
+        child.num_cached_tokens = self.num_cached_tokens
+        child.prefix_node = self.prefix_node
         child.status = SequenceStatus.RUNNING
         return child
 

@@ -13,11 +13,14 @@ TIGHT = dict(max_num_seqs=3, max_num_batched_tokens=16, kv_block_size=4, num_kv_
 
 
 def assert_pools_full(llm: LLM) -> None:
-    engine = llm.engine
+    """No sequence holds a slot, block or reference; flushing the prefix cache then empties every pool."""
+    engine, cache = llm.engine, llm.engine.cache
     assert not engine.has_unfinished() and not engine.sequences
-    assert engine.cache.num_free_slots == engine.cache.slots.capacity
-    assert engine.cache.num_free_blocks == engine.cache.blocks.capacity
-    assert all(refs == 0 for refs in engine.cache.block_refs)
+    assert cache.num_free_slots == cache.num_slots
+    assert cache.num_free_blocks == cache.blocks.capacity
+    assert all(refs == 0 for refs in cache.block_refs)
+    assert llm.reset_prefix_cache()
+    assert cache.rows.num_free == cache.rows.capacity and cache.blocks.num_free == cache.blocks.capacity
 
 
 @pytest.fixture
@@ -120,7 +123,7 @@ def test_abort_frees_everything(tight_h1):
         engine.add_request(f"r{i}", prompt, greedy(20, n=2 if i == 1 else 1))
     for _ in range(4):
         engine.step()
-    assert engine.cache.num_free_slots < engine.cache.slots.capacity
+    assert engine.cache.num_free_slots < engine.cache.num_slots
     for i in range(5):
         outputs = engine.abort(f"r{i}")
         assert all(o.finish_reason == "abort" for o in outputs) and outputs[-1].request_finished
