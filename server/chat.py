@@ -75,8 +75,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
                     if req.logprobs else None)
                 for i, c in choices.items()
             ],
-            usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
-                        total_tokens=len(prompt) + completion_tokens),
+            usage=Usage.of(len(prompt), completion_tokens, choices[0].num_cached_tokens),
             prompt_logprobs=vllm_prompt_logprobs(tokenizer, prompt, choices[0].prompt_logprobs, req.prompt_logprobs)
             if req.prompt_logprobs is not None else None,
         )
@@ -94,10 +93,11 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
 
         for index in range(req.n):
             yield chunk([ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         async for _, out in generation.outputs():
             check_output(out)
             completion_tokens += len(out.new_token_ids)
+            cached_tokens = out.num_cached_tokens
             if not (out.new_text or out.finished or (req.logprobs and out.new_token_ids)):
                 continue  # e.g. tokens held back while they might still become a stop string
             logprobs = None
@@ -109,8 +109,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
                 finish_reason=out.finish_reason if out.finished else None,
                 stop_reason=out.stop_reason if out.finished else None)])
         if include_usage:
-            yield chunk([], Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
-                                  total_tokens=len(prompt) + completion_tokens))
+            yield chunk([], Usage.of(len(prompt), completion_tokens, cached_tokens))
         yield DONE
 
     return EventStreamResponse(events(), close=generation.close)

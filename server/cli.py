@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d["seed"], help="random seed of the engine's sampler")
     g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=d["enforce_eager"],
                    help="never capture CUDA graphs (slower decode, faster start)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=d["enable_prefix_caching"],
+                   help="reuse the KV blocks and SSM-state checkpoints of earlier prompts that share a prefix")
+    g.add_argument("--prefix-cache-checkpoints", type=int, metavar="N",
+                   help="SSM-state checkpoints the prefix cache keeps (default: 10%% of the cache memory on a GPU, "
+                        "max-num-seqs on CPU)")
 
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
@@ -202,7 +208,8 @@ def _engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace, mode
             max_num_batched_tokens=args.max_num_batched_tokens, kv_block_size=args.kv_block_size,
             num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
             ssm_state_dtype=args.ssm_state_dtype, seed=args.seed, enforce_eager=args.enforce_eager,
-            chat_template=chat_template, quantization=args.quantization)
+            chat_template=chat_template, quantization=args.quantization,
+            enable_prefix_caching=args.enable_prefix_caching, prefix_cache_checkpoints=args.prefix_cache_checkpoints)
     except ValueError as e:
         parser.error(str(e))
 

@@ -114,8 +114,8 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
         response = CompletionResponse(
             id=request_id, model=model,
             choices=await off_loop(response_choices),  # one text per logprob entry: long prompts take a while
-            usage=Usage(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                        total_tokens=num_prompt_tokens + completion_tokens),
+            usage=Usage.of(num_prompt_tokens, completion_tokens,
+                           sum(c.num_cached_tokens for i, c in choices.items() if i % req.n == 0)),
         )
         return JSONResponse(response.model_dump())
 
@@ -127,6 +127,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
         offsets: dict[int, int] = {}  # per choice: text_offset of its next token
         prompt_lps: dict[int, PromptLogprobs] = {}  # per prompt, from its sample 0's first output
         completion_tokens = 0
+        cached_tokens: dict[int, int] = {}  # per prompt
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
             payload = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
@@ -137,6 +138,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
         async for prompt_index, out in generation.outputs():
             check_output(out)
             completion_tokens += len(out.new_token_ids)
+            cached_tokens[prompt_index] = out.num_cached_tokens
             index = prompt_index * req.n + out.index
             if out.prompt_logprobs is not None:
                 prompt_lps[prompt_index] = out.prompt_logprobs
@@ -156,8 +158,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
                                           finish_reason=out.finish_reason if out.finished else None,
                                           stop_reason=out.stop_reason if out.finished else None)])
         if include_usage:
-            yield chunk([], Usage(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=num_prompt_tokens + completion_tokens))
+            yield chunk([], Usage.of(num_prompt_tokens, completion_tokens, sum(cached_tokens.values())))
         yield DONE
 
     return EventStreamResponse(events(), close=generation.close)

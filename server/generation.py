@@ -152,6 +152,7 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     prompt_logprobs: PromptLogprobs | None = None  # on sample 0 of each prompt, when asked for
+    num_cached_tokens: int = 0  # of its prompt, served by the prefix cache
 
     @property
     def text(self) -> str:
@@ -164,6 +165,7 @@ class Choice:
         self.logprobs += out.new_logprobs or []
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
+        self.num_cached_tokens = out.num_cached_tokens
         if out.finished:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 

@@ -1,6 +1,6 @@
 """Prometheus metrics, named like vLLM's with the prefix `falcon_serve:` and a `model_name` label.
 
-Engine-side numbers (running/waiting requests, cache usage, preemptions) are read from
+Engine-side numbers (running/waiting requests, cache usage, preemptions, prefix-cache hits) are read from
 `engine.stats()` at scrape time; request-side numbers (tokens, latencies, outcomes) are recorded
 by the handlers through `RequestMetrics`. Each app owns its own registry, so tests can run several.
 """
@@ -49,15 +49,26 @@ class _EngineStatsCollector(Collector):
             ("num_requests_waiting", "Number of requests waiting to be scheduled.", "num_waiting"),
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).", "kv_cache_usage"),
             ("state_slots_usage_perc", "Fraction of SSM/conv state slots in use (0 to 1).", "state_slot_usage"),
+            ("prefix_cache_checkpoint_usage_perc", "Fraction of the prefix cache's state-checkpoint pool in use "
+             "(0 to 1).", "prefix_cache_checkpoint_usage"),
         )
         for name, doc, field in gauges:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], value(field))
             yield family
-        preemptions = CounterMetricFamily(PREFIX + "num_preemptions", "Cumulative number of preempted requests.",
-                                          labels=["model_name"])
-        preemptions.add_metric([self.model_name], value("num_preemptions"))
-        yield preemptions
+        counters = (
+            ("num_preemptions", "Cumulative number of preempted requests.", "num_preemptions"),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+            ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", "prefix_cache_hits"),
+            ("prefix_cache_checkpoint_evictions", "State checkpoints evicted from the prefix cache.",
+             "prefix_cache_evicted_checkpoints"),
+            ("prefix_cache_block_evictions", "Cached KV blocks evicted from the prefix cache.",
+             "prefix_cache_evicted_blocks"),
+        )
+        for name, doc, field in counters:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value(field))
+            yield family
 
 
 class ServerMetrics:

@@ -45,9 +45,14 @@ GAUGES = {
     "falcon_serve:num_requests_waiting",
     "falcon_serve:kv_cache_usage_perc",
     "falcon_serve:state_slots_usage_perc",
+    "falcon_serve:prefix_cache_checkpoint_usage_perc",
 }
 COUNTERS = {
     "falcon_serve:num_preemptions_total",
+    "falcon_serve:prefix_cache_queries_total",  # prompt tokens, like vLLM's
+    "falcon_serve:prefix_cache_hits_total",
+    "falcon_serve:prefix_cache_checkpoint_evictions_total",
+    "falcon_serve:prefix_cache_block_evictions_total",
     "falcon_serve:prompt_tokens_total",
     "falcon_serve:generation_tokens_total",
     "falcon_serve:request_success_total",  # finished_reason: stop|length|abort|error
