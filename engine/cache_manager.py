@@ -2,12 +2,13 @@
 KV blocks. Plain free lists; blocks carry a reference count so forked samples and prefix-cache hits
 share full blocks.
 
-With prefix caching, the state pools hold num_slots + num_checkpoints rows: running sequences use at
-most num_slots of them, the prefix index at most num_checkpoints (so a sequence always finds a slot), and
-a finishing sequence's row simply changes owner. KV blocks whose content the index knows stay cached when
-their last reference goes, and are evicted (LRU, leaves first) only when the allocator runs dry. Device
-copies (checkpoint -> slot on a hit, slot -> checkpoint, partial blocks) are queued in `copies` and run
-in order before the next forward, when no step is in flight."""
+With prefix caching, the state pools hold num_slots + num_checkpoints rows in two free lists: slots
+for running sequences and checkpoint rows for the prefix index. Rows are interchangeable, so a
+finishing sequence's slot becomes a checkpoint without a copy, and a free checkpoint row joins the
+slots instead. KV blocks whose content the index knows stay cached when their last reference goes,
+and are evicted (LRU, leaves first) only when the allocator runs dry. Device copies (checkpoint ->
+slot on a hit, slot -> checkpoint, partial blocks) are queued in `copies` and run in order before the
+next forward, when no step is in flight."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ class FreeList:
 
     def release(self, item: int) -> None:
         self._free.append(item)
+
+    @property
+    def usage(self) -> float:
+        """Fraction in use; 0 for an empty pool (a pure-SSM model has no KV blocks)."""
+        return 1.0 - self.num_free / self.capacity if self.capacity else 0.0
 
 
 @dataclass
@@ -62,13 +68,11 @@ class CacheManager:
                  prefix_key: int | None = None, prefix_block_size: int = 16):
         """prefix_key: the index root's key (model, dtype, adapter); None disables prefix caching.
         prefix_block_size: the index's granularity (the KV block size; pure SSMs have no KV blocks)."""
-        self.num_slots = num_slots
-        self.rows = FreeList(range(num_slots + num_checkpoints))
-        self.num_seq_rows = 0
+        self.slots = FreeList(range(num_slots))
+        self.checkpoint_rows = FreeList(range(num_slots, num_slots + num_checkpoints))
         self.blocks = FreeList(range(num_blocks))
         self.block_size = block_size
         self.block_refs = [0] * num_blocks
-        self.num_checkpoints = num_checkpoints
         self.index = PrefixIndex(prefix_block_size, prefix_key, self.block_refs) if prefix_key is not None else None
         self.node_of_block: dict[int, Node] = {}
         self.copies: list[Copy] = []
@@ -78,7 +82,7 @@ class CacheManager:
 
     @property
     def num_free_slots(self) -> int:
-        return self.num_slots - self.num_seq_rows
+        return self.slots.num_free
 
     @property
     def num_free_blocks(self) -> int:
@@ -92,12 +96,10 @@ class CacheManager:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
     def take_slot(self) -> int:
-        self.num_seq_rows += 1
-        return self.rows.allocate()
+        return self.slots.allocate()
 
     def release_slot(self, slot: int) -> None:
-        self.num_seq_rows -= 1
-        self.rows.release(slot)
+        self.slots.release(slot)
 
     def take_block(self) -> int:
         if self.blocks.num_free == 0:
@@ -146,7 +148,7 @@ class CacheManager:
 
     @property
     def slot_usage(self) -> float:
-        return self.num_seq_rows / self.num_slots if self.num_slots else 0.0
+        return self.slots.usage
 
     @property
     def kv_usage(self) -> float:
@@ -155,7 +157,7 @@ class CacheManager:
 
     @property
     def checkpoint_usage(self) -> float:
-        return self.index.num_checkpoints / self.num_checkpoints if self.index and self.num_checkpoints else 0.0
+        return self.checkpoint_rows.usage
 
     # ---- prefix cache --------------------------------------------------------------------------
 
@@ -178,7 +180,7 @@ class CacheManager:
             hit.nodes = eligible[1:eligible.index(full) + 1] if self.block_size else []
         ibs = self.index.block_size
         shared = min(path[-1].depth, limit // ibs * ibs)
-        if self.num_checkpoints and shared > hit.num_tokens:
+        if self.checkpoint_rows.capacity and shared > hit.num_tokens:
             hit.branch_point = shared
         return hit
 
@@ -213,13 +215,13 @@ class CacheManager:
 
     def checkpoint(self, seq: Sequence) -> None:
         """Copies seq's state (exact at num_computed_tokens, between steps) into a checkpoint row."""
-        if self.index is None or self.num_checkpoints == 0 or seq.num_computed_tokens == 0:
+        if self.index is None or self.checkpoint_rows.capacity == 0 or seq.num_computed_tokens == 0:
             return
         partial = self.block_size and seq.num_computed_tokens % self.block_size
         if self._has_checkpoint(seq) or (partial and self.num_free_blocks == 0):
             return
         self._make_checkpoint_room()
-        row = self.rows.allocate()
+        row = self.checkpoint_rows.allocate()
         self.copies.append(Copy("state", seq.state_slot, row))
         tail_block = None
         if partial:
@@ -241,7 +243,7 @@ class CacheManager:
     def _cache_sequence(self, seq: Sequence) -> None:
         """Hands seq's slot (and its partly filled last block) to the index as a checkpoint, no copy."""
         p = seq.num_computed_tokens
-        if self.num_checkpoints == 0 or p == 0:
+        if self.checkpoint_rows.capacity == 0 or p == 0:
             self.register_blocks(seq)
             return
         if self._has_checkpoint(seq):
@@ -255,8 +257,8 @@ class CacheManager:
             tail_block = seq.block_table.pop(i)
             self.block_refs[tail_block] = 0
         self._make_checkpoint_room()
+        self.slots.release(self.checkpoint_rows.allocate())  # the rows trade places
         row, seq.state_slot = seq.state_slot, None
-        self.num_seq_rows -= 1
         self._insert_checkpoint(seq, row, tail_block)
 
     def _has_checkpoint(self, seq: Sequence) -> bool:
@@ -282,7 +284,7 @@ class CacheManager:
         return tuple(seq.token_ids[p - p % ibs:p])
 
     def _make_checkpoint_room(self) -> None:
-        if self.index.num_checkpoints >= self.num_checkpoints:
+        if self.checkpoint_rows.num_free == 0:
             self._free_evicted(*self.index.evict_checkpoint())
             self.stats.evicted_checkpoints += 1
         self.index.compact()
@@ -292,7 +294,7 @@ class CacheManager:
             del self.node_of_block[block]
             self.blocks.release(block)
         if row is not None:
-            self.rows.release(row)
+            self.checkpoint_rows.release(row)
 
     def _path(self, seq: Sequence, num_blocks: int) -> Node:
         """The index node of seq's first num_blocks full blocks, adding what is missing: for hybrids with

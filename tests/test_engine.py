@@ -16,11 +16,12 @@ def assert_pools_full(llm: LLM) -> None:
     """No sequence holds a slot, block or reference; flushing the prefix cache then empties every pool."""
     engine, cache = llm.engine, llm.engine.cache
     assert not engine.has_unfinished() and not engine.sequences
-    assert cache.num_free_slots == cache.num_slots
+    assert cache.num_free_slots == cache.slots.capacity
     assert cache.num_free_blocks == cache.blocks.capacity
     assert all(refs == 0 for refs in cache.block_refs)
     assert llm.reset_prefix_cache()
-    assert cache.rows.num_free == cache.rows.capacity and cache.blocks.num_free == cache.blocks.capacity
+    assert cache.checkpoint_rows.num_free == cache.checkpoint_rows.capacity
+    assert cache.blocks.num_free == cache.blocks.capacity
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_abort_frees_everything(tight_h1):
         engine.add_request(f"r{i}", prompt, greedy(20, n=2 if i == 1 else 1))
     for _ in range(4):
         engine.step()
-    assert engine.cache.num_free_slots < engine.cache.num_slots
+    assert engine.cache.num_free_slots < engine.cache.slots.capacity
     for i in range(5):
         outputs = engine.abort(f"r{i}")
         assert all(o.finish_reason == "abort" for o in outputs) and outputs[-1].request_finished

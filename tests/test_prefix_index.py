@@ -41,7 +41,7 @@ def test_a_finished_sequence_becomes_a_hit_and_eviction_takes_the_oldest_leaf_fi
     assert cm.lookup(Sequence("q", 0, [7, 8, 9], SamplingParams())).num_tokens == 2  # [1,2] went, not [7,8]
     cm.release_blocks(taken)
     assert cm.reset_prefix_cache()
-    assert cm.blocks.num_free == 6 and cm.rows.num_free == cm.rows.capacity
+    assert cm.blocks.num_free == 6 and cm.checkpoint_rows.num_free == cm.checkpoint_rows.capacity
 
 
 def test_checkpoint_pool_is_bounded_and_tails_copy_on_write():
@@ -61,7 +61,8 @@ def test_checkpoint_pool_is_bounded_and_tails_copy_on_write():
     assert cm.index.num_checkpoints == 2 and cm.stats.evicted_checkpoints == 1
     assert cm.lookup(Sequence("q", 0, [1, 2, 3, 8], SamplingParams())).num_tokens == 0
     assert cm.num_free_slots == 2
-    assert cm.reset_prefix_cache() and cm.blocks.num_free == 12 and cm.rows.num_free == cm.rows.capacity
+    assert cm.reset_prefix_cache() and cm.blocks.num_free == 12
+    assert cm.checkpoint_rows.num_free == cm.checkpoint_rows.capacity
 
 
 def test_pure_ssm_index_prunes_path_nodes_with_their_checkpoint():
@@ -71,4 +72,5 @@ def test_pure_ssm_index_prunes_path_nodes_with_their_checkpoint():
     assert cm.lookup(Sequence("q", 0, [1, 2, 3, 4, 5, 0], SamplingParams())).num_tokens == 5
     finish(cm, [7, 8])  # evicts the only checkpoint: its block-less path is pruned with it
     assert len(cm.index.nodes) == 1 and cm.index.num_checkpoints == 1
-    assert cm.reset_prefix_cache() and not cm.index.nodes and cm.rows.num_free == 2
+    assert cm.reset_prefix_cache() and not cm.index.nodes
+    assert cm.checkpoint_rows.num_free == 1 and cm.slots.num_free == 1

@@ -16,7 +16,8 @@ def test_cpu_plan_gives_every_sequence_max_model_len(h1_dir):
     llm = LLM(str(h1_dir), device="cpu", dtype="float32", max_num_seqs=5, max_model_len=100, kv_block_size=8)
     runner = llm.engine.runner
     assert runner.num_slots == 5 and runner.num_blocks == 5 * 13
-    assert runner.caches[0].k_cache.shape == (65, 8, 2, 24) and runner.caches[0].ssm_state.shape == (5, 8, 8, 16)
+    assert runner.num_checkpoints == 5  # the prefix cache's state checkpoints: max_num_seqs on CPU
+    assert runner.caches[0].k_cache.shape == (65, 8, 2, 24) and runner.caches[0].ssm_state.shape == (10, 8, 8, 16)
     assert runner.graphs is None
 
 

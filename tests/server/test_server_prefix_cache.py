@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import openai
 import pytest
 
@@ -43,11 +45,11 @@ def test_chat_turns_report_cached_tokens_and_match_the_uncached_server(server, u
 
 
 def test_streamed_usage_and_completions_report_cached_tokens(client: openai.OpenAI) -> None:
-    messages = [SYSTEM, {"role": "user", "content": "Name a colour."}]
+    messages = [SYSTEM, {"role": "user", "content": f"Name a colour. {uuid.uuid4().hex}"}]
     ask(client, messages)
     chunks = list(ask(client, messages, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
-    prompt = "Once upon a time, in a land far away, there lived a " * 2
+    prompt = f"{uuid.uuid4().hex}: once upon a time, in a land far away, there lived a " * 2  # new to the cache
     first = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     again = client.completions.create(model=MODEL_NAME, prompt=[prompt, prompt + "cat"], max_tokens=4,
