@@ -91,8 +91,9 @@ def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: tor
         graph_logits = graph_rows * (cfg.vocab_size * 4 + model.lm_head.weight.shape[0] * dtype.itemsize)
         budget = min(gpu_memory_utilization * total - weights, free) - activation - graph_logits - ALLOCATOR_SLACK
         for_blocks = budget - num_slots * slot_bytes
-        if num_checkpoints is None:
-            num_checkpoints = max(int(CHECKPOINT_SHARE * for_blocks // slot_bytes), 0)
+        if num_checkpoints is None:  # a share, but never the room one sequence of max_model_len needs
+            spare = for_blocks - blocks_per_seq * block_bytes
+            num_checkpoints = max(int(min(CHECKPOINT_SHARE * for_blocks, spare) // slot_bytes), 0)
         for_blocks -= num_checkpoints * slot_bytes
         auto_blocks = int(for_blocks // block_bytes) if block_bytes else 0
         if for_blocks < blocks_per_seq * block_bytes:
