@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 
 # 1. correctness on the GPU: kernels at real shapes, engine vs transformers, graphs vs eager, bf16 vs fp32
-python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu.py tests/kernels} -s 2>&1 | tee "$out/gpu_tests.log" | tail -15
+python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu.py tests/test_gpu_prefix_cache.py tests/kernels} -s 2>&1 | tee "$out/gpu_tests.log" | tail -15
 
 # 2. the server on the GPU, driven by the load generator
 python3 -m server --device cuda --port 8011 > "$out/server.log" 2>&1 &
@@ -22,3 +22,6 @@ kill $server; wait $server 2>/dev/null
 
 # 3. throughput against the roofline
 python3 benchmarks/offline.py --out "$out/offline.md" "$@" 2>&1 | tail -30
+
+# 4. the prefix cache on vs off: chat TTFT per turn, shared-prefix hit rate and TTFT, decode speed
+python3 -m benchmarks.prefix_cache --out "$out/prefix_cache.md" 2>&1 | tail -30
