@@ -24,6 +24,7 @@ from server.prompts import encode, render_chat
 from server.protocol import SamplingFields
 from server.protocol_responses import (
     IncompleteDetails,
+    InputTokensDetails,
     OutputMessage,
     OutputText,
     ResponseObject,
@@ -126,7 +127,8 @@ async def create_response(req: ResponsesRequest, request: Request, state: Server
         status = "incomplete" if choice.finish_reason == "length" else "completed"
         text = OutputText(text=choice.text, logprobs=logprobs(choice.token_ids, choice.logprobs))
         usage = ResponseUsage(input_tokens=len(prompt), output_tokens=len(choice.token_ids),
-                              total_tokens=len(prompt) + len(choice.token_ids))
+                              total_tokens=len(prompt) + len(choice.token_ids),
+                              input_tokens_details=InputTokensDetails(cached_tokens=choice.num_cached_tokens))
         return response(status, [OutputMessage(id=item_id, status=status, content=[text])], usage)
 
     if not req.stream:

@@ -152,9 +152,8 @@ def test_prompt_logprobs_requests_bypass_the_hit(h1_pair):
     prompt = [5 + i for i in range(13)]
     for _ in range(3):
         on.generate([prompt], greedy(), use_tqdm=False)
-    params = greedy()
-    params.prompt_logprobs = 1  # what issue #11 adds; the cache must not skip the positions it scores
-    assert on.generate([prompt], params, use_tqdm=False)[0].num_cached_tokens == 0
+    scored = on.generate([prompt], greedy(prompt_logprobs=1), use_tqdm=False)[0]  # every position computed
+    assert scored.num_cached_tokens == 0 and len(scored.prompt_logprobs) == len(prompt)
     assert on.generate([prompt], greedy(), use_tqdm=False)[0].num_cached_tokens == 12
 
 

@@ -55,3 +55,15 @@ def test_streamed_usage_and_completions_report_cached_tokens(client: openai.Open
     again = client.completions.create(model=MODEL_NAME, prompt=[prompt, prompt + "cat"], max_tokens=4,
                                       temperature=0)
     assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_a_resent_responses_conversation_hits(client: openai.OpenAI) -> None:
+    """The Responses API keeps no state (previous_response_id is refused), so clients resend the whole
+    conversation, and that hits like a resent chat."""
+    conversation = [{"role": "system", "content": SYSTEM["content"]},
+                    {"role": "user", "content": f"Count to three. {uuid.uuid4().hex}"}]
+    first = client.responses.create(model=MODEL_NAME, input=conversation, max_output_tokens=6, temperature=0)
+    conversation += [{"role": "assistant", "content": first.output_text},
+                     {"role": "user", "content": "And to four?"}]
+    second = client.responses.create(model=MODEL_NAME, input=conversation, max_output_tokens=6, temperature=0)
+    assert second.usage.input_tokens_details.cached_tokens > 0
