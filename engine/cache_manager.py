@@ -117,7 +117,7 @@ class CacheManager:
     def share_blocks(self, blocks: list[int]) -> None:
         for block in blocks:
             if self.block_refs[block] == 0:  # only cached blocks are shared from zero references
-                self.index.block_referenced(self.node_of_block[block])
+                self.index.block_referenced()
             self.block_refs[block] += 1
 
     def release(self, seq: Sequence, keep_state: bool = False) -> None:

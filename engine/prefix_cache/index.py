@@ -105,11 +105,12 @@ class PrefixIndex:
 
     # ---- reference counts of cached blocks ------------------------------------------------------
 
-    def block_referenced(self, node: Node) -> None:
-        """A running sequence took node's block from zero references to one."""
+    def block_referenced(self) -> None:
+        """A running sequence took a cached block from zero references to one."""
         self.num_unreferenced_blocks -= 1
 
     def block_unreferenced(self, node: Node) -> None:
+        """The last running sequence let go of node's block: it stays cached, most recently used."""
         self.num_unreferenced_blocks += 1
         self.touch([node])
 
