@@ -122,7 +122,7 @@ def test_invalid_constraints_are_400(server, path, fields, param, fragment):
 
 
 @pytest.mark.parametrize("field, value", [("use_beam_search", True), ("bad_words", ["x"]),
-                                          ("chat_template", "{{ 'x' }}"), ("allowed_token_ids", [5])])
+                                          ("continue_final_message", True), ("allowed_token_ids", [5])])
 def test_output_changing_fields_that_are_not_implemented_are_refused(server, field, value):
     r = post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 2, field: value})
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
