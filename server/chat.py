@@ -53,7 +53,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     _reject_unsupported(req)
     tokenizer = engine.tokenizer
     tools = plan_tools(req, state.settings, tokenizer)
-    structured = requested_structured_outputs(req)
+    structured, structured_param = requested_structured_outputs(req)
     if tools is not None and structured is not None:
         raise bad_request("response_format or structured outputs cannot be combined with tool calls; use "
                           'tool_choice "none"', "tool_choice")
@@ -63,7 +63,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
                              prompt_logprobs=req.prompt_logprobs,
                              structured_outputs=tools.structured_outputs if tools else structured,
                              skip_special_tokens=False if tools and tools.parser.special_tags else None)
-    await compile_grammar(engine, params)
+    await compile_grammar(engine, params, "tools" if tools else structured_param)
     template_kwargs = with_tools(template_arguments(state.settings, req.chat_template, req.chat_template_kwargs),
                                  req.tools)
     text = await render_chat(tokenizer, template_messages(req.messages), req.add_generation_prompt, template_kwargs)

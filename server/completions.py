@@ -65,10 +65,10 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
     engine = state.ready_engine()
     _reject_unsupported(req)
     tokenizer = engine.tokenizer
+    structured, structured_param = requested_structured_outputs(req)
     params = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                             prompt_logprobs=_prompt_logprobs_k(req),
-                             structured_outputs=requested_structured_outputs(req))
-    await compile_grammar(engine, params)
+                             prompt_logprobs=_prompt_logprobs_k(req), structured_outputs=structured)
+    await compile_grammar(engine, params, structured_param)
     raw_prompts = _prompts(req)
     prompts = [await encode(tokenizer, p, req.add_special_tokens) if isinstance(p, str) else list(p)
                for p in raw_prompts]

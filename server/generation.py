@@ -78,15 +78,15 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: in
         raise bad_request(str(e), name if name in values else None) from None
 
 
-async def compile_grammar(engine: AsyncEngine, params: SamplingParams) -> None:
+async def compile_grammar(engine: AsyncEngine, params: SamplingParams, param: str | None) -> None:
     """Compiles the request's grammar off the event loop (llguidance caches it, so submit's own check finds
-    it compiled). An invalid schema or grammar -> 400."""
+    it compiled). An invalid schema or grammar -> 400 naming `param`, the field it came from."""
     if params.structured_outputs is None:
         return
     try:
         await off_loop(engine.engine.compile_grammar, params)
     except RequestError as e:
-        raise bad_request(str(e), e.param) from None
+        raise bad_request(str(e), param) from None
 
 
 @dataclass

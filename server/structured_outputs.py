@@ -8,7 +8,8 @@ from server.errors import bad_request
 from server.protocol import SamplingFields
 
 
-def requested_structured_outputs(req: SamplingFields) -> StructuredOutputsParams | None:
+def requested_structured_outputs(req: SamplingFields) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The constraint and the name of the field it came from ((None, None) without one)."""
     specs: dict[str, dict] = {}
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_object":
@@ -30,9 +31,9 @@ def requested_structured_outputs(req: SamplingFields) -> StructuredOutputsParams
     if len(specs) > 1:
         raise bad_request(f"give one way of constraining the output, got {', '.join(specs)}", list(specs)[1])
     if not specs:
-        return None
+        return None, None
     (param, fields), = specs.items()
     try:
-        return StructuredOutputsParams(**fields)
+        return StructuredOutputsParams(**fields), param
     except ValueError as e:
         raise bad_request(str(e), param) from None

@@ -96,18 +96,18 @@ def test_vllm_fields_on_completions_and_chat(server):
 
 
 BAD = [  # (request fields, param, message fragment)
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, None,
-     "nope"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format", "nope"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema",
      "schema"),
     ({"response_format": {"type": "xml"}}, "response_format.type", ""),
-    ({"structured_outputs": {"regex": "(unclosed"}}, None, "regex"),
-    ({"structured_outputs": {"grammar": "start: missing"}}, None, "missing"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "regex"),
+    ({"structured_outputs": {"grammar": "start: missing"}}, "structured_outputs", "missing"),
     ({"structured_outputs": {"json": {"type": "object"}, "regex": "a"}}, "structured_outputs", "exactly one"),
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", ""),
     ({"structured_outputs": {"choice": []}}, "structured_outputs", "choice"),
     ({"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}}, "guided_json", "one way"),
-    ({"guided_json": "{not json"}, None, "JSON"),
+    ({"guided_json": "{not json"}, "guided_json", "JSON"),
 ]
 
 

@@ -123,7 +123,7 @@ BAD = [  # (fields, param, message fragment)
     ({"tool_choice": "required"}, "tool_choice", "tools"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", ""),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}],
-      "tool_choice": "required"}, None, "bogus"),
+      "tool_choice": "required"}, "tools", "bogus"),
     ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "tools", "unique"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice", ""),
     ({"functions": [{"name": "f"}]}, "functions", "tools"),
