@@ -83,13 +83,13 @@ def test_every_output_is_valid_greedy_and_sampled(llm):
         assert isinstance(json.loads(completion.text), dict)
 
 
-def test_constrained_greedy_does_not_depend_on_batch_mates(llm):
-    p = constrained(0.0, json=SCHEMAS[2])
-    alone = llm.generate([PROMPTS[1]], p)[0].outputs[0].token_ids
+def test_constrained_outputs_do_not_depend_on_batch_mates(llm):
+    greedy, seeded = constrained(0.0, json=SCHEMAS[2]), constrained(1.0, json=SCHEMAS[4])  # seed 7
+    alone = [llm.generate([PROMPTS[1]], p)[0].outputs[0].token_ids for p in (greedy, seeded)]
     others = [SamplingParams(max_tokens=20, temperature=1.0), constrained(1.0, json=SCHEMAS[0]),
               constrained(0.0, regex="[a-z]+")]
-    batch = llm.generate(["a", "b", PROMPTS[1], "c"], [others[0], others[1], p, others[2]])
-    assert batch[2].outputs[0].token_ids == alone
+    batch = llm.generate(["a", "b", PROMPTS[1], "c", PROMPTS[1]], [others[0], others[1], greedy, others[2], seeded])
+    assert [batch[2].outputs[0].token_ids, batch[4].outputs[0].token_ids] == alone
 
 
 def test_preempted_constrained_sequences_resume_where_they_were(llm, h1_dir):
