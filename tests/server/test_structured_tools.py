@@ -192,3 +192,14 @@ def test_langchain_with_structured_output(tool_server, method):
     structured = chat_model(tool_server).with_structured_output(Answer, method=method)
     answer = structured.invoke("Is the sky blue? Score it.")
     assert isinstance(answer, Answer) and 0 <= answer.score <= 10
+
+
+def test_tool_flags_on_the_command_line(tmp_path):
+    from server.cli import TOOL_CALL_PARSERS, build_parser, parse_args
+    from server.tool_parsers import TOOL_PARSERS
+
+    assert TOOL_CALL_PARSERS == sorted(TOOL_PARSERS)
+    args = parse_args(build_parser(), ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"])
+    assert args.tool_call_parser == "hermes" and args.enable_auto_tool_choice
+    with pytest.raises(SystemExit):
+        parse_args(build_parser(), [str(tmp_path), "--enable-auto-tool-choice"])  # a model, but no parser
