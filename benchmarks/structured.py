@@ -123,22 +123,21 @@ def time_to_first_token(engine: LLMEngine, structured: StructuredOutputsParams |
     prompt = list(range(300, 428))
     sync(engine.device)
     start = time.perf_counter()
-    engine.validate(prompt, params)  # the server compiles here, in a worker thread
-    engine.add_request(tag, prompt, params)
+    engine.add_request(tag, prompt, params)  # compiles the grammar (the server does it in a worker thread)
     while engine.has_unfinished():
         engine.step()
     sync(engine.device)
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="falcon-h1-7b", choices=[m for m in SHAPES if "h1" in m])
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (checks the script)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     shape = TINY if args.tiny else SHAPES[args.model]
     device = "cpu" if args.tiny else "cuda"
     steps = min(args.steps, 8) if args.tiny else args.steps
