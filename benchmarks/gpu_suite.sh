@@ -25,3 +25,6 @@ python3 benchmarks/offline.py --out "$out/offline.md" "$@" 2>&1 | tail -30
 
 # 4. the prefix cache on vs off: chat TTFT per turn, shared-prefix hit rate and TTFT, decode speed
 python3 -m benchmarks.prefix_cache --out "$out/prefix_cache.md" 2>&1 | tail -30
+
+# 5. the cost of constrained decoding (needs llguidance's wheel in .whl/ too)
+python3 -m benchmarks.structured --model falcon-h1-7b --out "$out/structured.md" 2>&1 | tail -10

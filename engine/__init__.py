@@ -8,8 +8,8 @@ from typing import Any
 # Public names, imported on first use: `engine.config` (the CLI's flags) must not pull in torch.
 _EXPORTS = {
     "LLM": "engine.llm", "EngineArgs": "engine.config", "SamplingParams": "engine.sampling_params",
-    "RequestOutput": "engine.outputs", "CompletionOutput": "engine.outputs", "StepOutput": "engine.outputs",
-    "Logprob": "engine.outputs",
+    "StructuredOutputsParams": "engine.structured_output.params", "RequestOutput": "engine.outputs",
+    "CompletionOutput": "engine.outputs", "StepOutput": "engine.outputs", "Logprob": "engine.outputs",
 }
 __all__ = list(_EXPORTS)
 

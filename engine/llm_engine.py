@@ -21,6 +21,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.stop_checker import check_stop
+from engine.structured_output import GrammarCompiler
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class LLMEngine:
         self.limits = ModelLimits(vocab_size=cfg.vocab_size, max_model_len=self.max_model_len,
                                   max_num_seqs=args.max_num_seqs, block_size=self.cache.block_size,
                                   num_kv_blocks=self.cache.blocks.capacity)
+        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, self.eos_token_ids, args.max_num_seqs) \
+            if self.tokenizer is not None else None
         self.sequences: dict[str, list[Sequence]] = {}
         self.dead_reason: str | None = None  # set by a fatal fault: see step()
 
@@ -107,7 +110,19 @@ class LLMEngine:
             prompt = self.tokenizer.encode(prompt)
         ids = list(prompt)
         check_request(ids, params, self.limits, prompt_param)
+        if params.structured_outputs is not None:
+            self.compile_grammar(params)  # compiled (and cached) here, so a bad grammar is refused here
         return ids
+
+    def compile_grammar(self, params: SamplingParams):
+        """A new matcher of params' grammar, compiled once per spec (RequestError if it is invalid)."""
+        if self.grammars is None:
+            raise RequestError("structured outputs need a tokenizer; this model is served without one",
+                               "structured_outputs")
+        try:
+            return self.grammars.compile(params.structured_outputs)
+        except ValueError as e:
+            raise RequestError(str(e), "structured_outputs") from None
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Checks and queues a request; returns its prompt token ids. Raises RequestError if it can never run."""
@@ -121,6 +136,8 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, 0, prompt_ids, params, self._generator(params, 0), num_samples=params.n)
         seq.detokenizer = self._detokenizer(prompt_ids, params)
+        if params.structured_outputs is not None:
+            seq.grammar = self.compile_grammar(params)
         self.sequences[request_id] = [seq]
         self.scheduler.add(seq)
 
@@ -197,7 +214,11 @@ class LLMEngine:
                     seq.token_ids.append(token)
                     if seq.logprobs is not None:
                         seq.logprobs.append(token_logprobs)
+                    if seq.grammar is not None and not seq.grammar.consume_token(token):
+                        raise RuntimeError(f"the grammar refused sampled token {token}: {seq.grammar.get_error()}")
                     reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
+                    if reason is None and seq.grammar is not None and seq.grammar.is_stopped():
+                        reason = "stop"  # the grammar is complete and allows nothing more (not even ignore_eos)
                     if reason is not None:
                         self._finish(seq, reason)
                 outputs.append(self._output(seq, flush=seq.is_finished))
@@ -250,7 +271,7 @@ class LLMEngine:
         """One token per row. If the batch fails, each row is sampled alone and only the rows that still
         fail are failed (their requests land in `failed`)."""
         try:
-            result = sample(logits, seqs, self.eos_token_ids)
+            result = sample(logits, seqs, self.eos_token_ids, self._grammar_mask(seqs))
             return result.token_ids, result.logprobs
         except Exception:  # noqa: BLE001
             logger.exception("batched sampling failed; sampling its %d rows one by one", len(seqs))
@@ -258,7 +279,7 @@ class LLMEngine:
         logprobs: list[dict[int, float] | None] = []
         for i, seq in enumerate(seqs):
             try:
-                result = sample(logits[i:i + 1], [seq], self.eos_token_ids)
+                result = sample(logits[i:i + 1], [seq], self.eos_token_ids, self._grammar_mask([seq]))
                 tokens.append(result.token_ids[0])
                 logprobs.append(result.logprobs[0])
             except Exception as e:  # noqa: BLE001
@@ -267,6 +288,12 @@ class LLMEngine:
                 tokens.append(-1)
                 logprobs.append(None)
         return tokens, logprobs
+
+    def _grammar_mask(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor] | None:
+        """The rows of constrained sequences and their packed bitmask. Filled on the CPU while the device
+        still runs the forward pass: nothing since execute() has waited for it."""
+        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        return (rows, self.grammars.fill_bitmask([seqs[i].grammar for i in rows])) if rows else None
 
     def _fail(self, failed: dict[str, Exception]) -> list[StepOutput]:
         """Finishes every unfinished sequence of each failed request with finish_reason "error"."""

@@ -1,5 +1,6 @@
-"""Batched sampling on the device: logit_bias, penalties, min_tokens, temperature, top-k/top-p/min-p,
-per-request seeded generators, and logprobs of the model's raw distribution (vLLM's default)."""
+"""Batched sampling on the device: grammar masks, logit_bias, penalties, min_tokens, temperature,
+top-k/top-p/min-p, per-request seeded generators, and logprobs of the model's raw distribution (vLLM's
+default)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sequence import Sequence
+from engine.structured_output import apply_token_bitmask
 
 
 @dataclass
@@ -54,16 +56,20 @@ def filter_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: t
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> SampleResult:
-    """One token per row of logits [S, V] (fp32) for seqs[row]."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int],
+           grammar_mask: tuple[list[int], torch.Tensor] | None = None) -> SampleResult:
+    """One token per row of logits [S, V] (fp32) for seqs[row]. grammar_mask: (rows, packed bitmask of
+    those rows) of the constrained sequences; their disallowed tokens are removed before anything else."""
     S, V = logits.shape
     device = logits.device
     params = [s.params for s in seqs]
     want_logprobs = [p.logprobs is not None for p in params]
     raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
-    if any(p.logit_bias or p.min_tokens or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-           for p in params):
+    if grammar_mask is not None or any(p.logit_bias or p.min_tokens or p.presence_penalty or p.frequency_penalty
+                                       or p.repetition_penalty != 1.0 for p in params):
         logits = logits.clone()  # the caller's logits stay as the model gave them
+    if grammar_mask is not None:
+        apply_token_bitmask(logits, *grammar_mask)
     for i, p in enumerate(params):
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=device)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.structured_output.params import StructuredOutputsParams
+
 # Temperatures below this sample greedily (vLLM's rule): dividing logits by ~1e-45 overflows to inf/nan.
 GREEDY_TEMPERATURE = 1e-5
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
@@ -43,6 +45,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # number of top logprobs per token (the sampled one is always included)
     prompt_logprobs: int | None = None  # number of top logprobs per prompt token (the actual one is always included)
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (compiled at admission)
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class SamplingParams:
             for tok, bias in self.logit_bias.items():
                 if not is_int(tok) or not is_number(bias) or not -100.0 <= bias <= 100.0:
                     raise ValueError(f"logit_bias must map token ids to values in [-100, 100], got {tok!r}: {bias!r}")
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+              "structured_outputs", "must be a StructuredOutputsParams")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         check(all(isinstance(s, str) and s for s in stops), "stop", "must be non-empty strings")
         self.stop_strings = stops

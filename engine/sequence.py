@@ -54,6 +54,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.detokenizer = None  # set by the engine (engine.tokenizer.IncrementalDetokenizer)
+        # llguidance.LLMatcher of a constrained sequence, set at admission; it has consumed every output
+        # token, so a preempted sequence recomputes its caches and keeps its matcher as it is.
+        self.grammar = None
 
     def clone_for_sample(self, index: int) -> Sequence:
         """A running copy for sample `index` of the same request, before any output token."""
@@ -64,6 +67,8 @@ class Sequence:
         child.num_cached_tokens = self.num_cached_tokens
         child.prefix_node = self.prefix_node
         child.status = SequenceStatus.RUNNING
+        if self.grammar is not None:  # each sample its own matcher, from the parent's (start) state
+            child.grammar = self.grammar.deep_copy()
         return child
 
     @property

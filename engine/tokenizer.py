@@ -20,6 +20,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
@@ -231,6 +232,14 @@ class Tokenizer:
         return self.hf_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # -- chat
+
+    def chat_template_uses(self, variable: str, chat_template: str | None = None) -> bool:
+        """Whether the chat template (this tokenizer's unless given) reads `variable` (e.g. "tools")."""
+        template = chat_template if chat_template is not None else self.chat_template
+        if template is None:
+            return False
+        env = _compile_template(template).environment
+        return variable in jinja2.meta.find_undeclared_variables(env.parse(template))
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             chat_template: str | None = None, **kwargs: Any) -> str:

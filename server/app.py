@@ -41,6 +41,7 @@ from server.protocol import (
 from server.protocol_responses import ResponseObject, ResponsesRequest
 from server.responses import create_response
 from server.state import ServerSettings, ServerState
+from server.tool_calls import template_messages, with_tools
 
 if TYPE_CHECKING:
     from engine.async_engine import AsyncEngine
@@ -212,9 +213,10 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], AsyncEngine])
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt or messages")
         if body.messages is not None:
-            template_kwargs = template_arguments(settings, body.chat_template, body.chat_template_kwargs)
-            text = await render_chat(tokenizer, [m.model_dump(exclude_none=True) for m in body.messages],
-                                     body.add_generation_prompt, template_kwargs)
+            template_kwargs = with_tools(template_arguments(settings, body.chat_template, body.chat_template_kwargs),
+                                         body.tools)
+            text = await render_chat(tokenizer, template_messages(body.messages), body.add_generation_prompt,
+                                     template_kwargs)
             add_special_tokens = bool(body.add_special_tokens)  # chat templates carry their own
         else:
             text = body.prompt or ""

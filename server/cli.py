@@ -20,6 +20,7 @@ API_KEY_ENV = "FALCON_SERVE_API_KEY"
 ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineArgs)}
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TOOL_CALL_PARSERS = ["hermes"]  # server.tool_parsers.TOOL_PARSERS (not imported: --help stays light)
 
 # vLLM flags that change nothing here, accepted so that a vLLM command line works unchanged: (flag, takes a
 # value, why it does not apply). Flags that would change the output are either implemented or refused.
@@ -127,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not serve the chat page at / and /playground")
     g.add_argument("--shutdown-timeout", type=int, default=30,
                    help="on SIGTERM, seconds to let in-flight requests finish before cancelling them")
+    g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
+                   help="the format the model writes tool calls in; needed for tool_choice 'auto' "
+                        "(the demo model: hermes)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                   help="let the model decide whether to call tools (tool_choice 'auto', the default with tools); "
+                        "needs --tool-call-parser (the demo model: on)")
     g.add_argument("--log-level", "--uvicorn-log-level", choices=["debug", "info", "warning", "error", "critical"],
                    default="info", help="log verbosity")
 
@@ -153,6 +160,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
             parser.error(f"the model is given twice, as {args.model_tag!r} and --model {args.model!r}")
         args.model = args.model_tag
     args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
+    if args.enable_auto_tool_choice and (args.model or args.model_tag) and args.tool_call_parser is None:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser")
     if args.max_queue_len is not None and args.max_queue_len < 1:
         parser.error("--max-queue-len must be >= 1")
     if args.shutdown_timeout < 0:
@@ -229,9 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     from server.state import ServerSettings
 
     model, names = args.model, args.served_model_name
+    tool_call_parser, auto_tool_choice = args.tool_call_parser, bool(args.enable_auto_tool_choice)
     if model is None:
         model, names = str(demo_model_dir()), names or [DEMO_MODEL_NAME]
         logger.warning(DEMO_NOTICE, names[0])
+        tool_call_parser, auto_tool_choice = tool_call_parser or "hermes", True  # its template writes Hermes calls
     engine_args = _engine_args(parser, args, model)
 
     def load_engine() -> AsyncEngine:  # runs in a worker thread while /health already answers 503
@@ -241,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                               max_queue_len=args.max_queue_len, max_request_body_bytes=args.max_request_body_bytes,
                               trust_request_chat_template=args.trust_request_chat_template,
+                              tool_call_parser=tool_call_parser, enable_auto_tool_choice=auto_tool_choice,
                               playground=not args.disable_playground)
     app = create_app(settings, load_engine)
     server = make_server(app, args.host, args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout,

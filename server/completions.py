@@ -16,6 +16,7 @@ from server.generation import (
     ClientDisconnected,
     check_output,
     collect,
+    compile_grammar,
     off_loop,
     sampling_params,
     submit,
@@ -26,6 +27,7 @@ from server.prompts import encode
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
+from server.structured_outputs import requested_structured_outputs
 
 
 def _reject_unsupported(req: CompletionRequest) -> None:
@@ -63,8 +65,10 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
     engine = state.ready_engine()
     _reject_unsupported(req)
     tokenizer = engine.tokenizer
+    structured, structured_param = requested_structured_outputs(req)
     params = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                             prompt_logprobs=_prompt_logprobs_k(req))
+                             prompt_logprobs=_prompt_logprobs_k(req), structured_outputs=structured)
+    await compile_grammar(engine, params, structured_param)
     raw_prompts = _prompts(req)
     prompts = [await encode(tokenizer, p, req.add_special_tokens) if isinstance(p, str) else list(p)
                for p in raw_prompts]

@@ -24,12 +24,50 @@ from engine.tokenizer import Tokenizer, byte_level_tokenizer_files
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "falcon-serve-demo"
-DEMO_VERSION = "demo-v1"  # bump when the files change, so stale caches are not reused
+DEMO_VERSION = "demo-v2"  # bump when the files change, so stale caches are not reused
 DEMO_NOTICE = (
     "Serving the built-in demo model '%s': a tiny Falcon-H1 with RANDOM weights. Its output is random "
     "noise; it only shows that the server works. To serve a real model, pass --model, e.g. "
     "`falcon-serve --model tiiuae/Falcon-H1-0.5B-Instruct` or `--model /path/to/checkpoint`."
 )
+
+# ChatML with tools the way Falcon-H1-Instruct's own template does it: the tools' JSON in the system
+# turn, calls as Hermes-style <tool_call> blocks, tool results as <tool_response> blocks in a user turn.
+CHAT_TEMPLATE = """\
+{%- set rest = messages[1:] if messages and messages[0].role == 'system' else messages %}
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- 'You are a function calling AI model. You are provided with function signatures within <tools></tools> '
+    'XML tags. You may call one or more functions to assist with the user query. Do not make assumptions '
+    'about what values to plug into functions.\\n<tools>\\n' }}
+{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}
+{{- '</tools>\\nFor each function call, return a JSON object with the function name and arguments within '
+    '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": '
+    '<args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in rest %}
+{%- if message.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' + (message.content or '') }}
+{%- for tool_call in message.tool_calls or [] %}
+{%- set call = tool_call.function %}
+{{- ('\\n' if message.content or not loop.first else '') + '<tool_call>\\n{\"name\": \"' + call.name
+    + '\", \"arguments\": ' + (call.arguments if call.arguments is string else call.arguments | tojson)
+    + '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.first or rest[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+{%- if loop.last or rest[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- else %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
 
 TOKENIZER_MERGES = 64  # a few byte-pair merges: shorter prompts, faster CPU serving
 
@@ -143,7 +181,7 @@ def demo_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
 def build_demo_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     """Write the demo checkpoint (or, with another seed, a different tiny model of the same shape)."""
     directory = Path(directory)
-    byte_level_tokenizer_files(directory, merges=TOKENIZER_MERGES)
+    byte_level_tokenizer_files(directory, merges=TOKENIZER_MERGES, chat_template=CHAT_TEMPLATE)
     tokenizer = Tokenizer.from_pretrained(directory)
     assert tokenizer.bos_token_id is not None and tokenizer.pad_token_id is not None
     config = demo_config(tokenizer.vocab_size, tokenizer.bos_token_id, sorted(tokenizer.eos_token_ids),

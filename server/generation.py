@@ -23,6 +23,7 @@ from engine.llm_engine import EngineDeadError
 from engine.outputs import PromptLogprobs, StepOutput
 from engine.request_checks import RequestError
 from engine.sampling_params import SamplingParams
+from engine.structured_output import StructuredOutputsParams
 from server.errors import APIError, bad_request
 from server.metrics import RequestMetrics
 from server.protocol import SamplingFields
@@ -45,8 +46,10 @@ async def off_loop(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
 
 
 def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None) -> SamplingParams:
-    """SamplingParams from the request; unset fields keep the engine's defaults. Bad values -> 400."""
+                    prompt_logprobs: int | None, structured_outputs: StructuredOutputsParams | None = None,
+                    skip_special_tokens: bool | None = None) -> SamplingParams:
+    """SamplingParams from the request; unset fields keep the engine's defaults. Bad values -> 400.
+    skip_special_tokens overrides the request's (tool-call tags that are special tokens must stay)."""
     if req.stream and req.prompt_logprobs is not None:  # vLLM refuses this too: they would have no chunk
         raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
     logit_bias = None
@@ -62,7 +65,8 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: in
         "min_tokens": req.min_tokens, "logit_bias": logit_bias, "stop": req.stop,
         "stop_token_ids": req.stop_token_ids, "ignore_eos": req.ignore_eos,
         "include_stop_str_in_output": req.include_stop_str_in_output,
-        "skip_special_tokens": req.skip_special_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
+        "skip_special_tokens": req.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
+        "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "structured_outputs": structured_outputs,
     }
     # max_tokens=None is meaningful (up to max_model_len); the other Nones mean "not given".
     kwargs = {k: v for k, v in values.items() if v is not None or k == "max_tokens"}
@@ -72,6 +76,17 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: in
         # SamplingParams messages start with the offending field's name.
         name = str(e).split(" ", 1)[0]
         raise bad_request(str(e), name if name in values else None) from None
+
+
+async def compile_grammar(engine: AsyncEngine, params: SamplingParams, param: str | None) -> None:
+    """Compiles the request's grammar off the event loop (llguidance caches it, so submit's own check finds
+    it compiled). An invalid schema or grammar -> 400 naming `param`, the field it came from."""
+    if params.structured_outputs is None:
+        return
+    try:
+        await off_loop(engine.engine.compile_grammar, params)
+    except RequestError as e:
+        raise bad_request(str(e), param) from None
 
 
 @dataclass

@@ -58,12 +58,51 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(RequestModel):
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(RequestModel):
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(RequestModel):
+    """vLLM's `structured_outputs` object. Unknown keys are refused: each would change the output."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    json_schema: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False  # JSON has no free whitespace here anyway
+    disable_fallback: bool = False  # one backend (llguidance): nothing to fall back to
+
+
+# Fields that OpenAI or vLLM define, that would change the output, and that are not implemented: set
+# to anything but an empty value they are refused, never silently ignored.
+NOT_SUPPORTED = {
+    "use_beam_search": "beam search", "bad_words": "bad_words", "allowed_token_ids": "allowed_token_ids",
+    "truncate_prompt_tokens": "prompt truncation", "logits_processors": "logits processors",
+    "continue_final_message": "continue_final_message", "documents": "documents", "audio": "audio output",
+}
 
 
 class SamplingFields(RequestBody):
     """Fields shared by chat and completions: OpenAI's sampling fields plus vLLM's extras."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        for name, what in NOT_SUPPORTED.items():
+            if isinstance(data, dict) and data.get(name) not in (None, False, [], {}, ""):
+                raise ValueError(f"{name}: {what} is not supported")
+        return data
 
     model: str | None = None  # None: the served model (vLLM accepts a missing model too)
     n: int = 1
@@ -87,6 +126,14 @@ class SamplingFields(RequestBody):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict[str, Any] | None = None  # the older spellings of structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 # ------------------------------------------------------------------ chat
@@ -97,10 +144,44 @@ class TextPart(RequestModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, replayed in a tool loop
+    tool_call_id: str | None = None  # a "tool" message answers this call
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -109,9 +190,12 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
+    # OpenAI's deprecated function calling: refused (use tools)
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
     # vLLM extras
     add_generation_prompt: bool = True
     chat_template: str | None = None  # refused unless the server runs with --trust-request-chat-template
@@ -134,7 +218,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -185,7 +270,7 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role": ...} and/or {"content": ...}; absent keys are not sent, like OpenAI
+    delta: dict[str, Any]  # "role", "content", "tool_calls" as they change; absent keys are not sent, like OpenAI
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -267,6 +352,7 @@ class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # rendered by the chat template with the messages
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (vLLM)
     add_generation_prompt: bool = True
     chat_template: str | None = None

@@ -21,6 +21,8 @@ class ServerSettings:
     max_queue_len: int | None = None  # queued sequences (prompts x n, not yet running) beyond which: 429
     max_request_body_bytes: int = 16 * 2**20  # larger bodies get 413 before they are read
     trust_request_chat_template: bool = False  # allow chat templates sent by clients (they are code)
+    tool_call_parser: str | None = None  # how the model writes tool calls (server.tool_parsers)
+    enable_auto_tool_choice: bool = False  # allow tool_choice "auto" (needs tool_call_parser)
     playground: bool = True  # serve the chat page at / and /playground
 
 

@@ -92,10 +92,10 @@ def test_a_batched_sampling_fault_is_isolated_to_its_row(llm, monkeypatch):
     real_sample = engine.llm_engine.sample
     solo = llm.generate([TEN_PROMPTS[1]], greedy(4))[0].outputs[0].token_ids
 
-    def poisoned(logits, seqs, eos):
+    def poisoned(logits, seqs, eos, grammar_mask=None):
         if any(s.request_id == "bad" for s in seqs):
             raise RuntimeError("injected sampling fault")
-        return real_sample(logits, seqs, eos)
+        return real_sample(logits, seqs, eos, grammar_mask)
 
     monkeypatch.setattr(engine.llm_engine, "sample", poisoned)
     outputs = run(llm, {"good": (TEN_PROMPTS[1], greedy(4)), "bad": (TEN_PROMPTS[2], greedy(4))})

@@ -148,7 +148,7 @@ def test_cli_without_model_serves_the_demo(tmp_path: Path) -> None:
         assert r.status_code == 200
     finally:
         assert server.stop() == 0
-    assert (tmp_path / "cache" / "demo-v1" / "model.safetensors").is_file()
+    assert (tmp_path / "cache" / "demo-v2" / "model.safetensors").is_file()
     assert "RANDOM weights" in server.log.read_text() and "random noise" in server.log.read_text()
 
 

@@ -1,0 +1,94 @@
+"""Tools in chat completions: which tool_choice applies, the grammar that enforces it, and the history
+of a tool loop (assistant tool_calls, "tool" messages) rendered by the chat template, never dropped.
+
+tool_choice "required" or a named function: the output is one or more calls (one for a named function
+or parallel_tool_calls=false), written in the parser's format and constrained by a grammar, so the
+arguments always match the function's schema. "auto" needs --enable-auto-tool-choice and
+--tool-call-parser (as in vLLM): free text, and once the model opens a call, the same grammar.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from engine.structured_output import StructuredOutputsParams
+from engine.tokenizer import Tokenizer
+from server.errors import bad_request
+from server.protocol import ChatCompletionRequest, ChatMessage, Tool
+from server.state import ServerSettings
+from server.tool_parsers import TOOL_PARSERS, HermesToolParser
+
+
+@dataclass
+class ToolPlan:
+    parser: HermesToolParser
+    structured_outputs: StructuredOutputsParams
+
+
+def template_messages(chat: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages for the chat template. Tool-call arguments become objects, as transformers' templates
+    expect (OpenAI sends them as JSON text); text that is not JSON stays text."""
+    messages = []
+    for m in chat:
+        message = m.model_dump(exclude_none=True)
+        for call in message.get("tool_calls", []):
+            try:
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+            except json.JSONDecodeError:
+                pass
+        messages.append(message)
+    return messages
+
+
+def with_tools(template_kwargs: dict[str, Any], tools: list[Tool] | None) -> dict[str, Any]:
+    """Template arguments with the tools as the template's `tools` variable (as transformers passes them)."""
+    return {**template_kwargs, "tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else template_kwargs
+
+
+def check_template_kept_tools(req: ChatCompletionRequest, prompt: str) -> None:
+    """400 if the chat template left out a tool call or a tool result of the history."""
+    for i, m in enumerate(req.messages):
+        pieces = [c.function.name for c in m.tool_calls or []]
+        if m.role == "tool" and isinstance(m.content, str):
+            pieces.append(m.content)
+        for piece in pieces:
+            if piece not in prompt:
+                raise bad_request(f"the model's chat template does not render tool calls or tool results "
+                                  f"(messages[{i}] would be dropped); pass one that does with --chat-template",
+                                  f"messages.{i}")
+
+
+def plan_tools(req: ChatCompletionRequest, settings: ServerSettings, tokenizer: Tokenizer) -> ToolPlan | None:
+    """The grammar and parser of a request with tools, None if the output is plain text. Bad use -> 400."""
+    if req.functions is not None or req.function_call is not None:
+        raise bad_request("functions and function_call are deprecated and not supported; use tools and "
+                          "tool_choice", "functions" if req.functions is not None else "function_call")
+    tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    if not tools:
+        if choice != "none":
+            raise bad_request("tool_choice needs tools", "tool_choice")
+        return None
+    template = req.chat_template or (req.chat_template_kwargs or {}).get("chat_template")
+    if not tokenizer.chat_template_uses("tools", template if isinstance(template, str) else None):
+        raise bad_request("the model's chat template does not support tools (it never reads `tools`); pass one "
+                          "that does with --chat-template", "tools")
+    names = [t["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise bad_request("tool function names must be unique", "tools")
+    if choice == "none":
+        return None
+    if choice == "auto" and not (settings.enable_auto_tool_choice and settings.tool_call_parser):
+        raise bad_request('"auto" tool choice requires the server to run with --enable-auto-tool-choice and '
+                          "--tool-call-parser", "tool_choice")
+    parser = TOOL_PARSERS[settings.tool_call_parser or "hermes"](tokenizer)
+    parallel = req.parallel_tool_calls
+    if not isinstance(choice, str):  # a named function: exactly one call of it
+        chosen = [t for t in tools if t["name"] == choice.function.name]
+        if not chosen:
+            raise bad_request(f"tool_choice names function {choice.function.name!r}, which is not in tools",
+                              "tool_choice")
+        tools, choice, parallel = chosen, "required", False
+    return ToolPlan(parser, StructuredOutputsParams(grammar=parser.grammar(tools, choice, parallel)))
