@@ -21,7 +21,7 @@ python3 benchmarks/serve.py --base-url http://127.0.0.1:8011 --num-prompts 64 --
 kill $server; wait $server 2>/dev/null
 
 # 3. throughput against the roofline
-python3 benchmarks/offline.py --out "$out/offline.md" "$@" 2>&1 | tail -30
+python3 -m benchmarks.offline --out "$out/offline.md" "$@" 2>&1 | tail -30
 
 # 4. the prefix cache on vs off: chat TTFT per turn, shared-prefix hit rate and TTFT, decode speed
 python3 -m benchmarks.prefix_cache --out "$out/prefix_cache.md" 2>&1 | tail -30

@@ -23,6 +23,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import emit
 from kernels import attention, norm  # noqa: E402
 
 PEAK_BYTES_S = 3.0e12  # H100 SXM HBM3
@@ -179,10 +180,7 @@ def main() -> None:
         "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

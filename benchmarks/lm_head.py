@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.ceilings import copy_bytes_per_s, median_seconds
+from benchmarks.report import emit
 from engine.models.common import padded_vocab_size
 
 HEADS = {"falcon-h1-7b": (3072, 130049), "falcon-h1-0.5b": (1024, 32784), "falcon-h1-34b": (5120, 261120)}
@@ -52,10 +53,7 @@ def main() -> None:
             for n in args.batch_sizes:
                 lines.append(bench_head(model, d, vocab, rows, n, hbm))
                 print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.ceilings import Ceilings, measure_ceilings
+from benchmarks.report import emit
 from engine.config import EngineArgs, FalconH1Config, parse_model_config
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -189,10 +190,7 @@ def main() -> None:
             for row in rows:
                 lines.append("| " + " | ".join(row) + " |")
                 print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

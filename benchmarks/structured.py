@@ -24,6 +24,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from benchmarks.offline import SHAPES
+from benchmarks.report import emit
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -167,10 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"device: {device_name}, torch {torch.__version__}, vocabulary {shape['vocab_size']:,} tokens", "",
              "| model | measurement | unconstrained | JSON schema | change |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
