@@ -5,7 +5,7 @@ of 4,096- and 32,768-token prompts, and how many 4k-context sequences fit, each 
 decode moves weights + state + KV bytes per step at the HBM bandwidth; prefill does FLOPs at the bf16
 matmul rate. Both ceilings are measured first, in the same run (benchmarks/ceilings.py).
 
-    python benchmarks/offline.py --models falcon-h1-7b falcon-mamba-7b --out results.md
+    python -m benchmarks.offline --models falcon-h1-7b falcon-mamba-7b --out results.md
 """
 
 from __future__ import annotations
