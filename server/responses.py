@@ -136,32 +136,38 @@ def _text(content: str | list[InputContentPart] | None, where: str) -> str:
     return "".join(part.text for part in content)
 
 
-def _messages(req: ResponsesRequest) -> list[ChatMessage]:
-    """Chat messages: instructions as the system message, then the input (a string is one user message).
-    Function calls join the assistant message before them (or start one); their outputs are "tool"
-    messages."""
+def _messages(req: ResponsesRequest) -> tuple[list[ChatMessage], list[int]]:
+    """Chat messages and the input item each comes from: instructions as the system message, then the
+    input (a string is one user message). Function calls join the assistant message before them (or
+    start one); their outputs are "tool" messages."""
     messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
+    positions = [-1] * len(messages)
     if isinstance(req.input, str):
-        return [*messages, ChatMessage(role="user", content=req.input)]
+        return [*messages, ChatMessage(role="user", content=req.input)], [*positions, 0]
     if not req.input:
         raise bad_request("input must not be empty", "input")
+
+    def add(message: ChatMessage, position: int) -> None:
+        messages.append(message)
+        positions.append(position)
+
     for i, item in enumerate(req.input):
         if item.type == "message" and item.role is not None:
             role = "system" if item.role == "developer" else item.role
-            messages.append(ChatMessage(role=role, content=_text(item.content, f"input[{i}].content")))
+            add(ChatMessage(role=role, content=_text(item.content, f"input[{i}].content")), i)
         elif item.type == "function_call" and None not in (item.call_id, item.name, item.arguments):
             call = ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments))
             if not (messages and messages[-1].role == "assistant"):
-                messages.append(ChatMessage(role="assistant", content=None))
+                add(ChatMessage(role="assistant", content=None), i)
             messages[-1].tool_calls = [*(messages[-1].tool_calls or []), call]
         elif item.type == "function_call_output" and item.call_id is not None and item.output is not None:
-            messages.append(ChatMessage(role="tool", tool_call_id=item.call_id,
-                                        content=_text(item.output, f"input[{i}].output")))
+            add(ChatMessage(role="tool", tool_call_id=item.call_id, content=_text(item.output, f"input[{i}].output")),
+                i)
         else:
             raise bad_request(f"input[{i}]: items of type {item.type!r} are not supported (or lack fields); only "
                               "messages with a role, function_call (call_id, name, arguments) and "
                               "function_call_output (call_id, output)", "input")
-    return messages
+    return messages, positions
 
 
 def _output_items(choice: Choice, tools: ToolPlan | None, message_id: str,
@@ -196,10 +202,11 @@ async def create_response(req: ResponsesRequest, request: Request, state: Server
                              prompt_logprobs=None, structured_outputs=tools.structured_outputs if tools else structured,
                              skip_special_tokens=False if tools and tools.parser.special_tags else None)
     await compile_grammar(engine, params, "tools" if tools else "text.format")
-    messages = _messages(req)
+    messages, positions = _messages(req)
     tool_list = [Tool(type="function", function=f) for f in functions]
-    text = await render_chat(tokenizer, template_messages(messages), True, with_tools({}, tool_list))
-    check_template_kept_tools(messages, text, "input")
+    text = await render_chat(tokenizer, template_messages(messages), True, with_tools({}, tool_list),
+                             "input")
+    check_template_kept_tools(messages, text, "input", positions)
     # The template already holds the special tokens it wants (as for chat completions).
     prompt = await encode(tokenizer, text, add_special_tokens=False)
     response_id, message_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"

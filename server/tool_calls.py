@@ -54,9 +54,11 @@ def with_tools(template_kwargs: dict[str, Any], tools: list[Tool] | None) -> dic
     return {**template_kwargs, "tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else template_kwargs
 
 
-def check_template_kept_tools(messages: list[ChatMessage], prompt: str, param: str = "messages") -> None:
-    """400 if the chat template left out a tool call or a tool result of the history."""
-    for i, m in enumerate(messages):
+def check_template_kept_tools(messages: list[ChatMessage], prompt: str, param: str = "messages",
+                              positions: list[int] | None = None) -> None:
+    """400 if the chat template left out a tool call or a tool result of the history. positions: where
+    each message is in the request's `param` list (default: at its own index)."""
+    for i, m in zip(positions or range(len(messages)), messages):
         pieces = [c.function.name for c in m.tool_calls or []]
         if m.role == "tool" and isinstance(m.content, str):
             pieces.append(m.content)
