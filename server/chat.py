@@ -37,7 +37,7 @@ from server.protocol import (
 from server.sse import DONE, EventStreamResponse, event
 from server.state import ServerState
 from server.structured_outputs import requested_structured_outputs
-from server.tool_calls import check_template_kept_tools, plan_tools, template_messages, with_tools
+from server.tool_calls import check_template_kept_tools, plan_chat_tools, template_messages, with_tools
 
 
 def _reject_unsupported(req: ChatCompletionRequest) -> None:
@@ -52,7 +52,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     engine = state.ready_engine()
     _reject_unsupported(req)
     tokenizer = engine.tokenizer
-    tools = plan_tools(req, state.settings, tokenizer)
+    tools = plan_chat_tools(req, state.settings, tokenizer)
     structured, structured_param = requested_structured_outputs(req)
     if tools is not None and structured is not None:
         raise bad_request("response_format or structured outputs cannot be combined with tool calls; use "
@@ -67,7 +67,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     template_kwargs = with_tools(template_arguments(state.settings, req.chat_template, req.chat_template_kwargs),
                                  req.tools)
     text = await render_chat(tokenizer, template_messages(req.messages), req.add_generation_prompt, template_kwargs)
-    check_template_kept_tools(req, text)
+    check_template_kept_tools(req.messages, text)
     # The template already holds the special tokens it wants (vLLM encodes chat the same way).
     prompt = await encode(tokenizer, text, add_special_tokens=False)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -39,12 +39,13 @@ def template_arguments(settings: ServerSettings, chat_template: str | None,
 
 
 async def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                      template_kwargs: dict[str, Any]) -> str:
+                      template_kwargs: dict[str, Any], param: str = "messages") -> str:
+    """The rendered template; a template error is a 400 naming `param`, the field the messages came from."""
     try:
         return await off_loop(tokenizer.apply_chat_template, messages,
                               add_generation_prompt=add_generation_prompt, **template_kwargs)
     except (ValueError, TypeError) as e:
-        raise bad_request(str(e), "messages") from None
+        raise bad_request(str(e), param) from None
 
 
 async def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:

@@ -25,15 +25,43 @@ class InputContentPart(RequestModel):
 
 
 class InputItem(RequestModel):
-    """A message item (`type` "message", or omitted as in OpenAI's easy input), or an item we refuse."""
+    """A message item (`type` "message", or omitted as in OpenAI's easy input), a function call and its
+    output replayed from a tool loop, or an item we refuse."""
 
     type: str = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | list[InputContentPart] | None = None
+    # type "function_call" (call_id, name, arguments) and "function_call_output" (call_id, output)
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[InputContentPart] | None = None
 
 
 class TextFormat(RequestModel):
+    """`text.format`: plain text, any JSON object, or JSON matching `schema`."""
+
     type: str = "text"
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class FunctionTool(RequestModel):
+    """A function tool in the Responses API's flat shape; `type` is checked by the handler (built-in tools
+    are refused by name)."""
+
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedToolChoice(RequestModel):
+    type: str  # "function"; other kinds (built-in tools, allowed_tools) are refused by the handler
+    name: str | None = None
 
 
 class TextConfig(RequestModel):
@@ -57,9 +85,9 @@ class ResponsesRequest(RequestBody):
     # Accepted only in their no-op form; anything else is refused by name.
     store: bool | None = None
     previous_response_id: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
     reasoning: dict[str, Any] | None = None
     background: bool | None = None
     include: list[str] | None = None
@@ -83,6 +111,15 @@ class OutputMessage(BaseModel):
     status: Literal["in_progress", "completed", "incomplete"]
     role: Literal["assistant"] = "assistant"
     content: list[OutputText]
+
+
+class FunctionCallItem(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str  # JSON text
+    status: Literal["in_progress", "completed", "incomplete"]
 
 
 class InputTokensDetails(BaseModel):
@@ -116,13 +153,13 @@ class ResponseObject(BaseModel):
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
-    output: list[OutputMessage] = Field(default_factory=list)
-    parallel_tool_calls: bool = False
+    output: list[OutputMessage | FunctionCallItem] = Field(default_factory=list)
+    parallel_tool_calls: bool = True
     temperature: float | None = None
     top_p: float | None = None
     top_logprobs: int | None = None
-    tool_choice: Literal["none"] = "none"
-    tools: list[Any] = Field(default_factory=list)
+    tool_choice: str | dict[str, Any] = "none"
+    tools: list[dict[str, Any]] = Field(default_factory=list)
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     truncation: Literal["disabled"] = "disabled"
     metadata: dict[str, str] | None = None

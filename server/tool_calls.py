@@ -16,7 +16,14 @@ from typing import Any
 from engine.structured_output import StructuredOutputsParams
 from engine.tokenizer import Tokenizer
 from server.errors import bad_request
-from server.protocol import ChatCompletionRequest, ChatMessage, Tool
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionDefinition,
+    NamedFunction,
+    NamedToolChoice,
+    Tool,
+)
 from server.state import ServerSettings
 from server.tool_parsers import TOOL_PARSERS, HermesToolParser
 
@@ -47,32 +54,43 @@ def with_tools(template_kwargs: dict[str, Any], tools: list[Tool] | None) -> dic
     return {**template_kwargs, "tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else template_kwargs
 
 
-def check_template_kept_tools(req: ChatCompletionRequest, prompt: str) -> None:
-    """400 if the chat template left out a tool call or a tool result of the history."""
-    for i, m in enumerate(req.messages):
+def check_template_kept_tools(messages: list[ChatMessage], prompt: str, param: str = "messages",
+                              positions: list[int] | None = None) -> None:
+    """400 if the chat template left out a tool call or a tool result of the history. positions: where
+    each message is in the request's `param` list (default: at its own index)."""
+    for i, m in zip(positions or range(len(messages)), messages):
         pieces = [c.function.name for c in m.tool_calls or []]
         if m.role == "tool" and isinstance(m.content, str):
             pieces.append(m.content)
         for piece in pieces:
             if piece not in prompt:
                 raise bad_request(f"the model's chat template does not render tool calls or tool results "
-                                  f"(messages[{i}] would be dropped); pass one that does with --chat-template",
-                                  f"messages.{i}")
+                                  f"({param}[{i}] would be dropped); pass one that does with --chat-template",
+                                  f"{param}.{i}")
 
 
-def plan_tools(req: ChatCompletionRequest, settings: ServerSettings, tokenizer: Tokenizer) -> ToolPlan | None:
-    """The grammar and parser of a request with tools, None if the output is plain text. Bad use -> 400."""
+def plan_chat_tools(req: ChatCompletionRequest, settings: ServerSettings, tokenizer: Tokenizer) -> ToolPlan | None:
+    """plan_tools for a chat completion request (whose deprecated `functions` are refused)."""
     if req.functions is not None or req.function_call is not None:
         raise bad_request("functions and function_call are deprecated and not supported; use tools and "
                           "tool_choice", "functions" if req.functions is not None else "function_call")
-    tools = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
-    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    template = req.chat_template or (req.chat_template_kwargs or {}).get("chat_template")
+    choice = req.tool_choice.function if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
+    return plan_tools([t.function for t in req.tools or []], choice, req.parallel_tool_calls,
+                      template if isinstance(template, str) else None, settings, tokenizer)
+
+
+def plan_tools(functions: list[FunctionDefinition], choice: str | NamedFunction | None, parallel: bool,
+               chat_template: str | None, settings: ServerSettings, tokenizer: Tokenizer) -> ToolPlan | None:
+    """The grammar and parser of a request with tools, None if the output is plain text. Bad use -> 400.
+    choice: "none", "auto", "required", a named function, or None (auto with tools, else none)."""
+    tools = [f.model_dump(exclude_none=True) for f in functions]
+    choice = choice if choice is not None else ("auto" if tools else "none")
     if not tools:
         if choice != "none":
             raise bad_request("tool_choice needs tools", "tool_choice")
         return None
-    template = req.chat_template or (req.chat_template_kwargs or {}).get("chat_template")
-    if not tokenizer.chat_template_uses("tools", template if isinstance(template, str) else None):
+    if not tokenizer.chat_template_uses("tools", chat_template):
         raise bad_request("the model's chat template does not support tools (it never reads `tools`); pass one "
                           "that does with --chat-template", "tools")
     names = [t["name"] for t in tools]
@@ -84,11 +102,9 @@ def plan_tools(req: ChatCompletionRequest, settings: ServerSettings, tokenizer: 
         raise bad_request('"auto" tool choice requires the server to run with --enable-auto-tool-choice and '
                           "--tool-call-parser", "tool_choice")
     parser = TOOL_PARSERS[settings.tool_call_parser or "hermes"](tokenizer)
-    parallel = req.parallel_tool_calls
     if not isinstance(choice, str):  # a named function: exactly one call of it
-        chosen = [t for t in tools if t["name"] == choice.function.name]
+        chosen = [t for t in tools if t["name"] == choice.name]
         if not chosen:
-            raise bad_request(f"tool_choice names function {choice.function.name!r}, which is not in tools",
-                              "tool_choice")
+            raise bad_request(f"tool_choice names function {choice.name!r}, which is not in tools", "tool_choice")
         tools, choice, parallel = chosen, "required", False
     return ToolPlan(parser, StructuredOutputsParams(grammar=parser.grammar(tools, choice, parallel)))

@@ -1,5 +1,6 @@
 """POST /v1/responses through the openai SDK: plain, streamed (raw events and the SDK's stream helper),
-message-item input with instructions, logprobs, usage, and a named 400 for every field it cannot honour."""
+message-item input with instructions, logprobs, usage, and a named 400 for every field it cannot honour.
+(text.format and function tools: tests/server/test_responses_structured.py.)"""
 
 from __future__ import annotations
 
@@ -64,13 +65,18 @@ def test_responses_stream_helper(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize("extra, param", [
     ({"store": True}, "store"),
     ({"previous_response_id": "resp_123"}, "previous_response_id"),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
+    ({"tools": [{"type": "function", "parameters": {}}]}, "tools"),  # no name
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
+    ({"max_tool_calls": 2}, "max_tool_calls"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),  # no schema
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bogus"}}}}, "text.format"),
+    ({"text": {"format": {"type": "grammar"}}}, "text.format"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"background": True}, "background"),
     ({"include": ["file_search_call.results"]}, "include"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}, "input"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+    ({"input": [{"type": "function_call_output", "output": "4"}]}, "input"),  # no call_id
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
 ])
