@@ -77,7 +77,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int],
     apply_penalties(logits, seqs)
     for i, (s, p) in enumerate(zip(seqs, params)):
         if s.num_output_tokens < p.min_tokens:
-            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)
+            banned = p.stop_token_set | (set() if p.ignore_eos else eos_token_ids)
             logits[i, [t for t in banned if t < V]] = float("-inf")
 
     tokens = logits.argmax(-1)

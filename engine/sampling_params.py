@@ -14,6 +14,8 @@ from engine.structured_output.params import StructuredOutputsParams
 # Temperatures below this sample greedily (vLLM's rule): dividing logits by ~1e-45 overflows to inf/nan.
 GREEDY_TEMPERATURE = 1e-5
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
+# Stop strings are searched in every new piece of text: their number and length bound each step's work.
+MAX_STOP_STRINGS, MAX_STOP_STRING_LEN = 256, 1024
 
 
 def is_int(value: object) -> bool:
@@ -47,6 +49,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # number of top logprobs per prompt token (the actual one is always included)
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (compiled at admission)
     stop_strings: list[str] = field(init=False, repr=False)
+    stop_token_set: frozenset[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:
@@ -84,9 +87,12 @@ class SamplingParams:
               "structured_outputs", "must be a StructuredOutputsParams")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         check(all(isinstance(s, str) and s for s in stops), "stop", "must be non-empty strings")
+        check(len(stops) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_STRING_LEN for s in stops), "stop",
+              f"must be at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_LEN} characters")
         self.stop_strings = stops
         self.stop_token_ids = list(self.stop_token_ids or [])
         check(all(is_int(t) for t in self.stop_token_ids), "stop_token_ids", "must be integers")
+        self.stop_token_set = frozenset(self.stop_token_ids)  # checked after every token
         if self.top_k == -1:
             self.top_k = 0
 

@@ -16,7 +16,7 @@ def check_stop(seq: Sequence, token: int, eos_token_ids: set[int], max_model_len
     if past_min and not params.ignore_eos and token in eos_token_ids:
         seq.stop_reason = None
         return "stop"
-    if past_min and token in params.stop_token_ids:
+    if past_min and token in params.stop_token_set:
         seq.stop_reason = token
         return "stop"
     previous_len = len(seq.unemitted_text)

@@ -49,6 +49,10 @@ def test_hostile_sampling_values_are_refused_or_harmless(llm):
         assert e.value.param == param
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=2**64)
+    with pytest.raises(ValueError, match="at most 256 strings"):  # each is searched at every step
+        SamplingParams(stop=[f"s{i}" for i in range(257)])
+    with pytest.raises(ValueError, match="at most 256 strings"):
+        SamplingParams(stop="x" * 1025)
     with pytest.raises(ValueError, match="n must be an integer"):
         SamplingParams(n=True)
     # A vanishing temperature is greedy, not garbage from logits / 1e-45.
