@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name(s) clients use in the `model` field (default: the --model value)")
     g.add_argument("--chat-template", metavar="FILE",
                    help="jinja2 chat template file overriding the tokenizer's")
+    g.add_argument("--download-dir", metavar="DIR",
+                   help="where hub checkpoints are downloaded and looked up (default: the Hugging Face cache)")
+    g.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto",
+                   help="auto/safetensors: the checkpoint's weights; dummy: random weights of the same shapes")
 
     g = p.add_argument_group("engine")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d["device"],
@@ -218,7 +222,8 @@ def _engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace, mode
             num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
             ssm_state_dtype=args.ssm_state_dtype, seed=args.seed, enforce_eager=args.enforce_eager,
             chat_template=chat_template, quantization=args.quantization,
-            enable_prefix_caching=args.enable_prefix_caching, prefix_cache_checkpoints=args.prefix_cache_checkpoints)
+            enable_prefix_caching=args.enable_prefix_caching, prefix_cache_checkpoints=args.prefix_cache_checkpoints,
+            load_format="dummy" if args.load_format == "dummy" else "auto")
     except ValueError as e:
         parser.error(str(e))
 
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = _check_environment(parser, args)
     _vllm_notices(args)
-
+    if args.download_dir:
+        os.environ["HF_HUB_CACHE"] = str(Path(args.download_dir).expanduser())  # read by huggingface_hub
     # Imported here so that --help stays quick.
     from engine.async_engine import AsyncEngine
     from server.app import create_app

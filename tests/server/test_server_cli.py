@@ -177,6 +177,7 @@ def test_vllm_command_lines(capsys) -> None:
     assert args.model == "tiiuae/Falcon-H1-7B-Instruct" and args.dtype == "float16"
     assert args.kv_block_size == 32 and args.log_level == "warning" and args.trust_remote_code
     assert parse("--dtype", "float").dtype == "float32"
+    assert parse("--load-format", "dummy").load_format == "dummy" and parse("--download-dir", "/d").download_dir == "/d"
     assert parse("--model", "a/b").model == "a/b" and parse("a/b", "--model", "a/b").model == "a/b"
     for argv, message in ((["--max-model", "5"], "unrecognized arguments: --max-model"),  # no abbreviations
                           (["a/b", "--model", "c/d"], "given twice"),
