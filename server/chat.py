@@ -12,13 +12,11 @@ from starlette.responses import JSONResponse, Response
 from server.errors import bad_request
 from server.generation import (
     Choice,
-    ClientDisconnected,
     check_output,
-    collect,
+    collect_unless_disconnected,
     compile_grammar,
     sampling_params,
     submit,
-    until_disconnected,
 )
 from server.logprobs import chat_logprobs, vllm_prompt_logprobs
 from server.prompts import encode, render_chat, template_arguments
@@ -73,12 +71,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     generation = submit(state, engine, request_id, [prompt], params, arrival, prompt_param="messages")
     if not req.stream:
-        try:
-            choices = await until_disconnected(request, collect(generation, req.n))
-        except ClientDisconnected:
+        choices = await collect_unless_disconnected(request, generation, req.n)
+        if choices is None:
             return Response(status_code=499)
-        finally:
-            generation.close()
         completion_tokens = sum(len(c.token_ids) for c in choices.values())
 
         def choice(i: int, c: Choice) -> ChatChoice:

@@ -13,14 +13,12 @@ from starlette.responses import JSONResponse, Response
 from engine.outputs import PromptLogprobs
 from server.errors import bad_request
 from server.generation import (
-    ClientDisconnected,
     check_output,
-    collect,
+    collect_unless_disconnected,
     compile_grammar,
     off_loop,
     sampling_params,
     submit,
-    until_disconnected,
 )
 from server.logprobs import completion_logprobs, echoed_prompt_logprobs, vllm_prompt_logprobs
 from server.prompts import encode
@@ -99,12 +97,9 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
         return vllm_prompt_logprobs(tokenizer, prompts[choice_index // req.n], prompt_logprobs, req.prompt_logprobs)
 
     if not req.stream:
-        try:
-            choices = await until_disconnected(request, collect(generation, req.n))
-        except ClientDisconnected:
+        choices = await collect_unless_disconnected(request, generation, req.n)
+        if choices is None:
             return Response(status_code=499)
-        finally:
-            generation.close()
         completion_tokens = sum(len(c.token_ids) for c in choices.values())
 
         def response_choices() -> list[CompletionChoice]:

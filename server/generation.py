@@ -185,6 +185,16 @@ class Choice:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
 
+async def collect_unless_disconnected(request: Request, generation: Generation, n: int) -> dict[int, Choice] | None:
+    """Runs a non-streamed request to the end; None if the client left first (its work is then aborted)."""
+    try:
+        return await until_disconnected(request, collect(generation, n))
+    except ClientDisconnected:
+        return None
+    finally:
+        generation.close()
+
+
 async def collect(generation: Generation, n: int) -> dict[int, Choice]:
     """Runs a non-streamed request to the end; choices keyed by prompt_index * n + sample index."""
     choices: dict[int, Choice] = {}

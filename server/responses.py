@@ -23,12 +23,10 @@ from engine.tokenizer import Tokenizer
 from server.errors import bad_request
 from server.generation import (
     Choice,
-    ClientDisconnected,
-    collect,
+    collect_unless_disconnected,
     compile_grammar,
     sampling_params,
     submit,
-    until_disconnected,
 )
 from server.logprobs import chat_logprobs
 from server.prompts import encode, render_chat
@@ -238,12 +236,9 @@ async def create_response(req: ResponsesRequest, request: Request, state: Server
         return response(status, output, usage)
 
     if not req.stream:
-        try:
-            choices = await until_disconnected(request, collect(generation, 1))
-        except ClientDisconnected:
+        choices = await collect_unless_disconnected(request, generation, 1)
+        if choices is None:
             return Response(status_code=499)
-        finally:
-            generation.close()
         choice = choices[0]
         output = _output_items(choice, tools, message_id, logprobs(choice.token_ids, choice.logprobs))
         return JSONResponse(final(choice, output).model_dump())
