@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -195,9 +196,7 @@ class LLMEngine:
             logits, prompt_scores = self.runner.execute(sched)
             samplers, rows, scored_only, failed = self._advance(sched, prompt_scores)
         except Exception as e:
-            logger.exception("engine step failed; the engine cannot continue")
-            self.dead_reason = f"{type(e).__name__}: {e}"
-            raise EngineDeadError(self.dead_reason) from e
+            self._die("engine step failed; the engine cannot continue", e)
         if rows != list(range(logits.shape[0])):
             logits = logits[rows]
         tokens, logprobs = self._sample(logits, samplers, failed) if samplers else ([], [])
@@ -228,10 +227,13 @@ class LLMEngine:
         try:
             outputs += self._fail(failed)
         except Exception as e:
-            logger.exception("failing a request left the scheduler inconsistent")
-            self.dead_reason = f"{type(e).__name__}: {e}"
-            raise EngineDeadError(self.dead_reason) from e
+            self._die("failing a request left the scheduler inconsistent", e)
         return self._mark_finished_requests(outputs)
+
+    def _die(self, what: str, error: Exception) -> NoReturn:
+        logger.exception(what)
+        self.dead_reason = f"{type(error).__name__}: {error}"
+        raise EngineDeadError(self.dead_reason) from error
 
     def _advance(self, sched: ScheduledBatch, prompt_scores: dict[int, PromptScores]
                  ) -> tuple[list[Sequence], list[int], list[Sequence], dict[str, Exception]]:

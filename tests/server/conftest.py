@@ -152,3 +152,14 @@ def client(server: LiveServer) -> openai.OpenAI:
 @pytest.fixture
 def async_client(server: LiveServer) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tool_server(start_server) -> LiveServer:
+    """A server that parses Hermes tool calls and allows tool_choice "auto" (one per test module)."""
+    return start_server(settings=dict(tool_call_parser="hermes", enable_auto_tool_choice=True))
+
+
+@pytest.fixture
+def tc(tool_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -28,16 +28,6 @@ FORMATS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tool_server(start_server):
-    return start_server(settings=dict(tool_call_parser="hermes", enable_auto_tool_choice=True))
-
-
-@pytest.fixture
-def tc(tool_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 @pytest.mark.parametrize("fmt, schema", FORMATS)
 def test_text_format_plain_and_streamed(client: openai.OpenAI, fmt, schema) -> None:
     schema = schema or fmt["schema"]

@@ -7,7 +7,6 @@ from typing import Literal
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_core.tools import tool
@@ -28,16 +27,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
          {"type": "function", "function": {"name": "ping"}}]  # no parameters
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME, "ping": {"type": "object", "maxProperties": 0}}
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def tool_server(start_server):
-    return start_server(settings=dict(tool_call_parser="hermes", enable_auto_tool_choice=True))
-
-
-@pytest.fixture
-def tc(tool_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def assert_valid_calls(calls) -> None:
