@@ -93,16 +93,32 @@ NOT_SUPPORTED = {
 }
 
 
+# Fields that are accepted only at the value that needs no implementation (the behaviour here); any
+# other value would change the output and is refused.
+DEFAULT_ONLY = {"spaces_between_special_tokens": True, "length_penalty": 1.0, "return_tokens_as_token_ids": False,
+                "reasoning_effort": None}
+CHAT_DEFAULT_ONLY = {"echo": False, "add_special_tokens": False}  # on /v1/completions both are implemented
+
+
+def _refuse_unsupported(data: Any, default_only: dict[str, Any]) -> Any:
+    if not isinstance(data, dict):
+        return data
+    for name, what in NOT_SUPPORTED.items():
+        if data.get(name) not in (None, False, [], {}, ""):
+            raise ValueError(f"{name}: {what} is not supported")
+    for name, default in default_only.items():
+        if data.get(name) is not None and data[name] != default:
+            raise ValueError(f"{name}: only {default!r} is supported, got {data[name]!r}")
+    return data
+
+
 class SamplingFields(RequestBody):
     """Fields shared by chat and completions: OpenAI's sampling fields plus vLLM's extras."""
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
-        for name, what in NOT_SUPPORTED.items():
-            if isinstance(data, dict) and data.get(name) not in (None, False, [], {}, ""):
-                raise ValueError(f"{name}: {what} is not supported")
-        return data
+        return _refuse_unsupported(data, DEFAULT_ONLY)
 
     model: str | None = None  # None: the served model (vLLM accepts a missing model too)
     n: int = 1
@@ -185,6 +201,13 @@ class NamedToolChoice(RequestModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported_in_chat(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("modalities") not in (None, ["text"]):
+            raise ValueError(f"modalities: only ['text'] is supported, got {data['modalities']!r}")
+        return _refuse_unsupported(data, CHAT_DEFAULT_ONLY)
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None

@@ -128,3 +128,21 @@ def test_output_changing_fields_that_are_not_implemented_are_refused(server, fie
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
     r = post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 2, field: None})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path, field, value, default", [
+    ("/v1/chat/completions", "spaces_between_special_tokens", False, True),
+    ("/v1/completions", "length_penalty", 0.5, 1.0),
+    ("/v1/completions", "return_tokens_as_token_ids", True, False),
+    ("/v1/chat/completions", "reasoning_effort", "high", None),
+    ("/v1/chat/completions", "echo", True, False),  # vLLM's chat echo; /v1/completions implements echo
+    ("/v1/chat/completions", "add_special_tokens", True, False),
+    ("/v1/chat/completions", "modalities", ["text", "audio"], ["text"]),
+])
+def test_fields_accepted_only_at_their_default(server, path, field, value, default):
+    """A value that would change the output is refused; the value that needs nothing is accepted."""
+    prompt = {"messages": USER} if "chat" in path else {"prompt": "x"}
+    r = post(server, path, {**prompt, "max_tokens": 2, field: value})
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+    r = post(server, path, {**prompt, "max_tokens": 2, field: default})
+    assert r.status_code == 200, r.text
