@@ -112,16 +112,21 @@ class LLMEngine:
         ids = list(prompt)
         check_request(ids, params, self.limits, prompt_param)
         if params.structured_outputs is not None:
-            self.compile_grammar(params)  # compiled (and cached) here, so a bad grammar is refused here
+            self.check_grammar(params)
         return ids
 
-    def compile_grammar(self, params: SamplingParams):
-        """A new matcher of params' grammar, compiled once per spec (RequestError if it is invalid)."""
+    def check_grammar(self, params: SamplingParams) -> None:
+        """Compiles (and caches) params' grammar, so that a bad one is refused before it is queued."""
+        self._grammar(params, copy=False)
+
+    def _grammar(self, params: SamplingParams, copy: bool = True):
+        """params' grammar in its start state: a new matcher, or the cached one (RequestError if invalid)."""
         if self.grammars is None:
             raise RequestError("structured outputs need a tokenizer; this model is served without one",
                                "structured_outputs")
         try:
-            return self.grammars.compile(params.structured_outputs)
+            spec = params.structured_outputs
+            return self.grammars.compile(spec) if copy else self.grammars.start_state(spec)
         except ValueError as e:
             raise RequestError(str(e), "structured_outputs") from None
 
@@ -138,7 +143,7 @@ class LLMEngine:
         seq = Sequence(request_id, 0, prompt_ids, params, self._generator(params, 0), num_samples=params.n)
         seq.detokenizer = self._detokenizer(prompt_ids, params)
         if params.structured_outputs is not None:
-            seq.grammar = self.compile_grammar(params)
+            seq.grammar = self._grammar(params)
         self.sequences[request_id] = [seq]
         self.scheduler.add(seq)
 

@@ -84,7 +84,7 @@ async def compile_grammar(engine: AsyncEngine, params: SamplingParams, param: st
     if params.structured_outputs is None:
         return
     try:
-        await off_loop(engine.engine.compile_grammar, params)
+        await off_loop(engine.engine.check_grammar, params)
     except RequestError as e:
         raise bad_request(str(e), param) from None
 

@@ -32,12 +32,17 @@ class GrammarCompiler:
 
     def compile(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         """A new matcher in the grammar's start state. ValueError saying what is wrong with the grammar."""
+        return self.start_state(params).deep_copy()
+
+    def start_state(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """The cached matcher in the grammar's start state, compiled on first use (never advance it:
+        `compile` hands out copies). ValueError saying what is wrong with the grammar."""
         key = params.key
         with self._lock:
             start = self._compiled.get(key)
             if start is not None:
                 self._compiled.move_to_end(key)
-                return start.deep_copy()
+                return start
         # Outside the lock: llguidance releases the GIL while it compiles, other requests go on.
         matcher = llguidance.LLMatcher(self.tokenizer, params.to_grammar(), log_level=0)
         if matcher.is_error():
@@ -46,7 +51,7 @@ class GrammarCompiler:
             self._compiled[key] = matcher
             while len(self._compiled) > CACHE_SIZE:
                 self._compiled.popitem(last=False)
-        return matcher.deep_copy()
+        return matcher
 
     def fill_bitmask(self, matchers: list[llguidance.LLMatcher]) -> torch.Tensor:
         """[len(matchers), ceil(V / 32)] int32: bit t % 32 of word t // 32 of row i is set iff token t is
