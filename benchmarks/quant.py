@@ -34,6 +34,7 @@ from engine.quantization.gptq import COLUMN_PADDING
 from engine.tokenizer import byte_level_tokenizer_files
 from kernels import fp8_linear as fp8
 from kernels import quant_linear as ql
+from kernels.split_k import split_for
 
 # (K, N) of the projections one decode step runs, per layer.
 GEMM_SHAPES = {
@@ -44,7 +45,7 @@ GEMM_SHAPES = {
 GPTQ_CONFIG = dict(quant_method="gptq", group_size=128, desc_act=True, sym=True, checkpoint_format="gptq",
                    lm_head=False)
 VARIANTS = {"bf16": None, "gptq-int4": 4, "gptq-int8": 8, "fp8": "fp8"}
-L2_MISS_BYTES = 512 << 20
+L2_MISS_BYTES = 256 << 20  # several times the 50-60 MB L2
 
 
 def time_graph(fn, reps: int = 5) -> float:
@@ -72,8 +73,10 @@ def make_weights(fmt: str, K: int, N: int, gen: torch.Generator):
         return (lambda x, w: F.linear(x, w[0])), (w16,), w16.nbytes
     if fmt.startswith("fp8"):
         q, scale = fp8.quantize_fp8_weight(w16)
-        fn = fp8.fp8_weight_only_linear if fmt == "fp8 weight-only" else fp8.fp8_scaled_mm_linear
-        return (lambda x, w: fn(x, w[0], w[1], None)), (q, scale), q.nbytes + scale.nbytes
+        if fmt == "fp8 weight-only":
+            return ((lambda x, w, config=None: fp8.fp8_weight_only_linear(x, w[0], w[1], None, config=config)),
+                    (q, scale), q.nbytes + scale.nbytes)
+        return (lambda x, w: fp8.fp8_linear(x, w[0], w[1], None)), (q, scale), q.nbytes + scale.nbytes
     bits = 4 if fmt == "gptq-int4" else 8
     info = torch.iinfo(torch.int32)
     n_w = -(-N // COLUMN_PADDING) * COLUMN_PADDING  # stored as GPTQLinear stores them
@@ -98,9 +101,9 @@ def bench_gemms(models: list[str], ceiling: float, deadline: float) -> list[str]
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in models:
         for name, (K, N) in GEMM_SHAPES[model].items():
-            for fmt in ("bf16", "gptq-int4", "gptq-int8", "fp8 weight-only", "fp8 scaled_mm"):
+            for fmt in ("bf16", "gptq-int4", "gptq-int8", "fp8 weight-only", "fp8 engine"):
                 fn, w, nbytes = make_weights(fmt, K, N, gen)
-                copies = [w] + [tuple(t.clone() for t in w) for _ in range(max(1, L2_MISS_BYTES // nbytes) - 1)]
+                copies = _copies(w, nbytes)
                 for rows in (1, 32, 256):
                     if time.perf_counter() > deadline:
                         return lines + ["", "(time budget reached: remaining GEMMs not measured)"]
@@ -117,34 +120,77 @@ def bench_gemms(models: list[str], ceiling: float, deadline: float) -> list[str]
     return lines
 
 
-def sweep_gptq(models: list[str], deadline: float) -> list[str]:
-    """Default heuristic vs the best of a few tile configs, GPTQ-Int4, 1 and 32 rows."""
-    lines = ["| GEMM (K x N) | rows | default us | best us | best config |", "|---|---|---|---|---|"]
+def _copies(w: tuple, nbytes: int) -> list[tuple]:
+    return [w] + [tuple(t.clone() for t in w) for _ in range(max(1, L2_MISS_BYTES // nbytes) - 1)]
+
+
+def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
+    """The tile configs the sweep tries: the GEMV kernel (one row) and the tl.dot one, split for 2-8 waves."""
+    pack, dev = 32 // bits, torch.device("cuda")
+    out = []
+    if M == 1:
+        for bn, warps in ((64, 2), (128, 4), (256, 4), (256, 8)):
+            out += [dict(kind="gemv", BLOCK_N=bn, BLOCK_K=128, num_warps=warps, num_stages=1,
+                         SPLIT_K=split_for(-(-N // bn), K, 128, waves, dev)) for waves in (2, 4, 8)]
+    bm = 16 if M <= 16 else 32
+    for bn, bk in ((64, 16 * pack), (64, 32 * pack), (128, 16 * pack)):
+        tiles = -(-N // bn) * -(-M // bm)
+        out += [dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=2,
+                     SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (2, 4, 8)]
+    return out
+
+
+def fp8_candidates(M: int, N: int, K: int) -> list[dict]:
+    dev = torch.device("cuda")
+    bm = 16 if M <= 16 else 32
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4,
+                 SPLIT_K=split_for(-(-N // bn) * -(-M // bm), K, bk, waves, dev))
+            for bn in (32, 64, 128) for bk in (128, 256) for waves in (2, 4, 8)]
+
+
+def sweep(models: list[str], deadline: float, ceiling: float) -> list[str]:
+    """Default heuristic vs every candidate config (each checked against the reference), GPTQ 4 / 8 bits and
+    FP8 weight-only at 1 / 16 / 32 rows; the best per kernel kind."""
+    lines = ["| GEMM (K x N) | format | rows | default us | best us (of copy ceiling) | best config | best gemv us | "
+             "best gemm us | wrong |", "|---|---|---|---|---|---|---|---|---|"]
     gen = torch.Generator(device="cuda").manual_seed(1)
     for model in models:
         for K, N in GEMM_SHAPES[model].values():
-            fn, w, nbytes = make_weights("gptq-int4", K, N, gen)
-            copies = [w] + [tuple(t.clone() for t in w) for _ in range(max(1, L2_MISS_BYTES // nbytes) - 1)]
-            for rows in (1, 32):
-                if time.perf_counter() > deadline:
-                    return lines + ["", "(time budget reached)"]
-                x = torch.randn(rows, K, device="cuda", generator=gen).to(torch.bfloat16)
-                default = ql.matmul_config(rows, N, K, 128, x.device)
-                best = (gemm_time(fn, copies, x), default)
-                for bn in (32, 64, 128):
-                    for bk in (64, 128):
-                        for split in {max(1, default["SPLIT_K"] // 2), default["SPLIT_K"], 2 * default["SPLIT_K"]}:
-                            cfg = dict(default, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
-                            try:
-                                t = gemm_time(fn, copies, x, config=cfg)
-                            except Exception as e:  # e.g. a tile that needs more shared memory than there is
-                                print(f"config {cfg} failed: {str(e)[:100]}", flush=True)
+            for fmt in ("gptq-int4", "gptq-int8", "fp8 weight-only"):
+                fn, w, nbytes = make_weights(fmt, K, N, gen)
+                copies = _copies(w, nbytes)
+                for rows in (1, 16, 32):
+                    if time.perf_counter() > deadline:
+                        return lines + ["", "(time budget reached)"]
+                    x = torch.randn(rows, K, device="cuda", generator=gen).to(torch.bfloat16)
+                    if fmt == "fp8 weight-only":
+                        ref = fp8.fp8_linear_ref(x, *w, None)
+                        cands = fp8_candidates(rows, N, K)
+                    else:
+                        bits = 4 if fmt == "gptq-int4" else 8
+                        ref = ql.gptq_linear_ref(x, *w[:4], None, bits, 128, N)
+                        cands = gptq_candidates(rows, N, K, bits)
+                    default_t = gemm_time(fn, copies, x)
+                    best, by_kind, wrong = (default_t, "default"), {}, 0
+                    for cfg in cands:
+                        try:
+                            err = ((fn(x, w, config=cfg).float() - ref.float()).abs().max() / ref.float().abs().max())
+                            if not err < 1e-2:
+                                wrong += 1
+                                print(f"WRONG {fmt} {K}x{N} rows {rows} {cfg}: {err:.3g}", flush=True)
                                 continue
-                            best = min(best, (t, cfg), key=lambda b: b[0])
-                default_t = gemm_time(fn, copies, x)
-                lines.append(f"| {K} x {N} | {rows} | {default_t * 1e6:.1f} | {best[0] * 1e6:.1f} | {best[1]} |")
-                print(lines[-1], flush=True)
-            del copies
+                            t = gemm_time(fn, copies, x, config=cfg)
+                        except Exception as e:  # e.g. a tile that needs more shared memory than there is
+                            print(f"config {cfg} failed: {str(e)[:100]}", flush=True)
+                            continue
+                        kind = cfg.get("kind", "gemm")
+                        by_kind[kind] = min(by_kind.get(kind, 1.0), t)
+                        best = min(best, (t, cfg), key=lambda b: b[0])
+                    lines.append(f"| {K} x {N} | {fmt} | {rows} | {default_t * 1e6:.1f} | {best[0] * 1e6:.1f} "
+                                 f"({nbytes / best[0] / ceiling:.0%}) | {best[1]} | "
+                                 f"{by_kind.get('gemv', 0) * 1e6:.1f} | {by_kind.get('gemm', 0) * 1e6:.1f} | {wrong} |")
+                    print(lines[-1], flush=True)
+                del copies
     return lines
 
 
@@ -160,9 +206,11 @@ def model_dir(name: str, variant: str, root: Path) -> Path:
     return directory
 
 
-def bench_end_to_end(models: list[str], ceiling: float, deadline: float, root: Path) -> list[str]:
-    lines = ["| model | weights | projections' bytes vs bf16 | decode 1 seq | decode 32 seq | decode 256 seq | "
-             "prefill 4,096 | 4k seqs that fit | start-up |", "|---|---|---|---|---|---|---|---|---|"]
+def bench_end_to_end(models: list[str], ceiling: float, deadline: float, root: Path, seqs: list[int]) -> list[str]:
+    decode = " | ".join(f"decode {n} seq" for n in seqs)
+    lines = [f"| model | weights | projections' bytes vs bf16 | {decode} | prefill 4,096 | 4k seqs that fit | "
+             "start-up |",
+             "|---|---|---|" + "---|" * len(seqs) + "---|---|---|"]
     for name in models:
         bf16_projection_bytes = None
         for variant in VARIANTS:
@@ -186,7 +234,7 @@ def bench_end_to_end(models: list[str], ceiling: float, deadline: float, root: P
                 bench_decode(engine, 1, steps=4)  # compile before timing
                 bench_prefill(engine, 1024)
                 cells = []
-                for n in (1, 32, 256):
+                for n in seqs:
                     tok_s, _ = bench_decode(engine, n, steps=32)
                     roof = n / (decode_bytes(engine, n, 128 + 16) / ceiling)
                     cells.append(f"{tok_s:,.0f} tok/s ({tok_s / roof:.0%} of {roof:,.0f})")
@@ -211,6 +259,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(GEMM_SHAPES), choices=list(GEMM_SHAPES))
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["gemms", "sweep", "e2e"])
+    parser.add_argument("--seqs", nargs="+", type=int, default=[1, 32, 256], help="decode batch sizes end to end")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     deadline = time.perf_counter() + args.budget_s
@@ -224,9 +273,10 @@ def main() -> None:
         sections += ["## GEMMs at decode shapes", ""] + bench_gemms(args.models, ceiling, deadline) + [""]
     if "e2e" not in args.skip:
         with tempfile.TemporaryDirectory() as root:
-            sections += ["## End to end", ""] + bench_end_to_end(args.models, ceiling, deadline, Path(root)) + [""]
+            e2e = bench_end_to_end(args.models, ceiling, deadline, Path(root), args.seqs)
+            sections += ["## End to end", ""] + e2e + [""]
     if "sweep" not in args.skip:
-        sections += ["## GPTQ-Int4 tile sweep", ""] + sweep_gptq(args.models, deadline)
+        sections += ["## Tile sweep", ""] + sweep(args.models, deadline, ceiling)
     text = "\n".join(header + sections) + "\n"
     (args.out / "quant.md").write_text(text)
     print(text)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_linear import matmul_config, split_k_matmul, store_tile
+from kernels.split_k import split_for, split_k_launch, store_split_tile
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALED_MM_MIN_ROWS = 128  # from here on (on sm_89+): fp8 x fp8 tensor cores
@@ -36,18 +36,17 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, b
 
 
 @triton.jit
-def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, N_W, K, stride_xm,
-                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, K_TILES, IEEE: tl.constexpr,
+def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES, SPLIT_K,
+                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight-only fp8: as _gptq_matmul_kernel, with W^T tiles read from the row-major [N, K] fp8 weight."""
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Weight-only fp8: a [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K, W^T tiles read from the
+    row-major [N, K] fp8 weight and widened to x's dtype (exact), the row scales applied to the fp32 sum."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_begin = pid_k * K_TILES * BLOCK_K
     for i in range(K_TILES):
-        offs_k = k_begin + i * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_k = (tl.program_id(2) * K_TILES + i) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
                     other=0.0)
@@ -58,15 +57,25 @@ def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, N_W, K, stride
         else:
             acc = tl.dot(a, w, acc)
     acc *= tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    store_tile(acc, b_ptr, out_ptr, offs_m, offs_n, M, N, N_W, pid_k, HAS_BIAS, SPLIT)
+    store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K, HAS_BIAS, SPLIT)
+
+
+def weight_only_config(M: int, N: int, K: int, device: torch.device) -> dict:
+    """Tile sizes and split-K for the weight-only kernel: enough programs to fill every SM a few times."""
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    bn, bk, warps, stages, waves = (64, 128, 4, 4, 4) if M <= 64 else (128, 64, 8, 3, 1)
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    split = split_for(tiles, K, bk, waves, device)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
 
 
 def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                            config: dict | None = None) -> torch.Tensor:
     x = x.contiguous()
     (M, K), N = x.shape, weight.shape[0]
-    config = config or matmul_config(M, N, K, K, x.device)
-    return split_k_matmul(_fp8_matmul_kernel, x, (weight, scale), bias, N, N, config)
+    config = config or weight_only_config(M, N, K, x.device)
+    return split_k_launch(_fp8_matmul_kernel, x, (weight, scale), bias, N, config["BLOCK_M"], config,
+                          IEEE=x.dtype == torch.float32)
 
 
 def quantize_fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,28 +1,38 @@
 """GPTQ W4A16 / W8A16 linear layer: y = x @ dequantize(W)^T + bias, the integers dequantized in registers.
 
 Runtime layout (engine/quantization/gptq.py builds it from a checkpoint):
-    qweight [K / pack, N] int32, pack = 32 / bits: input channel k of output n sits in bits
-            [(k % pack) * bits, (k % pack + 1) * bits) of qweight[k // pack, n]
-    scales  [G, N] and zeros [G, N] (int16): input channel k belongs to group k // group_size
+    qweight [K / pack, N_W] int32, pack = 32 / bits: input channel k of output n sits in bits
+            [(k % pack) * bits, (k % pack + 1) * bits) of qweight[k // pack, n]; N_W >= N, padded
+    scales  [G, N_W] and zeros [G, N_W] (int16): input channel k belongs to group k // group_size
     perm    [K] or None: act-order checkpoints are reordered at load so that groups are contiguous;
-            then the input is gathered first, x[:, perm]
+            then the kernels read the input gathered, x[:, perm]
     W[n, k] = scales[k // group_size, n] * (q[k, n] - zeros[k // group_size, n])
 
-Decode-sized inputs (up to a few hundred rows) run one Triton GEMM that reads each packed weight once,
-split along K so that even one row keeps every SM streaming (partial sums reduced by a second small
-kernel); long prefills dequantize each weight into a 16-bit scratch and use cuBLAS, which costs a few
-percent there and is far faster than a hand-written GEMM at those sizes.
+Decoding streams the weights, so the kernels spend as few instructions per weight as they can:
+- no int -> float conversion: a code q ORed into the mantissa of 2^23 (0x4B000000) reads as the fp32 number
+  2^23 + q, and one subtraction of 2^23 + z gives q - z exactly. A code left in place at bit p of its word
+  reads as 2^23 + q 2^p, so the codes of a word's low 16 bits are masked in place and the high 16 bits
+  shifted down once; the 2^-p goes into the activation, which is loaded once for a whole row of words;
+- the scale once per group and column, on the group's sum: sum_k x_k s (q_k - z) = s sum_k x_k (q_k - z);
+- one row (decode at one sequence): a GEMV of fp32 multiply-adds, no tensor cores; several rows: tl.dot
+  on exact (q - z) tiles in the activation dtype, one dot per code position of the word (that position's
+  channels are every pack-th one: x is read strided, the weights as stored);
+- split along K so that even one row keeps every SM streaming (kernels/split_k.py: one launch), and
+  act-order's gather of x done inside the kernel.
+Long prefills dequantize each weight into a 16-bit scratch and use cuBLAS.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.split_k import split_for, split_k_launch, store_split_tile
+
 DEQUANT_MATMUL_MIN_ROWS = 1024  # from here on: dequantize to 16 bits, then cuBLAS
+MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2^23: ORing an integer below 2^23 into it gives 2^23 + that integer
+TWO_23 = tl.constexpr(8388608.0)
 
 
 def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -51,143 +61,176 @@ def gptq_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, K, N_W, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BITS: tl.constexpr, GROUP: tl.constexpr, DTYPE: tl.constexpr):
-    """W^T[k0 : k0 + BLOCK_K, offs_n] in DTYPE. Each packed word is loaded once and split by shifts (its
-    values are consecutive input channels); the tile lies in one group (GROUP is a multiple of BLOCK_K).
-    N_W is the weights' row stride: a multiple of 16 when the layer pads its columns, so loads vectorize."""
-    PACK: tl.constexpr = 32 // BITS
-    rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-    mask_n = offs_n < N_W
-    packed = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
-                     mask=(rows < K // PACK)[:, None] & mask_n[None, :], other=0)
-    shifts = tl.arange(0, PACK) * BITS
-    q = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_K / PACK, PACK, BLOCK_N]
-    q = tl.reshape(q, (BLOCK_K, BLOCK_N))  # channel k0 + i * PACK + j
-    g = k0 // GROUP
-    in_range = mask_n & (offs_n * 0 + k0 < K)  # a tile past K (last split) reads no group
-    scale = tl.load(s_ptr + g * N_W + offs_n, mask=in_range, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + g * N_W + offs_n, mask=in_range, other=0).to(tl.int32)
-    return ((q - zero[None, :]).to(tl.float32) * scale[None, :]).to(DTYPE)
-
-
-@triton.jit
-def _gptq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, N_W, K, stride_xm,
-                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, K_TILES,
-                        IEEE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K. SPLIT (split along K): fp32 partial sums
-    go to out[pid_k] ([splits, M, N_W]), bias and the cast come in the reduce kernel."""
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_begin = pid_k * K_TILES * BLOCK_K
-    for i in range(K_TILES):
-        k0 = k_begin + i * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, K, N_W, BLOCK_K, BLOCK_N, BITS, GROUP,
-                          x_ptr.dtype.element_ty)
-        if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
-    store_tile(acc, b_ptr, out_ptr, offs_m, offs_n, M, N, N_W, pid_k, HAS_BIAS, SPLIT)
-
-
-@triton.jit
-def store_tile(acc, b_ptr, out_ptr, offs_m, offs_n, M, N, N_W, pid_k, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """The output tile: with bias into out [M, N], or as fp32 partial sums into out[pid_k] ([splits, M, N_W])."""
-    mask_m = offs_m < M
-    if SPLIT:
-        tl.store(out_ptr + pid_k * M * N_W + offs_m[:, None] * N_W + offs_n[None, :], acc,
-                 mask=mask_m[:, None] & (offs_n < N_W)[None, :])
+def _code(words, high, J: tl.constexpr, BITS: tl.constexpr, IN_PLACE: tl.constexpr):
+    """(2^23 + q 2^P in fp32, exact; 2^P) for code J of every word. IN_PLACE: the code stays where it is in its
+    half of the word (high: the words shifted down by 16), P its position there; else it is shifted down, P = 0."""
+    HALF: tl.constexpr = 16 // BITS
+    if IN_PLACE:
+        P: tl.constexpr = BITS * (J % HALF)
+        src = words if J < HALF else high
+        codes = (src & (((1 << BITS) - 1) << P)) | MAGIC
     else:
-        mask_n = offs_n < N
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        P: tl.constexpr = 0
+        codes = ((words >> (BITS * J)) & ((1 << BITS) - 1)) | MAGIC
+    return codes.to(tl.float32, bitcast=True), 1.0 * (1 << P)
 
 
 @triton.jit
-def _split_k_reduce_kernel(p_ptr, b_ptr, out_ptr, M, N, N_W, SPLIT_K, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """out[m, :N] = sum over splits of partial[s, m, :N] (+ bias), in out's dtype."""
-    m = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(p_ptr + (s * M + m) * N_W + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * N + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+def _input_channels(perm_ptr, k, K, HAS_PERM: tl.constexpr):
+    """The columns of x that channels k read: perm[k] for act-order weights."""
+    if HAS_PERM:
+        k = tl.load(perm_ptr + k, mask=k < K, other=0)
+    return k
+
+
+@triton.jit
+def _columns(t, PACK: tl.constexpr):
+    """The PACK columns of t [R, PACK] (PACK = 4 or 8), each [R]."""
+    R: tl.constexpr = t.shape[0]
+    if PACK == 8:
+        even, odd = tl.split(tl.reshape(t, (R, 4, 2)))
+        c0, c2 = tl.split(tl.reshape(even, (R, 2, 2)))
+        c1, c3 = tl.split(tl.reshape(odd, (R, 2, 2)))
+        x0, x4 = tl.split(c0)
+        x2, x6 = tl.split(c2)
+        x1, x5 = tl.split(c1)
+        x3, x7 = tl.split(c3)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+    else:
+        even, odd = tl.split(tl.reshape(t, (R, 2, 2)))
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3
+
+
+@triton.jit
+def _gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
+                      stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row of x (program_id(1)) times BLOCK_N columns of W^T over K_TILES tiles of K, in fp32 multiply-adds.
+    A K tile lies in one group; the [BLOCK_K / pack, BLOCK_N] tile of words is the unit of work."""
+    PACK: tl.constexpr = 32 // BITS
+    ROWS: tl.constexpr = BLOCK_K // PACK
+    m = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    mask_n = offs_n < N_W
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    for i in range(K_TILES):
+        k0 = (tl.program_id(2) * K_TILES + i) * BLOCK_K
+        rows = k0 // PACK + offs_r
+        words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
+                        mask=(rows < K // PACK)[:, None] & mask_n[None, :], other=0)
+        high = words >> 16
+        g = tl.minimum(k0, K - 1) // GROUP  # the last split's last tiles can lie past K (and read x = 0)
+        scale = tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0).to(tl.float32)
+        k = k0 + offs_r[:, None] * PACK + tl.arange(0, PACK)[None, :]
+        xt = tl.load(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, K, HAS_PERM), mask=k < K, other=0.0)
+        xs = _columns(xt.to(tl.float32), PACK)
+        part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            code, pos = _code(words, high, j, BITS, True)
+            w = code - (zero * pos + TWO_23)[None, :]  # (q - z) 2^P
+            part += (xs[j] * (1.0 / pos))[:, None] * w
+        acc += part * scale[None, :]
+    y = tl.sum(acc, axis=0)[None, :]
+    store_split_tile(y, b_ptr, out_ptr, part_ptr, count_ptr, m + tl.arange(0, 1), offs_n, M, N, SPLIT_K,
+                     HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
+                      stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores. TILE_IN_GROUP: a K tile lies
+    in one group, so the dots run on exact q - z and the scale comes after; else (groups smaller than the
+    BLOCK_K a dot needs) each weight is scaled before the dot."""
+    PACK: tl.constexpr = 32 // BITS
+    ROWS: tl.constexpr = BLOCK_K // PACK
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    IN_PLACE: tl.constexpr = DTYPE != tl.float16  # x 2^-12 would leave fp16's normal range
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    mask_m, mask_n = offs_m < M, offs_n < N_W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(K_TILES):
+        k0 = (tl.program_id(2) * K_TILES + i) * BLOCK_K
+        rows = k0 // PACK + offs_r
+        words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
+                        mask=(rows < K // PACK)[:, None] & mask_n[None, :], other=0)
+        high = words >> 16
+        if TILE_IN_GROUP:
+            g = tl.minimum(k0, K - 1) // GROUP  # the last split's last tiles can lie past K (and read x = 0)
+            scale = tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            zero = tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+        else:
+            g = (k0 + offs_r * PACK) // GROUP
+            in_range = (rows < K // PACK)[:, None] & mask_n[None, :]
+            scale = tl.load(s_ptr + g[:, None] * N_W + offs_n[None, :], mask=in_range, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + g[:, None] * N_W + offs_n[None, :], mask=in_range, other=0).to(tl.float32)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            code, pos = _code(words, high, j, BITS, IN_PLACE)
+            w = code - (zero * pos + TWO_23)  # (q - z) 2^P, exact in DTYPE
+            if not TILE_IN_GROUP:
+                w *= scale
+            k = k0 + offs_r * PACK + j
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + _input_channels(perm_ptr, k, K, HAS_PERM)[None, :],
+                        mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
+            a = a * (1.0 / pos)  # exact: a power of two (1 unless IN_PLACE, which bf16 / fp32 have the range for)
+            if IEEE:
+                part = tl.dot(a, w.to(DTYPE), part, input_precision="ieee")
+            else:
+                part = tl.dot(a.to(DTYPE), w.to(DTYPE), part)
+        if TILE_IN_GROUP:
+            acc += part * scale
+        else:
+            acc += part
+    store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K, HAS_BIAS, SPLIT)
 
 
 @triton.jit
 def _gptq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, K, N_W, BITS: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """W^T [K, N_W] in w's dtype."""
-    k0 = tl.program_id(0) * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
+    """W^T [K, N_W] in w's dtype; each stored row of channels k = pack r + j is written for every j."""
+    PACK: tl.constexpr = 32 // BITS
+    ROWS: tl.constexpr = BLOCK_K // PACK
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, K, N_W, BLOCK_K, BLOCK_N, BITS, GROUP,
-                      w_ptr.dtype.element_ty)
-    tl.store(w_ptr + offs_k[:, None] * N_W + offs_n[None, :], w,
-             mask=(offs_k < K)[:, None] & (offs_n < N_W)[None, :])
+    mask = (rows < K // PACK)[:, None] & (offs_n < N_W)[None, :]
+    words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :], mask=mask, other=0)
+    g = (rows * PACK) // GROUP
+    scale = tl.load(s_ptr + g[:, None] * N_W + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + g[:, None] * N_W + offs_n[None, :], mask=mask, other=0).to(tl.float32) + TWO_23
+    for j in tl.static_range(PACK):
+        code, _ = _code(words, words, j, BITS, False)
+        w = (code - zero) * scale
+        tl.store(w_ptr + (rows * PACK + j)[:, None] * N_W + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _tile_in_group(block_k: int, group_size: int, K: int) -> bool:
+    return group_size >= K or group_size % block_k == 0
 
 
-def matmul_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> dict:
-    """Tile sizes and split-K for an [M, K] x [K, N] product: enough programs to fill every SM a few times."""
-    if M <= 16:
-        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
-    elif M <= 32:
-        bm, bn, bk, warps, stages = 32, 64, 128, 4, 4
-    elif M <= 64:
-        bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
-    else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
-    if group_size < K:  # a K tile must not straddle two groups
-        bk = min(bk, group_size & -group_size)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    k_tiles = triton.cdiv(K, bk)
-    split = max(1, min(k_tiles, 16, (4 * _num_sms(device)) // tiles))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
-
-
-def split_k_matmul(kernel, x: torch.Tensor, weights: tuple, bias: torch.Tensor | None, N: int, N_W: int,
-                   config: dict, **constexprs) -> torch.Tensor:
-    """Launches a dequantizing matmul kernel with the signature of _gptq_matmul_kernel (x, *weights, bias,
-    out, M, N, N_W, K, stride_xm, ...) and, when split along K, the reduce kernel. N: output columns;
-    N_W: the weights' row stride (N, or N padded)."""
-    M, K = x.shape
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    if M == 0:
-        return out
-    cfg = dict(config)
-    split = cfg.pop("SPLIT_K")
-    k_tiles = triton.cdiv(triton.cdiv(K, cfg["BLOCK_K"]), split)
-    split = triton.cdiv(triton.cdiv(K, cfg["BLOCK_K"]), k_tiles)  # no empty splits
-    partial = out if split == 1 else torch.empty(split, M, N_W, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]), split)
-    b = bias if bias is not None else x
-    kernel[grid](x, *weights, b, partial, M, N, N_W, K, x.stride(0), HAS_BIAS=bias is not None, SPLIT=split > 1,
-                 K_TILES=k_tiles, IEEE=x.dtype == torch.float32, **constexprs, **cfg)
-    if split > 1:
-        block = min(1024, triton.next_power_of_2(N))
-        _split_k_reduce_kernel[(M, triton.cdiv(N, block))](partial, b, out, M, N, N_W, split,
-                                                          HAS_BIAS=bias is not None, BLOCK=block)
-    return out
+def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device) -> dict:
+    """Kernel ("gemv" or "gemm"), tile sizes and split-K for an [M, K] x [K, N] GPTQ product."""
+    pack = 32 // bits
+    if M == 1:
+        bn, bk, warps, stages, waves = 128, 128, 4, 1, 4
+        while not _tile_in_group(bk, group_size, K):
+            bk //= 2
+        split = split_for(triton.cdiv(N, bn), K, bk, waves, device)
+        return dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    bn, bk = 64, 16 * pack
+    warps, stages, waves = (4, 2, 4) if M <= 64 else (8, 2, 1)
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    split = split_for(tiles, K, bk, waves, device)
+    return dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
 
 
 def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
@@ -195,7 +238,7 @@ def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     """Triton version of dequantize_ref, in `dtype`."""
     K, N_W = qweight.shape[0] * (32 // bits), qweight.shape[1]
     w = torch.empty(K, N_W, device=qweight.device, dtype=dtype)
-    bk = min(64, group_size & -group_size)
+    bk = 16 * (32 // bits)
     _gptq_dequant_kernel[(triton.cdiv(K, bk), triton.cdiv(N_W, 128))](qweight, scales, zeros, w, K, N_W, BITS=bits,
                                                                        GROUP=group_size, BLOCK_K=bk, BLOCK_N=128)
     return w
@@ -204,16 +247,21 @@ def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
                 out_features: int | None = None, config: dict | None = None) -> torch.Tensor:
-    """Triton version of gptq_linear_ref (config: tile sizes, for benchmarks; default matmul_config)."""
-    if perm is not None:
-        x = x.index_select(1, perm)
+    """Triton version of gptq_linear_ref (config: kernel and tiles, for benchmarks; default matmul_config)."""
     x = x.contiguous()
     M, K = x.shape
     N_W = qweight.shape[1]
     N = out_features or N_W
     if M >= DEQUANT_MATMUL_MIN_ROWS and config is None:
+        if perm is not None:
+            x = x.index_select(1, perm)
         w = gptq_dequantize(qweight, scales, zeros, bits, group_size, x.dtype)[:, :N]
         return torch.addmm(bias, x, w) if bias is not None else x @ w
-    config = config or matmul_config(M, N, K, group_size, x.device)
-    return split_k_matmul(_gptq_matmul_kernel, x, (qweight, scales, zeros), bias, N, N_W, config, BITS=bits,
-                          GROUP=group_size)
+    cfg = dict(config or matmul_config(M, N, K, bits, group_size, x.device))
+    kind = cfg.pop("kind")
+    args = (qweight, scales, zeros, perm if perm is not None else qweight, N_W)
+    common = dict(BITS=bits, GROUP=group_size, HAS_PERM=perm is not None)
+    if kind == "gemv":
+        return split_k_launch(_gptq_gemv_kernel, x, args, bias, N, 1, cfg, **common)
+    return split_k_launch(_gptq_gemm_kernel, x, args, bias, N, cfg["BLOCK_M"], cfg, **common,
+                          TILE_IN_GROUP=_tile_in_group(cfg["BLOCK_K"], group_size, K), IEEE=x.dtype == torch.float32)

@@ -39,6 +39,7 @@ def random_gptq(K: int, N: int, bits: int, group_size: int, act_order: bool, dty
 def check_gptq(M, K, N, bits, group_size, act_order, dtype, with_bias=True, config=None, padded_to=None):
     """padded_to: store the weights with that many columns (garbage beyond N), as layers pad them."""
     N_w = padded_to or N
+    group_size = K if group_size == -1 else group_size
     qweight, scales, zeros, perm, bias = random_gptq(K, N_w, bits, group_size, act_order, dtype, seed=M + K + bits)
     bias = bias[:N] if with_bias else None
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(DEVICE, dtype)
@@ -48,11 +49,14 @@ def check_gptq(M, K, N, bits, group_size, act_order, dtype, with_bias=True, conf
     assert rel_err(out, ref) < TOL[dtype]
 
 
-SMALL = [  # M, K, N, bits, group_size, act_order
+SMALL = [  # M, K, N, bits, group_size, act_order; one row runs the GEMV kernel, more the tl.dot one
     (1, 256, 64, 4, 128, False),
+    (1, 256, 64, 4, 32, True),  # GEMV tiles of one group: BLOCK_K 32
+    (1, 320, 48, 8, -1, True),  # one group; the last tile is partial
     (3, 256, 96, 8, 32, True),
     (17, 128, 72, 4, 128, True),
     (2, 192, 40, 4, 192, False),  # one group (group_size -1 resolves to K)
+    (4, 256, 64, 4, 64, True),  # groups smaller than the dot's K tile: weights scaled before the dot
     (5, 96, 64, 8, 32, False),
 ]
 
@@ -65,22 +69,30 @@ def test_gptq_kernel_small(shape, dtype):
 
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_gptq_kernel_split_k_and_bias(split_k):
-    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=2)
-    check_gptq(37, 256, 48, 4, 64, True, torch.float32, with_bias=split_k == 3, config=config)  # 3 row tiles
-    check_gptq(4, 256, 48, 8, 64, False, torch.float32, with_bias=split_k == 1, config=config)
+    """Split along K, the last split of each tile sums the partials (kernels/split_k.py): 3 row tiles, and
+    again in the same launch sequence, so the tile counters must have been left at zero."""
+    config = dict(kind="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    for _ in range(2):
+        check_gptq(37, 512, 48, 4, 128, True, torch.float32, with_bias=split_k == 3, config=config)
+    check_gptq(4, 256, 48, 8, 64, False, torch.float32, with_bias=split_k == 1, config=dict(config, BLOCK_K=64))
+    gemv = dict(kind="gemv", BLOCK_N=32, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    for _ in range(2):
+        check_gptq(1, 256, 48, 4, 64, True, torch.float32, with_bias=split_k == 3, config=gemv)
 
 
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_gptq_kernel_padded_columns(split_k):
-    config = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=2)
-    check_gptq(3, 128, 72, 4, 64, True, torch.float32, config=config, padded_to=128)
+    config = dict(kind="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    check_gptq(3, 256, 72, 4, 128, True, torch.float32, config=config, padded_to=128)
+    check_gptq(1, 256, 72, 8, 64, True, torch.float32, padded_to=128)
     check_gptq(1100, 128, 72, 4, 64, False, torch.float32, padded_to=128)  # dequantize + matmul
 
 
-def test_gptq_dequantize_kernel():
-    qweight, scales, zeros, _, _ = random_gptq(256, 80, 4, 64, False, torch.float32)
-    out = ql.gptq_dequantize(qweight, scales, zeros, 4, 64, torch.float32)
-    assert torch.equal(out, ql.dequantize_ref(qweight, scales, zeros, 4, 64))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_dequantize_kernel(bits):
+    qweight, scales, zeros, _, _ = random_gptq(256, 80, bits, 64, False, torch.float32)
+    out = ql.gptq_dequantize(qweight, scales, zeros, bits, 64, torch.float32)
+    assert torch.equal(out, ql.dequantize_ref(qweight, scales, zeros, bits, 64))
 
 
 def test_gptq_long_inputs_use_the_dequantized_matmul(monkeypatch):
@@ -94,7 +106,7 @@ def test_fp8_weight_only_kernel():
     x = torch.randn(5, 160, generator=g)
     bias = torch.randn(72, generator=g)
     w, scale, x, bias = (t.to(DEVICE) for t in (w, scale, x, bias))
-    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=2)
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, num_warps=4, num_stages=2)
     out = fp8.fp8_weight_only_linear(x, w, scale, bias, config=config)
     assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, bias)) < TOL[torch.float32]
 
