@@ -141,53 +141,49 @@ def _gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, b_ptr, out_ptr
 
 
 @triton.jit
-def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
-                      stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
-                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores. TILE_IN_GROUP: a K tile lies
-    in one group, so the dots run on exact q - z and the scale comes after; else (groups smaller than the
-    BLOCK_K a dot needs) each weight is scaled before the dot."""
+def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
+                      K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr,
+                      GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, IEEE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores (x already gathered by perm).
+    Each word is loaded once and split by shifts into a [BLOCK_K / pack, pack, BLOCK_N] tile (channels in
+    order). TILE_IN_GROUP: a K tile lies in one group, so the dot runs on exact q - z and the scale comes
+    after it; else each weight is scaled before the dot."""
     PACK: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = BLOCK_K // PACK
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    IN_PLACE: tl.constexpr = DTYPE != tl.float16  # x 2^-12 would leave fp16's normal range
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, ROWS)
     mask_m, mask_n = offs_m < M, offs_n < N_W
+    shifts = tl.arange(0, PACK) * BITS
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(K_TILES):
         k0 = (tl.program_id(2) * K_TILES + i) * BLOCK_K
-        rows = k0 // PACK + offs_r
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        rows = k0 // PACK + tl.arange(0, ROWS)
         words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
                         mask=(rows < K // PACK)[:, None] & mask_n[None, :], other=0)
-        high = words >> 16
+        codes = ((words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)) | MAGIC
+        q = tl.reshape(codes.to(tl.float32, bitcast=True), (BLOCK_K, BLOCK_N))  # 2^23 + q, channel k0 + row
         if TILE_IN_GROUP:
             g = tl.minimum(k0, K - 1) // GROUP  # the last split's last tiles can lie past K (and read x = 0)
-            scale = tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            zero = tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+            scale = tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0).to(tl.float32) + TWO_23
+            w = (q - zero[None, :]).to(DTYPE)  # q - z: exact
         else:
-            g = (k0 + offs_r * PACK) // GROUP
-            in_range = (rows < K // PACK)[:, None] & mask_n[None, :]
-            scale = tl.load(s_ptr + g[:, None] * N_W + offs_n[None, :], mask=in_range, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + g[:, None] * N_W + offs_n[None, :], mask=in_range, other=0).to(tl.float32)
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(PACK):
-            code, pos = _code(words, high, j, BITS, IN_PLACE)
-            w = code - (zero * pos + TWO_23)  # (q - z) 2^P, exact in DTYPE
-            if not TILE_IN_GROUP:
-                w *= scale
-            k = k0 + offs_r * PACK + j
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + _input_channels(perm_ptr, k, K, HAS_PERM)[None, :],
-                        mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
-            a = a * (1.0 / pos)  # exact: a power of two (1 unless IN_PLACE, which bf16 / fp32 have the range for)
-            if IEEE:
-                part = tl.dot(a, w.to(DTYPE), part, input_precision="ieee")
-            else:
-                part = tl.dot(a.to(DTYPE), w.to(DTYPE), part)
+            g = tl.minimum(offs_k, K - 1) // GROUP
+            ptrs = g[:, None] * N_W + offs_n[None, :]
+            scale = tl.load(s_ptr + ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + ptrs, mask=mask_n[None, :], other=0).to(tl.float32) + TWO_23
+            w = ((q - zero) * scale).to(DTYPE)
+        if IEEE:
+            part = tl.dot(a, w, input_precision="ieee")
+        else:
+            part = tl.dot(a, w)
         if TILE_IN_GROUP:
-            acc += part * scale
+            acc += part * scale[None, :]
         else:
             acc += part
     store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K, HAS_BIAS, SPLIT)
@@ -217,19 +213,22 @@ def _tile_in_group(block_k: int, group_size: int, K: int) -> bool:
 
 
 def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device) -> dict:
-    """Kernel ("gemv" or "gemm"), tile sizes and split-K for an [M, K] x [K, N] GPTQ product."""
-    pack = 32 // bits
+    """Kernel ("gemv" or "gemm"), tile sizes and split-K for an [M, K] x [K, N] GPTQ product. The GEMV's are
+    the best of benchmarks/quant.py's sweep (RESULTS.md: small tiles, two warps, ~8 programs per SM);
+    the GEMM's are the earlier kernel's, which that sweep found faster than a dot per code position."""
     if M == 1:
-        bn, bk, warps, stages, waves = 128, 128, 4, 1, 4
+        bn, bk, warps, waves = 64, 128, 2, 8
         while not _tile_in_group(bk, group_size, K):
             bk //= 2
         split = split_for(triton.cdiv(N, bn), K, bk, waves, device)
-        return dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    bn, bk = 64, 16 * pack
-    warps, stages, waves = (4, 2, 4) if M <= 64 else (8, 2, 1)
-    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-    split = split_for(tiles, K, bk, waves, device)
+        return dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=1)
+    if M <= 32:
+        bm, bn, bk, warps, stages = (16 if M <= 16 else 32), 64, 128, 4, 4
+    elif M <= 64:
+        bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    split = split_for(triton.cdiv(N, bn) * triton.cdiv(M, bm), K, bk, 4, device)
     return dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
 
 
@@ -258,10 +257,12 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         w = gptq_dequantize(qweight, scales, zeros, bits, group_size, x.dtype)[:, :N]
         return torch.addmm(bias, x, w) if bias is not None else x @ w
     cfg = dict(config or matmul_config(M, N, K, bits, group_size, x.device))
-    kind = cfg.pop("kind")
-    args = (qweight, scales, zeros, perm if perm is not None else qweight, N_W)
-    common = dict(BITS=bits, GROUP=group_size, HAS_PERM=perm is not None)
-    if kind == "gemv":
-        return split_k_launch(_gptq_gemv_kernel, x, args, bias, N, 1, cfg, **common)
-    return split_k_launch(_gptq_gemm_kernel, x, args, bias, N, cfg["BLOCK_M"], cfg, **common,
-                          TILE_IN_GROUP=_tile_in_group(cfg["BLOCK_K"], group_size, K), IEEE=x.dtype == torch.float32)
+    if cfg.pop("kind") == "gemv":  # gathers x by perm itself: 128 values per [BLOCK_K / pack, BLOCK_N] words
+        args = (qweight, scales, zeros, perm if perm is not None else qweight, N_W)
+        return split_k_launch(_gptq_gemv_kernel, x, args, bias, N, 1, cfg, BITS=bits, GROUP=group_size,
+                              HAS_PERM=perm is not None)
+    if perm is not None:  # once here, not in each of the N / BLOCK_N programs that read the same rows
+        x = x.index_select(1, perm)
+    return split_k_launch(_gptq_gemm_kernel, x, (qweight, scales, zeros, N_W), bias, N, cfg["BLOCK_M"], cfg,
+                          BITS=bits, GROUP=group_size, TILE_IN_GROUP=_tile_in_group(cfg["BLOCK_K"], group_size, K),
+                          IEEE=x.dtype == torch.float32)
