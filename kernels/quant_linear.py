@@ -104,30 +104,46 @@ def _columns(t, PACK: tl.constexpr):
 
 
 @triton.jit
+def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, k_end, offs_n,
+               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The GEMV's loads for the K tile at k0: words [BLOCK_K / pack, BLOCK_N], the group's scales and zero
+    points [BLOCK_N] (fp32) and x [BLOCK_K / pack, pack]; nothing at or past k_end."""
+    PACK: tl.constexpr = 32 // BITS
+    rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    mask_n = offs_n < N_W
+    words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
+                    mask=(rows < k_end // PACK)[:, None] & mask_n[None, :], other=0)
+    g = tl.minimum(k0, K - 1) // GROUP
+    in_range = mask_n & (offs_n * 0 + k0 < k_end)
+    scale = tl.load(s_ptr + g * N_W + offs_n, mask=in_range, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + g * N_W + offs_n, mask=in_range, other=0).to(tl.float32)
+    k = rows[:, None] * PACK + tl.arange(0, PACK)[None, :]
+    xt = tl.load(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, k_end, HAS_PERM), mask=k < k_end, other=0.0)
+    return words, scale, zero, xt
+
+
+@triton.jit
 def _gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
                       stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One row of x (program_id(1)) times BLOCK_N columns of W^T over K_TILES tiles of K, in fp32 multiply-adds.
-    A K tile lies in one group; the [BLOCK_K / pack, BLOCK_N] tile of words is the unit of work."""
+    A K tile lies in one group. The next tile's loads are issued before this tile's arithmetic, so each
+    program keeps two tiles in flight (at one row the kernel waits on memory latency more than on bandwidth)."""
     PACK: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = BLOCK_K // PACK
     m = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, ROWS)
-    mask_n = offs_n < N_W
+    k0 = tl.program_id(2) * K_TILES * BLOCK_K
+    k_end = tl.minimum(k0 + K_TILES * BLOCK_K, K)
+    words, scale, zero, xt = _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, k_end,
+                                        offs_n, BITS, GROUP, HAS_PERM, BLOCK_K)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for i in range(K_TILES):
-        k0 = (tl.program_id(2) * K_TILES + i) * BLOCK_K
-        rows = k0 // PACK + offs_r
-        words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
-                        mask=(rows < K // PACK)[:, None] & mask_n[None, :], other=0)
+    for _ in range(K_TILES):
+        k0 += BLOCK_K
+        next_tile = _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, k_end, offs_n,
+                               BITS, GROUP, HAS_PERM, BLOCK_K)
         high = words >> 16
-        g = tl.minimum(k0, K - 1) // GROUP  # the last split's last tiles can lie past K (and read x = 0)
-        scale = tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0).to(tl.float32)
-        k = k0 + offs_r[:, None] * PACK + tl.arange(0, PACK)[None, :]
-        xt = tl.load(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, K, HAS_PERM), mask=k < K, other=0.0)
         xs = _columns(xt.to(tl.float32), PACK)
         part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(PACK):
@@ -135,6 +151,7 @@ def _gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, b_ptr, out_ptr
             w = code - (zero * pos + TWO_23)[None, :]  # (q - z) 2^P
             part += (xs[j] * (1.0 / pos))[:, None] * w
         acc += part * scale[None, :]
+        words, scale, zero, xt = next_tile
     y = tl.sum(acc, axis=0)[None, :]
     store_split_tile(y, b_ptr, out_ptr, part_ptr, count_ptr, m + tl.arange(0, 1), offs_n, M, N, SPLIT_K,
                      HAS_BIAS, SPLIT)
