@@ -1,9 +1,11 @@
 """Triton GPTQ (W4A16 / W8A16) and FP8 weight-only GEMMs against their torch references.
 
 CPU: Triton's interpreter at small shapes, in float32 and float16 (the interpreter mishandles bf16 dots);
-every path is exercised: split-K with its reduce kernel and without, act-order gather, bias, group sizes
-32 / 128 / one group, and the dequantize-then-cuBLAS path. GPU: the Falcon-H1-7B / FalconMamba-7B
-projection shapes in bf16 at decode (1, 32 rows) and prefill (256, 4096 rows), and the fp8 tensor-core path.
+every path is exercised: the one-row GEMV and the tensor-core kernel, split-K (reduced by the last split of
+each tile) and not, act-order gather, bias, group sizes 32 / 64 / 128 / one group, and the
+dequantize-then-cuBLAS path. GPU: the Falcon-H1-7B / FalconMamba-7B projection shapes in bf16 at decode
+(1, 16, 32 rows) and prefill (256, 4096 rows), group 128 with act-order, one group, group 32; the fp8
+tensor-core path.
 Tolerance: max |out - ref| / max |ref| < 1e-4 in fp32, 1e-2 in fp16 / bf16 (one rounding of the output
 and of each dequantized weight), 3e-2 for fp8 tensor cores (activations are quantized to fp8 too).
 """
@@ -142,6 +144,16 @@ GPU_SHAPES = [(3072, 8728),  # N % 16 = 8: the fp8 tensor-core path leaves 8 row
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gptq_kernel_gpu(K, N, M, bits):
     check_gptq(M, K, N, bits, 128, True, torch.bfloat16, padded_to=-(-N // 64) * 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", [(3072, 8728), (12288, 3072), (8192, 4096)])
+@pytest.mark.parametrize("M", [1, 16, 256, 4096])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size, act_order", [(-1, False), (32, True)])
+def test_gptq_kernel_gpu_group_sizes(K, N, M, bits, group_size, act_order):
+    """One group over all of K, and groups smaller than the tensor-core path's K tile (scaled before the dot)."""
+    check_gptq(M, K, N, bits, group_size, act_order, torch.bfloat16, padded_to=-(-N // 64) * 64)
 
 
 @pytest.mark.gpu
