@@ -3,13 +3,16 @@ then end to end (benchmarks/offline.py's machinery, random weights with the publ
 GPTQ-Int4, GPTQ-Int8 (group 128, act-order) and FP8.
 
     python -m benchmarks.quant --out OUT_DIR [--models falcon-h1-7b falcon-mamba-7b] [--budget-s 420]
+        [--seqs 1 32 256] [--skip gemms sweep e2e]
 
 GEMMs: weights bf16 (torch.nn.functional.linear, cuBLAS), GPTQ 4/8-bit (kernels/quant_linear.py), FP8
-weight-only (Triton) and FP8 x FP8 (torch._scaled_mm, activations quantized per row). Each timing is a CUDA
+weight-only (Triton) and FP8 as the engine runs it (kernels/fp8_linear.py: weight-only below 128 rows,
+torch._scaled_mm with activations quantized per row from there). Each timing is a CUDA
 graph of calls that cycle through enough weight copies to miss the 50-60 MB L2, replayed; "achieved" is
 weight bytes (codes, scales and zero points included) per call over the time, against a device-to-device
-copy (bytes read + written, benchmarks/ceilings.py). A small sweep of GPTQ tile configs at 1 and 32 rows
-shows how far the default heuristic is from the best tried. End to end: decode tok/s at 1 / 32 / 256
+copy (bytes read + written, benchmarks/ceilings.py). The sweep tries GPTQ (GEMV and tl.dot kernels) and FP8
+weight-only tile configs at 1 / 16 / 32 rows, each checked against the reference, against the default
+heuristic. End to end: decode tok/s at --seqs
 sequences, a 4k prefill, the weight bytes and how many 4k-context sequences fit. Stops starting new
 measurements after --budget-s.
 """
