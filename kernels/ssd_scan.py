@@ -11,6 +11,7 @@ The Triton kernel computes the same thing chunk by chunk (SSD); chunk_size chang
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,39 +44,51 @@ def ssd_scan_varlen_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
     return y
 
 
-# The Triton path: the usual SSD decomposition. Chunks of chunk_size tokens restart at each sequence start;
-# within chunk c of a sequence, with a_t = cumsum(dt * A) over the chunk's tokens up to t:
-#   1. _ssd_dt_kernel:            dt_t (softplus, clamp) and a_t                           [H, T] fp32
-#   2. _ssd_cb_kernel:            CB[t, s] = C_t . B_s                                     per chunk and group
-#   3. _ssd_chunk_state_kernel:   S_c = sum_s exp(a_end - a_s) dt_s x_s (outer) B_s       chunk from a zero state
-#   4. _ssd_state_passing_kernel: S_in(c+1) = exp(a_end(c)) S_in(c) + S_c, sequentially per sequence, from the
-#                                 slot's state (or zeros); the last one goes back to the slot
-#   5. _ssd_chunk_scan_kernel:    y_t = exp(a_t) C_t S_in + sum_{s<=t} CB[t, s] exp(a_t - a_s) dt_s x_s + D x_t
-# kernels/ssd_minimal.py writes steps 2-5 as one page of einsums. Steps 2, 3 and 5 are tl.dot matmuls with fp32
-# accumulation. Chunk -> sequence metadata is built on the device (no host sync); grids are sized by an upper
-# bound on the number of chunks, extra programs return.
+# The Triton path: the usual SSD decomposition in four launches. Chunks of chunk_size tokens restart at each
+# sequence start; within chunk c of a sequence, with a_t = cumsum(dt * A) over the chunk's tokens up to t:
+#   1. _ssd_dt_kernel:         dt_t (softplus, clamp) and a_t                                   [H, T] fp32
+#   2. _ssd_cb_kernel:         CB[t, s] = C_t . B_s                                             per chunk and group
+#   3. _ssd_states_kernel:     per sequence, walking its chunks in order from the slot's state (or zeros):
+#                              S_in(c) is stored for step 4, then S <- exp(a_end) S_in(c) + sum_s exp(a_end - a_s)
+#                              dt_s x_s (outer) B_s; the last S goes back to the slot
+#   4. _ssd_chunk_scan_kernel: y_t = exp(a_t) C_t S_in + sum_{s<=t} CB[t, s] exp(a_t - a_s) dt_s x_s + D x_t
+# kernels/ssd_minimal.py writes the same steps as one page of einsums. Steps 2-4 are tl.dot matmuls with fp32
+# accumulation. Step 3 keeps each chunk's own state in registers (mamba_ssm writes it out in fp32 and reads it
+# back in a separate state-passing pass); S_in is stored in x's dtype, the precision step 4's dot reads it in.
+# Every program finds its chunk's sequence from query_start_loc itself: no metadata launches, no host sync;
+# grids are sized by an upper bound on the number of chunks, extra programs return.
 
 
 @triton.jit
-def _chunk_bounds(i, chunk_seq_ptr, cu_chunks_ptr, qsl_ptr, slots_ptr, num_seqs, CHUNK: tl.constexpr):
-    """Chunk i of the flat batch: (live, sequence, its first token, its end token, the sequence's slot).
-    live is false past the last chunk and for padded sequences (slot < 0)."""
-    b = tl.minimum(tl.load(chunk_seq_ptr + i), num_seqs - 1)
-    slot = tl.load(slots_ptr + b)
-    live = (tl.load(chunk_seq_ptr + i) < num_seqs) & (slot >= 0)
-    start = tl.load(qsl_ptr + b) + (i - tl.load(cu_chunks_ptr + b)) * CHUNK
-    end = tl.minimum(start + CHUNK, tl.load(qsl_ptr + b + 1))
-    return live, b, start, end, slot
+def _chunks_per_seq(qsl_ptr, num_seqs, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr):
+    """(s, first token, end token, chunks) of every sequence s of the batch, as SEQ_BLOCK-long vectors."""
+    s = tl.arange(0, SEQ_BLOCK)
+    lo = tl.load(qsl_ptr + s, mask=s < num_seqs, other=0)
+    hi = tl.load(qsl_ptr + s + 1, mask=s < num_seqs, other=0)
+    return s, lo, hi, (hi - lo + CHUNK - 1) // CHUNK
 
 
 @triton.jit
-def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, chunk_seq_ptr, cu_chunks_ptr, qsl_ptr, slots_ptr, dt_out_ptr,
-                   dA_ptr, T, H, num_seqs, dt_min, dt_max, stride_dtt, stride_dth,
-                   CHUNK: tl.constexpr, CLAMP_DT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr):
+def _chunk_bounds(i, qsl_ptr, slots_ptr, num_seqs, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr):
+    """Chunk i of the flat batch: (live, its first token, its end token). Sequence b holds the chunks after
+    those of sequences 0..b-1. live is false past the last chunk and for padded sequences (slot < 0)."""
+    s, lo, hi, n_chunks = _chunks_per_seq(qsl_ptr, num_seqs, CHUNK, SEQ_BLOCK)
+    upto = tl.cumsum(n_chunks, 0)
+    b = tl.sum((upto <= i).to(tl.int32), 0)  # num_seqs or more past the last chunk
+    mine = s == b
+    start = tl.sum(tl.where(mine, lo + (i - upto + n_chunks) * CHUNK, 0), 0)
+    end = tl.minimum(start + CHUNK, tl.sum(tl.where(mine, hi, 0), 0))
+    live = (b < num_seqs) & (tl.load(slots_ptr + tl.minimum(b, num_seqs - 1)) >= 0)
+    return live, start, end
+
+
+@triton.jit
+def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, qsl_ptr, slots_ptr, dt_out_ptr, dA_ptr, T, H, num_seqs,
+                   dt_min, dt_max, stride_dtt, stride_dth, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr,
+                   CLAMP_DT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr):
     """dt_out[h, t] = clamp(softplus(dt + dt_bias)) and dA[h, t] = its running sum times A[h] within the chunk
     (a_t above), for chunk program_id(0) and BLOCK_H heads; [H, T] so later kernels read heads contiguously."""
-    live, b, start, end, slot = _chunk_bounds(tl.program_id(0), chunk_seq_ptr, cu_chunks_ptr, qsl_ptr, slots_ptr,
-                                              num_seqs, CHUNK)
+    live, start, end = _chunk_bounds(tl.program_id(0), qsl_ptr, slots_ptr, num_seqs, CHUNK, SEQ_BLOCK)
     if not live:
         return
     t = start + tl.arange(0, BLOCK_L)
@@ -93,19 +106,19 @@ def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, chunk_seq_ptr, cu_chunks_ptr, qsl
 
 
 @triton.jit
-def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, chunk_seq_ptr, cu_chunks_ptr, qsl_ptr, slots_ptr, num_seqs, N,
+def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, qsl_ptr, slots_ptr, num_seqs, N,
                    stride_Bt, stride_Bg, stride_Bn, stride_Ct, stride_Cg, stride_Cn,
-                   stride_cbc, stride_cbg, stride_cbm, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   stride_cbc, stride_cbg, stride_cbm, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """cb[chunk, g, m-tile, k-tile] = C[m] . B[k] over N, once per group (heads of a group share it) and only
     for tiles on or below the diagonal, the ones the causal chunk scan reads."""
-    i = tl.program_id(0)
+    mb = tl.program_id(0) // tl.cdiv(CHUNK, BLOCK_K)
+    kb = tl.program_id(0) % tl.cdiv(CHUNK, BLOCK_K)
     g = tl.program_id(1)
-    mb = tl.program_id(2) // tl.cdiv(CHUNK, BLOCK_K)
-    kb = tl.program_id(2) % tl.cdiv(CHUNK, BLOCK_K)
+    i = tl.program_id(2)
     if kb * BLOCK_K >= (mb + 1) * BLOCK_M:
         return
-    live, b, start, end, slot = _chunk_bounds(i, chunk_seq_ptr, cu_chunks_ptr, qsl_ptr, slots_ptr, num_seqs, CHUNK)
+    live, start, end = _chunk_bounds(i, qsl_ptr, slots_ptr, num_seqs, CHUNK, SEQ_BLOCK)
     if not live:
         return
     m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -123,92 +136,76 @@ def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, chunk_seq_ptr, cu_chunks_ptr, qsl_ptr, 
 
 
 @triton.jit
-def _ssd_chunk_state_kernel(x_ptr, B_ptr, dt_ptr, dA_ptr, cstates_ptr, chunk_seq_ptr, cu_chunks_ptr, qsl_ptr,
-                            slots_ptr, num_seqs, T, P, N, heads_per_group,
-                            stride_xt, stride_xh, stride_xp, stride_Bt, stride_Bg, stride_Bn,
-                            stride_csc, stride_csh, stride_csp,
-                            CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """cstates[chunk, h, p-tile, n-tile] = x^T [P, L] @ (exp(a_end - a_s) dt_s B_s) [L, N]: what the chunk's
-    own tokens leave in the state (zero initial state), one (P, N) tile a program."""
-    i = tl.program_id(0)
+def _ssd_states_kernel(x_ptr, B_ptr, dt_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_ptr, slots_ptr, init_ptr,
+                       num_seqs, T, P, N, heads_per_group,
+                       stride_xt, stride_xh, stride_xp, stride_Bt, stride_Bg, stride_Bn,
+                       stride_sic, stride_sih, stride_sip, stride_ss, stride_sh, stride_sp, stride_sn,
+                       CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One (P, N) tile of head program_id(1)'s state for sequence program_id(2), walked through the sequence
+    BLOCK_K tokens at a time. At a chunk's first block the state entering the chunk goes to states_in and is
+    decayed to the chunk's end (exp(a_end) S); every block then adds x^T [P, K] @ (exp(a_end - a_s) dt_s B_s)
+    [K, N]. The slot is read (initial state) before it is written (final state), by the same program."""
+    pb = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
+    nb = tl.program_id(0) % tl.cdiv(N, BLOCK_N)
     h = tl.program_id(1)
-    pb = tl.program_id(2) // tl.cdiv(N, BLOCK_N)
-    nb = tl.program_id(2) % tl.cdiv(N, BLOCK_N)
-    live, b, start, end, slot = _chunk_bounds(i, chunk_seq_ptr, cu_chunks_ptr, qsl_ptr, slots_ptr, num_seqs, CHUNK)
-    if not live:
+    b = tl.program_id(2)
+    slot = tl.load(slots_ptr + b)
+    if slot < 0:
         return
     g = h // heads_per_group
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    a_end = tl.load(dA_ptr + h * T + end - 1)
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for s0 in range(start, end, BLOCK_K):
-        s = s0 + tl.arange(0, BLOCK_K)
-        s_ok = s < end
+    tile_ok = (p < P)[:, None] & (n < N)[None, :]
+    s_ptrs = ssm_ptr + slot.to(tl.int64) * stride_ss + h * stride_sh + p[:, None] * stride_sp + n[None, :] * stride_sn
+    state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    if tl.load(init_ptr + b) != 0:
+        state = tl.load(s_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    seq, lo, hi, n_chunks = _chunks_per_seq(qsl_ptr, num_seqs, CHUNK, SEQ_BLOCK)
+    in_ptrs = (states_in_ptr + tl.sum(tl.where(seq < b, n_chunks, 0), 0).to(tl.int64) * stride_sic
+               + h * stride_sih + p[:, None] * stride_sip + n[None, :])
+    seq_start = tl.load(qsl_ptr + b)
+    seq_end = tl.load(qsl_ptr + b + 1)
+    BLOCKS_PER_CHUNK: tl.constexpr = (CHUNK + BLOCK_K - 1) // BLOCK_K
+    length = seq_end - seq_start
+    n_blocks = (length // CHUNK) * BLOCKS_PER_CHUNK + tl.cdiv(length % CHUNK, BLOCK_K)
+    for j in range(0, n_blocks):
+        c_start = seq_start + (j // BLOCKS_PER_CHUNK) * CHUNK
+        c_end = tl.minimum(c_start + CHUNK, seq_end)
+        a_end = tl.load(dA_ptr + h * T + c_end - 1)
+        first = j % BLOCKS_PER_CHUNK == 0
+        chunk = tl.zeros([], tl.int64) + j // BLOCKS_PER_CHUNK
+        tl.store(in_ptrs + chunk * stride_sic, state.to(states_in_ptr.dtype.element_ty), mask=tile_ok & first)
+        state *= tl.where(first, tl.exp(a_end), 1.0)
+        s = c_start + (j % BLOCKS_PER_CHUNK) * BLOCK_K + tl.arange(0, BLOCK_K)
+        s_ok = s < c_end
         xT = tl.load(x_ptr + s[None, :] * stride_xt + h * stride_xh + p[:, None] * stride_xp,
                      mask=s_ok[None, :] & (p < P)[:, None], other=0.0)
         w = tl.exp(a_end - tl.load(dA_ptr + h * T + s, mask=s_ok, other=0.0))
         w *= tl.load(dt_ptr + h * T + s, mask=s_ok, other=0.0)
         Bs = tl.load(B_ptr + s[:, None] * stride_Bt + g * stride_Bg + n[None, :] * stride_Bn,
                      mask=s_ok[:, None] & (n < N)[None, :], other=0.0)
-        acc += tl.dot(xT, (Bs.to(tl.float32) * w[:, None]).to(xT.dtype), input_precision=DOT_PRECISION)
-    tl.store(cstates_ptr + i.to(tl.int64) * stride_csc + h * stride_csh + p[:, None] * stride_csp + n[None, :], acc,
-             mask=(p < P)[:, None] & (n < N)[None, :])
+        state = tl.dot(xT, (Bs.to(tl.float32) * w[:, None]).to(xT.dtype), state, input_precision=DOT_PRECISION)
+    tl.store(s_ptrs, state.to(ssm_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
-def _ssd_state_passing_kernel(cstates_ptr, dA_ptr, states_ptr, qsl_ptr, cu_chunks_ptr, slots_ptr, init_ptr,
-                              T, N, PN, stride_csc, stride_csh, stride_ss, stride_sh, stride_sp, stride_sn,
-                              CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Sequence program_id(0), head program_id(1), BLOCK elements of the (P, N) state: walks the sequence's
-    chunks in order, replacing each chunk's own state by the state entering it (what the chunk scan needs)
-    and accumulating S = exp(a_end) S + S_c; the final S goes to the slot. The slot is read (initial state)
-    before it is written, by the same program. The next chunk's state is loaded one step ahead, so the
-    walk waits on one memory round trip per chunk, not two (measured 171 -> 42 us at 4,096 tokens, 7B)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.load(slots_ptr + b)
-    if slot < 0:
-        return
-    e = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)  # flat (p, n) index; chunk states are contiguous
-    e_ok = e < PN
-    s_ptrs = states_ptr + slot.to(tl.int64) * stride_ss + h * stride_sh + (e // N) * stride_sp + (e % N) * stride_sn
-    state = tl.zeros((BLOCK,), dtype=tl.float32)
-    if tl.load(init_ptr + b) != 0:
-        state = tl.load(s_ptrs, mask=e_ok, other=0.0).to(tl.float32)
-    seq_start = tl.load(qsl_ptr + b)
-    seq_end = tl.load(qsl_ptr + b + 1)
-    first = tl.load(cu_chunks_ptr + b)
-    n_chunks = tl.load(cu_chunks_ptr + b + 1) - first
-    c_ptrs = cstates_ptr + first.to(tl.int64) * stride_csc + h * stride_csh + e
-    own = tl.load(c_ptrs, mask=e < tl.where(n_chunks > 0, PN, 0), other=0.0)
-    for j in range(0, n_chunks):
-        ahead = tl.load(c_ptrs + stride_csc, mask=e < tl.where(j + 1 < n_chunks, PN, 0), other=0.0)
-        tl.store(c_ptrs, state, mask=e_ok)
-        end = tl.minimum(seq_start + (j + 1) * CHUNK, seq_end)
-        state = tl.exp(tl.load(dA_ptr + h * T + end - 1)) * state + own
-        own = ahead
-        c_ptrs += stride_csc
-    tl.store(s_ptrs, state.to(states_ptr.dtype.element_ty), mask=e_ok)
-
-
-@triton.jit
-def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, cstates_ptr, y_ptr,
-                           chunk_seq_ptr, cu_chunks_ptr, qsl_ptr, slots_ptr, num_seqs, T, P, N, heads_per_group,
+def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_in_ptr, y_ptr, qsl_ptr, slots_ptr,
+                           num_seqs, T, P, N, heads_per_group,
                            stride_xt, stride_xh, stride_xp, stride_Ct, stride_Cg, stride_Cn,
-                           stride_cbc, stride_cbg, stride_cbm, stride_csc, stride_csh, stride_csp,
+                           stride_cbc, stride_cbg, stride_cbm, stride_sic, stride_sih, stride_sip,
                            stride_yt, stride_yh, stride_yp,
-                           CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """y[m-tile, h, p-tile] of a chunk: exp(a_m) C_m S_in (the state entering the chunk, K over N) plus the
-    causal intra-chunk part (CB * decay * dt) @ x (K over the chunk's tokens up to the tile's last row),
-    plus D x. fp32 accumulation; dot inputs in x's dtype (fp32 inputs: DOT_PRECISION)."""
-    i = tl.program_id(0)
+                           CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """y[m-tile, h, p-tile] of chunk program_id(2): exp(a_m) C_m S_in (the state entering the chunk, K over N)
+    plus the causal intra-chunk part (CB * decay * dt) @ x (K over the chunk's tokens up to the tile's last
+    row), plus D x. fp32 accumulation; dot inputs in x's dtype (fp32 inputs: DOT_PRECISION). The tiles of one
+    chunk and head are neighbours in the grid, so S_in and CB come from L2 after the first read."""
+    mb = tl.program_id(0) // tl.cdiv(P, BLOCK_P)
+    pb = tl.program_id(0) % tl.cdiv(P, BLOCK_P)
     h = tl.program_id(1)
-    mb = tl.program_id(2) // tl.cdiv(P, BLOCK_P)
-    pb = tl.program_id(2) % tl.cdiv(P, BLOCK_P)
-    live, b, start, end, slot = _chunk_bounds(i, chunk_seq_ptr, cu_chunks_ptr, qsl_ptr, slots_ptr, num_seqs, CHUNK)
+    i = tl.program_id(2)
+    live, start, end = _chunk_bounds(i, qsl_ptr, slots_ptr, num_seqs, CHUNK, SEQ_BLOCK)
     if not live:
         return
     L = end - start
@@ -222,11 +219,11 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, cstates_
     n = tl.arange(0, BLOCK_N)
     a_m = tl.load(dA_ptr + h * T + start + m, mask=m_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    cs_base = cstates_ptr + i.to(tl.int64) * stride_csc + h * stride_csh
+    si_base = states_in_ptr + i.to(tl.int64) * stride_sic + h * stride_sih
     for n0 in range(0, N, BLOCK_N):
         c = tl.load(C_ptr + (start + m)[:, None] * stride_Ct + g * stride_Cg + (n0 + n)[None, :] * stride_Cn,
                     mask=m_ok[:, None] & (n0 + n < N)[None, :], other=0.0)
-        sT = tl.load(cs_base + p[None, :] * stride_csp + (n0 + n)[:, None],
+        sT = tl.load(si_base + p[None, :] * stride_sip + (n0 + n)[:, None],
                      mask=p_ok[None, :] & (n0 + n < N)[:, None], other=0.0)
         acc += tl.dot(c, sT.to(c.dtype), input_precision=DOT_PRECISION)
     acc *= tl.exp(a_m)[:, None]
@@ -249,6 +246,33 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, cstates_
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & p_ok[None, :])
 
 
+@dataclass(frozen=True)
+class SsdLaunch:
+    """Tile sides (upper bounds, clipped to the shapes), warps and pipeline stages of the three matmul kernels.
+    The CB tiles are scan_m square: the scan reads CB at its own row blocking."""
+    scan_m: int = 64
+    scan_p: int = 128
+    scan_k: int = 32
+    scan_n: int = 64
+    scan_warps: int = 4
+    scan_stages: int = 3
+    state_p: int = 64
+    state_n: int = 64
+    state_k: int = 64
+    state_warps: int = 4
+    state_stages: int = 3
+    cb_n: int = 64
+    cb_warps: int = 4
+    cb_stages: int = 3
+
+
+def _launch(dtype: torch.dtype) -> SsdLaunch:
+    """fp32 inputs run their dots as tf32x3 on wider warps; the tiles stay the same."""
+    if dtype == torch.float32:
+        return SsdLaunch(scan_warps=8, state_warps=8, cb_warps=8)
+    return SsdLaunch()
+
+
 def _dot_block(n: int, cap: int) -> int:
     """A tl.dot tile side for a dimension of size n: a power of two in [16, cap]."""
     return max(16, min(cap, triton.next_power_of_2(n)))
@@ -259,7 +283,7 @@ def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
                     ssm_states: torch.Tensor, query_start_loc: torch.Tensor, state_slots: torch.Tensor,
                     has_initial_state: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
     """Triton version of ssd_scan_varlen_ref (same arguments and result; no host sync, CUDA-graph capturable).
-    Scratch: fp32 chunk states [chunks, H, P, N] and CB [chunks, G, chunk, chunk], chunks <= T/chunk + seqs."""
+    Scratch: S_in [chunks, H, P, N] in x's dtype, CB [chunks, G, chunk, chunk] fp32; chunks <= T/chunk + seqs."""
     T, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
     num_seqs = state_slots.shape[0]
@@ -268,51 +292,41 @@ def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
         return y
     dev = x.device
     CHUNK = chunk_size
-    # Chunk metadata on the device: cu_chunks[b] = first chunk of sequence b, chunk_seq[i] = sequence of chunk
-    # i (num_seqs past the last chunk). Each sequence adds at most one partial chunk: an upper bound from shapes.
-    max_chunks = min(T, T // CHUNK + num_seqs)
-    lens = query_start_loc[1:] - query_start_loc[:-1]
-    cu_chunks = torch.zeros(num_seqs + 1, dtype=torch.int32, device=dev)
-    cu_chunks[1:] = torch.cumsum(torch.div(lens + CHUNK - 1, CHUNK, rounding_mode="floor"), 0, dtype=torch.int32)
-    chunk_seq = torch.searchsorted(cu_chunks[1:], torch.arange(max_chunks, dtype=torch.int32, device=dev),
-                                   right=True, out_int32=True)
-    meta = (chunk_seq, cu_chunks, query_start_loc, state_slots)
+    SEQ_BLOCK = triton.next_power_of_2(num_seqs)
+    max_chunks = min(T, T // CHUNK + num_seqs)  # each sequence adds at most one partial chunk
+    seqs = (query_start_loc, state_slots)
+    cfg = _launch(x.dtype)
+    block = _dot_block
+    dot_precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: ~fp32-accurate dots
 
     dt_proc = torch.empty(H, T, dtype=torch.float32, device=dev)
     dA = torch.empty(H, T, dtype=torch.float32, device=dev)
     BLOCK_H = 8
     _ssd_dt_kernel[(max_chunks, triton.cdiv(H, BLOCK_H))](
-        dt, dt_bias, A, *meta, dt_proc, dA, T, H, num_seqs, float(dt_limit[0]), float(dt_limit[1]), *dt.stride(),
-        CHUNK=CHUNK, CLAMP_DT=tuple(dt_limit) != (0.0, math.inf), BLOCK_L=triton.next_power_of_2(CHUNK),
-        BLOCK_H=BLOCK_H, num_warps=4)
+        dt, dt_bias, A, *seqs, dt_proc, dA, T, H, num_seqs, float(dt_limit[0]), float(dt_limit[1]), *dt.stride(),
+        CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, CLAMP_DT=tuple(dt_limit) != (0.0, math.inf),
+        BLOCK_L=triton.next_power_of_2(CHUNK), BLOCK_H=BLOCK_H, num_warps=4)
 
-    # Tiles measured on an H100 at 7B shapes (bf16): chunk state 128x128 (P x N), chunk scan 64 rows x 128 of P
-    # with 32-token K steps (210 -> 132 us at 4,096 tokens). The CB tiles must use the scan's row blocking.
-    block = _dot_block
-    dot_precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: ~fp32-accurate dots
-    SCAN_M = block(CHUNK, 64)
+    scan_m = block(CHUNK, cfg.scan_m)
     cb = torch.empty(max_chunks, G, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    _ssd_cb_kernel[(max_chunks, G, triton.cdiv(CHUNK, SCAN_M) ** 2)](
-        B, C, cb, *meta, num_seqs, N, *B.stride(), *C.stride(), *cb.stride()[:3],
-        CHUNK=CHUNK, BLOCK_M=SCAN_M, BLOCK_K=SCAN_M, BLOCK_N=block(N, 64), DOT_PRECISION=dot_precision,
-        num_warps=8, num_stages=3)
+    _ssd_cb_kernel[(triton.cdiv(CHUNK, scan_m) ** 2, G, max_chunks)](
+        B, C, cb, *seqs, num_seqs, N, *B.stride(), *C.stride(), *cb.stride()[:3], CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK,
+        BLOCK_M=scan_m, BLOCK_K=scan_m, BLOCK_N=block(N, cfg.cb_n), DOT_PRECISION=dot_precision,
+        num_warps=cfg.cb_warps, num_stages=cfg.cb_stages)
 
-    cstates = torch.empty(max_chunks, H, P, N, dtype=torch.float32, device=dev)
-    STATE_P, STATE_N = block(P, 128), block(N, 128)
-    _ssd_chunk_state_kernel[(max_chunks, H, triton.cdiv(P, STATE_P) * triton.cdiv(N, STATE_N))](
-        x, B, dt_proc, dA, cstates, *meta, num_seqs, T, P, N, H // G, *x.stride(), *B.stride(),
-        *cstates.stride()[:3], CHUNK=CHUNK, BLOCK_P=STATE_P, BLOCK_N=STATE_N, BLOCK_K=block(CHUNK, 64),
-        DOT_PRECISION=dot_precision, num_warps=4 if x.dtype != torch.float32 else 8, num_stages=3)
+    states_in = torch.empty(max_chunks, H, P, N, dtype=x.dtype, device=dev)
+    state_p, state_n = block(P, cfg.state_p), block(N, cfg.state_n)
+    _ssd_states_kernel[(triton.cdiv(P, state_p) * triton.cdiv(N, state_n), H, num_seqs)](
+        x, B, dt_proc, dA, states_in, ssm_states, *seqs, has_initial_state, num_seqs, T, P, N, H // G,
+        *x.stride(), *B.stride(), *states_in.stride()[:3], *ssm_states.stride(),
+        CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, BLOCK_P=state_p, BLOCK_N=state_n, BLOCK_K=block(CHUNK, cfg.state_k),
+        DOT_PRECISION=dot_precision, num_warps=cfg.state_warps, num_stages=cfg.state_stages)
 
-    BLOCK_S = 1024
-    _ssd_state_passing_kernel[(num_seqs, H, triton.cdiv(P * N, BLOCK_S))](
-        cstates, dA, ssm_states, query_start_loc, cu_chunks, state_slots, has_initial_state, T, N, P * N,
-        *cstates.stride()[:2], *ssm_states.stride(), CHUNK=CHUNK, BLOCK=BLOCK_S, num_warps=4)
-
-    SCAN_P = block(P, 128)
-    _ssd_chunk_scan_kernel[(max_chunks, H, triton.cdiv(CHUNK, SCAN_M) * triton.cdiv(P, SCAN_P))](
-        x, C, D, cb, dt_proc, dA, cstates, y, *meta, num_seqs, T, P, N, H // G, *x.stride(), *C.stride(),
-        *cb.stride()[:3], *cstates.stride()[:3], *y.stride(),
-        CHUNK=CHUNK, BLOCK_M=SCAN_M, BLOCK_P=SCAN_P, BLOCK_K=block(CHUNK, 32), BLOCK_N=block(N, 64),
-        DOT_PRECISION=dot_precision, num_warps=4 if x.dtype != torch.float32 else 8, num_stages=3)
+    scan_p = block(P, cfg.scan_p)
+    _ssd_chunk_scan_kernel[(triton.cdiv(CHUNK, scan_m) * triton.cdiv(P, scan_p), H, max_chunks)](
+        x, C, D, cb, dt_proc, dA, states_in, y, *seqs, num_seqs, T, P, N, H // G, *x.stride(), *C.stride(),
+        *cb.stride()[:3], *states_in.stride()[:3], *y.stride(),
+        CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, BLOCK_M=scan_m, BLOCK_P=scan_p, BLOCK_K=block(CHUNK, cfg.scan_k),
+        BLOCK_N=block(N, cfg.scan_n), DOT_PRECISION=dot_precision, num_warps=cfg.scan_warps,
+        num_stages=cfg.scan_stages)
     return y

@@ -1,0 +1,191 @@
+"""Our chunked SSD scan (kernels/ssd_scan.py) side by side with mamba_ssm's `mamba_chunk_scan_combined`, on the
+same inputs at the Falcon-H1 shapes, both timed as CUDA-graph replays (triton.testing.do_bench_cudagraph
+median; inputs stay in L2 between replays for the smaller cases, the same for both).
+
+Both compute the same thing with an initial state per sequence and the final state out, bf16 inputs, fp32
+state: ours reads the initial states from slots and writes the final ones back; mamba_ssm gets them as a
+[batch, H, P, N] tensor and returns new ones (it has no slots, so its time includes no gather or scatter).
+Equal-length sequences run in mamba_ssm as a dense batch, which is what its kernels support with initial
+states. Errors are ||out - ref|| / ||ref|| against the fp32 einsum SSD (kernels/ssd_minimal.py) on the
+same bf16 inputs, and between the two implementations.
+
+mamba_ssm is imported from its Python sources (its Triton kernels only; no CUDA extension is built):
+
+    python -m benchmarks.kernels_ssd_vs_mamba --mamba-src PATH/TO/mamba [--models h1-7b] [--sweep] [--out OUT]
+
+--sweep also times alternative SsdLaunch settings (kernels/ssd_scan.py) to pick the defaults. --warm only
+compiles and autotunes (several processes can fill the Triton cache in parallel before a timed run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import emit  # noqa: E402
+from kernels import ssd_scan  # noqa: E402
+from kernels.ssd_minimal import ssd_chunked  # noqa: E402
+
+# (H, P, G, N, chunk) of Falcon-H1's Mamba2 mixers, and the batches timed at each.
+MODELS = {"h1-0.5b": (24, 64, 1, 128, 128), "h1-7b": (24, 128, 1, 256, 256), "h1-34b": (32, 128, 2, 256, 128)}
+CASES = {"h1-0.5b": ([4096], [256] * 16), "h1-7b": ([4096], [256] * 16, [32768]), "h1-34b": ([4096], [256] * 16)}
+NO_LIMIT = (0.0, math.inf)
+SWEEP = [dict(state_p=32, state_n=64), dict(state_p=64, state_n=32), dict(state_p=32, state_n=32),
+         dict(state_p=128, state_n=64), dict(state_p=64, state_n=128), dict(state_k=32), dict(state_stages=2),
+         dict(state_stages=4), dict(state_warps=8), dict(scan_p=64), dict(scan_m=128, scan_warps=8),
+         dict(scan_m=128, scan_p=64), dict(scan_k=64), dict(scan_stages=2), dict(scan_stages=4),
+         dict(scan_n=128), dict(scan_warps=8), dict(cb_warps=8), dict(cb_n=128)]
+
+
+@dataclasses.dataclass
+class Inputs:
+    x: torch.Tensor
+    dt: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    D: torch.Tensor
+    dt_bias: torch.Tensor
+    states: torch.Tensor  # [seqs, H, P, N] fp32 initial states, one slot per sequence
+    qsl: torch.Tensor
+    lengths: list[int]
+    chunk: int
+
+
+def make_inputs(model: str, lengths: list[int], dtype: torch.dtype = torch.bfloat16) -> Inputs:
+    H, P, G, N, chunk = MODELS[model]
+    T = sum(lengths)
+    qsl = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    return Inputs(x=torch.randn(T, H, P, device="cuda", dtype=dtype),
+                  dt=torch.randn(T, H, device="cuda", dtype=dtype),
+                  A=-torch.rand(H, device="cuda") * 4 - 0.1,
+                  B=torch.randn(T, G, N, device="cuda", dtype=dtype),
+                  C=torch.randn(T, G, N, device="cuda", dtype=dtype),
+                  D=torch.randn(H, device="cuda"), dt_bias=torch.randn(H, device="cuda") - 2,
+                  states=torch.randn(len(lengths), H, P, N, device="cuda"), qsl=qsl, lengths=lengths, chunk=chunk)
+
+
+def ours(inp: Inputs) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """The engine's call: initial states read from slots 0..seqs-1 of a copy, final states written there."""
+    slots = torch.arange(len(inp.lengths), dtype=torch.int32, device="cuda")
+    init = torch.ones(len(inp.lengths), dtype=torch.bool, device="cuda")
+    states = inp.states.clone()
+
+    def call():
+        y = ssd_scan.ssd_scan_varlen(inp.x, inp.dt, inp.A, inp.B, inp.C, inp.D, inp.dt_bias, NO_LIMIT, states,
+                                     inp.qsl, slots, init, inp.chunk)
+        return y, states
+    return call
+
+
+def mamba(inp: Inputs) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    batch, length = len(inp.lengths), inp.lengths[0]
+    assert all(n == length for n in inp.lengths), "mamba_ssm's dense batch needs equal lengths"
+
+    def view(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, length, *t.shape[1:])
+
+    def call():
+        y, final = mamba_chunk_scan_combined(view(inp.x), view(inp.dt), inp.A, view(inp.B), view(inp.C), inp.chunk,
+                                             D=inp.D, dt_bias=inp.dt_bias, initial_states=inp.states,
+                                             dt_softplus=True, dt_limit=NO_LIMIT, return_final_states=True)
+        return y.view(inp.x.shape), final
+    return call
+
+
+def reference(inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 einsum SSD per sequence on the same (upcast) inputs."""
+    dt = F.softplus(inp.dt.float() + inp.dt_bias)
+    ys, finals = [], []
+    for b, (lo, hi) in enumerate(zip(inp.qsl[:-1].tolist(), inp.qsl[1:].tolist())):
+        y, final = ssd_chunked(inp.x[lo:hi].float(), dt[lo:hi], inp.A, inp.B[lo:hi].float(), inp.C[lo:hi].float(),
+                               inp.D, inp.states[b], inp.chunk)
+        ys.append(y)
+        finals.append(final)
+    return torch.cat(ys), torch.stack(finals)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def graph_us(fn: Callable[[], object]) -> float:
+    return do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+
+
+def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs], Callable]], sweep: bool,
+             warm: bool) -> list[list[str]]:
+    torch.manual_seed(0)
+    inp = make_inputs(model, lengths)
+    size = f"{len(lengths)} x {lengths[0]}" if len(lengths) > 1 else f"{lengths[0]}"
+    ref_y, ref_s = reference(inp) if not warm and sum(lengths) <= 8192 else (None, None)
+    variants: list[tuple[str, Callable[[Inputs], Callable], dict | None]] = [(n, f, None) for n, f in impls.items()]
+    if sweep:
+        variants += [("ours " + " ".join(f"{k}={v}" for k, v in s.items()), ours, s) for s in SWEEP]
+    outs, rows = {}, []
+    default_launch = ssd_scan._launch
+    for name, make, overrides in variants:
+        if overrides is not None:
+            ssd_scan._launch = lambda dtype, o=overrides: dataclasses.replace(default_launch(dtype), **o)
+        try:
+            fn = make(inp)
+            y, s = fn()  # compiles / autotunes outside the graph
+            torch.cuda.synchronize()
+            if warm:
+                continue
+            y, s = y.clone(), s.clone()
+            us = graph_us(fn)
+        except Exception as e:  # a sweep setting that does not compile or fit is reported, not fatal
+            rows.append([model, size, name, "failed", type(e).__name__ + ": " + str(e).splitlines()[0][:80], "", ""])
+            continue
+        finally:
+            ssd_scan._launch = default_launch
+        outs[name] = (y, s)
+        vs_ref = f"{rel(y, ref_y):.1e} / {rel(s, ref_s):.1e}" if ref_y is not None else "-"
+        first = next(iter(outs))
+        vs_first = f"{rel(y, outs[first][0]):.1e} / {rel(s, outs[first][1]):.1e}" if name != first else "-"
+        rows.append([model, size, name, f"{us:.1f}", vs_ref, vs_first, ""])
+    times = {r[2]: float(r[3]) for r in rows if r[3] != "failed"}
+    if "mamba_ssm" in times:
+        for r in rows:
+            if r[2] in times:
+                r[6] = f"{times['mamba_ssm'] / times[r[2]]:.2f}x"
+    return rows
+
+
+def main(extra_impls: dict[str, Callable[[Inputs], Callable]] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mamba-src", type=Path, required=True, help="a checkout of state-spaces/mamba")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sweep", action="store_true", help="also time alternative SsdLaunch settings")
+    parser.add_argument("--warm", action="store_true", help="compile and autotune only, time nothing")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    args = parser.parse_args()
+    sys.path.insert(0, str(args.mamba_src))
+    impls = {"mamba_ssm": mamba, "ours": ours, **(extra_impls or {})}
+    rows = [row for model in args.models for lengths in CASES[model]
+            for row in run_case(model, lengths, impls, args.sweep, args.warm)]
+    if args.warm:
+        return
+    header = ["model", "tokens", "implementation", "CUDA graph (us)", "rel. err. vs fp32 einsum (y / final state)",
+              f"rel. diff. vs {next(iter(impls))} (y / final state)", "mamba_ssm time / this"]
+    emit([f"SSD prefill scan vs mamba_ssm, {datetime.date.today().isoformat()}, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}, triton {triton.__version__}; bf16 inputs, fp32 states.", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+          *("| " + " | ".join(r) + " |" for r in rows)], args.out)
+
+
+if __name__ == "__main__":
+    main()
