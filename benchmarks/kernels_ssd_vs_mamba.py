@@ -122,7 +122,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def graph_us(fn: Callable[[], object]) -> float:
-    return do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+    return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
 
 
 def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs], Callable]], sweep: bool,
