@@ -162,6 +162,8 @@ def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs],
         for r in rows:
             if r[2] in times:
                 r[6] = f"{times['mamba_ssm'] / times[r[2]]:.2f}x"
+    for r in rows:  # as each case finishes, for runs cut short
+        print("| " + " | ".join(r) + " |", file=sys.stderr, flush=True)
     return rows
 
 
