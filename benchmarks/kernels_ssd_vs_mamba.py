@@ -41,11 +41,8 @@ from kernels.ssd_minimal import ssd_chunked  # noqa: E402
 MODELS = {"h1-0.5b": (24, 64, 1, 128, 128), "h1-7b": (24, 128, 1, 256, 256), "h1-34b": (32, 128, 2, 256, 128)}
 CASES = {"h1-0.5b": ([4096], [256] * 16), "h1-7b": ([4096], [256] * 16, [32768]), "h1-34b": ([4096], [256] * 16)}
 NO_LIMIT = (0.0, math.inf)
-SWEEP = [dict(state_p=32, state_n=64), dict(state_p=64, state_n=32), dict(state_p=32, state_n=32),
-         dict(state_p=128, state_n=64), dict(state_p=64, state_n=128), dict(state_k=32), dict(state_stages=2),
-         dict(state_stages=4), dict(state_warps=8), dict(scan_p=64), dict(scan_m=128, scan_warps=8),
-         dict(scan_m=128, scan_p=64), dict(scan_k=64), dict(scan_stages=2), dict(scan_stages=4),
-         dict(scan_n=128), dict(scan_warps=8), dict(cb_warps=8), dict(cb_n=128)]
+SWEEP = [dict(state_k=64), dict(state_k=128), dict(state_stages=3), dict(state_min_programs=0),
+         dict(state_min_programs=1), dict(scan_stages=3), dict(state_warps=8)]
 
 
 @dataclasses.dataclass

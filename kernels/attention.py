@@ -249,7 +249,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (a small stand-in for the CPU interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -258,7 +258,7 @@ def _decode_partition(num_decodes: int, kv_heads: int, max_seq_len: int, device:
     """(num_splits, partition_size): split the context so num_decodes * kv_heads * num_splits programs fill
     the GPU, but never below one K/V tile per split. Depends on host ints only (CUDA-graph safe)."""
     tiles = triton.cdiv(max(max_seq_len, 1), DECODE_BLOCK_N)
-    wanted = triton.cdiv(DECODE_PROGRAMS_PER_SM * _num_sms(device), num_decodes * kv_heads)
+    wanted = triton.cdiv(DECODE_PROGRAMS_PER_SM * num_sms(device), num_decodes * kv_heads)
     splits = max(1, min(tiles, wanted))
     partition = triton.cdiv(tiles, splits) * DECODE_BLOCK_N
     return triton.cdiv(max(max_seq_len, 1), partition), partition

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.attention import num_sms
 from kernels.triton_math import softplus
 
 
@@ -249,27 +250,33 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
 @dataclass(frozen=True)
 class SsdLaunch:
     """Tile sides (upper bounds, clipped to the shapes), warps and pipeline stages of the three matmul kernels.
-    The CB tiles are scan_m square: the scan reads CB at its own row blocking."""
+    The CB tiles are scan_m square: the scan reads CB at its own row blocking. The state walk is sequential
+    over a sequence's chunks, so a long sequence gives it few programs: its N tile halves (down to 32) until
+    there are state_min_programs per SM. One whole chunk per step (state_k = chunk) because each step waits
+    for the previous one's dot before storing S_in."""
     scan_m: int = 64
     scan_p: int = 128
     scan_k: int = 32
     scan_n: int = 64
     scan_warps: int = 4
-    scan_stages: int = 3
+    scan_stages: int = 2
     state_p: int = 64
     state_n: int = 64
-    state_k: int = 64
+    state_k: int = 256
     state_warps: int = 4
-    state_stages: int = 3
+    state_stages: int = 2
+    state_min_programs: int = 2
     cb_n: int = 64
     cb_warps: int = 4
     cb_stages: int = 3
 
 
 def _launch(dtype: torch.dtype) -> SsdLaunch:
-    """fp32 inputs run their dots as tf32x3 on wider warps; the tiles stay the same."""
+    """Measured on an H200 at the Falcon-H1 shapes (benchmarks/kernels_ssd_vs_mamba.py --sweep). fp32 inputs
+    run their dots as tf32x3 on wider warps, in 64-token steps (a 256-token fp32 step would not fit in shared
+    memory)."""
     if dtype == torch.float32:
-        return SsdLaunch(scan_warps=8, state_warps=8, cb_warps=8)
+        return SsdLaunch(scan_warps=8, state_warps=8, cb_warps=8, state_k=64, scan_stages=3, state_stages=3)
     return SsdLaunch()
 
 
@@ -316,6 +323,9 @@ def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
 
     states_in = torch.empty(max_chunks, H, P, N, dtype=x.dtype, device=dev)
     state_p, state_n = block(P, cfg.state_p), block(N, cfg.state_n)
+    while state_n > 32 and (num_seqs * H * triton.cdiv(P, state_p) * triton.cdiv(N, state_n)
+                            < cfg.state_min_programs * num_sms(dev)):
+        state_n //= 2
     _ssd_states_kernel[(triton.cdiv(P, state_p) * triton.cdiv(N, state_n), H, num_seqs)](
         x, B, dt_proc, dA, states_in, ssm_states, *seqs, has_initial_state, num_seqs, T, P, N, H // G,
         *x.stride(), *B.stride(), *states_in.stride()[:3], *ssm_states.stride(),
