@@ -13,7 +13,8 @@ mamba_ssm is imported from its Python sources (its Triton kernels only; no CUDA 
 
     python -m benchmarks.kernels_ssd_vs_mamba --mamba-src PATH/TO/mamba [--models h1-7b] [--sweep] [--out OUT]
 
---sweep also times alternative SsdLaunch settings (kernels/ssd_scan.py) to pick the defaults. --warm only
+--sweep also times alternative SsdLaunch settings (kernels/ssd_scan.py) to pick the defaults; --profile prints
+each implementation's kernel times (torch.profiler, eager calls) to stderr. --warm only
 compiles and autotunes (several processes can fill the Triton cache in parallel before a timed run).
 """
 
@@ -42,7 +43,7 @@ MODELS = {"h1-0.5b": (24, 64, 1, 128, 128), "h1-7b": (24, 128, 1, 256, 256), "h1
 CASES = {"h1-0.5b": ([4096], [256] * 16), "h1-7b": ([4096], [256] * 16, [32768]), "h1-34b": ([4096], [256] * 16)}
 NO_LIMIT = (0.0, math.inf)
 SWEEP = [dict(state_k=64), dict(state_k=128), dict(state_stages=3), dict(state_min_programs=0),
-         dict(state_min_programs=1), dict(scan_stages=3), dict(state_warps=8)]
+         dict(state_min_programs=1), dict(state_p=32), dict(state_p=128), dict(scan_stages=3), dict(state_warps=8)]
 
 
 @dataclasses.dataclass
@@ -122,8 +123,20 @@ def graph_us(fn: Callable[[], object]) -> float:
     return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
 
 
+def kernel_times(fn: Callable[[], object], calls: int = 5) -> list[tuple[str, float]]:
+    """(kernel, device us per call) of fn's launches, from torch.profiler over a few eager calls."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total / calls) for e in prof.key_averages() if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs], Callable]], sweep: bool,
-             warm: bool) -> list[list[str]]:
+             warm: bool, profile: bool = False) -> list[list[str]]:
     torch.manual_seed(0)
     inp = make_inputs(model, lengths)
     size = f"{len(lengths)} x {lengths[0]}" if len(lengths) > 1 else f"{lengths[0]}"
@@ -150,6 +163,9 @@ def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs],
         finally:
             ssd_scan._launch = default_launch
         outs[name] = (y, s)
+        if profile and overrides is None:
+            for kernel, k_us in kernel_times(fn):
+                print(f"  profile {model} {size} {name}: {k_us:8.1f} us  {kernel[:90]}", file=sys.stderr, flush=True)
         vs_ref = f"{rel(y, ref_y):.1e} / {rel(s, ref_s):.1e}" if ref_y is not None else "-"
         first = next(iter(outs))
         vs_first = f"{rel(y, outs[first][0]):.1e} / {rel(s, outs[first][1]):.1e}" if name != first else "-"
@@ -170,12 +186,13 @@ def main(extra_impls: dict[str, Callable[[Inputs], Callable]] | None = None) -> 
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--sweep", action="store_true", help="also time alternative SsdLaunch settings")
     parser.add_argument("--warm", action="store_true", help="compile and autotune only, time nothing")
+    parser.add_argument("--profile", action="store_true", help="also print each implementation's kernel times")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     args = parser.parse_args()
     sys.path.insert(0, str(args.mamba_src))
     impls = {"mamba_ssm": mamba, "ours": ours, **(extra_impls or {})}
     rows = [row for model in args.models for lengths in CASES[model]
-            for row in run_case(model, lengths, impls, args.sweep, args.warm)]
+            for row in run_case(model, lengths, impls, args.sweep, args.warm, args.profile)]
     if args.warm:
         return
     header = ["model", "tokens", "implementation", "CUDA graph (us)", "rel. err. vs fp32 einsum (y / final state)",
