@@ -42,7 +42,7 @@ from kernels.ssd_minimal import ssd_chunked  # noqa: E402
 MODELS = {"h1-0.5b": (24, 64, 1, 128, 128), "h1-7b": (24, 128, 1, 256, 256), "h1-34b": (32, 128, 2, 256, 128)}
 CASES = {"h1-0.5b": ([4096], [256] * 16), "h1-7b": ([4096], [256] * 16, [32768]), "h1-34b": ([4096], [256] * 16)}
 NO_LIMIT = (0.0, math.inf)
-SWEEP = [dict(state_k=64), dict(state_k=128), dict(state_stages=3), dict(state_min_programs=0),
+SWEEP = [dict(state_k=64), dict(state_k=256), dict(state_stages=3), dict(state_min_programs=0),
          dict(state_min_programs=1), dict(state_p=32), dict(state_p=128), dict(scan_stages=3), dict(state_warps=8)]
 
 

@@ -252,8 +252,9 @@ class SsdLaunch:
     """Tile sides (upper bounds, clipped to the shapes), warps and pipeline stages of the three matmul kernels.
     The CB tiles are scan_m square: the scan reads CB at its own row blocking. The state walk is sequential
     over a sequence's chunks, so a long sequence gives it few programs: its N tile halves (down to 32) until
-    there are state_min_programs per SM. One whole chunk per step (state_k = chunk) because each step waits
-    for the previous one's dot before storing S_in."""
+    there are state_min_programs per SM. It takes 128 tokens a step: each step waits for the previous one's
+    dot, so 64-token steps were slower for long sequences, and 256-token ones (128 KB of shared memory a
+    program) for batches of short ones (H200 sweeps in benchmarks/RESULTS.md)."""
     scan_m: int = 64
     scan_p: int = 128
     scan_k: int = 32
@@ -262,7 +263,7 @@ class SsdLaunch:
     scan_stages: int = 2
     state_p: int = 64
     state_n: int = 64
-    state_k: int = 256
+    state_k: int = 128
     state_warps: int = 4
     state_stages: int = 2
     state_min_programs: int = 2
