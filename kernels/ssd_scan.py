@@ -61,26 +61,44 @@ def ssd_scan_varlen_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
 
 
 @triton.jit
-def _chunks_per_seq(qsl_ptr, num_seqs, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr):
-    """(s, first token, end token, chunks) of every sequence s of the batch, as SEQ_BLOCK-long vectors."""
-    s = tl.arange(0, SEQ_BLOCK)
-    lo = tl.load(qsl_ptr + s, mask=s < num_seqs, other=0)
-    hi = tl.load(qsl_ptr + s + 1, mask=s < num_seqs, other=0)
-    return s, lo, hi, (hi - lo + CHUNK - 1) // CHUNK
+def _seq_chunks(qsl_ptr, s, ok, CHUNK: tl.constexpr):
+    """(first token, end token, chunks) of sequences s (where ok)."""
+    lo = tl.load(qsl_ptr + s, mask=ok, other=0)
+    hi = tl.load(qsl_ptr + s + 1, mask=ok, other=0)
+    return lo, hi, (hi - lo + CHUNK - 1) // CHUNK
 
 
 @triton.jit
 def _chunk_bounds(i, qsl_ptr, slots_ptr, num_seqs, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr):
     """Chunk i of the flat batch: (live, its first token, its end token). Sequence b holds the chunks after
-    those of sequences 0..b-1. live is false past the last chunk and for padded sequences (slot < 0)."""
-    s, lo, hi, n_chunks = _chunks_per_seq(qsl_ptr, num_seqs, CHUNK, SEQ_BLOCK)
-    upto = tl.cumsum(n_chunks, 0)
-    b = tl.sum((upto <= i).to(tl.int32), 0)  # num_seqs or more past the last chunk
-    mine = s == b
-    start = tl.sum(tl.where(mine, lo + (i - upto + n_chunks) * CHUNK, 0), 0)
-    end = tl.minimum(start + CHUNK, tl.sum(tl.where(mine, hi, 0), 0))
+    those of sequences 0..b-1, counted SEQ_BLOCK sequences at a time (a fixed block: no recompile per batch
+    size). live is false past the last chunk and for padded sequences (slot < 0)."""
+    before = tl.zeros([], tl.int32)  # chunks of the sequences already counted
+    start = tl.zeros([], tl.int32)
+    seq_end = tl.zeros([], tl.int32)
+    b = tl.zeros([], tl.int32) + num_seqs  # the sequence holding chunk i; num_seqs if none
+    for s0 in range(0, num_seqs, SEQ_BLOCK):
+        s = s0 + tl.arange(0, SEQ_BLOCK)
+        lo, hi, n_chunks = _seq_chunks(qsl_ptr, s, s < num_seqs, CHUNK)
+        first = before + tl.cumsum(n_chunks, 0) - n_chunks
+        mine = (first <= i) & (i < first + n_chunks)
+        start += tl.sum(tl.where(mine, lo + (i - first) * CHUNK, 0), 0)
+        seq_end += tl.sum(tl.where(mine, hi, 0), 0)
+        b = tl.minimum(b, tl.min(tl.where(mine, s, num_seqs), 0))
+        before += tl.sum(n_chunks, 0)
     live = (b < num_seqs) & (tl.load(slots_ptr + tl.minimum(b, num_seqs - 1)) >= 0)
-    return live, start, end
+    return live, start, tl.minimum(start + CHUNK, seq_end)
+
+
+@triton.jit
+def _chunks_before(b, qsl_ptr, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr):
+    """Chunks of sequences 0..b-1: the flat index of sequence b's first chunk."""
+    total = tl.zeros([], tl.int32)
+    for s0 in range(0, b, SEQ_BLOCK):
+        s = s0 + tl.arange(0, SEQ_BLOCK)
+        lo, hi, n_chunks = _seq_chunks(qsl_ptr, s, s < b, CHUNK)
+        total += tl.sum(n_chunks, 0)
+    return total
 
 
 @triton.jit
@@ -162,8 +180,7 @@ def _ssd_states_kernel(x_ptr, B_ptr, dt_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl
     state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     if tl.load(init_ptr + b) != 0:
         state = tl.load(s_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-    seq, lo, hi, n_chunks = _chunks_per_seq(qsl_ptr, num_seqs, CHUNK, SEQ_BLOCK)
-    in_ptrs = (states_in_ptr + tl.sum(tl.where(seq < b, n_chunks, 0), 0).to(tl.int64) * stride_sic
+    in_ptrs = (states_in_ptr + _chunks_before(b, qsl_ptr, CHUNK, SEQ_BLOCK).to(tl.int64) * stride_sic
                + h * stride_sih + p[:, None] * stride_sip + n[None, :])
     seq_start = tl.load(qsl_ptr + b)
     seq_end = tl.load(qsl_ptr + b + 1)
@@ -270,6 +287,7 @@ class SsdLaunch:
     cb_n: int = 64
     cb_warps: int = 4
     cb_stages: int = 3
+    seq_block: int = 32  # sequences read at a time to find a chunk's sequence
 
 
 def _launch(dtype: torch.dtype) -> SsdLaunch:
@@ -300,10 +318,10 @@ def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
         return y
     dev = x.device
     CHUNK = chunk_size
-    SEQ_BLOCK = triton.next_power_of_2(num_seqs)
     max_chunks = min(T, T // CHUNK + num_seqs)  # each sequence adds at most one partial chunk
     seqs = (query_start_loc, state_slots)
     cfg = _launch(x.dtype)
+    SEQ_BLOCK = cfg.seq_block
     block = _dot_block
     dot_precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: ~fp32-accurate dots
 

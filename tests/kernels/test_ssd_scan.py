@@ -126,9 +126,10 @@ def test_scan_cuda_graph():
 
 
 def test_scan_several_token_blocks_per_chunk_interpreted(monkeypatch):
-    # The GPU tiles split a chunk into several token blocks (chunk 256, 64-token blocks); here chunk 32 in
+    # The GPU tiles split a chunk into several token blocks (chunk 256, 128-token blocks); here chunk 32 in
     # 16-token blocks: the state walk crosses blocks inside a chunk and the scan reads CB in 16-row tiles.
-    small = ssd_scan.SsdLaunch(scan_m=16, scan_k=16, state_k=16)
+    # Chunks find their sequence reading query_start_loc a block of sequences at a time: 2 here, 32 there.
+    small = ssd_scan.SsdLaunch(scan_m=16, scan_k=16, state_k=16, seq_block=2)  # and sequences 2 at a time
     monkeypatch.setattr(ssd_scan, "_launch", lambda dtype: small)
     _check([70, 33, 5, 32], [True, False, True, True], [1, 3, 0, 2], H=2, P=16, G=1, N=16, chunk=32,
            dtype=torch.float32)
