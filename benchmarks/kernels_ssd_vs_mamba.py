@@ -103,6 +103,15 @@ def mamba(inp: Inputs) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     return call
 
 
+def mamba_configs() -> list[str]:
+    """The launch settings mamba_ssm's autotuner picked for its last shape."""
+    from mamba_ssm.ops.triton import ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
+    kernels = (ssd_chunk_state._chunk_cumsum_fwd_kernel, ssd_chunk_state._chunk_state_fwd_kernel,
+               ssd_state_passing._state_passing_fwd_kernel, ssd_bmm._bmm_chunk_fwd_kernel,
+               ssd_chunk_scan._chunk_scan_fwd_kernel)
+    return [f"{k.fn.__name__}: {getattr(k, 'best_config', None)}" for k in kernels]
+
+
 def reference(inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 einsum SSD per sequence on the same (upcast) inputs."""
     dt = F.softplus(inp.dt.float() + inp.dt_bias)
@@ -166,6 +175,9 @@ def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs],
         if profile and overrides is None:
             for kernel, k_us in kernel_times(fn):
                 print(f"  profile {model} {size} {name}: {k_us:8.1f} us  {kernel[:90]}", file=sys.stderr, flush=True)
+            if name == "mamba_ssm":
+                for line in mamba_configs():
+                    print(f"  autotuned {model} {size}: {line}", file=sys.stderr, flush=True)
         vs_ref = f"{rel(y, ref_y):.1e} / {rel(s, ref_s):.1e}" if ref_y is not None else "-"
         first = next(iter(outs))
         vs_first = f"{rel(y, outs[first][0]):.1e} / {rel(s, outs[first][1]):.1e}" if name != first else "-"
