@@ -291,9 +291,9 @@ class SsdLaunch:
 
 
 def _launch(dtype: torch.dtype) -> SsdLaunch:
-    """Measured on an H200 at the Falcon-H1 shapes (benchmarks/kernels_ssd_vs_mamba.py --sweep). fp32 inputs
-    run their dots as tf32x3 on wider warps, in 64-token steps (a 256-token fp32 step would not fit in shared
-    memory)."""
+    """bf16 / fp16: measured on an H200 at the Falcon-H1 shapes (benchmarks/kernels_ssd_vs_mamba.py --sweep).
+    fp32 inputs (dots as tf32x3) keep the settings their GPU tests ran with: 8 warps, 64-token state steps,
+    three stages (untimed; fp32 tiles take twice the shared memory)."""
     if dtype == torch.float32:
         return SsdLaunch(scan_warps=8, state_warps=8, cb_warps=8, state_k=64, scan_stages=3, state_stages=3)
     return SsdLaunch()
