@@ -3,13 +3,18 @@
 A step of n decodes replays the smallest bucket b >= n. Its inputs live in static buffers; rows n..b-1
 are padding: state slot PAD_SLOT and KV slot -1 (the kernels skip them) and seq_len 0, so they never
 touch a real sequence's state or cache. Attention is sized for max_model_len, the longest any row gets.
+
+The per-row inputs of bucket b lie in one buffer, laid out for b (each field's b values, then the block
+tables [b, width]), so a step writes them into a pinned host mirror and moves them with one copy.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
+import numpy as np
 import torch
 
 from engine.cache_pools import LayerCache
@@ -24,33 +29,58 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
+# The per-row inputs a step writes, with the value of a padding row (whose state and KV writes are skipped).
+ROW_FIELDS = {"input_ids": (torch.long, 0), "positions": (torch.long, 0), "slot_mapping": (torch.long, -1),
+              "seq_lens": (torch.int32, 0), "state_slots": (torch.int32, PAD_SLOT)}
+
+
+def _input_layout(b: int, width: int) -> tuple[dict[str, int], int]:
+    """Byte offset of each row field (16-byte aligned) and of block_tables in bucket b's buffer; its size."""
+    offsets, at = {}, 0
+    for name, (dtype, _) in ROW_FIELDS.items():
+        offsets[name] = at
+        at += -(-b * dtype.itemsize // 16) * 16
+    offsets["block_tables"] = at
+    return offsets, at + b * width * 4
+
+
+def _typed(buffer: torch.Tensor, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    return buffer[offset: offset + count * dtype.itemsize].view(dtype)
+
+
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, caches: list[LayerCache], max_num_seqs: int, max_model_len: int,
                  block_size: int, device: torch.device):
         self.model, self.caches, self.max_model_len = model, caches, max_model_len
         self.block_size = block_size
         self.buckets = bucket_sizes(max_num_seqs)
-        n, width = self.buckets[-1], max(-(-max_model_len // max(block_size, 1)), 1)
+        n, self.width = self.buckets[-1], max(-(-max_model_len // max(block_size, 1)), 1)
+        size = _input_layout(n, self.width)[1]
+        self.inputs = torch.zeros(size, dtype=torch.uint8, device=device)
+        self.host_inputs = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None  # the host mirror may be rewritten
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.long, device=device)
-        # Rows of two tensors, so a step's inputs arrive in two copies (plus the block tables).
-        self.longs = torch.zeros(3, n, **i64)
-        self.input_ids, self.positions, self.slot_mapping = self.longs
-        self.ints = torch.zeros(2, n, **i32)
-        self.seq_lens, self.state_slots = self.ints
-        self.state_slots.fill_(PAD_SLOT)
-        self.slot_mapping.fill_(-1)
-        self.block_tables = torch.zeros(n, width, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.has_initial_state = torch.ones(n, dtype=torch.bool, device=device)
         self.logits_indices = torch.arange(n, **i64)
+        self.host_views = {b: {name: t.numpy() for name, t in self._views(self.host_inputs, b).items()}
+                           for b in self.buckets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
+    def _views(self, buffer: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+        """Bucket b's row fields and block tables inside `buffer` (the device inputs or their host mirror)."""
+        offsets, _ = _input_layout(b, self.width)
+        views = {name: _typed(buffer, offsets[name], b, dtype) for name, (dtype, _) in ROW_FIELDS.items()}
+        views["block_tables"] = _typed(buffer, offsets["block_tables"], b * self.width, torch.int32).view(b, self.width)
+        return views
+
     def batch(self, b: int) -> ForwardBatch:
+        v = self._views(self.inputs, b)
         return ForwardBatch(
-            input_ids=self.input_ids[:b], positions=self.positions[:b], query_start_loc=self.query_start_loc[: b + 1],
-            seq_lens=self.seq_lens[:b], state_slots=self.state_slots[:b], has_initial_state=self.has_initial_state[:b],
-            block_tables=self.block_tables[:b], slot_mapping=self.slot_mapping[:b],
+            input_ids=v["input_ids"], positions=v["positions"], query_start_loc=self.query_start_loc[: b + 1],
+            seq_lens=v["seq_lens"], state_slots=v["state_slots"], has_initial_state=self.has_initial_state[:b],
+            block_tables=v["block_tables"], slot_mapping=v["slot_mapping"],
             logits_indices=self.logits_indices[:b], num_decodes=b, max_query_len=1, max_seq_len=self.max_model_len)
 
     @torch.inference_mode()
@@ -58,10 +88,12 @@ class DecodeGraphs:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
+            self._write_padding(b, 0)  # all rows are padding: warm-up and capture write nothing
+            self.inputs.copy_(self.host_inputs)
             batch = self.batch(b)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: all rows are padding, nothing is written
+            with torch.cuda.stream(stream):
                 for _ in range(2):
                     self.model.compute_logits(self.model(batch, self.caches))
             torch.cuda.current_stream().wait_stream(stream)
@@ -76,21 +108,41 @@ class DecodeGraphs:
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
 
+    def _write_padding(self, b: int, n: int) -> dict[str, np.ndarray]:
+        """Bucket b's host views (numpy), rows n..b-1 set to padding."""
+        views = self.host_views[b]
+        for name, (_, pad) in ROW_FIELDS.items():
+            views[name][n:] = pad
+        return views
+
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], state_slots: list[int], block_tables: list[list[int]]
             ) -> torch.Tensor:
         """Replays the graph for these decode rows; returns their logits [n, V]."""
         n = len(input_ids)
         b = next(size for size in self.buckets if size >= n)
-        pad = b - n
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copy has read the mirror
+        v = self._write_padding(b, n)
+        v["input_ids"][:n] = input_ids
+        pos = v["positions"][:n]
+        pos[:] = positions
+        v["seq_lens"][:n] = pos + 1
+        v["state_slots"][:n] = state_slots
         bs = self.block_size
-        slots = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, positions)] if bs else [-1] * n
-        self.longs[:, :b].copy_(torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad]))
-        self.ints[:, :b].copy_(torch.tensor([[p + 1 for p in positions] + [0] * pad,
-                                             state_slots + [PAD_SLOT] * pad], dtype=torch.int32))
         if bs:
-            width = max(len(t) for t in block_tables)
-            rows = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-            self.block_tables[:n, :width].copy_(rows, non_blocking=True)
+            lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)
+            width = int(lens.max())
+            tables = v["block_tables"][:n, :width]
+            tables[...] = 0
+            tables[np.arange(width)[None, :] < lens[:, None]] = np.fromiter(
+                itertools.chain.from_iterable(block_tables), dtype=np.int32, count=int(lens.sum()))
+            v["slot_mapping"][:n] = tables[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
+        else:
+            v["slot_mapping"][:n] = -1
+        size = _input_layout(b, self.width)[1]
+        self.inputs[:size].copy_(self.host_inputs[:size], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         self.graphs[b].replay()
         return self.logits[b][:n]
