@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -34,6 +35,7 @@ class ForwardBatch:
     def num_prefill_seqs(self) -> int:
         return self.num_seqs - self.num_decodes
 
+    @cached_property
     def prefill_query_start_loc(self) -> torch.Tensor:
-        """cu_seqlens of the prefill sequences, relative to the first prefill token."""
+        """cu_seqlens of the prefill sequences, relative to the first prefill token (once a step, not per layer)."""
         return self.query_start_loc[self.num_decodes:] - self.num_decodes

@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.cache_manager import Copy
@@ -69,7 +70,8 @@ class ModelRunner:
         return self.device.type == "cuda" and not self.args.enforce_eager
 
     def prepare(self, sched: ScheduledBatch) -> ForwardBatch:
-        """The flat batch; its logits_indices are the sampling rows, then the prompt rows to score."""
+        """The flat batch; its logits_indices are the sampling rows, then the prompt rows to score. All its
+        tensors travel in one host-to-device copy."""
         input_ids, positions, slot_mapping, logits_indices, score_indices = [], [], [], [], []
         query_start_loc, seq_lens = [0], []
         bs = self.block_size
@@ -77,35 +79,41 @@ class ModelRunner:
             start = seq.num_computed_tokens
             input_ids += seq.token_ids[start: start + n]
             positions += range(start, start + n)
-            if bs:
-                slot_mapping += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if n == 1 and bs:
+                slot_mapping.append(seq.block_table[start // bs] * bs + start % bs)
+            elif bs:  # a prefill chunk: its KV slots computed with numpy
+                pos = np.arange(start, start + n)
+                slot_mapping += (np.asarray(seq.block_table)[pos // bs] * bs + pos % bs).tolist()
             score_indices += [query_start_loc[-1] + p - start for p in seq.prompt_positions_to_score(n)]
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(start + n)
             if sched.samples(i):
                 logits_indices.append(query_start_loc[-1] - 1)
         logits_indices += score_indices
-        if not bs:
-            slot_mapping = [PAD_SLOT] * len(input_ids)
+        T, B = len(input_ids), len(sched.seqs)
         width = max((len(s.block_table) for s in sched.seqs), default=0) or 1
-        block_tables = [s.block_table + [0] * (width - len(s.block_table)) for s in sched.seqs]
-
-        def tensor(data, dtype):
-            return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
-
+        tables = np.zeros((B, width), dtype=np.int64)
+        for row, s in zip(tables, sched.seqs):
+            row[: len(s.block_table)] = s.block_table
+        # One int64 buffer: [input_ids, positions, slot_mapping, logits_indices | the int32 fields].
+        host = np.concatenate([
+            np.array(input_ids + positions + (slot_mapping if bs else [PAD_SLOT] * T) + logits_indices
+                     + query_start_loc + seq_lens + [s.state_slot for s in sched.seqs]
+                     + [s.num_computed_tokens > 0 for s in sched.seqs], dtype=np.int64), tables.ravel()])
+        staged = torch.from_numpy(host)
+        if self.device.type == "cuda":
+            staged = staged.pin_memory()
+        flat = staged.to(self.device, non_blocking=True)
+        S = len(logits_indices)
+        longs = flat[: 3 * T + S]
+        ints = flat[3 * T + S:].to(torch.int32)
+        input_ids_t, positions_t, slot_mapping_t, logits_indices_t = longs.split([T, T, T, S])
+        qsl, seq_lens_t, slots_t, init_t, tables_t = ints.split([B + 1, B, B, B, B * width])
         return ForwardBatch(
-            input_ids=tensor(input_ids, torch.long),
-            positions=tensor(positions, torch.long),
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            state_slots=tensor([s.state_slot for s in sched.seqs], torch.int32),
-            has_initial_state=tensor([s.num_computed_tokens > 0 for s in sched.seqs], torch.bool),
-            block_tables=tensor(block_tables, torch.int32),
-            slot_mapping=tensor(slot_mapping, torch.long),
-            logits_indices=tensor(logits_indices, torch.long),
-            num_decodes=sched.num_decodes,
-            max_query_len=max(sched.num_new_tokens),
-            max_seq_len=max(seq_lens),
+            input_ids=input_ids_t, positions=positions_t, query_start_loc=qsl, seq_lens=seq_lens_t,
+            state_slots=slots_t, has_initial_state=init_t.bool(), block_tables=tables_t.view(B, width),
+            slot_mapping=slot_mapping_t, logits_indices=logits_indices_t, num_decodes=sched.num_decodes,
+            max_query_len=max(sched.num_new_tokens), max_seq_len=max(seq_lens),
         )
 
     @torch.inference_mode()

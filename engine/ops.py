@@ -91,7 +91,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return _impl(conv1d, "causal_conv1d_update", x)(x, weight, bias, conv_states, batch.state_slots[:nd])
 
     def prefill(x):
-        return _impl(conv1d, "causal_conv1d_varlen", x)(x, weight, bias, conv_states, batch.prefill_query_start_loc(),
+        return _impl(conv1d, "causal_conv1d_varlen", x)(x, weight, bias, conv_states, batch.prefill_query_start_loc,
                                                         batch.state_slots[nd:], batch.has_initial_state[nd:])
 
     return _split_by_phase(x, batch, decode, prefill)
@@ -109,7 +109,7 @@ def mamba2_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
 
     def prefill(x):
         return _impl(ssd_scan, "ssd_scan_varlen", x)(
-            x, dt[nd:], A, B[nd:], C[nd:], D, dt_bias, dt_limit, ssm_states, batch.prefill_query_start_loc(),
+            x, dt[nd:], A, B[nd:], C[nd:], D, dt_bias, dt_limit, ssm_states, batch.prefill_query_start_loc,
             batch.state_slots[nd:], batch.has_initial_state[nd:], chunk_size)
 
     return _split_by_phase(x, batch, decode, prefill)
@@ -127,7 +127,7 @@ def mamba1_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
 
     def prefill(x):
         return _impl(selective_scan, "selective_scan_varlen", x)(
-            x, dt[nd:], A, B[nd:], C[nd:], D, dt_bias, z[nd:], ssm_states, batch.prefill_query_start_loc(),
+            x, dt[nd:], A, B[nd:], C[nd:], D, dt_bias, z[nd:], ssm_states, batch.prefill_query_start_loc,
             batch.state_slots[nd:], batch.has_initial_state[nd:])
 
     return _split_by_phase(x, batch, decode, prefill)
