@@ -21,7 +21,7 @@ from engine.sampler import sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
-from engine.stop_checker import check_stop
+from engine.stop_checker import add_text, check_stop
 from engine.structured_output import GrammarCompiler
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -99,6 +99,8 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size, self.eos_token_ids, args.max_num_seqs) \
             if self.tokenizer is not None else None
         self.sequences: dict[str, list[Sequence]] = {}
+        # Sequences whose newest token is reported by the next step, while its forward pass runs (step()).
+        self._deferred: list[Sequence] = []
         self.dead_reason: str | None = None  # set by a fatal fault: see step()
 
     # ---- requests ----------------------------------------------------------------------------
@@ -187,6 +189,11 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """Schedules and runs one forward step.
 
+        The device runs the forward pass while the host reports what the previous step left: a sequence
+        that goes on without stop strings has its newest token detokenized and reported one step later
+        (its first token, its last one and every token of a sequence with stop strings are reported at
+        once). Outputs are the same, only that host work is off the device's critical path.
+
         A fault while sampling or emitting one sequence fails that request alone. A fault in scheduling,
         forking or the forward pass may have left shared state (caches, queues) inconsistent: the engine
         is then dead and every later call raises EngineDeadError with the reason.
@@ -195,11 +202,17 @@ class LLMEngine:
             raise EngineDeadError(self.dead_reason)
         try:
             sched = self.scheduler.schedule()
-            if not sched:
-                return []
-            self.runner.apply_copies(self.cache.take_copies())  # prefix-cache hits and checkpoints, in order
-            logits, prompt_scores = self.runner.execute(sched)
-            samplers, rows, scored_only, failed = self._advance(sched, prompt_scores)
+            if sched:
+                self.runner.apply_copies(self.cache.take_copies())  # prefix-cache hits and checkpoints, in order
+                logits, prompt_scores = self.runner.execute(sched)  # returns before the device is done
+        except Exception as e:
+            self._die("engine step failed; the engine cannot continue", e)
+        failed: dict[str, Exception] = {}
+        outputs = self._report_deferred(failed)
+        if not sched:
+            return self._mark_finished_requests(outputs + self._fail_requests(failed))
+        try:
+            samplers, rows, scored_only = self._advance(sched, prompt_scores, failed)
         except Exception as e:
             self._die("engine step failed; the engine cannot continue", e)
         if rows != list(range(logits.shape[0])):
@@ -207,7 +220,6 @@ class LLMEngine:
         tokens, logprobs = self._sample(logits, samplers, failed) if samplers else ([], [])
         # A scored-only sequence (max_tokens=0) finishes with its prompt, without a token.
         emitted = [(seq, None, None) for seq in scored_only] + list(zip(samplers, tokens, logprobs))
-        outputs = []
         for seq, token, token_logprobs in emitted:
             if seq.request_id in failed:
                 continue
@@ -225,30 +237,48 @@ class LLMEngine:
                         reason = "stop"  # the grammar is complete and allows nothing more (not even ignore_eos)
                     if reason is not None:
                         self._finish(seq, reason)
-                outputs.append(self._output(seq, flush=seq.is_finished))
+                if seq.is_finished or seq.num_emitted_tokens == 0 or seq.params.stop_strings:
+                    outputs.append(self._output(seq, flush=seq.is_finished))
+                else:
+                    self._deferred.append(seq)
             except Exception as e:  # noqa: BLE001 - this request's fault: fail it, serve the rest
                 logger.exception("request %s failed while emitting its output", seq.request_id)
                 failed[seq.request_id] = e
+        return self._mark_finished_requests(outputs + self._fail_requests(failed))
+
+    def _report_deferred(self, failed: dict[str, Exception]) -> list[StepOutput]:
+        """The outputs the previous step deferred (of sequences still running), their text detokenized now."""
+        deferred, self._deferred = self._deferred, []
+        outputs = []
+        for seq in deferred:
+            if seq.is_finished:  # aborted or failed since: that already reported it
+                continue
+            try:
+                outputs.append(self._output(seq, flush=False))
+            except Exception as e:  # noqa: BLE001 - this request's fault: fail it, serve the rest
+                logger.exception("request %s failed while emitting its output", seq.request_id)
+                failed[seq.request_id] = e
+        return outputs
+
+    def _fail_requests(self, failed: dict[str, Exception]) -> list[StepOutput]:
         try:
-            outputs += self._fail(failed)
+            return self._fail(failed)
         except Exception as e:
             self._die("failing a request left the scheduler inconsistent", e)
-        return self._mark_finished_requests(outputs)
 
     def _die(self, what: str, error: Exception) -> NoReturn:
         logger.exception(what)
         self.dead_reason = f"{type(error).__name__}: {error}"
         raise EngineDeadError(self.dead_reason) from error
 
-    def _advance(self, sched: ScheduledBatch, prompt_scores: dict[int, PromptScores]
-                 ) -> tuple[list[Sequence], list[int], list[Sequence], dict[str, Exception]]:
+    def _advance(self, sched: ScheduledBatch, prompt_scores: dict[int, PromptScores], failed: dict[str, Exception]
+                 ) -> tuple[list[Sequence], list[int], list[Sequence]]:
         """Counts the computed tokens, records prompt logprobs, forks prefilled n > 1 requests. Returns the
-        sequences to sample, the logits row of each (forked samples share their parent's), the sequences
-        that finish without sampling (max_tokens=0) and the requests that failed."""
+        sequences to sample, the logits row of each (forked samples share their parent's) and the sequences
+        that finish without sampling (max_tokens=0); requests that fail land in `failed`."""
         samplers: list[Sequence] = []
         rows: list[int] = []
         scored_only: list[Sequence] = []
-        failed: dict[str, Exception] = {}
         row = -1
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
             if i in prompt_scores:
@@ -271,7 +301,7 @@ class LLMEngine:
             else:
                 samplers += group
                 rows += [row] * len(group)
-        return samplers, rows, scored_only, failed
+        return samplers, rows, scored_only
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, Exception]
                 ) -> tuple[list[int], list[dict[int, float] | None]]:
@@ -335,6 +365,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if not isinstance(seq.stop_reason, str):  # a stop string already cut the text; keep it cut
+            add_text(seq)
             seq.unemitted_text += seq.detokenizer.flush()
         self.scheduler.finish(seq, reason)
 
@@ -358,6 +389,7 @@ class LLMEngine:
     def _output(self, seq: Sequence, flush: bool) -> StepOutput:
         """The part of seq's output not yet reported. Text that could still turn into a stop string is
         held back until it cannot (or the sequence ends)."""
+        add_text(seq)  # a deferred sequence's newest tokens (a stop string's cut text is complete: no-op)
         text = seq.unemitted_text
         if not flush and seq.params.stop_strings:
             text = text[: max(0, len(text) - max(map(len, seq.params.stop_strings)) + 1)]

@@ -45,6 +45,7 @@ class Sequence:
         self.num_samples = num_samples
         self.generator = generator
         self.unemitted_text = ""  # detokenized output not yet reported (only this: outputs can be long)
+        self.num_detokenized_tokens = 0  # output tokens whose text is in unemitted_text (stop_checker.add_text)
         self.num_emitted_tokens = 0
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         # One entry per prompt token scored so far (the first has no context: None), kept across preemption.
