@@ -4,8 +4,9 @@ A step of n decodes replays the smallest bucket b >= n. Its inputs live in stati
 are padding: state slot PAD_SLOT and KV slot -1 (the kernels skip them) and seq_len 0, so they never
 touch a real sequence's state or cache. Attention is sized for max_model_len, the longest any row gets.
 
-The per-row inputs of bucket b lie in one buffer, laid out for b (each field's b values, then the block
-tables [b, width]), so a step writes them into a pinned host mirror and moves them with one copy.
+A step moves its inputs in one host-to-device copy from a pinned mirror: bucket b's row fields (laid
+out for b, where its graph reads them), then the n rows' block tables packed to their widest row,
+which one device copy spreads into the graphs' [max_num_seqs, max_blocks] table.
 """
 
 from __future__ import annotations
@@ -34,18 +35,13 @@ ROW_FIELDS = {"input_ids": (torch.long, 0), "positions": (torch.long, 0), "slot_
               "seq_lens": (torch.int32, 0), "state_slots": (torch.int32, PAD_SLOT)}
 
 
-def _input_layout(b: int, width: int) -> tuple[dict[str, int], int]:
-    """Byte offset of each row field (16-byte aligned) and of block_tables in bucket b's buffer; its size."""
+def _field_offsets(b: int) -> tuple[dict[str, int], int]:
+    """Byte offset of each row field of bucket b (16-byte aligned), and where the packed block tables start."""
     offsets, at = {}, 0
     for name, (dtype, _) in ROW_FIELDS.items():
         offsets[name] = at
         at += -(-b * dtype.itemsize // 16) * 16
-    offsets["block_tables"] = at
-    return offsets, at + b * width * 4
-
-
-def _typed(buffer: torch.Tensor, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
-    return buffer[offset: offset + count * dtype.itemsize].view(dtype)
+    return offsets, at
 
 
 class DecodeGraphs:
@@ -55,32 +51,33 @@ class DecodeGraphs:
         self.block_size = block_size
         self.buckets = bucket_sizes(max_num_seqs)
         n, self.width = self.buckets[-1], max(-(-max_model_len // max(block_size, 1)), 1)
-        size = _input_layout(n, self.width)[1]
+        size = _field_offsets(n)[1] + n * self.width * 4
         self.inputs = torch.zeros(size, dtype=torch.uint8, device=device)
         self.host_inputs = torch.zeros(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.host_bytes = self.host_inputs.numpy()
         self.copied = torch.cuda.Event() if device.type == "cuda" else None  # the host mirror may be rewritten
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(n, self.width, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.has_initial_state = torch.ones(n, dtype=torch.bool, device=device)
         self.logits_indices = torch.arange(n, **i64)
-        self.host_views = {b: {name: t.numpy() for name, t in self._views(self.host_inputs, b).items()}
-                           for b in self.buckets}
+        self.host_fields = {b: {name: t.numpy() for name, t in self._fields(self.host_inputs, b).items()}
+                            for b in self.buckets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
-    def _views(self, buffer: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
-        """Bucket b's row fields and block tables inside `buffer` (the device inputs or their host mirror)."""
-        offsets, _ = _input_layout(b, self.width)
-        views = {name: _typed(buffer, offsets[name], b, dtype) for name, (dtype, _) in ROW_FIELDS.items()}
-        views["block_tables"] = _typed(buffer, offsets["block_tables"], b * self.width, torch.int32).view(b, self.width)
-        return views
+    def _fields(self, buffer: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+        """Bucket b's row fields inside `buffer` (the device inputs or their host mirror)."""
+        offsets, _ = _field_offsets(b)
+        return {name: buffer[offsets[name]: offsets[name] + b * dtype.itemsize].view(dtype)
+                for name, (dtype, _) in ROW_FIELDS.items()}
 
     def batch(self, b: int) -> ForwardBatch:
-        v = self._views(self.inputs, b)
+        v = self._fields(self.inputs, b)
         return ForwardBatch(
             input_ids=v["input_ids"], positions=v["positions"], query_start_loc=self.query_start_loc[: b + 1],
             seq_lens=v["seq_lens"], state_slots=v["state_slots"], has_initial_state=self.has_initial_state[:b],
-            block_tables=v["block_tables"], slot_mapping=v["slot_mapping"],
+            block_tables=self.block_tables[:b], slot_mapping=v["slot_mapping"],
             logits_indices=self.logits_indices[:b], num_decodes=b, max_query_len=1, max_seq_len=self.max_model_len)
 
     @torch.inference_mode()
@@ -109,11 +106,11 @@ class DecodeGraphs:
         return num_seqs <= self.buckets[-1]
 
     def _write_padding(self, b: int, n: int) -> dict[str, np.ndarray]:
-        """Bucket b's host views (numpy), rows n..b-1 set to padding."""
-        views = self.host_views[b]
+        """Bucket b's row fields in the host mirror, rows n..b-1 set to padding."""
+        fields = self.host_fields[b]
         for name, (_, pad) in ROW_FIELDS.items():
-            views[name][n:] = pad
-        return views
+            fields[name][n:] = pad
+        return fields
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], state_slots: list[int], block_tables: list[list[int]]
@@ -129,20 +126,23 @@ class DecodeGraphs:
         pos[:] = positions
         v["seq_lens"][:n] = pos + 1
         v["state_slots"][:n] = state_slots
-        bs = self.block_size
+        size = tables_at = _field_offsets(b)[1]
+        bs, width = self.block_size, 0
         if bs:
             lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)
             width = int(lens.max())
-            tables = v["block_tables"][:n, :width]
+            size += n * width * 4
+            tables = self.host_bytes[tables_at: size].view(np.int32).reshape(n, width)
             tables[...] = 0
             tables[np.arange(width)[None, :] < lens[:, None]] = np.fromiter(
                 itertools.chain.from_iterable(block_tables), dtype=np.int32, count=int(lens.sum()))
             v["slot_mapping"][:n] = tables[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
         else:
             v["slot_mapping"][:n] = -1
-        size = _input_layout(b, self.width)[1]
         self.inputs[:size].copy_(self.host_inputs[:size], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
+        if width:
+            self.block_tables[:n, :width].copy_(self.inputs[tables_at: size].view(torch.int32).view(n, width))
         self.graphs[b].replay()
         return self.logits[b][:n]
