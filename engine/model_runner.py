@@ -35,6 +35,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _pack(segments: list, align: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The segments end to end in one int64 array, each starting at a multiple of `align` elements (so views of
+    the device copy are 16-byte aligned, as Triton specializes on), and each one's (start, end)."""
+    bounds, at = [], 0
+    for seg in segments:
+        bounds.append((at, at + len(seg)))
+        at += -(-len(seg) // align) * align
+    out = np.zeros(at, dtype=np.int64)
+    for (a, b), seg in zip(bounds, segments):
+        out[a:b] = seg
+    return out, bounds
+
+
 class ModelRunner:
     def __init__(self, args: EngineArgs, model_dir: Path, arch: str, cfg: ModelConfig, max_model_len: int,
                  max_num_batched_tokens: int):
@@ -95,20 +108,19 @@ class ModelRunner:
         tables = np.zeros((B, width), dtype=np.int64)
         for row, s in zip(tables, sched.seqs):
             row[: len(s.block_table)] = s.block_table
-        # One int64 buffer: [input_ids, positions, slot_mapping, logits_indices | the int32 fields].
-        host = np.concatenate([
-            np.array(input_ids + positions + (slot_mapping if bs else [PAD_SLOT] * T) + logits_indices
-                     + query_start_loc + seq_lens + [s.state_slot for s in sched.seqs]
-                     + [s.num_computed_tokens > 0 for s in sched.seqs], dtype=np.int64), tables.ravel()])
-        staged = torch.from_numpy(host)
+        # One int64 buffer: the int64 fields, then the int32 ones (cast on the device), each 16-byte aligned.
+        longs = [input_ids, positions, slot_mapping if bs else [PAD_SLOT] * T, logits_indices]
+        ints = [query_start_loc, seq_lens, [s.state_slot for s in sched.seqs],
+                [s.num_computed_tokens > 0 for s in sched.seqs], tables.ravel()]
+        host, long_bounds = _pack(longs, 2)
+        host_ints, int_bounds = _pack(ints, 4)
+        staged = torch.from_numpy(np.concatenate([host, host_ints]))
         if self.device.type == "cuda":
             staged = staged.pin_memory()
         flat = staged.to(self.device, non_blocking=True)
-        S = len(logits_indices)
-        longs = flat[: 3 * T + S]
-        ints = flat[3 * T + S:].to(torch.int32)
-        input_ids_t, positions_t, slot_mapping_t, logits_indices_t = longs.split([T, T, T, S])
-        qsl, seq_lens_t, slots_t, init_t, tables_t = ints.split([B + 1, B, B, B, B * width])
+        flat_ints = flat[len(host):].to(torch.int32)
+        input_ids_t, positions_t, slot_mapping_t, logits_indices_t = (flat[a:b] for a, b in long_bounds)
+        qsl, seq_lens_t, slots_t, init_t, tables_t = (flat_ints[a:b] for a, b in int_bounds)
         return ForwardBatch(
             input_ids=input_ids_t, positions=positions_t, query_start_loc=qsl, seq_lens=seq_lens_t,
             state_slots=slots_t, has_initial_state=init_t.bool(), block_tables=tables_t.view(B, width),
