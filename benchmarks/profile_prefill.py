@@ -1,6 +1,7 @@
 """Where an eager prefill step's time goes: the host's time to enqueue the forward pass (Python, Triton
-and torch launches) against the device's time to run it, and the rest of the step (inputs, sampling,
-caches). A forward whose enqueue time is close to its device time is bound by the host, not the kernels.
+and torch launches), the device's elapsed time over the same call, the kernels' busy time inside it (the
+profiler's sum), and the rest of the step (inputs, sampling, caches). When the device's elapsed time
+follows the host's enqueue time and exceeds the kernels' busy time, the forward is bound by the host.
 
     python -m benchmarks.profile_prefill --model falcon-h1-7b --prefill-lens 128 512 4096
 """
@@ -58,8 +59,8 @@ def main() -> None:
     model.forward = timed_forward
     lines = [f"{args.model}, {torch.cuda.get_device_name()}, eager prefill of one prompt (prefix cache off), "
              f"median of {args.repeats}", "",
-             "| tokens | engine step(s) | forward: host enqueue | forward: device | rest of the step (host) "
-             "| kernel launches | host per launch |", "|---|---|---|---|---|---|---|"]
+             "| tokens | engine step(s) | forward: host enqueue | forward: device elapsed | kernels busy "
+             "| rest of the step (host) | kernel launches | host per launch |", "|---|---|---|---|---|---|---|---|"]
     for n in args.prefill_lens:
         ids = torch.randint(5, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         prefill_once(engine, ids, f"warm{n}")  # Triton specializations for this length compile here
@@ -78,9 +79,10 @@ def main() -> None:
             torch.cuda.synchronize()
         events = prof.key_averages()
         launches = sum(e.count for e in events if e.key in _LAUNCHES)
+        busy = sum(e.self_device_time_total for e in events) / 1e3  # us -> ms, the whole step's kernels
         step, host, device = (sorted(x)[len(x) // 2] * 1e3 for x in (steps, hosts, devices))
-        lines.append(f"| {n:,} | {step:.2f} ms | {host:.2f} ms | {device:.2f} ms | {step - max(host, device):.2f} ms "
-                     f"| {launches:,} | {host * 1e3 / max(launches, 1):.1f} us |")
+        lines.append(f"| {n:,} | {step:.2f} ms | {host:.2f} ms | {device:.2f} ms | {busy:.2f} ms "
+                     f"| {step - max(host, device):.2f} ms | {launches:,} | {host * 1e3 / max(launches, 1):.1f} us |")
         print(lines[-1], flush=True)
         lines += ["", f"Host side of a {n:,}-token prefill step, by self CPU time:", "```",
                   events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), "```", ""]
