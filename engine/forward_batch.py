@@ -35,6 +35,19 @@ class ForwardBatch:
     def num_prefill_seqs(self) -> int:
         return self.num_seqs - self.num_decodes
 
+    # The decode and prefill parts of the per-sequence tensors, made once a step, not in every layer.
+    @cached_property
+    def decode_state_slots(self) -> torch.Tensor:
+        return self.state_slots[: self.num_decodes]
+
+    @cached_property
+    def prefill_state_slots(self) -> torch.Tensor:
+        return self.state_slots[self.num_decodes:]
+
+    @cached_property
+    def prefill_has_initial_state(self) -> torch.Tensor:
+        return self.has_initial_state[self.num_decodes:]
+
     @cached_property
     def prefill_query_start_loc(self) -> torch.Tensor:
         """cu_seqlens of the prefill sequences, relative to the first prefill token (once a step, not per layer)."""

@@ -85,14 +85,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_states: torch.Tensor,
                   batch: ForwardBatch) -> torch.Tensor:
     """SiLU(causal depthwise conv) of x [T, C] continuing each sequence's conv state."""
-    nd = batch.num_decodes
 
     def decode(x):
-        return _impl(conv1d, "causal_conv1d_update", x)(x, weight, bias, conv_states, batch.state_slots[:nd])
+        return _impl(conv1d, "causal_conv1d_update", x)(x, weight, bias, conv_states, batch.decode_state_slots)
 
     def prefill(x):
         return _impl(conv1d, "causal_conv1d_varlen", x)(x, weight, bias, conv_states, batch.prefill_query_start_loc,
-                                                        batch.state_slots[nd:], batch.has_initial_state[nd:])
+                                                        batch.prefill_state_slots, batch.prefill_has_initial_state)
 
     return _split_by_phase(x, batch, decode, prefill)
 
@@ -105,12 +104,12 @@ def mamba2_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
 
     def decode(x):
         return _impl(ssm_state_update, "ssm_state_update", x)(
-            x, dt[:nd], A, B[:nd], C[:nd], D, dt_bias, dt_limit, ssm_states, batch.state_slots[:nd])
+            x, dt[:nd], A, B[:nd], C[:nd], D, dt_bias, dt_limit, ssm_states, batch.decode_state_slots)
 
     def prefill(x):
         return _impl(ssd_scan, "ssd_scan_varlen", x)(
             x, dt[nd:], A, B[nd:], C[nd:], D, dt_bias, dt_limit, ssm_states, batch.prefill_query_start_loc,
-            batch.state_slots[nd:], batch.has_initial_state[nd:], chunk_size)
+            batch.prefill_state_slots, batch.prefill_has_initial_state, chunk_size)
 
     return _split_by_phase(x, batch, decode, prefill)
 
@@ -123,11 +122,11 @@ def mamba1_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
 
     def decode(x):
         return _impl(selective_scan, "selective_scan_update", x)(
-            x, dt[:nd], A, B[:nd], C[:nd], D, dt_bias, z[:nd], ssm_states, batch.state_slots[:nd])
+            x, dt[:nd], A, B[:nd], C[:nd], D, dt_bias, z[:nd], ssm_states, batch.decode_state_slots)
 
     def prefill(x):
         return _impl(selective_scan, "selective_scan_varlen", x)(
             x, dt[nd:], A, B[nd:], C[nd:], D, dt_bias, z[nd:], ssm_states, batch.prefill_query_start_loc,
-            batch.state_slots[nd:], batch.has_initial_state[nd:])
+            batch.prefill_state_slots, batch.prefill_has_initial_state)
 
     return _split_by_phase(x, batch, decode, prefill)
