@@ -63,6 +63,7 @@ class DecodeGraphs:
         self.logits_indices = torch.arange(n, **i64)
         self.host_fields = {b: {name: t.numpy() for name, t in self._fields(self.host_inputs, b).items()}
                             for b in self.buckets}
+        self.tables_at = {b: _field_offsets(b)[1] for b in self.buckets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
@@ -126,7 +127,7 @@ class DecodeGraphs:
         pos[:] = positions
         v["seq_lens"][:n] = pos + 1
         v["state_slots"][:n] = state_slots
-        size = tables_at = _field_offsets(b)[1]
+        size = tables_at = self.tables_at[b]
         bs, width = self.block_size, 0
         if bs:
             lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)

@@ -35,17 +35,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _pack(segments: list, align: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """The segments end to end in one int64 array, each starting at a multiple of `align` elements (so views of
-    the device copy are 16-byte aligned, as Triton specializes on), and each one's (start, end)."""
-    bounds, at = [], 0
+def _pack(segments: list[list[int]], align: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The segments end to end, each starting at a multiple of `align` elements (so views of the device copy
+    are 16-byte aligned, as Triton specializes on), and each one's (start, end)."""
+    flat: list[int] = []
+    bounds = []
     for seg in segments:
-        bounds.append((at, at + len(seg)))
-        at += -(-len(seg) // align) * align
-    out = np.zeros(at, dtype=np.int64)
-    for (a, b), seg in zip(bounds, segments):
-        out[a:b] = seg
-    return out, bounds
+        bounds.append((len(flat), len(flat) + len(seg)))
+        flat += seg
+        flat += [0] * (-len(seg) % align)
+    return flat, bounds
 
 
 class ModelRunner:
@@ -108,19 +107,19 @@ class ModelRunner:
         tables = np.zeros((B, width), dtype=np.int64)
         for row, s in zip(tables, sched.seqs):
             row[: len(s.block_table)] = s.block_table
-        # One int64 buffer: the int64 fields, then the int32 ones (cast on the device), each 16-byte aligned.
-        longs = [input_ids, positions, slot_mapping if bs else [PAD_SLOT] * T, logits_indices]
-        ints = [query_start_loc, seq_lens, [s.state_slot for s in sched.seqs],
-                [s.num_computed_tokens > 0 for s in sched.seqs], tables.ravel()]
-        host, long_bounds = _pack(longs, 2)
-        host_ints, int_bounds = _pack(ints, 4)
-        staged = torch.from_numpy(np.concatenate([host, host_ints]))
+        # One int64 buffer: the int64 fields, then the int32 ones (cast on the device), each 16-byte aligned;
+        # the block tables last.
+        longs, long_bounds = _pack([input_ids, positions, slot_mapping if bs else [PAD_SLOT] * T, logits_indices], 2)
+        ints, int_bounds = _pack([query_start_loc, seq_lens, [s.state_slot for s in sched.seqs],
+                                  [s.num_computed_tokens > 0 for s in sched.seqs]], 4)
+        staged = torch.from_numpy(np.concatenate([np.array(longs + ints, dtype=np.int64), tables.ravel()]))
         if self.device.type == "cuda":
             staged = staged.pin_memory()
         flat = staged.to(self.device, non_blocking=True)
-        flat_ints = flat[len(host):].to(torch.int32)
+        flat_ints = flat[len(longs):].to(torch.int32)
         input_ids_t, positions_t, slot_mapping_t, logits_indices_t = (flat[a:b] for a, b in long_bounds)
-        qsl, seq_lens_t, slots_t, init_t, tables_t = (flat_ints[a:b] for a, b in int_bounds)
+        qsl, seq_lens_t, slots_t, init_t = (flat_ints[a:b] for a, b in int_bounds)
+        tables_t = flat_ints[len(ints):]
         return ForwardBatch(
             input_ids=input_ids_t, positions=positions_t, query_start_loc=qsl, seq_lens=seq_lens_t,
             state_slots=slots_t, has_initial_state=init_t.bool(), block_tables=tables_t.view(B, width),
