@@ -13,8 +13,9 @@ mamba_ssm is imported from its Python sources (its Triton kernels only; no CUDA 
 
     python -m benchmarks.kernels_ssd_vs_mamba --mamba-src PATH/TO/mamba [--models h1-7b] [--sweep] [--out OUT]
 
---sweep also times alternative SsdLaunch settings (kernels/ssd_scan.py) to pick the defaults; --profile prints
-each implementation's kernel times (torch.profiler, eager calls) to stderr. --warm only
+--sweep also times alternative SsdLaunch settings (kernels/ssd_scan.py; the chunk scan autotunes instead) to
+pick the defaults; --profile prints each implementation's kernel times (torch.profiler, eager calls) and
+autotuned settings to stderr. --warm only
 compiles and autotunes (several processes can fill the Triton cache in parallel before a timed run).
 """
 
@@ -43,7 +44,7 @@ MODELS = {"h1-0.5b": (24, 64, 1, 128, 128), "h1-7b": (24, 128, 1, 256, 256), "h1
 CASES = {"h1-0.5b": ([4096], [256] * 16), "h1-7b": ([4096], [256] * 16, [32768]), "h1-34b": ([4096], [256] * 16)}
 NO_LIMIT = (0.0, math.inf)
 SWEEP = [dict(state_k=64), dict(state_k=256), dict(state_stages=3), dict(state_min_programs=0),
-         dict(state_min_programs=1), dict(state_p=32), dict(state_p=128), dict(scan_stages=3), dict(state_warps=8)]
+         dict(state_min_programs=1), dict(state_p=32), dict(state_p=128), dict(state_warps=8)]
 
 
 @dataclasses.dataclass
@@ -178,6 +179,9 @@ def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs],
             if name == "mamba_ssm":
                 for line in mamba_configs():
                     print(f"  autotuned {model} {size}: {line}", file=sys.stderr, flush=True)
+            else:
+                print(f"  autotuned {model} {size} {name}: _ssd_chunk_scan_kernel: "
+                      f"{ssd_scan._ssd_chunk_scan_tuned.best_config}", file=sys.stderr, flush=True)
         vs_ref = f"{rel(y, ref_y):.1e} / {rel(s, ref_s):.1e}" if ref_y is not None else "-"
         first = next(iter(outs))
         vs_first = f"{rel(y, outs[first][0]):.1e} / {rel(s, outs[first][1]):.1e}" if name != first else "-"

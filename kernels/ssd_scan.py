@@ -264,26 +264,68 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & p_ok[None, :])
 
 
+# The chunk scan's tiles (BLOCK_M rows x BLOCK_P of the head dim, BLOCK_K chunk tokens and BLOCK_N state columns
+# a step), warps and stages are chosen per shape by measurement: the best tiling moves with P, N and the chunk
+# (0.5B: P 64, N 128, chunk 128; 7B: 128, 256, 256; 34B: 128, 256, 128) and no one setting won at all three
+# (benchmarks/RESULTS.md). The first candidate is the former single setting; the others cover the directions
+# H200 sweeps left open one at a time (more stages for batches of short sequences, larger row and token tiles,
+# narrower P tiles for more programs, whole-state N steps, fewer or more warps).
+SCAN_CONFIGS = [
+    triton.Config(dict(BLOCK_M=m, BLOCK_P=p, BLOCK_K=k, BLOCK_N=n), num_warps=w, num_stages=st)
+    for m, p, k, n, w, st in [
+        (64, 128, 32, 64, 4, 2),
+        (64, 128, 32, 64, 4, 3),
+        (64, 128, 64, 64, 4, 3),
+        (64, 128, 32, 128, 4, 2),
+        (64, 128, 32, 64, 8, 3),
+        (64, 64, 32, 64, 4, 3),
+        (64, 64, 32, 32, 2, 4),
+        (32, 128, 32, 64, 4, 3),
+        (128, 128, 32, 64, 8, 2),
+        (128, 128, 64, 64, 8, 3),
+        (128, 64, 32, 64, 4, 3),
+    ]
+]
+
+
+def scan_configs_for(P: int, N: int, chunk: int, configs: list[triton.Config] = SCAN_CONFIGS) -> list[triton.Config]:
+    """The candidates with tiles clipped to the shape (no tile wider than its padded dimension), duplicates
+    dropped, in order."""
+    fitted = {}
+    for c in configs:
+        tiles = dict(BLOCK_M=_dot_block(chunk, c.kwargs["BLOCK_M"]), BLOCK_P=_dot_block(P, c.kwargs["BLOCK_P"]),
+                     BLOCK_K=_dot_block(chunk, c.kwargs["BLOCK_K"]), BLOCK_N=_dot_block(N, c.kwargs["BLOCK_N"]))
+        fitted.setdefault((*tiles.values(), c.num_warps, c.num_stages),
+                          triton.Config(tiles, num_warps=c.num_warps, num_stages=c.num_stages))
+    return list(fitted.values())
+
+
+# Tuned once per (P, N, chunk) and dtypes, the first time a shape runs: the engine's start-up profile forward
+# (engine/memory_plan.py) does it before serving. The token count is no part of the key (no re-tuning per
+# batch). The kernel only writes y, from inputs it does not change, so timing candidates on the real buffers
+# is safe: nothing to reset or restore.
+_ssd_chunk_scan_tuned = triton.autotune(
+    configs=SCAN_CONFIGS, key=["P", "N", "CHUNK"],
+    prune_configs_by=dict(early_config_prune=lambda configs, nargs, **kw: scan_configs_for(
+        nargs["P"], nargs["N"], kw["CHUNK"], configs)),
+)(_ssd_chunk_scan_kernel)
+
+
 @dataclass(frozen=True)
 class SsdLaunch:
-    """Tile sides (upper bounds, clipped to the shapes), warps and pipeline stages of the three matmul kernels.
-    The CB tiles are scan_m square: the scan reads CB at its own row blocking. The state walk is sequential
-    over a sequence's chunks, so a long sequence gives it few programs: its N tile halves (down to 32) until
-    there are state_min_programs per SM. It takes 128 tokens a step: each step waits for the previous one's
-    dot, so 64-token steps were slower for long sequences, and 256-token ones (128 KB of shared memory a
-    program) for batches of short ones (H200 sweeps in benchmarks/RESULTS.md)."""
-    scan_m: int = 64
-    scan_p: int = 128
-    scan_k: int = 32
-    scan_n: int = 64
-    scan_warps: int = 4
-    scan_stages: int = 2
+    """Tile sides (upper bounds, clipped to the shapes), warps and pipeline stages of the CB and state-walk
+    kernels (the chunk scan's are SCAN_CONFIGS, tuned per shape). The state walk is sequential over a
+    sequence's chunks, so a long sequence gives it few programs: its N tile halves (down to 32) until there
+    are state_min_programs per SM. It takes 128 tokens a step: each step waits for the previous one's dot, so
+    64-token steps were slower for long sequences, and 256-token ones (128 KB of shared memory a program) for
+    batches of short ones (H200 sweeps in benchmarks/RESULTS.md)."""
     state_p: int = 64
     state_n: int = 64
     state_k: int = 128
     state_warps: int = 4
     state_stages: int = 2
     state_min_programs: int = 2
+    cb_m: int = 64  # square CB tiles; the scan reads only entries on or below the diagonal, at any tiling
     cb_n: int = 64
     cb_warps: int = 4
     cb_stages: int = 3
@@ -295,7 +337,7 @@ def _launch(dtype: torch.dtype) -> SsdLaunch:
     fp32 inputs (dots as tf32x3) keep the settings their GPU tests ran with: 8 warps, 64-token state steps,
     three stages (untimed; fp32 tiles take twice the shared memory)."""
     if dtype == torch.float32:
-        return SsdLaunch(scan_warps=8, state_warps=8, cb_warps=8, state_k=64, scan_stages=3, state_stages=3)
+        return SsdLaunch(state_warps=8, cb_warps=8, state_k=64, state_stages=3)
     return SsdLaunch()
 
 
@@ -307,9 +349,12 @@ def _dot_block(n: int, cap: int) -> int:
 def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     D: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float],
                     ssm_states: torch.Tensor, query_start_loc: torch.Tensor, state_slots: torch.Tensor,
-                    has_initial_state: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
-    """Triton version of ssd_scan_varlen_ref (same arguments and result; no host sync, CUDA-graph capturable).
-    Scratch: S_in [chunks, H, P, N] in x's dtype, CB [chunks, G, chunk, chunk] fp32; chunks <= T/chunk + seqs."""
+                    has_initial_state: torch.Tensor, chunk_size: int = 256,
+                    scan_config: triton.Config | None = None) -> torch.Tensor:
+    """Triton version of ssd_scan_varlen_ref (same arguments and result; no host sync, CUDA-graph capturable
+    once its shape is tuned). Scratch: S_in [chunks, H, P, N] in x's dtype, CB [chunks, G, chunk, chunk] fp32;
+    chunks <= T/chunk + seqs. scan_config: the chunk scan's launch (one of scan_configs_for's); None: autotuned
+    on a GPU, the first candidate when interpreted (timing there means nothing)."""
     T, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
     num_seqs = state_slots.shape[0]
@@ -333,11 +378,11 @@ def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
         CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, CLAMP_DT=tuple(dt_limit) != (0.0, math.inf),
         BLOCK_L=triton.next_power_of_2(CHUNK), BLOCK_H=BLOCK_H, num_warps=4)
 
-    scan_m = block(CHUNK, cfg.scan_m)
+    cb_m = block(CHUNK, cfg.cb_m)
     cb = torch.empty(max_chunks, G, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    _ssd_cb_kernel[(triton.cdiv(CHUNK, scan_m) ** 2, G, max_chunks)](
+    _ssd_cb_kernel[(triton.cdiv(CHUNK, cb_m) ** 2, G, max_chunks)](
         B, C, cb, *seqs, num_seqs, N, *B.stride(), *C.stride(), *cb.stride()[:3], CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK,
-        BLOCK_M=scan_m, BLOCK_K=scan_m, BLOCK_N=block(N, cfg.cb_n), DOT_PRECISION=dot_precision,
+        BLOCK_M=cb_m, BLOCK_K=cb_m, BLOCK_N=block(N, cfg.cb_n), DOT_PRECISION=dot_precision,
         num_warps=cfg.cb_warps, num_stages=cfg.cb_stages)
 
     states_in = torch.empty(max_chunks, H, P, N, dtype=x.dtype, device=dev)
@@ -351,11 +396,15 @@ def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
         CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, BLOCK_P=state_p, BLOCK_N=state_n, BLOCK_K=block(CHUNK, cfg.state_k),
         DOT_PRECISION=dot_precision, num_warps=cfg.state_warps, num_stages=cfg.state_stages)
 
-    scan_p = block(P, cfg.scan_p)
-    _ssd_chunk_scan_kernel[(triton.cdiv(CHUNK, scan_m) * triton.cdiv(P, scan_p), H, max_chunks)](
-        x, C, D, cb, dt_proc, dA, states_in, y, *seqs, num_seqs, T, P, N, H // G, *x.stride(), *C.stride(),
-        *cb.stride()[:3], *states_in.stride()[:3], *y.stride(),
-        CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, BLOCK_M=scan_m, BLOCK_P=scan_p, BLOCK_K=block(CHUNK, cfg.scan_k),
-        BLOCK_N=block(N, cfg.scan_n), DOT_PRECISION=dot_precision, num_warps=cfg.scan_warps,
-        num_stages=cfg.scan_stages)
+    def scan_grid(meta):  # a chunk's row tiles adjacent, so they share S_in and CB through L2
+        return triton.cdiv(CHUNK, meta["BLOCK_M"]) * triton.cdiv(P, meta["BLOCK_P"]), H, max_chunks
+
+    scan_args = (x, C, D, cb, dt_proc, dA, states_in, y, *seqs, num_seqs, T, P, N, H // G, *x.stride(), *C.stride(),
+                 *cb.stride()[:3], *states_in.stride()[:3], *y.stride())
+    scan_meta = dict(CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, DOT_PRECISION=dot_precision)
+    if scan_config is None and dev.type == "cuda":
+        _ssd_chunk_scan_tuned[scan_grid](*scan_args, **scan_meta)
+    else:
+        scan_config = scan_config or scan_configs_for(P, N, CHUNK)[0]
+        _ssd_chunk_scan_kernel[scan_grid](*scan_args, **scan_meta, **scan_config.all_kwargs())
     return y
