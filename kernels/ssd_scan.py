@@ -265,11 +265,11 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
 
 
 # The chunk scan's tiles (BLOCK_M rows x BLOCK_P of the head dim, BLOCK_K chunk tokens and BLOCK_N state columns
-# a step), warps and stages are chosen per shape by measurement: the best tiling moves with P, N and the chunk
-# (0.5B: P 64, N 128, chunk 128; 7B: 128, 256, 256; 34B: 128, 256, 128) and no one setting won at all three
-# (benchmarks/RESULTS.md). The first candidate is the former single setting; the others cover the directions
-# H200 sweeps left open one at a time (more stages for batches of short sequences, larger row and token tiles,
-# narrower P tiles for more programs, whole-state N steps, fewer or more warps).
+# a step), warps and stages are chosen per shape by measurement, as mamba_ssm does for its scan: with one fixed
+# setting ours was its largest gap at every Falcon-H1 shape (H200 profile in benchmarks/RESULTS.md; the shapes
+# differ: 0.5B P 64, N 128, chunk 128; 7B 128, 256, 256; 34B 128, 256, 128). The first candidate is that
+# former (bf16) setting; the others combine what one-at-a-time sweeps could not (more stages, larger row and
+# token tiles, narrower P tiles for more programs, whole-state N steps, fewer or more warps).
 SCAN_CONFIGS = [
     triton.Config(dict(BLOCK_M=m, BLOCK_P=p, BLOCK_K=k, BLOCK_N=n), num_warps=w, num_stages=st)
     for m, p, k, n, w, st in [
