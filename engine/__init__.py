@@ -10,6 +10,7 @@ _EXPORTS = {
     "LLM": "engine.llm", "EngineArgs": "engine.config", "SamplingParams": "engine.sampling_params",
     "StructuredOutputsParams": "engine.structured_output.params", "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs", "StepOutput": "engine.outputs", "Logprob": "engine.outputs",
+    "LoRARequest": "engine.lora.request",
 }
 __all__ = list(_EXPORTS)
 

@@ -167,7 +167,7 @@ class CacheManager:
         if self.index is None or seq.needs_prompt_logprobs:
             return PrefixHit()  # prompt logprobs need every prompt position computed
         tokens, limit = seq.token_ids, seq.num_tokens - 1
-        path = self.index.match(tokens)
+        path = self.index.match(tokens, self.index.root_for(seq.lora_id))
         eligible = [n for n in path if n.depth <= limit]
         best = next((n for n in reversed(eligible) if n.checkpoint is not None), None)
         tail = self.index.tail(eligible[-1], tokens, limit)
@@ -302,7 +302,7 @@ class CacheManager:
         as block-less path nodes."""
         node = seq.prefix_node
         if node is None or not node.attached or node.depth > num_blocks * self.index.block_size:
-            node = self.index.root
+            node = self.index.root_for(seq.lora_id)
         ibs = self.index.block_size
         for i in range(node.depth // ibs, num_blocks):
             tokens = tuple(seq.token_ids[i * ibs:(i + 1) * ibs])

@@ -369,6 +369,11 @@ class EngineArgs:
     quantization: str | None = None  # None: as the checkpoint is | gptq (checks the checkpoint is) | fp8
     enable_prefix_caching: bool = True  # reuse cached KV blocks and SSM-state checkpoints of earlier prompts
     prefix_cache_checkpoints: int | None = None  # state checkpoint rows; default: planned (a memory share)
+    enable_lora: bool = False  # serve LoRA adapters (engine.lora); sizes the device stacks below
+    max_loras: int = 1  # adapters resident on the device at once (rows of the stacks)
+    max_lora_rank: int = 16  # the stacks' rank: a larger adapter is refused
+    max_cpu_loras: int | None = None  # adapters kept in host memory; default: max_loras
+    lora_modules: list[tuple[str, str]] | None = None  # (name, path) adapters loaded at start-up
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -393,3 +398,8 @@ class EngineArgs:
         check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
         check(self.prefix_cache_checkpoints is None or self.prefix_cache_checkpoints >= 0,
               "prefix_cache_checkpoints must be >= 0")
+        check(self.max_loras >= 1, "max_loras must be >= 1")
+        check(self.max_lora_rank >= 1, "max_lora_rank must be >= 1")
+        check(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
+              "max_cpu_loras must be >= max_loras")
+        check(self.enable_lora or not self.lora_modules, "lora_modules need enable_lora")

@@ -7,6 +7,9 @@ touch a real sequence's state or cache. Attention is sized for max_model_len, th
 A step moves its inputs in one host-to-device copy from a pinned mirror: bucket b's row fields (laid
 out for b, where its graph reads them), then the n rows' block tables packed to their widest row,
 which one device copy spreads into the graphs' [max_num_seqs, max_blocks] table.
+
+With LoRA the graphs always run the adapter kernels over the fixed-size stacks, reading each row's
+adapter slot from the static inputs (PAD_SLOT: none), so they hold for any set of loaded adapters.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from engine.cache_pools import LayerCache
 from engine.forward_batch import ForwardBatch
+from engine.lora.layers import LoRAContext
 from kernels import PAD_SLOT
 
 logger = logging.getLogger(__name__)
@@ -32,7 +36,8 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 # The per-row inputs a step writes, with the value of a padding row (whose state and KV writes are skipped).
 ROW_FIELDS = {"input_ids": (torch.long, 0), "positions": (torch.long, 0), "slot_mapping": (torch.long, -1),
-              "seq_lens": (torch.int32, 0), "state_slots": (torch.int32, PAD_SLOT)}
+              "seq_lens": (torch.int32, 0), "state_slots": (torch.int32, PAD_SLOT),
+              "lora_slots": (torch.int32, PAD_SLOT)}  # each row's LoRA adapter slot (engine.lora)
 
 
 def _field_offsets(b: int) -> tuple[dict[str, int], int]:
@@ -46,8 +51,9 @@ def _field_offsets(b: int) -> tuple[dict[str, int], int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, caches: list[LayerCache], max_num_seqs: int, max_model_len: int,
-                 block_size: int, device: torch.device):
+                 block_size: int, device: torch.device, lora_context: LoRAContext | None = None):
         self.model, self.caches, self.max_model_len = model, caches, max_model_len
+        self.lora_context = lora_context
         self.block_size = block_size
         self.buckets = bucket_sizes(max_num_seqs)
         n, self.width = self.buckets[-1], max(-(-max_model_len // max(block_size, 1)), 1)
@@ -89,6 +95,8 @@ class DecodeGraphs:
             self._write_padding(b, 0)  # all rows are padding: warm-up and capture write nothing
             self.inputs.copy_(self.host_inputs)
             batch = self.batch(b)
+            if self.lora_context is not None:
+                self.lora_context.row_slots = self._fields(self.inputs, b)["lora_slots"]
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -114,8 +122,8 @@ class DecodeGraphs:
         return fields
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], state_slots: list[int], block_tables: list[list[int]]
-            ) -> torch.Tensor:
+    def run(self, input_ids: list[int], positions: list[int], state_slots: list[int], block_tables: list[list[int]],
+            lora_slots: list[int]) -> torch.Tensor:
         """Replays the graph for these decode rows; returns their logits [n, V]."""
         n = len(input_ids)
         b = next(size for size in self.buckets if size >= n)
@@ -127,6 +135,7 @@ class DecodeGraphs:
         pos[:] = positions
         v["seq_lens"][:n] = pos + 1
         v["state_slots"][:n] = state_slots
+        v["lora_slots"][:n] = lora_slots
         size = tables_at = self.tables_at[b]
         bs, width = self.block_size, 0
         if bs:

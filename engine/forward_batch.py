@@ -22,6 +22,7 @@ class ForwardBatch:
     num_decodes: int  # the first num_decodes sequences have exactly one new token
     max_query_len: int  # host-side bounds, so kernels can size grids without a device sync
     max_seq_len: int
+    lora_slots: torch.Tensor | None = None  # [T] int32, each token's adapter slot (< 0: none); None: no adapters
 
     @property
     def num_tokens(self) -> int:

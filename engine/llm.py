@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
+from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -23,21 +24,28 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Submits every prompt at once (the scheduler batches them) and returns results in input order."""
+                 use_tqdm: bool = True, lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+                 ) -> list[RequestOutput]:
+        """Submits every prompt at once (the scheduler batches them) and returns results in input order.
+        lora_request: one adapter for every prompt, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        loras = [lora_request] * len(prompts) if lora_request is None or isinstance(lora_request, LoRARequest) \
+            else list(lora_request)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(loras)} LoRA requests")
         # Every prompt is checked before any is queued, so a refused one leaves nothing behind.
         prompt_ids = [self.engine.prepare(prompt, p, f"prompts[{i}]")
                       for i, (prompt, p) in enumerate(zip(prompts, params))]
+        lora_ids = [self.engine.add_lora(lora) if lora is not None else None for lora in loras]
         results: dict[str, RequestOutput] = {}
-        for prompt, ids, p in zip(prompts, prompt_ids, params):
+        for prompt, ids, p, lora_id in zip(prompts, prompt_ids, params, lora_ids):
             request_id = str(next(self._ids))
-            self.engine.enqueue(request_id, ids, p)
+            self.engine.enqueue(request_id, ids, p, lora_id)
             results[request_id] = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, ids,
                                                  [CompletionOutput(i, logprobs=[] if p.logprobs is not None else None)
                                                   for i in range(p.n)])

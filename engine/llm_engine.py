@@ -12,6 +12,8 @@ import torch
 from engine.cache_manager import CacheManager
 from engine.config import EngineArgs, load_model_config
 from engine.loader import resolve_model_path
+from engine.lora import LoRAError, LoRARequest
+from engine.lora.manager import LoRAManager
 from engine.model_runner import ModelRunner, resolve_device
 from engine.outputs import Logprob, StepOutput
 from engine.prompt_logprobs import PromptScores
@@ -83,8 +85,8 @@ class LLMEngine:
         max_batched = args.max_num_batched_tokens or (8192 if on_gpu else 2048)
         self.runner = ModelRunner(args, model_dir, arch, cfg, self.max_model_len, max_batched)
         self.device = self.runner.device
-        prefix_key = hash(("falcon-serve", arch, str(model_dir), str(self.runner.dtype), str(self.runner.state_dtype),
-                           None))  # the last slot: a LoRA adapter id, once adapters exist
+        # Each LoRA adapter's prefixes hang under a root of their own (PrefixIndex.root_for).
+        prefix_key = hash(("falcon-serve", arch, str(model_dir), str(self.runner.dtype), str(self.runner.state_dtype)))
         self.cache = CacheManager(self.runner.num_slots, self.runner.num_blocks, self.runner.block_size,
                                   num_checkpoints=self.runner.num_checkpoints,
                                   prefix_key=prefix_key if args.enable_prefix_caching else None,
@@ -92,7 +94,14 @@ class LLMEngine:
         if self.runner.block_size and self.cache.blocks.capacity * self.runner.block_size < self.max_model_len:
             logger.warning("the KV cache holds %d tokens, less than max_model_len %d: longer requests are refused",
                            self.cache.blocks.capacity * self.runner.block_size, self.max_model_len)
-        self.scheduler = Scheduler(self.cache, args.max_num_seqs, max_batched)
+        self.lora: LoRAManager | None = None
+        if args.enable_lora:
+            self.lora = LoRAManager(self.runner.lora_slices, args.max_loras, args.max_lora_rank,
+                                    args.max_cpu_loras or args.max_loras, self.runner.model.lora_multiplier,
+                                    getattr(self.runner.model, "LORA_INERT", None))
+            for name, path in args.lora_modules or []:  # checked now: a bad adapter is a start-up error
+                self.lora.add(LoRARequest(name, self.lora.next_id(), path))
+        self.scheduler = Scheduler(self.cache, args.max_num_seqs, max_batched, self.lora)
         self.limits = ModelLimits(vocab_size=cfg.vocab_size, max_model_len=self.max_model_len,
                                   max_num_seqs=args.max_num_seqs, block_size=self.cache.block_size,
                                   num_kv_blocks=self.cache.blocks.capacity)
@@ -132,17 +141,28 @@ class LLMEngine:
         except ValueError as e:
             raise RequestError(str(e), "structured_outputs") from None
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    def add_lora(self, request: LoRARequest) -> int:
+        """Makes an adapter known (read and checked once; LoRAError); returns the id requests use."""
+        if self.lora is None:
+            raise LoRAError("LoRA adapters need the engine started with enable_lora (--enable-lora)")
+        self.lora.add(request)
+        return request.lora_int_id
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    lora_request: LoRARequest | None = None) -> list[int]:
         """Checks and queues a request; returns its prompt token ids. Raises RequestError if it can never run."""
         ids = self.prepare(prompt, params)
-        self.enqueue(request_id, ids, params)
+        lora_id = self.add_lora(lora_request) if lora_request is not None else None
+        self.enqueue(request_id, ids, params, lora_id)
         return ids
 
-    def enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queues a request that `prepare` has checked."""
+    def enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                lora_id: int | None = None) -> None:
+        """Queues a request that `prepare` has checked; lora_id: an adapter add_lora made known."""
         if request_id in self.sequences:
             raise RequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, 0, prompt_ids, params, self._generator(params, 0), num_samples=params.n)
+        seq = Sequence(request_id, 0, prompt_ids, params, self._generator(params, 0), num_samples=params.n,
+                       lora_id=lora_id)
         seq.detokenizer = self._detokenizer(prompt_ids, params)
         if params.structured_outputs is not None:
             seq.grammar = self._grammar(params)

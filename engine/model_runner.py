@@ -17,6 +17,7 @@ from engine.config import EngineArgs, FalconH1Config, ModelConfig
 from engine.cuda_graphs import DecodeGraphs, bucket_sizes
 from engine.forward_batch import ForwardBatch
 from engine.loader import load_model
+from engine.lora.layers import LoRAContext, install_lora
 from engine.memory_plan import plan_memory
 from engine.prompt_logprobs import PromptScores, score_rows, split_scores
 from engine.scheduler import ScheduledBatch
@@ -61,6 +62,11 @@ class ModelRunner:
         start = time.perf_counter()
         self.model = load_model(model_dir, arch, cfg, self.dtype, self.device, dummy=args.load_format == "dummy")
         logger.info("model loaded in %.1f s", time.perf_counter() - start)
+        self.lora_context: LoRAContext | None = None
+        self.lora_slices = {}
+        if args.enable_lora:  # the adapter stacks are allocated now, so the memory plan counts them
+            self.lora_context, self.lora_slices = install_lora(self.model, args.max_loras, args.max_lora_rank,
+                                                               self.dtype, self.device)
         plan = plan_memory(self.model, cfg, device=self.device, dtype=self.dtype, state_dtype=self.state_dtype,
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            max_model_len=max_model_len, block_size=self.block_size,
@@ -75,7 +81,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self._uses_graphs():
             self.graphs = DecodeGraphs(self.model, self.caches, args.max_num_seqs, max_model_len, self.block_size,
-                                       self.device)
+                                       self.device, self.lora_context)
             self.graphs.capture()
 
     def _uses_graphs(self) -> bool:
@@ -107,24 +113,28 @@ class ModelRunner:
         tables = np.zeros((B, width), dtype=np.int64)
         for row, s in zip(tables, sched.seqs):
             row[: len(s.block_table)] = s.block_table
+        # Each token's LoRA adapter slot, only when some row has an adapter (else the adapters' kernels are skipped).
+        lora_slots = [s.lora_slot for s, n in zip(sched.seqs, sched.num_new_tokens) for _ in range(n)] \
+            if any(s.lora_slot != PAD_SLOT for s in sched.seqs) else []
         # One int64 buffer: the int64 fields, then the int32 ones (cast on the device), each 16-byte aligned;
         # the block tables last.
         longs, long_bounds = _pack([input_ids, positions, slot_mapping if bs else [PAD_SLOT] * T, logits_indices], 2)
         ints, int_bounds = _pack([query_start_loc, seq_lens, [s.state_slot for s in sched.seqs],
-                                  [s.num_computed_tokens > 0 for s in sched.seqs]], 4)
+                                  [s.num_computed_tokens > 0 for s in sched.seqs], lora_slots], 4)
         staged = torch.from_numpy(np.concatenate([np.array(longs + ints, dtype=np.int64), tables.ravel()]))
         if self.device.type == "cuda":
             staged = staged.pin_memory()
         flat = staged.to(self.device, non_blocking=True)
         flat_ints = flat[len(longs):].to(torch.int32)
         input_ids_t, positions_t, slot_mapping_t, logits_indices_t = (flat[a:b] for a, b in long_bounds)
-        qsl, seq_lens_t, slots_t, init_t = (flat_ints[a:b] for a, b in int_bounds)
+        qsl, seq_lens_t, slots_t, init_t, lora_slots_t = (flat_ints[a:b] for a, b in int_bounds)
         tables_t = flat_ints[len(ints):]
         return ForwardBatch(
             input_ids=input_ids_t, positions=positions_t, query_start_loc=qsl, seq_lens=seq_lens_t,
             state_slots=slots_t, has_initial_state=init_t.bool(), block_tables=tables_t.view(B, width),
             slot_mapping=slot_mapping_t, logits_indices=logits_indices_t, num_decodes=sched.num_decodes,
             max_query_len=max(sched.num_new_tokens), max_seq_len=max(seq_lens),
+            lora_slots=lora_slots_t if lora_slots else None,
         )
 
     @torch.inference_mode()
@@ -134,8 +144,11 @@ class ModelRunner:
         seqs = sched.seqs
         if self.graphs is not None and sched.num_decodes == len(seqs) and self.graphs.fits(len(seqs)):
             return self.graphs.run([s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
-                                   [s.state_slot for s in seqs], [s.block_table for s in seqs]), {}
+                                   [s.state_slot for s in seqs], [s.block_table for s in seqs],
+                                   [s.lora_slot for s in seqs]), {}
         batch = self.prepare(sched)
+        if self.lora_context is not None:
+            self.lora_context.row_slots = batch.lora_slots
         hidden = self.model(batch, self.caches)
         num_samplers = sum(map(sched.samples, range(len(seqs))))
         logits = self.model.compute_logits(hidden[:num_samplers])

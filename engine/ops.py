@@ -12,6 +12,7 @@ from engine.forward_batch import ForwardBatch
 from kernels import activation, conv1d, norm, selective_scan, ssd_scan, ssm_state_update
 from kernels import attention as attention_kernels
 from kernels import fp8_linear as fp8_kernels
+from kernels import lora as lora_kernels
 from kernels import quant_linear as gptq_kernels
 from kernels import rope as rope_kernels
 
@@ -72,6 +73,13 @@ def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
         return _impl(fp8_kernels, "fp8_linear", x)(x, layer.weight, layer.weight_scale, layer.bias)
     return _impl(gptq_kernels, "gptq_linear", x)(x, layer.qweight, layer.scales, layer.zeros, layer.perm, layer.bias,
                                                  layer.bits, layer.group_size, layer.out_features)
+
+
+def lora_delta(x: torch.Tensor, out: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
+               col_slice: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
+    """out [T, N] += each row's adapter delta (x A^T) B^T, in place; rows with slot < 0 unchanged (kernels/lora.py)."""
+    h = _impl(lora_kernels, "lora_shrink", x)(x, a_stack, row_slots)
+    return _impl(lora_kernels, "lora_expand", x)(h, b_stack, col_slice, row_slots, out)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,

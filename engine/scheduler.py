@@ -15,7 +15,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.cache_manager import CacheManager, PrefixHit
+from engine.lora.manager import LoRAManager
 from engine.sequence import Sequence, SequenceStatus
+from kernels import PAD_SLOT
 
 
 @dataclass
@@ -34,8 +36,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 lora: LoRAManager | None = None):
         self.cache = cache
+        self.lora = lora  # a sequence with an adapter is admitted once a device slot holds it
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -109,7 +113,8 @@ class Scheduler:
     def _can_admit(self, seq: Sequence) -> bool:
         # A request with n samples holds n slots from the start, so forking it never waits.
         return (len(self.running) + seq.num_samples <= self.max_num_seqs
-                and self.cache.num_free_slots >= seq.num_samples)
+                and self.cache.num_free_slots >= seq.num_samples
+                and (seq.lora_id is None or self.lora.can_acquire(seq.lora_id)))
 
     def _fork_blocks(self, seq: Sequence) -> int:
         # Each extra sample gets its own copy of the last, partly filled prompt block.
@@ -123,6 +128,8 @@ class Scheduler:
         seq.reserved_blocks = [self.cache.take_block() for _ in range(self._fork_blocks(seq))]
         seq.status = SequenceStatus.RUNNING
         seq.admitted_order = next(self._admissions)
+        if seq.lora_id is not None:
+            seq.lora_slot = self.lora.acquire(seq.lora_id)
         if seq.queue_time is None:  # first admission: what the request's usage and the metrics report
             seq.queue_time = time.monotonic() - seq.arrival_time
             seq.num_cached_tokens = hit.num_tokens
@@ -163,6 +170,8 @@ class Scheduler:
             child = parent.clone_for_sample(index)
             child.state_slot = slot
             child.admitted_order = next(self._admissions)
+            if child.lora_id is not None:  # resident (the parent holds it): never waits
+                child.lora_slot = self.lora.acquire(child.lora_id)
             shared = parent.block_table[:-1] if partial else parent.block_table
             self.cache.share_blocks(shared)
             child.block_table = list(shared)
@@ -193,4 +202,7 @@ class Scheduler:
         self.cache.release_blocks(seq.reserved_blocks)
         seq.reserved_slots, seq.reserved_blocks = [], []
         seq.checkpoint_at = 0
+        if seq.lora_slot != PAD_SLOT:
+            self.lora.release(seq.lora_slot)
+            seq.lora_slot = PAD_SLOT
         self.cache.release(seq, keep_state)

@@ -10,6 +10,7 @@ import torch
 
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
+from kernels import PAD_SLOT
 
 _ids = itertools.count()
 
@@ -22,7 +23,7 @@ class SequenceStatus(Enum):
 
 class Sequence:
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 generator: torch.Generator | None = None, num_samples: int = 1):
+                 generator: torch.Generator | None = None, num_samples: int = 1, lora_id: int | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # which of the request's n samples
@@ -58,10 +59,12 @@ class Sequence:
         # llguidance.LLMatcher of a constrained sequence, set at admission; it has consumed every output
         # token, so a preempted sequence recomputes its caches and keeps its matcher as it is.
         self.grammar = None
+        self.lora_id = lora_id  # the LoRA adapter's lora_int_id (None: the base model)
+        self.lora_slot = PAD_SLOT  # its row in the adapter stacks while running (engine.lora.manager)
 
     def clone_for_sample(self, index: int) -> Sequence:
         """A running copy for sample `index` of the same request, before any output token."""
-        child = Sequence(self.request_id, index, self.token_ids, self.params)
+        child = Sequence(self.request_id, index, self.token_ids, self.params, lora_id=self.lora_id)
         child.num_prompt_tokens = self.num_prompt_tokens
         child.num_computed_tokens = self.num_computed_tokens
         child.prompt_logprobs = None  # scored once per request, by sample 0

@@ -20,6 +20,7 @@ from engine import ops
 from engine.cache_pools import LayerCache
 from engine.config import FalconH1Config
 from engine.forward_batch import ForwardBatch
+from engine.lora.layers import LoRATarget
 from engine.models.common import LMHead, RMSNorm, fuse_linears, pad_vocab_rows
 from engine.quantization import linear
 
@@ -166,6 +167,31 @@ class FalconH1ForCausalLM(nn.Module):
     def checkpoint_names(self) -> set[str]:
         names = set(self.state_dict())
         return names - {"lm_head.weight"} if self.cfg.tie_word_embeddings else names
+
+    def lora_targets(self) -> list[LoRATarget]:
+        """The projections an adapter may change (after finalize_weights), with the checkpoint modules each
+        computes as slices of its output."""
+        cfg, targets = self.cfg, []
+        d, q = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
+        for i, layer in enumerate(self.model.layers):
+            p = f"model.layers.{i}"
+            fused = zip([f"{p}.mamba.in_proj", f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj",
+                         f"{p}.self_attn.v_proj"], layer.in_proj_sizes)
+            ff = f"{p}.feed_forward"
+            targets += [
+                LoRATarget(f"{p}.in_proj", d, tuple(fused)),
+                LoRATarget(f"{p}.mamba.out_proj", cfg.mamba_d_ssm, ((f"{p}.mamba.out_proj", d),)),
+                LoRATarget(f"{p}.self_attn.o_proj", q, ((f"{p}.self_attn.o_proj", d),)),
+                LoRATarget(f"{ff}.gate_up_proj", d, ((f"{ff}.gate_proj", cfg.intermediate_size),
+                                                     (f"{ff}.up_proj", cfg.intermediate_size))),
+                LoRATarget(f"{ff}.down_proj", cfg.intermediate_size, ((f"{ff}.down_proj", d),)),
+            ]
+        return targets
+
+    def lora_multiplier(self, module: str) -> float | torch.Tensor | None:
+        """What load_transform folds into this module's weight (m_out * m_in); an adapter's delta gets the same."""
+        multipliers = self._linear_multipliers(module + ".weight")
+        return None if multipliers is None else multipliers[0]
 
     def load_transform(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Maps one checkpoint tensor (fp32) to the parameters it fills, with the multipliers folded in."""

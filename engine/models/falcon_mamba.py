@@ -16,6 +16,7 @@ from engine import ops
 from engine.cache_pools import LayerCache
 from engine.config import FalconMambaConfig
 from engine.forward_batch import ForwardBatch
+from engine.lora.layers import LoRATarget
 from engine.models.common import LMHead, RMSNorm, pad_vocab_rows
 from engine.quantization import linear
 
@@ -107,6 +108,24 @@ class FalconMambaForCausalLM(nn.Module):
     def checkpoint_names(self) -> set[str]:
         names = set(self.state_dict())
         return names - {"lm_head.weight"} if self.cfg.tie_word_embeddings else names
+
+    # transformers computes dt as dt_proj.weight @ x (the module is never called), so PEFT's dt_proj adapters
+    # never act there, and in training never learn: accepted, and left out exactly as transformers does.
+    LORA_INERT = {"dt_proj": "transformers never applies it (dt = dt_proj.weight @ x), so training never learns it"}
+
+    def lora_targets(self) -> list[LoRATarget]:
+        """The projections an adapter may change: each mixer's in_proj, x_proj and out_proj."""
+        cfg, targets = self.cfg, []
+        d, d_in, R, N = cfg.hidden_size, cfg.intermediate_size, cfg.time_step_rank, cfg.state_size
+        shapes = {"in_proj": (d, 2 * d_in), "x_proj": (d_in, R + 2 * N), "out_proj": (d_in, d)}
+        for i in range(cfg.num_hidden_layers):
+            for proj, (k, n) in shapes.items():
+                name = f"backbone.layers.{i}.mixer.{proj}"
+                targets.append(LoRATarget(name, k, ((name, n),)))
+        return targets
+
+    def lora_multiplier(self, module: str) -> None:
+        return None  # no multipliers are folded into FalconMamba's weights
 
     def load_transform(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if name == "lm_head.weight":  # when tied, the embedding fills it

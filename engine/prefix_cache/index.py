@@ -36,7 +36,8 @@ def chain_key(parent_key: int, tokens: tuple[int, ...]) -> int:
 class PrefixIndex:
     def __init__(self, block_size: int, root_key: int, block_refs: list[int]):
         self.block_size = block_size
-        self.root = Node(root_key, None, (), 0)
+        self.root = Node(root_key, None, (), 0)  # the base model's; each adapter has its own (root_for)
+        self._roots: dict[int | None, Node] = {None: self.root}
         self.block_refs = block_refs  # the allocator's reference counts (running sequences only)
         self.nodes: dict[int, Node] = {}
         self.num_checkpoints = 0
@@ -48,15 +49,23 @@ class PrefixIndex:
 
     # ---- lookup ---------------------------------------------------------------------------------
 
+    def root_for(self, adapter: int | None) -> Node:
+        """The root under which sequences of LoRA adapter `adapter` (None: the base model) cache prefixes:
+        the same tokens give other states under another adapter."""
+        root = self._roots.get(adapter)
+        if root is None:
+            root = self._roots[adapter] = Node(hash((self.root.key, "lora", adapter)), None, (), 0)
+        return root
+
     def child(self, parent: Node, tokens: tuple[int, ...]) -> Node | None:
         node = self.nodes.get(chain_key(parent.key, tokens))
         if node is None or node.parent is not parent or node.tokens != tokens:  # a hash collision is a miss
             return None
         return node
 
-    def match(self, token_ids: list[int]) -> list[Node]:
+    def match(self, token_ids: list[int], root: Node | None = None) -> list[Node]:
         """The chain of full nodes along token_ids, from the root (included) down as far as it is cached."""
-        path, bs = [self.root], self.block_size
+        path, bs = [root or self.root], self.block_size
         for start in range(0, len(token_ids) - bs + 1, bs):
             node = self.child(path[-1], tuple(token_ids[start:start + bs]))
             if node is None:
@@ -76,7 +85,7 @@ class PrefixIndex:
     def touch(self, nodes: list[Node]) -> None:
         now = next(self._clock)
         for node in nodes:
-            if node is self.root:
+            if node.parent is None:  # a root
                 continue
             node.last_used = now
             self._push_candidate(node)
@@ -157,10 +166,10 @@ class PrefixIndex:
         if node.checkpoint is not None:
             self.num_checkpoints -= 1
         # A block-less parent without children or checkpoint carries nothing: prune it too (pure SSMs).
-        if (parent is not self.root and parent.num_children == 0 and parent.block is None
+        if (parent.parent is not None and parent.num_children == 0 and parent.block is None
                 and parent.checkpoint is None):
             self._remove(parent)
-        elif parent is not self.root:
+        elif parent.parent is not None:
             self._push_candidate(parent)
         return node.block, node.checkpoint
 

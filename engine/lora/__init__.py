@@ -1,0 +1,5 @@
+"""LoRA adapters (PEFT format) served per request on one base model, many in one batch."""
+
+from engine.lora.request import LoRAError, LoRARequest
+
+__all__ = ["LoRAError", "LoRARequest"]

@@ -1,0 +1,131 @@
+"""Which adapters the engine knows, which sit in host memory, and which occupy the device stacks.
+
+- known: every adapter ever added, by lora_int_id (a queued request can always reload its own);
+  `names` maps the names requests may use (unloading removes the name only).
+- host cache: an LRU of --max-cpu-loras adapters' checked weights; one that falls out is read again
+  from its path when needed.
+- device slots: --max-loras rows of every LoRALinear's stacks. A sequence holds a reference to its
+  adapter's slot from admission to finish or preemption; a slot nobody references stays loaded (a
+  later request reuses it) until another adapter needs the room: least recently used first. When all
+  slots are referenced, requests for other adapters wait in the scheduler.
+
+The scheduler calls can_acquire / acquire / release between steps (the engine thread); the server
+adds and removes adapters from its own thread, hence the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from engine.lora.adapter import AdapterWeights, load_adapter
+from engine.lora.layers import LoRALinear
+from engine.lora.request import LoRAError, LoRARequest
+
+logger = logging.getLogger(__name__)
+
+
+class LoRAManager:
+    def __init__(self, slices: dict[str, tuple[LoRALinear, int]], max_loras: int, max_rank: int, max_cpu_loras: int,
+                 multiplier: Callable[[str], float | torch.Tensor | None], inert: dict[str, str] | None = None):
+        self.slices, self.max_rank, self.max_cpu_loras, self.multiplier = slices, max_rank, max_cpu_loras, multiplier
+        self.inert = inert or {}
+        self.shapes = {name: (layer.lora_a.shape[2], layer.sizes[i]) for name, (layer, i) in slices.items()}
+        self.known: dict[int, LoRARequest] = {}
+        self.names: dict[str, LoRARequest] = {}
+        self.host: OrderedDict[int, AdapterWeights] = OrderedDict()
+        self.slot_owner: list[int | None] = [None] * max_loras
+        self.slot_of: dict[int, int] = {}
+        self.refs = [0] * max_loras
+        self.idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(max_loras))  # LRU first
+        self.num_loads = 0  # adapters copied into a device slot (a reload after eviction counts again)
+        self._lock = threading.Lock()
+
+    # ---- registry (any thread) ------------------------------------------------------------------
+
+    def add(self, request: LoRARequest) -> None:
+        """Reads and checks the adapter (LoRAError) and makes it known; adding a known one again is a no-op."""
+        with self._lock:
+            known = self.known.get(request.lora_int_id)
+            if known is not None:
+                if (known.lora_name, known.lora_path) != (request.lora_name, request.lora_path):
+                    raise LoRAError(f"lora_int_id {request.lora_int_id} is already adapter {known.lora_name!r} "
+                                    f"({known.lora_path}); give each adapter its own id")
+                self.names.setdefault(request.lora_name, known)
+                return
+            if self.names.get(request.lora_name, request).lora_int_id != request.lora_int_id:
+                raise LoRAError(f"a LoRA adapter named {request.lora_name!r} is already loaded")
+        weights = self._read(request)  # outside the lock: it reads files
+        with self._lock:
+            self.known[request.lora_int_id] = request
+            self.names[request.lora_name] = request
+            self._keep_in_host(weights)
+        logger.info("LoRA adapter %r (id %d, rank %d, %d modules) from %s", request.lora_name, request.lora_int_id,
+                    weights.rank, len(weights.modules), request.lora_path)
+
+    def remove(self, name: str) -> LoRARequest:
+        """Forgets the name (KeyError if unknown); requests already queued with it still finish."""
+        with self._lock:
+            return self.names.pop(name)
+
+    def next_id(self) -> int:
+        with self._lock:
+            return max(self.known, default=0) + 1
+
+    # ---- device slots (engine thread, between steps) --------------------------------------------
+
+    def can_acquire(self, lora_id: int) -> bool:
+        return lora_id in self.slot_of or bool(self.idle)
+
+    def acquire(self, lora_id: int) -> int:
+        """The slot holding the adapter, loading it (evicting the least recently used idle one) if needed."""
+        slot = self.slot_of.get(lora_id)
+        if slot is None:
+            slot, _ = self.idle.popitem(last=False)
+            old = self.slot_owner[slot]
+            if old is not None:
+                del self.slot_of[old]
+            self._load_slot(slot, self._host_weights(lora_id))
+            self.slot_owner[slot], self.slot_of[lora_id] = lora_id, slot
+        self.idle.pop(slot, None)
+        self.refs[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.refs[slot] -= 1
+        if self.refs[slot] == 0:
+            self.idle[slot] = None  # most recently used
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _read(self, request: LoRARequest) -> AdapterWeights:
+        return load_adapter(request, self.shapes, self.max_rank, self.multiplier, self.inert)
+
+    def _keep_in_host(self, weights: AdapterWeights) -> None:
+        self.host[weights.request.lora_int_id] = weights
+        self.host.move_to_end(weights.request.lora_int_id)
+        while len(self.host) > self.max_cpu_loras:
+            self.host.popitem(last=False)
+
+    def _host_weights(self, lora_id: int) -> AdapterWeights:
+        with self._lock:
+            weights = self.host.get(lora_id)
+            if weights is not None:
+                self.host.move_to_end(lora_id)
+                return weights
+            request = self.known[lora_id]
+        weights = self._read(request)
+        with self._lock:
+            self._keep_in_host(weights)
+        return weights
+
+    @torch.no_grad()
+    def _load_slot(self, slot: int, weights: AdapterWeights) -> None:
+        for name, (layer, index) in self.slices.items():
+            a, b = weights.modules.get(name, (None, None))
+            layer.set_slice(slot, index, a, b)
+        self.num_loads += 1
