@@ -70,7 +70,7 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self._routes: dict[str, tuple[RequestStream, int]] = {}  # engine request id -> (stream, prompt index)
-        self._pending: list[tuple[str, list[int], SamplingParams]] = []
+        self._pending: list[tuple[str, list[int], SamplingParams, int | None]] = []
         self._pending_samples = 0
         self._aborts: list[str] = []
         self._wakeup: asyncio.Event | None = None
@@ -98,9 +98,10 @@ class AsyncEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
     def submit(self, request_id: str, prompts: list[list[int]], params: SamplingParams, *,
-               max_queued_samples: int | None = None, prompt_param: str = "prompt") -> RequestStream:
-        """Checks and queues a request of len(prompts) x params.n sequences. Raises RequestError if it can
-        never run, QueueFullError if more than `max_queued_samples` sequences would wait."""
+               max_queued_samples: int | None = None, prompt_param: str = "prompt",
+               lora_id: int | None = None) -> RequestStream:
+        """Checks and queues a request of len(prompts) x params.n sequences (lora_id: a known adapter's id).
+        Raises RequestError if it can never run, QueueFullError if more than `max_queued_samples` would wait."""
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         for ids in prompts:
@@ -120,7 +121,7 @@ class AsyncEngine:
             if engine_id in self._routes:
                 raise RequestError(f"request id {request_id!r} is already in use")
             self._routes[engine_id] = (stream, index)
-            self._pending.append((engine_id, ids, params))
+            self._pending.append((engine_id, ids, params, lora_id))
         self._pending_samples += samples
         self._wakeup.set()
         return stream
@@ -149,10 +150,10 @@ class AsyncEngine:
 
     def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
-        for engine_id, prompt_ids, params in pending:
+        for engine_id, prompt_ids, params, lora_id in pending:
             self._pending_samples -= params.n
             if engine_id in self._routes:  # else its client left before it was queued
-                self.engine.enqueue(engine_id, prompt_ids, params)
+                self.engine.enqueue(engine_id, prompt_ids, params, lora_id)
         aborts, self._aborts = self._aborts, []
         for engine_id in aborts:
             self.engine.abort(engine_id)  # its stream is gone: nobody reads these outputs

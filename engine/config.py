@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that `falcon-serve -
     import torch
 
 if TYPE_CHECKING:
+    from engine.lora import LoRAModulePath
     from engine.quantization import QuantConfig
 
 
@@ -373,7 +374,7 @@ class EngineArgs:
     max_loras: int = 1  # adapters resident on the device at once (rows of the stacks)
     max_lora_rank: int = 16  # the stacks' rank: a larger adapter is refused
     max_cpu_loras: int | None = None  # adapters kept in host memory; default: max_loras
-    lora_modules: list[tuple[str, str]] | None = None  # (name, path) adapters loaded at start-up
+    lora_modules: list[LoRAModulePath] | None = None  # adapters served from start-up
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:

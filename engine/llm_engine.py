@@ -99,8 +99,8 @@ class LLMEngine:
             self.lora = LoRAManager(self.runner.lora_slices, args.max_loras, args.max_lora_rank,
                                     args.max_cpu_loras or args.max_loras, self.runner.model.lora_multiplier,
                                     getattr(self.runner.model, "LORA_INERT", None))
-            for name, path in args.lora_modules or []:  # checked now: a bad adapter is a start-up error
-                self.lora.add(LoRARequest(name, self.lora.next_id(), path))
+            for module in args.lora_modules or []:  # checked now: a bad adapter is a start-up error
+                self.lora.add(LoRARequest(module.name, self.lora.next_id(), module.path, module.base_model_name))
         self.scheduler = Scheduler(self.cache, args.max_num_seqs, max_batched, self.lora)
         self.limits = ModelLimits(vocab_size=cfg.vocab_size, max_model_len=self.max_model_len,
                                   max_num_seqs=args.max_num_seqs, block_size=self.cache.block_size,

@@ -23,6 +23,7 @@ from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.errors import APIError, bad_request, install_error_handlers
 from server.generation import off_loop
+from server.lora_routes import adapter_cards, add_lora_routes
 from server.openapi import ERROR_RESPONSES, HEALTH_RESPONSES, METRICS_RESPONSES, STREAM_RESPONSES, openapi_schema
 from server.playground import PLAYGROUND_PATHS, add_playground
 from server.prompts import encode, render_chat, template_arguments
@@ -191,7 +192,7 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], AsyncEngine])
         return ModelList(data=[
             ModelCard(id=name, created=created, root=settings.model_path, max_model_len=engine.max_model_len)
             for name in settings.served_model_names
-        ])
+        ] + adapter_cards(state, created, engine.max_model_len))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -237,5 +238,7 @@ def create_app(settings: ServerSettings, load_engine: Callable[[], AsyncEngine])
         text = await off_loop(tokenizer_decode, engine.tokenizer, body.tokens)
         return DetokenizeResponse(prompt=text)
 
+    if settings.runtime_lora_updating:
+        add_lora_routes(app, state)
     app.openapi = functools.partial(openapi_schema, app)
     return app

@@ -69,7 +69,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     # The template already holds the special tokens it wants (vLLM encodes chat the same way).
     prompt = await encode(tokenizer, text, add_special_tokens=False)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = submit(state, engine, request_id, [prompt], params, arrival, prompt_param="messages")
+    generation = submit(state, engine, request_id, [prompt], params, arrival, prompt_param="messages",
+                        model=model)
     if not req.stream:
         choices = await collect_unless_disconnected(request, generation, req.n)
         if choices is None:

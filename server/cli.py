@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -12,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from engine.config import EngineArgs
+from engine.lora import LoRAModulePath
 from server.presets import PresetError, preset_arguments
 
 logger = logging.getLogger("falcon_serve")
@@ -48,6 +50,23 @@ class _HelpFormatter(argparse.HelpFormatter):
         if action.option_strings and action.default not in (None, argparse.SUPPRESS) and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def lora_module(value: str) -> LoRAModulePath:
+    """--lora-modules item: name=path, or vLLM's JSON form with name, path and optional base_model_name."""
+    if value.lstrip().startswith("{"):
+        try:
+            raw = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {value}") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not isinstance(raw.get("path"), str) \
+                or set(raw) - {"name", "path", "base_model_name"}:
+            raise argparse.ArgumentTypeError(f'expected {{"name": ..., "path": ..., "base_model_name": ...}}: {value}')
+        return LoRAModulePath(raw["name"], raw["path"], raw.get("base_model_name"))
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected name=path: {value}")
+    return LoRAModulePath(name, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SSM-state checkpoints the prefix cache keeps (default: 10%% of the cache memory on a GPU, "
                         "max-num-seqs on CPU)")
 
+    g = p.add_argument_group("LoRA adapters")
+    g.add_argument("--enable-lora", action="store_true",
+                   help="serve PEFT LoRA adapters; a request picks one by `model`")
+    g.add_argument("--lora-modules", nargs="+", type=lora_module, metavar="NAME=PATH",
+                   help="adapters to serve from start-up: name=path (a PEFT adapter directory or hub repo id), or "
+                        'JSON \'{"name": ..., "path": ..., "base_model_name": ...}\'')
+    g.add_argument("--max-loras", type=int, default=d["max_loras"],
+                   help="adapters resident on the device at once; a batch mixes up to this many")
+    g.add_argument("--max-lora-rank", type=int, default=d["max_lora_rank"],
+                   help="the largest adapter rank served (sizes the device stacks)")
+    g.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (default: --max-loras)")
+    g.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also on with "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -166,6 +200,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     if args.enable_auto_tool_choice and (args.model or args.model_tag) and args.tool_call_parser is None:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser")
+    if args.lora_modules and not args.enable_lora:
+        parser.error("--lora-modules needs --enable-lora")
     if args.max_queue_len is not None and args.max_queue_len < 1:
         parser.error("--max-queue-len must be >= 1")
     if args.shutdown_timeout < 0:
@@ -223,7 +259,9 @@ def _engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace, mode
             ssm_state_dtype=args.ssm_state_dtype, seed=args.seed, enforce_eager=args.enforce_eager,
             chat_template=chat_template, quantization=args.quantization,
             enable_prefix_caching=args.enable_prefix_caching, prefix_cache_checkpoints=args.prefix_cache_checkpoints,
-            load_format="dummy" if args.load_format == "dummy" else "auto")
+            load_format="dummy" if args.load_format == "dummy" else "auto", enable_lora=args.enable_lora,
+            max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+            lora_modules=args.lora_modules)
     except ValueError as e:
         parser.error(str(e))
 
@@ -240,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     from engine.async_engine import AsyncEngine
     from server.app import create_app
     from server.demo import DEMO_MODEL_NAME, DEMO_NOTICE, demo_model_dir
+    from server.lora_routes import runtime_updating_from_env
     from server.runner import make_server
     from server.state import ServerSettings
 
@@ -259,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
                               max_queue_len=args.max_queue_len, max_request_body_bytes=args.max_request_body_bytes,
                               trust_request_chat_template=args.trust_request_chat_template,
                               tool_call_parser=tool_call_parser, enable_auto_tool_choice=auto_tool_choice,
-                              playground=not args.disable_playground)
+                              playground=not args.disable_playground,
+                              runtime_lora_updating=args.allow_runtime_lora_updating or runtime_updating_from_env())
     app = create_app(settings, load_engine)
     server = make_server(app, args.host, args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout,
                          header_timeout=args.header_timeout)

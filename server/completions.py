@@ -71,7 +71,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: Ser
     prompts = [await encode(tokenizer, p, req.add_special_tokens) if isinstance(p, str) else list(p)
                for p in raw_prompts]
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = submit(state, engine, request_id, prompts, params, arrival)
+    generation = submit(state, engine, request_id, prompts, params, arrival, model=model)
     num_prompt_tokens = sum(len(p) for p in prompts)
 
     def echo_text(choice_index: int) -> str:

@@ -111,11 +111,14 @@ class Generation:
 
 
 def submit(state: ServerState, engine: AsyncEngine, request_id: str, prompts: list[list[int]],
-           params: SamplingParams, arrival: float, prompt_param: str = "prompt") -> Generation:
-    """Checks and queues the request: 400 if it can never run, 429 when the queue is full."""
+           params: SamplingParams, arrival: float, prompt_param: str = "prompt", model: str | None = None
+           ) -> Generation:
+    """Checks and queues the request for `model` (the base model or a LoRA adapter's name, as check_model
+    returned it): 404 if that adapter is gone, 400 if it can never run, 429 when the queue is full."""
+    lora_id = state.lora_id(model)
     try:
         stream = engine.submit(request_id, prompts, params, max_queued_samples=state.settings.max_queue_len,
-                               prompt_param=prompt_param)
+                               prompt_param=prompt_param, lora_id=lora_id)
     except RequestError as e:
         raise bad_request(str(e), e.param) from None
     except QueueFullError as e:

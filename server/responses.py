@@ -209,7 +209,8 @@ async def create_response(req: ResponsesRequest, request: Request, state: Server
     prompt = await encode(tokenizer, text, add_special_tokens=False)
     response_id, message_id = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
     created = int(time.time())
-    generation = submit(state, engine, response_id, [prompt], params, arrival, prompt_param="input")
+    generation = submit(state, engine, response_id, [prompt], params, arrival, prompt_param="input",
+                        model=model)
     choice_echo = req.tool_choice or ("auto" if req.tools else "none")
     echoed = {"tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
               "tool_choice": choice_echo if isinstance(choice_echo, str) else choice_echo.model_dump(exclude_none=True),

@@ -24,6 +24,7 @@ class ServerSettings:
     tool_call_parser: str | None = None  # how the model writes tool calls (server.tool_parsers)
     enable_auto_tool_choice: bool = False  # allow tool_choice "auto" (needs tool_call_parser)
     playground: bool = True  # serve the chat page at / and /playground
+    runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
 
 
 @dataclass
@@ -60,10 +61,31 @@ class ServerState:
             raise APIError(503, reason or "The model is not loaded.")
         return self.engine
 
+    def lora_adapters(self) -> dict:
+        """The LoRA adapters requests may name: name -> engine.lora.LoRARequest."""
+        lora = self.engine.engine.lora if self.engine is not None else None
+        return dict(lora.names) if lora is not None else {}
+
     def check_model(self, requested: str | None) -> str:
-        """The model name to answer with; 404 for a name this server does not serve (like OpenAI)."""
+        """The model name to answer with (the base model or a LoRA adapter); 404 for a name this server does
+        not serve (like OpenAI)."""
         names = self.settings.served_model_names
         if requested is None or requested in names:
             return requested or names[0]
-        raise APIError(404, f"The model `{requested}` does not exist. This server serves: {', '.join(names)}.",
-                       param="model", code="model_not_found")
+        if requested in self.lora_adapters():
+            return requested
+        raise self._unknown_model(requested)
+
+    def lora_id(self, model: str | None) -> int | None:
+        """The adapter id a request for `model` (from check_model) runs with; None: the base model."""
+        if model is None or model in self.settings.served_model_names:
+            return None
+        adapter = self.lora_adapters().get(model)
+        if adapter is None:  # unloaded since check_model
+            raise self._unknown_model(model)
+        return adapter.lora_int_id
+
+    def _unknown_model(self, requested: str) -> APIError:
+        served = [*self.settings.served_model_names, *self.lora_adapters()]
+        return APIError(404, f"The model `{requested}` does not exist. This server serves: {', '.join(served)}.",
+                        param="model", code="model_not_found")

@@ -10,6 +10,15 @@ class LoRAError(ValueError):
 
 
 @dataclass(frozen=True)
+class LoRAModulePath:
+    """An adapter to serve from start-up (vLLM's --lora-modules name=path or its JSON form)."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+@dataclass(frozen=True)
 class LoRARequest:
     lora_name: str
     lora_int_id: int  # the adapter's identity: requests with the same id share one loaded copy

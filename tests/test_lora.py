@@ -1,0 +1,185 @@
+"""LoRA adapters made by peft (random, nonzero lora_B) on the tiny Falcon-H1 (muP multipliers far from 1) and
+FalconMamba checkpoints, served by the offline API in fp32 on the CPU: greedy tokens equal transformers+peft
+and logprobs agree within 1e-4, alone and mixed in one batch with base rows and other adapters; adapters
+evicted from the device and host caches and reloaded give the same outputs; bad adapters are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from engine import LLM, LoRARequest, SamplingParams
+from engine.config import EngineArgs
+from engine.llm_engine import LLMEngine
+from engine.lora import LoRAError, LoRAModulePath
+from tests.lora_adapters import H1_TARGETS, MAMBA_TARGETS, build_adapter, peft_greedy
+
+PROMPTS = [[5, 40, 70, 100, 33, 8, 90, 120, 77, 66, 10, 11, 12, 13, 200, 150, 44], [7, 250, 3]]
+MAX_TOKENS = 6
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
+
+# (target set, r, lora_alpha, use_rslora)
+H1_CASES = [("attention", 8, 16, False), ("mlp", 4, 4, True), ("mamba", 16, 32, False), ("all", 8, 8, True),
+            ("some_slices", 2, 6, False)]
+MAMBA_CASES = [("in_x_dt", 4, 8, False), ("all", 8, 16, True)]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, h1_dir, mamba_dir):
+    """Adapter directories by (model, target set)."""
+    root = tmp_path_factory.mktemp("lora")
+    built = {}
+    for seed, (name, r, alpha, rslora) in enumerate(H1_CASES):
+        built["h1", name] = build_adapter(h1_dir, root / f"h1-{name}", H1_TARGETS[name], r, alpha, rslora, seed)
+    for seed, (name, r, alpha, rslora) in enumerate(MAMBA_CASES):
+        built["mamba", name] = build_adapter(mamba_dir, root / f"mamba-{name}", MAMBA_TARGETS[name], r, alpha,
+                                             rslora, seed + 10)
+    return built
+
+
+@pytest.fixture(scope="module")
+def h1_llm(h1_dir):
+    return LLM(str(h1_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=4, max_lora_rank=16)
+
+
+def lora(name: str, path, lora_id: int) -> LoRARequest:
+    return LoRARequest(name, lora_id, str(path))
+
+
+def logprobs_of(completion) -> list[float]:
+    return [lp[t] for lp, t in zip(completion.logprobs, completion.token_ids)]
+
+
+def check_against_peft(base_dir, adapter_dir, outputs) -> None:
+    for prompt, out in zip(PROMPTS, outputs):
+        tokens, logprobs = peft_greedy(base_dir, adapter_dir, prompt, MAX_TOKENS)
+        assert out.outputs[0].token_ids == tokens, f"prompt {prompt}"
+        assert logprobs_of(out.outputs[0]) == pytest.approx(logprobs, abs=1e-4)
+
+
+H1_IDS = {name: i + 1 for i, (name, *_) in enumerate(H1_CASES)}
+
+
+@pytest.mark.parametrize("case", H1_CASES, ids=[c[0] for c in H1_CASES])
+def test_falcon_h1_adapter_matches_peft(h1_llm, h1_dir, adapters, case):
+    name = case[0]
+    outputs = h1_llm.generate(PROMPTS, GREEDY, lora_request=lora(name, adapters["h1", name], H1_IDS[name]))
+    check_against_peft(h1_dir, adapters["h1", name], outputs)
+    base = h1_llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in base] != [o.outputs[0].token_ids for o in outputs]  # it does act
+
+
+@pytest.mark.parametrize("case", MAMBA_CASES, ids=[c[0] for c in MAMBA_CASES])
+def test_falcon_mamba_adapter_matches_peft(mamba_dir, adapters, case):
+    llm = LLM(str(mamba_dir), device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8)
+    outputs = llm.generate(PROMPTS, GREEDY, lora_request=lora(case[0], adapters["mamba", case[0]], 1))
+    check_against_peft(mamba_dir, adapters["mamba", case[0]], outputs)
+
+
+MIX = ["attention", "mamba", "all"]
+
+
+def mixed_requests(adapters) -> tuple[list[list[int]], list[LoRARequest | None]]:
+    """Base rows and three adapters, interleaved, each prompt twice."""
+    prompts, loras = [], []
+    for prompt in PROMPTS:
+        for name in [None, *MIX]:
+            prompts.append(prompt)
+            loras.append(lora(name, adapters["h1", name], H1_IDS[name]) if name else None)
+    return prompts, loras
+
+
+def solo_outputs(llm, prompts, loras):
+    return [llm.generate([p], GREEDY, lora_request=r)[0].outputs[0] for p, r in zip(prompts, loras)]
+
+
+def test_mixed_batch_gives_each_request_its_solo_output(h1_llm, h1_dir, adapters):
+    prompts, loras = mixed_requests(adapters)
+    mixed = [o.outputs[0] for o in h1_llm.generate(prompts, GREEDY, lora_request=loras)]
+    solo = solo_outputs(h1_llm, prompts, loras)
+    for prompt, request, m, s in zip(prompts, loras, mixed, solo):
+        assert m.token_ids == s.token_ids
+        assert logprobs_of(m) == pytest.approx(logprobs_of(s), abs=1e-5)
+        tokens, _ = peft_greedy(h1_dir, adapters["h1", request.lora_name] if request else None, prompt, MAX_TOKENS)
+        assert m.token_ids == tokens
+    assert h1_llm.engine.lora.refs == [0] * 4  # every slot reference is returned
+
+
+def test_eviction_and_reload_keep_outputs(h1_dir, h1_llm, adapters):
+    """One device slot and one host copy for three adapters (chunked prefill, n=2 forks too): requests wait
+    for the slot, adapters are evicted and read again from disk, and outputs stay the same."""
+    prompts, loras = mixed_requests(adapters)
+    expected = [o.token_ids for o in solo_outputs(h1_llm, prompts, loras)]
+    small = LLM(str(h1_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=1, max_cpu_loras=1,
+                max_lora_rank=16, max_num_batched_tokens=5, kv_block_size=4)
+    for _ in range(2):
+        outputs = small.generate(prompts, GREEDY, lora_request=loras)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert small.engine.lora.num_loads >= 6 and len(small.engine.lora.host) == 1
+    pair = small.generate([PROMPTS[0]], SamplingParams(n=2, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
+                          lora_request=loras[1])[0]
+    assert [c.token_ids for c in pair.outputs] == [expected[1]] * 2
+    assert small.engine.lora.refs == [0]
+
+
+def test_prefix_cache_is_keyed_by_adapter(h1_llm, h1_dir, adapters):
+    prompt = list(range(20, 60))  # several KV blocks
+    request = lora("all", adapters["h1", "all"], H1_IDS["all"])
+    base = [h1_llm.generate([prompt], GREEDY)[0] for _ in range(3)]  # the second checkpoints the shared prefix
+    assert base[2].num_cached_tokens == 32
+    runs = [h1_llm.generate([prompt], GREEDY, lora_request=request)[0] for _ in range(3)]
+    assert [r.num_cached_tokens for r in runs] == [0, 0, 32]  # the base model's prefix is not the adapter's
+    tokens, _ = peft_greedy(h1_dir, adapters["h1", "all"], prompt, MAX_TOKENS)
+    assert all(r.outputs[0].token_ids == tokens for r in runs)
+    assert base[0].outputs[0].token_ids != tokens
+
+
+def test_rank_over_max_lora_rank_is_refused(h1_llm, h1_dir, tmp_path):
+    big = build_adapter(h1_dir, tmp_path / "big", ["q_proj"], r=32, alpha=32)
+    with pytest.raises(LoRAError, match="rank 32 .* --max-lora-rank 16"):
+        h1_llm.generate(PROMPTS, GREEDY, lora_request=lora("big", big, 100))
+    with pytest.raises(LoRAError, match="--max-lora-rank 16"):  # at start-up
+        LLMEngine(EngineArgs(model=str(h1_dir), device="cpu", dtype="float32", enable_lora=True,
+                             lora_modules=[LoRAModulePath("big", str(big))]))
+
+
+def _edited(adapter, tmp_path, **changes):
+    directory = tmp_path / "edited"
+    shutil.copytree(adapter, directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config.update(changes)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(bias="all"), "bias 'all' is not supported"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    (dict(use_dora=True), "DoRA"),
+    (dict(fan_in_fan_out=True), "fan_in_fan_out"),
+    (dict(peft_type="IA3"), "peft_type"),
+    (dict(target_modules=["o_proj"]), "target_modules does not name it"),
+])
+def test_unsupported_adapter_options_are_refused(h1_llm, adapters, tmp_path, changes, message):
+    directory = _edited(adapters["h1", "attention"], tmp_path, **changes)
+    with pytest.raises(LoRAError, match=message):
+        h1_llm.engine.add_lora(lora("edited", directory, 200))
+    assert "edited" not in h1_llm.engine.lora.names
+
+
+def test_bin_only_adapter_and_reused_id_are_refused(h1_llm, adapters, tmp_path):
+    directory = _edited(adapters["h1", "mlp"], tmp_path)
+    (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
+    with pytest.raises(LoRAError, match="safe_serialization"):
+        h1_llm.engine.add_lora(lora("bin", directory, 300))
+    h1_llm.engine.add_lora(lora("attention", adapters["h1", "attention"], H1_IDS["attention"]))
+    with pytest.raises(LoRAError, match="already adapter 'attention'"):
+        h1_llm.engine.add_lora(lora("other", adapters["h1", "mlp"], H1_IDS["attention"]))
+
+
+def test_adapter_without_enable_lora_is_refused(h1_dir, adapters):
+    llm = LLM(str(h1_dir), device="cpu", dtype="float32")
+    with pytest.raises(LoRAError, match="enable_lora"):
+        llm.generate(PROMPTS, GREEDY, lora_request=lora("mlp", adapters["h1", "mlp"], 1))
