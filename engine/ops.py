@@ -76,10 +76,11 @@ def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:
 
 
 def lora_delta(x: torch.Tensor, out: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
-               col_slice: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
-    """out [T, N] += each row's adapter delta (x A^T) B^T, in place; rows with slot < 0 unchanged (kernels/lora.py)."""
-    h = _impl(lora_kernels, "lora_shrink", x)(x, a_stack, row_slots)
-    return _impl(lora_kernels, "lora_expand", x)(h, b_stack, col_slice, row_slots, out)
+               slice_starts: torch.Tensor, widest: int, rows: lora_kernels.LoRARows) -> torch.Tensor:
+    """out [T, N] += each row's adapter delta (x A^T) B^T per output slice, in place; rows without an adapter
+    unchanged (kernels/lora.py)."""
+    h = _impl(lora_kernels, "lora_shrink", x)(x, a_stack, rows)
+    return _impl(lora_kernels, "lora_expand", x)(h, b_stack, slice_starts, widest, rows, out)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,

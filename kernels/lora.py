@@ -1,105 +1,170 @@
 """Batched multi-adapter LoRA: every row of the flat batch carries an adapter slot (< 0: none), and the
 projection's output gets that adapter's delta, y += (x A^T) B^T, in two steps:
 
-    shrink:  h[t]    = A[slot_t] @ x[t]                      A stack [L, S*R, K] -> h [T, S*R] (fp32)
-    expand:  y[t, n] += h[t, s(n)*R : s(n)*R+R] . B[slot_t, n]   B stack [L, N, R], s(n) = col_slice[n]
+    shrink:  h[t]          = A[slot_t] @ x[t]                              A stack [L, S*R, K] -> h [T, S*R] fp32
+    expand:  y[t, n0:n1]  += B[slot_t, n0:n1] @ h[t, s*R:(s+1)*R]        for each slice s = [n0, n1) of y
 
 A fused projection computes S slices (e.g. Mamba in_proj | q | k | v); slice s of an adapter owns rows
-s*R..s*R+R-1 of its A and the output columns n with col_slice[n] == s of its B. R is the stack's rank
-(--max-lora-rank): a smaller adapter is zero-padded, a slice it does not target is all zeros. The
-adapter's scaling (and Falcon-H1's multipliers) are folded into B. Stacks have a fixed size, so CUDA
-graphs capture the kernels once, whichever adapters are loaded; rows with slot < 0 are skipped.
+s*R .. s*R+R-1 of its A and output columns slice_starts[s] .. slice_starts[s+1]-1 of its B. R is the stacks'
+rank (--max-lora-rank): a smaller adapter is zero-padded, a slice it does not target is all zeros. Its
+scaling (and Falcon-H1's multipliers) are folded into B.
+
+The kernels take the rows grouped by slot (`group_rows`, once per forward, on the device): a program
+handles one slot's rows, so each adapter's weights are read once per tile and multiplied with all its
+rows at once (tl.dot); slots no row uses cost an empty program. Stacks have a fixed size and the grid
+depends only on shapes, so CUDA graphs capture the kernels once, whichever adapters are loaded.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 
-def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
-    """h [T, S*R] fp32: x [T, K] times the A of each row's slot (rows with slot < 0: zeros)."""
+@dataclass
+class LoRARows:
+    """The adapter slot of each row of a batch, and the rows grouped by slot."""
+
+    row_slots: torch.Tensor  # [T] int32, < 0: no adapter
+    sorted_rows: torch.Tensor  # [T] int32, row indices ordered by slot (rows without an adapter last)
+    slot_starts: torch.Tensor  # [L+1] int32: slot l's rows are sorted_rows[slot_starts[l]:slot_starts[l+1]]
+
+
+def group_rows(row_slots: torch.Tensor, num_slots: int) -> LoRARows:
+    """Device ops only (no host sync), so it can run inside a captured CUDA graph."""
+    key = torch.where(row_slots < 0, num_slots, row_slots)
+    sorted_rows = torch.argsort(key, stable=True).to(torch.int32)
+    counts = (key[None, :] == torch.arange(num_slots, device=key.device)[:, None]).sum(1)
+    starts = torch.zeros(num_slots + 1, dtype=torch.int32, device=key.device)
+    starts[1:] = counts.cumsum(0)
+    return LoRARows(row_slots, sorted_rows, starts)
+
+
+def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, rows: LoRARows) -> torch.Tensor:
+    """h [T, S*R] fp32: x [T, K] times the A of each row's slot (rows without an adapter: zeros)."""
     h = x.new_zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32)
-    for slot in row_slots.unique().tolist():
+    for slot in rows.row_slots.unique().tolist():
         if slot >= 0:
-            rows = row_slots == slot
-            h[rows] = x[rows].float() @ a_stack[slot].float().t()
+            mask = rows.row_slots == slot
+            h[mask] = x[mask].float() @ a_stack[slot].float().t()
     return h
 
 
-def lora_expand_ref(h: torch.Tensor, b_stack: torch.Tensor, col_slice: torch.Tensor, row_slots: torch.Tensor,
+def lora_expand_ref(h: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.Tensor, widest: int, rows: LoRARows,
                     out: torch.Tensor) -> torch.Tensor:
-    """out [T, N] += per row, each output column's slice of h times that column's B row (in place)."""
-    rank = b_stack.shape[2]
-    cols = torch.arange(rank, device=h.device)[None, :] + col_slice[:, None].long() * rank  # [N, R] into h
-    for slot in row_slots.unique().tolist():
+    """out [T, N] += per row and slice, B's slice rows times h's slice (in place; other rows unchanged).
+    slice_starts [S+1] int32: the slices' output columns; widest: the widest slice (sizes the kernel's grid)."""
+    R, bounds = b_stack.shape[2], slice_starts.tolist()
+    for slot in rows.row_slots.unique().tolist():
         if slot >= 0:
-            rows = row_slots == slot
-            delta = (h[rows][:, cols] * b_stack[slot].float()[None]).sum(-1)  # [rows, N]
-            out[rows] = (out[rows].float() + delta).to(out.dtype)
+            mask = rows.row_slots == slot
+            for s, (n0, n1) in enumerate(zip(bounds, bounds[1:])):
+                delta = h[mask, s * R:(s + 1) * R] @ b_stack[slot, n0:n1].float().t()
+                out[mask, n0:n1] = (out[mask, n0:n1].float() + delta).to(out.dtype)
     return out
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, h_ptr, slots_ptr, N, K, stride_x, stride_al, stride_an, stride_h,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
-    slot = tl.load(slots_ptr + row)
-    if slot >= 0:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        a_rows = a_ptr + slot.to(tl.int64) * stride_al + offs_n[:, None] * stride_an
-        for k0 in range(0, K, BLOCK_K):
+def _shrink_kernel(x_ptr, a_ptr, h_ptr, rows_ptr, starts_ptr, N, K, k_per_split, stride_x, stride_al, stride_an,
+                   stride_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
+    slot = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(2) * k_per_split
+    start = tl.load(starts_ptr + slot)
+    end = tl.load(starts_ptr + slot + 1)
+    a_base = a_ptr + slot.to(tl.int64) * stride_al + offs_n[None, :] * stride_an
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < end
+        rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * stride_x + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            a = tl.load(a_rows + offs_k[None, :], mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
-            acc += tl.sum(a.to(tl.float32) * x[None, :], axis=1)
-        tl.store(h_ptr + row * stride_h + offs_n, acc, mask=offs_n < N)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + rows[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            a = tl.load(a_base + offs_k[:, None], mask=k_mask[:, None] & (offs_n[None, :] < N), other=0.0)
+            acc += tl.dot(x, a, input_precision=PRECISION)
+        ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
+        mask = m_mask[:, None] & (offs_n[None, :] < N)
+        if SPLIT_K > 1:
+            tl.atomic_add(ptrs, acc, mask=mask)
+        else:
+            tl.store(ptrs, acc, mask=mask)
 
 
 @triton.jit
-def _expand_kernel(h_ptr, b_ptr, col_slice_ptr, slots_ptr, out_ptr, N, R, stride_h, stride_bl, stride_bn,
-                   stride_o, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    row = tl.program_id(0)
-    slot = tl.load(slots_ptr + row)
-    if slot >= 0:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _expand_kernel(h_ptr, b_ptr, rows_ptr, starts_ptr, slice_starts_ptr, out_ptr, R, stride_h, stride_bl, stride_bn,
+                   stride_o, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    slot = tl.program_id(0)
+    s = tl.program_id(1)
+    n_lo = tl.load(slice_starts_ptr + s) + tl.program_id(2) * BLOCK_N
+    n_hi = tl.load(slice_starts_ptr + s + 1)
+    if n_lo < n_hi:  # slices differ in width: the grid covers the widest
+        offs_n = n_lo + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
-        n_mask = offs_n < N
-        mask = n_mask[:, None] & (offs_r[None, :] < R)
-        s = tl.load(col_slice_ptr + offs_n, mask=n_mask, other=0)
-        h = tl.load(h_ptr + row * stride_h + s[:, None] * R + offs_r[None, :], mask=mask, other=0.0)
-        b = tl.load(b_ptr + slot.to(tl.int64) * stride_bl + offs_n[:, None] * stride_bn + offs_r[None, :],
-                    mask=mask, other=0.0)
-        delta = tl.sum(h * b.to(tl.float32), axis=1)
-        y = tl.load(out_ptr + row * stride_o + offs_n, mask=n_mask).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + offs_n, (y + delta).to(out_ptr.dtype.element_ty), mask=n_mask)
+        n_mask, r_mask = offs_n < n_hi, offs_r < R
+        b = tl.load(b_ptr + slot.to(tl.int64) * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None],
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [R, N] = this slice's B^T
+        start = tl.load(starts_ptr + slot)
+        end = tl.load(starts_ptr + slot + 1)
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < end
+            rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
+            h = tl.load(h_ptr + rows[:, None] * stride_h + s * R + offs_r[None, :],
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            delta = tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
+            ptrs = out_ptr + rows[:, None] * stride_o + offs_n[None, :]
+            mask = m_mask[:, None] & n_mask[None, :]
+            y = tl.load(ptrs, mask=mask).to(tl.float32)
+            tl.store(ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
-    """Triton version of lora_shrink_ref (rows with slot < 0 are left unwritten: expand skips them too)."""
-    assert x.dim() == 2 and x.stride(1) == 1 and a_stack.is_contiguous()
+def _block_m(num_rows: int) -> int:
+    return 16 if num_rows <= 128 else 64  # decode: a few rows per adapter; prefill: many
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays fp32 (no TF32); 16-bit types ignore it
+
+
+def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, rows: LoRARows) -> torch.Tensor:
+    """Triton version of lora_shrink_ref. K is split over programs (atomic fp32 adds) so that a few decode
+    rows still spread over the GPU."""
+    assert x.dim() == 2 and x.stride(1) == 1 and a_stack.is_contiguous() and x.dtype == a_stack.dtype
     T, K = x.shape
-    N = a_stack.shape[1]
-    h = torch.empty(T, N, dtype=torch.float32, device=x.device)
-    block_n = min(64, triton.next_power_of_2(N))
+    L, N = a_stack.shape[:2]
+    h = torch.zeros(T, N, dtype=torch.float32, device=x.device)
+    block_n = max(16, min(64, triton.next_power_of_2(N)))
+    block_k = max(16, min(64, triton.next_power_of_2(K)))
+    split_k = max(1, min(16, K // 256))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    split_k = triton.cdiv(K, k_per_split)
     if T:
-        _shrink_kernel[(T, triton.cdiv(N, block_n))](x, a_stack, h, row_slots, N, K, x.stride(0), a_stack.stride(0),
-                                                     a_stack.stride(1), h.stride(0), BLOCK_N=block_n,
-                                                     BLOCK_K=min(128, triton.next_power_of_2(K)))
+        _shrink_kernel[(L, triton.cdiv(N, block_n), split_k)](
+            x, a_stack, h, rows.sorted_rows, rows.slot_starts, N, K, k_per_split, x.stride(0), a_stack.stride(0),
+            a_stack.stride(1), h.stride(0), BLOCK_M=_block_m(T), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+            PRECISION=_precision(x.dtype))
     return h
 
 
-def lora_expand(h: torch.Tensor, b_stack: torch.Tensor, col_slice: torch.Tensor, row_slots: torch.Tensor,
+def lora_expand(h: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.Tensor, widest: int, rows: LoRARows,
                 out: torch.Tensor) -> torch.Tensor:
     """Triton version of lora_expand_ref, in place on out [T, N] (unit column stride)."""
     assert out.dim() == 2 and out.stride(1) == 1 and b_stack.is_contiguous()
-    T, N = out.shape
-    R = b_stack.shape[2]
-    block_n = min(128, triton.next_power_of_2(N))
+    T = out.shape[0]
+    L, _, R = b_stack.shape
+    num_slices = slice_starts.shape[0] - 1
+    block_n = max(16, min(128, triton.next_power_of_2(widest)))
     if T:
-        _expand_kernel[(T, triton.cdiv(N, block_n))](h, b_stack, col_slice, row_slots, out, N, R, h.stride(0),
-                                                     b_stack.stride(0), b_stack.stride(1), out.stride(0),
-                                                     BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(R))
+        _expand_kernel[(L, num_slices, triton.cdiv(widest, block_n))](
+            h, b_stack, rows.sorted_rows, rows.slot_starts, slice_starts, out, R, h.stride(0), b_stack.stride(0),
+            b_stack.stride(1), out.stride(0), BLOCK_M=_block_m(T), BLOCK_N=block_n,
+            BLOCK_R=max(16, triton.next_power_of_2(R)), PRECISION=_precision(b_stack.dtype))
     return out

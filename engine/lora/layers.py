@@ -4,7 +4,8 @@ A model lists its LoRA targets (`lora_targets()`): each layer whose output an ad
 the checkpoint modules it computes as slices of its output (a fused Mamba in_proj | q | k | v is four).
 `install_lora` wraps each in a LoRALinear holding fixed-size stacks [max_loras, ...] of every slot's A
 and B (kernels/lora.py). The rows' slots come from one LoRAContext shared by all layers, set per step
-by the model runner (or pointing at the CUDA graphs' static slot buffer).
+by the model runner (or pointing at the CUDA graphs' static slot buffer); a hook at the start of the
+model's forward groups the rows by slot once for all layers (inside a captured graph, too).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from engine import ops
+from kernels.lora import LoRARows, group_rows
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,13 @@ class LoRATarget:
 class LoRAContext:
     """The adapter slot of each row of the current forward (None: no row uses an adapter)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
         self.row_slots: torch.Tensor | None = None
+        self.rows: LoRARows | None = None  # row_slots grouped by slot, at the start of each forward
+
+    def group(self) -> None:
+        self.rows = group_rows(self.row_slots, self.num_slots) if self.row_slots is not None else None
 
 
 class LoRALinear(nn.Module):
@@ -42,17 +49,15 @@ class LoRALinear(nn.Module):
         self.register_buffer("lora_a", torch.zeros(max_loras, len(sizes) * max_rank, target.in_features,
                                                    dtype=dtype, device=device))
         self.register_buffer("lora_b", torch.zeros(max_loras, sum(sizes), max_rank, dtype=dtype, device=device))
-        self.register_buffer("col_slice", torch.repeat_interleave(
-            torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes)).to(device))
+        self.register_buffer("slice_starts", torch.tensor([*self.offsets, sum(sizes)], dtype=torch.int32,
+                                                          device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.context.row_slots is None:
+        rows = self.context.rows
+        if rows is None:
             return y
-        shape = y.shape
-        out = ops.lora_delta(x.reshape(-1, x.shape[-1]), y.reshape(-1, shape[-1]), self.lora_a, self.lora_b,
-                             self.col_slice, self.context.row_slots)
-        return out.view(shape)
+        return ops.lora_delta(x, y, self.lora_a, self.lora_b, self.slice_starts, max(self.sizes), rows)
 
     @torch.no_grad()
     def set_slice(self, slot: int, index: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
@@ -70,7 +75,8 @@ def install_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.d
                  ) -> tuple[LoRAContext, dict[str, tuple[LoRALinear, int]]]:
     """Wraps the model's LoRA targets; returns the shared context and, per checkpoint module name, the
     wrapped layer and slice that computes it."""
-    context = LoRAContext()
+    context = LoRAContext(max_loras)
+    model.register_forward_pre_hook(lambda module, args: context.group())
     slices: dict[str, tuple[LoRALinear, int]] = {}
     for target in model.lora_targets():
         owner, _, attr = target.path.rpartition(".")
