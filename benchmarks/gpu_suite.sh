@@ -28,3 +28,6 @@ python3 -m benchmarks.prefix_cache --out "$out/prefix_cache.md" 2>&1 | tail -30
 
 # 5. the cost of constrained decoding (needs llguidance's wheel in .whl/ too)
 python3 -m benchmarks.structured --model falcon-h1-7b --out "$out/structured.md" 2>&1 | tail -10
+
+# 6. LoRA adapters: decode with none, one and 8 mixed rank-16 adapters
+python3 -m benchmarks.lora --out "$out/lora.md" 2>&1 | tail -12

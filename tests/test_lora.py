@@ -183,3 +183,20 @@ def test_adapter_without_enable_lora_is_refused(h1_dir, adapters):
     llm = LLM(str(h1_dir), device="cpu", dtype="float32")
     with pytest.raises(LoRAError, match="enable_lora"):
         llm.generate(PROMPTS, GREEDY, lora_request=lora("mlp", adapters["h1", "mlp"], 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_cuda_mixed_adapters_match_peft(h1_dir, adapters, enforce_eager):
+    """On the GPU (Triton kernels; decode steps replayed from CUDA graphs captured before any adapter was
+    loaded), a mixed batch gives transformers+peft's greedy tokens, with adapters evicted between runs."""
+    llm = LLM(str(h1_dir), device="cuda", dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
+              max_num_seqs=8, enforce_eager=enforce_eager, gpu_memory_utilization=0.2)
+    assert (llm.engine.runner.graphs is None) == enforce_eager
+    prompts, loras = mixed_requests(adapters)
+    for _ in range(2):
+        outputs = llm.generate(prompts, GREEDY, lora_request=loras)
+        for prompt, request, out in zip(prompts, loras, outputs):
+            tokens, _ = peft_greedy(h1_dir, adapters["h1", request.lora_name] if request else None, prompt,
+                                    MAX_TOKENS)
+            assert out.outputs[0].token_ids == tokens
