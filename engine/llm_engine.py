@@ -227,7 +227,8 @@ class LLMEngine:
                 logits, prompt_scores = self.runner.execute(sched)  # returns before the device is done
         except Exception as e:
             self._die("engine step failed; the engine cannot continue", e)
-        failed: dict[str, Exception] = {}
+        # Requests whose adapter failed to load at admission (the scheduler refused them) fail alone.
+        failed: dict[str, Exception] = {seq.request_id: e for seq, e in self.scheduler.take_refused()}
         outputs = self._report_deferred(failed)
         if not sched:
             return self._mark_finished_requests(outputs + self._fail_requests(failed))

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.cache_manager import CacheManager, PrefixHit
+from engine.lora import LoRAError
 from engine.lora.manager import LoRAManager
 from engine.sequence import Sequence, SequenceStatus
 from kernels import PAD_SLOT
@@ -40,6 +41,7 @@ class Scheduler:
                  lora: LoRAManager | None = None):
         self.cache = cache
         self.lora = lora  # a sequence with an adapter is admitted once a device slot holds it
+        self.refused: list[tuple[Sequence, Exception]] = []  # whose adapter failed to load at admission
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -85,8 +87,14 @@ class Scheduler:
         self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
         # After a preemption, admitting more would only take the blocks back from whoever needs them next.
         admit = self.num_preemptions == preemptions_before
-        while admit and self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
+        waiting_for_adapter: list[Sequence] = []  # later requests may go first: they need no busy slot
+        while admit and self.waiting and budget > 0:
             seq = self.waiting[0]
+            if seq.lora_id is not None and not self.lora.can_acquire(seq.lora_id):
+                waiting_for_adapter.append(self.waiting.popleft())
+                continue
+            if not self._can_admit(seq):
+                break
             hit = self.cache.lookup(seq)
             seq.checkpoint_at = hit.branch_point
             n = self._chunk(seq, hit.num_tokens, budget)
@@ -95,9 +103,11 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._leave_waiting(seq)
-            self._admit(seq, hit, n)
+            if not self._admit(seq, hit, n):
+                continue
             budget -= n
             prefills.append((seq, n))
+        self.waiting.extendleft(reversed(waiting_for_adapter))
         return ScheduledBatch(seqs=decodes + [s for s, _ in prefills],
                               num_new_tokens=[1] * len(decodes) + [n for _, n in prefills],
                               num_decodes=len(decodes))
@@ -113,14 +123,24 @@ class Scheduler:
     def _can_admit(self, seq: Sequence) -> bool:
         # A request with n samples holds n slots from the start, so forking it never waits.
         return (len(self.running) + seq.num_samples <= self.max_num_seqs
-                and self.cache.num_free_slots >= seq.num_samples
-                and (seq.lora_id is None or self.lora.can_acquire(seq.lora_id)))
+                and self.cache.num_free_slots >= seq.num_samples)
 
     def _fork_blocks(self, seq: Sequence) -> int:
         # Each extra sample gets its own copy of the last, partly filled prompt block.
         return seq.num_samples - 1 if self.cache.block_size else 0
 
-    def _admit(self, seq: Sequence, hit: PrefixHit, num_new_tokens: int) -> None:
+    def take_refused(self) -> list[tuple[Sequence, Exception]]:
+        refused, self.refused = self.refused, []
+        return refused
+
+    def _admit(self, seq: Sequence, hit: PrefixHit, num_new_tokens: int) -> bool:
+        """False if seq's adapter no longer loads: seq is then in `refused`, holding nothing."""
+        if seq.lora_id is not None:
+            try:
+                seq.lora_slot = self.lora.acquire(seq.lora_id)
+            except LoRAError as e:
+                self.refused.append((seq, e))
+                return False
         seq.state_slot = self.cache.take_slot()
         # The hit's blocks are referenced before any block is taken, so taking one cannot evict them.
         self.cache.acquire(seq, hit, hit.num_tokens + num_new_tokens)
@@ -128,8 +148,6 @@ class Scheduler:
         seq.reserved_blocks = [self.cache.take_block() for _ in range(self._fork_blocks(seq))]
         seq.status = SequenceStatus.RUNNING
         seq.admitted_order = next(self._admissions)
-        if seq.lora_id is not None:
-            seq.lora_slot = self.lora.acquire(seq.lora_id)
         if seq.queue_time is None:  # first admission: what the request's usage and the metrics report
             seq.queue_time = time.monotonic() - seq.arrival_time
             seq.num_cached_tokens = hit.num_tokens
@@ -137,6 +155,7 @@ class Scheduler:
                 self.cache.stats.queries += seq.num_tokens
                 self.cache.stats.hits += hit.num_tokens
         self.running.append(seq)
+        return True
 
     def _reserve_blocks(self, seq: Sequence, num_tokens: int) -> bool:
         """Makes room for seq's first num_tokens tokens, preempting newer sequences; False if seq itself went."""

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "max-num-seqs on CPU)")
 
     g = p.add_argument_group("LoRA adapters")
-    g.add_argument("--enable-lora", action="store_true",
+    g.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=d["enable_lora"],
                    help="serve PEFT LoRA adapters; a request picks one by `model`")
     g.add_argument("--lora-modules", nargs="+", type=lora_module, metavar="NAME=PATH",
                    help="adapters to serve from start-up: name=path (a PEFT adapter directory or hub repo id), or "

@@ -64,7 +64,7 @@ class ServerState:
     def lora_adapters(self) -> dict:
         """The LoRA adapters requests may name: name -> engine.lora.LoRARequest."""
         lora = self.engine.engine.lora if self.engine is not None else None
-        return dict(lora.names) if lora is not None else {}
+        return lora.served() if lora is not None else {}
 
     def check_model(self, requested: str | None) -> str:
         """The model name to answer with (the base model or a LoRA adapter); 404 for a name this server does

@@ -200,3 +200,29 @@ def test_cuda_mixed_adapters_match_peft(h1_dir, adapters, enforce_eager):
             tokens, _ = peft_greedy(h1_dir, adapters["h1", request.lora_name] if request else None, prompt,
                                     MAX_TOKENS)
             assert out.outputs[0].token_ids == tokens
+
+
+def test_requests_wait_for_an_adapter_slot_without_blocking_others(h1_dir, adapters):
+    engine = LLMEngine(EngineArgs(model=str(h1_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=1))
+    first, second = (engine.add_lora(lora(n, adapters["h1", n], i + 1)) for i, n in enumerate(["mlp", "attention"]))
+    for request_id, lora_id in [("a", first), ("b", second), ("base", None)]:
+        engine.enqueue(request_id, PROMPTS[0], GREEDY, lora_id)
+    engine.step()
+    status = {r: engine.sequences[r][0].status.value for r in ("a", "b", "base")}
+    assert status == {"a": "running", "b": "waiting", "base": "running"}  # b waits for a's slot, base does not
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.lora.refs == [0] and engine.scheduler.num_waiting_requests == 0
+
+
+def test_adapter_that_no_longer_loads_fails_its_request_only(h1_dir, adapters, tmp_path):
+    llm = LLM(str(h1_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=1, max_cpu_loras=1)
+    gone = shutil.copytree(adapters["h1", "mlp"], tmp_path / "gone")
+    llm.engine.add_lora(lora("gone", gone, 1))
+    llm.engine.add_lora(lora("attention", adapters["h1", "attention"], 2))  # pushes "gone" out of host memory
+    shutil.rmtree(gone)
+    outputs = llm.generate(PROMPTS, GREEDY, lora_request=[lora("gone", gone, 1), None])
+    assert outputs[0].outputs[0].finish_reason == "error" and outputs[0].outputs[0].token_ids == []
+    assert outputs[1].outputs[0].token_ids == peft_greedy(h1_dir, None, PROMPTS[1], MAX_TOKENS)[0]
+    again = llm.generate(PROMPTS[:1], GREEDY, lora_request=lora("attention", adapters["h1", "attention"], 2))
+    assert again[0].outputs[0].token_ids == peft_greedy(h1_dir, adapters["h1", "attention"], PROMPTS[0], MAX_TOKENS)[0]

@@ -43,6 +43,7 @@ class LoRAManager:
         self.refs = [0] * max_loras
         self.idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(max_loras))  # LRU first
         self.num_loads = 0  # adapters copied into a device slot (a reload after eviction counts again)
+        self._next_id = 1
         self._lock = threading.Lock()
 
     # ---- registry (any thread) ------------------------------------------------------------------
@@ -61,6 +62,8 @@ class LoRAManager:
                 raise LoRAError(f"a LoRA adapter named {request.lora_name!r} is already loaded")
         weights = self._read(request)  # outside the lock: it reads files
         with self._lock:
+            if self.names.get(request.lora_name, request) != request or request.lora_int_id in self.known:
+                raise LoRAError(f"adapter {request.lora_name!r} (id {request.lora_int_id}) was added meanwhile")
             self.known[request.lora_int_id] = request
             self.names[request.lora_name] = request
             self._keep_in_host(weights)
@@ -73,8 +76,16 @@ class LoRAManager:
             return self.names.pop(name)
 
     def next_id(self) -> int:
+        """An id no adapter has had (ids are never reused: the prefix cache keys on them)."""
         with self._lock:
-            return max(self.known, default=0) + 1
+            self._next_id = max(self._next_id, max(self.known, default=0) + 1)
+            self._next_id += 1
+            return self._next_id - 1
+
+    def served(self) -> dict[str, LoRARequest]:
+        """The adapters requests may name, by name (a copy)."""
+        with self._lock:
+            return dict(self.names)
 
     # ---- device slots (engine thread, between steps) --------------------------------------------
 
@@ -82,14 +93,16 @@ class LoRAManager:
         return lora_id in self.slot_of or bool(self.idle)
 
     def acquire(self, lora_id: int) -> int:
-        """The slot holding the adapter, loading it (evicting the least recently used idle one) if needed."""
+        """The slot holding the adapter, loading it (evicting the least recently used idle one) if needed.
+        LoRAError (nothing changed) if the adapter must be read again and its files no longer load."""
         slot = self.slot_of.get(lora_id)
         if slot is None:
+            weights = self._host_weights(lora_id)
             slot, _ = self.idle.popitem(last=False)
             old = self.slot_owner[slot]
             if old is not None:
                 del self.slot_of[old]
-            self._load_slot(slot, self._host_weights(lora_id))
+            self._load_slot(slot, weights)
             self.slot_owner[slot], self.slot_of[lora_id] = lora_id, slot
         self.idle.pop(slot, None)
         self.refs[slot] += 1

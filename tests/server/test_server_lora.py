@@ -158,3 +158,10 @@ def test_cli_lora_flags():
                 ["--enable-lora", "--lora-modules", '{"name": "b"}']):
         with pytest.raises(SystemExit):
             parse_args(parser, bad)
+
+
+def test_lora_flags_in_a_preset(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("enable_lora: true\nlora_modules: [a=/x/a]\nmax_loras: 3\n")
+    args = parse_args(build_parser(), ["--config", str(preset)])
+    assert args.enable_lora and args.lora_modules == [LoRAModulePath("a", "/x/a")] and args.max_loras == 3
