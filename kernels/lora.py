@@ -10,9 +10,10 @@ rank (--max-lora-rank): a smaller adapter is zero-padded, a slice it does not ta
 scaling (and Falcon-H1's multipliers) are folded into B.
 
 The kernels take the rows grouped by slot (`group_rows`, once per forward, on the device): a program
-handles one slot's rows, so each adapter's weights are read once per tile and multiplied with all its
-rows at once (tl.dot); slots no row uses cost an empty program. Stacks have a fixed size and the grid
-depends only on shapes, so CUDA graphs capture the kernels once, whichever adapters are loaded.
+handles a block of one slot's rows, so each adapter's weights are read once per tile and multiplied with
+all those rows at once (tl.dot); slots no row uses cost empty programs. Stacks have a fixed size and the
+grid depends only on shapes, so CUDA graphs capture the kernels once, whichever adapters are loaded.
+No atomics: the shrink's split-K partial sums are added by the expand, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ def group_rows(row_slots: torch.Tensor, num_slots: int) -> LoRARows:
 
 
 def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, rows: LoRARows) -> torch.Tensor:
-    """h [T, S*R] fp32: x [T, K] times the A of each row's slot (rows without an adapter: zeros)."""
-    h = x.new_zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32)
+    """h [1, T, S*R] fp32: x [T, K] times the A of each row's slot (rows without an adapter: zeros). The
+    leading axis holds partial sums over K that expand adds up (the kernel splits K; here there is one)."""
+    h = x.new_zeros(1, x.shape[0], a_stack.shape[1], dtype=torch.float32)
     for slot in rows.row_slots.unique().tolist():
         if slot >= 0:
             mask = rows.row_slots == slot
-            h[mask] = x[mask].float() @ a_stack[slot].float().t()
+            h[0, mask] = x[mask].float() @ a_stack[slot].float().t()
     return h
 
 
@@ -57,7 +59,7 @@ def lora_expand_ref(h: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.
                     out: torch.Tensor) -> torch.Tensor:
     """out [T, N] += per row and slice, B's slice rows times h's slice (in place; other rows unchanged).
     slice_starts [S+1] int32: the slices' output columns; widest: the widest slice (sizes the kernel's grid)."""
-    R, bounds = b_stack.shape[2], slice_starts.tolist()
+    R, bounds, h = b_stack.shape[2], slice_starts.tolist(), h.sum(0)
     for slot in rows.row_slots.unique().tolist():
         if slot >= 0:
             mask = rows.row_slots == slot
@@ -67,67 +69,65 @@ def lora_expand_ref(h: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.
     return out
 
 
+# Both kernels: grid axis 0 = slot (x slice), axis 2 = row block of that slot's rows. Programs past the
+# end of their slot's rows exit at once, so the grid depends on T alone, not on the rows' slots.
+
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, h_ptr, rows_ptr, starts_ptr, N, K, k_per_split, stride_x, stride_al, stride_an,
-                   stride_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   stride_hp, stride_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
     slot = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_lo = tl.program_id(2) * k_per_split
-    start = tl.load(starts_ptr + slot)
+    n_tile, part = tl.program_id(1) // SPLIT_K, tl.program_id(1) % SPLIT_K
+    m0 = tl.load(starts_ptr + slot) + tl.program_id(2) * BLOCK_M
     end = tl.load(starts_ptr + slot + 1)
-    a_base = a_ptr + slot.to(tl.int64) * stride_al + offs_n[None, :] * stride_an
-    for m0 in range(start, end, BLOCK_M):
+    if m0 < end:
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < end
+        offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask, n_mask = offs_m < end, offs_n < N
         rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
+        a_base = a_ptr + slot.to(tl.int64) * stride_al + offs_n[None, :] * stride_an
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        for k0 in range(part * k_per_split, (part + 1) * k_per_split, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             x = tl.load(x_ptr + rows[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                         other=0.0)
-            a = tl.load(a_base + offs_k[:, None], mask=k_mask[:, None] & (offs_n[None, :] < N), other=0.0)
+            a = tl.load(a_base + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc += tl.dot(x, a, input_precision=PRECISION)
-        ptrs = h_ptr + rows[:, None] * stride_h + offs_n[None, :]
-        mask = m_mask[:, None] & (offs_n[None, :] < N)
-        if SPLIT_K > 1:
-            tl.atomic_add(ptrs, acc, mask=mask)
-        else:
-            tl.store(ptrs, acc, mask=mask)
+        tl.store(h_ptr + part * stride_hp + rows[:, None] * stride_h + offs_n[None, :], acc,
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
-def _expand_kernel(h_ptr, b_ptr, rows_ptr, starts_ptr, slice_starts_ptr, out_ptr, R, stride_h, stride_bl, stride_bn,
-                   stride_o, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    slot = tl.program_id(0)
-    s = tl.program_id(1)
-    n_lo = tl.load(slice_starts_ptr + s) + tl.program_id(2) * BLOCK_N
+def _expand_kernel(h_ptr, b_ptr, rows_ptr, starts_ptr, slice_starts_ptr, out_ptr, R, num_slices, stride_hp, stride_h,
+                   stride_bl, stride_bn, stride_o, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
+    slot, s = tl.program_id(0) // num_slices, tl.program_id(0) % num_slices
+    n_lo = tl.load(slice_starts_ptr + s) + tl.program_id(1) * BLOCK_N
     n_hi = tl.load(slice_starts_ptr + s + 1)
-    if n_lo < n_hi:  # slices differ in width: the grid covers the widest
+    m0 = tl.load(starts_ptr + slot) + tl.program_id(2) * BLOCK_M
+    end = tl.load(starts_ptr + slot + 1)
+    if (n_lo < n_hi) & (m0 < end):  # the grid covers the widest slice and every slot's possible rows
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = n_lo + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
-        n_mask, r_mask = offs_n < n_hi, offs_r < R
+        m_mask, n_mask, r_mask = offs_m < end, offs_n < n_hi, offs_r < R
+        rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
+        h_ptrs = h_ptr + rows[:, None] * stride_h + s * R + offs_r[None, :]
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for part in tl.static_range(SPLIT_K):  # the shrink's partial sums over K
+            h += tl.load(h_ptrs + part * stride_hp, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         b = tl.load(b_ptr + slot.to(tl.int64) * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None],
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [R, N] = this slice's B^T
-        start = tl.load(starts_ptr + slot)
-        end = tl.load(starts_ptr + slot + 1)
-        for m0 in range(start, end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < end
-            rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
-            h = tl.load(h_ptr + rows[:, None] * stride_h + s * R + offs_r[None, :],
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            delta = tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
-            ptrs = out_ptr + rows[:, None] * stride_o + offs_n[None, :]
-            mask = m_mask[:, None] & n_mask[None, :]
-            y = tl.load(ptrs, mask=mask).to(tl.float32)
-            tl.store(ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=mask)
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [R, N]: this slice's B^T
+        delta = tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
+        ptrs = out_ptr + rows[:, None] * stride_o + offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        y = tl.load(ptrs, mask=mask).to(tl.float32)
+        tl.store(ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_m(num_rows: int) -> int:
-    return 16 if num_rows <= 128 else 64  # decode: a few rows per adapter; prefill: many
+    return 16 if num_rows <= 256 else 64  # decode: a few rows per adapter; prefill: many
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -135,36 +135,37 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, rows: LoRARows) -> torch.Tensor:
-    """Triton version of lora_shrink_ref. K is split over programs (atomic fp32 adds) so that a few decode
-    rows still spread over the GPU."""
+    """Triton version of lora_shrink_ref, returning [P, T, S*R] partial sums over K: P programs share each
+    K range, so that a few decode rows still spread over the GPU. Rows without an adapter stay unwritten
+    (expand never reads them)."""
     assert x.dim() == 2 and x.stride(1) == 1 and a_stack.is_contiguous() and x.dtype == a_stack.dtype
     T, K = x.shape
     L, N = a_stack.shape[:2]
-    h = torch.zeros(T, N, dtype=torch.float32, device=x.device)
-    block_n = max(16, min(64, triton.next_power_of_2(N)))
+    block_m, block_n = _block_m(T), max(16, min(64, triton.next_power_of_2(N)))
     block_k = max(16, min(64, triton.next_power_of_2(K)))
-    split_k = max(1, min(16, K // 256))
+    split_k = 1 if T > 256 else max(1, min(16, K // 256))  # prefill: row blocks give the parallelism
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
+    h = torch.empty(split_k, T, N, dtype=torch.float32, device=x.device)
     if T:
-        _shrink_kernel[(L, triton.cdiv(N, block_n), split_k)](
+        _shrink_kernel[(L, triton.cdiv(N, block_n) * split_k, triton.cdiv(T, block_m))](
             x, a_stack, h, rows.sorted_rows, rows.slot_starts, N, K, k_per_split, x.stride(0), a_stack.stride(0),
-            a_stack.stride(1), h.stride(0), BLOCK_M=_block_m(T), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-            PRECISION=_precision(x.dtype))
+            a_stack.stride(1), h.stride(0), h.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            SPLIT_K=split_k, PRECISION=_precision(x.dtype))
     return h
 
 
 def lora_expand(h: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.Tensor, widest: int, rows: LoRARows,
                 out: torch.Tensor) -> torch.Tensor:
     """Triton version of lora_expand_ref, in place on out [T, N] (unit column stride)."""
-    assert out.dim() == 2 and out.stride(1) == 1 and b_stack.is_contiguous()
+    assert out.dim() == 2 and out.stride(1) == 1 and b_stack.is_contiguous() and h.stride(2) == 1
     T = out.shape[0]
     L, _, R = b_stack.shape
     num_slices = slice_starts.shape[0] - 1
-    block_n = max(16, min(128, triton.next_power_of_2(widest)))
+    block_m, block_n = _block_m(T), max(16, min(128, triton.next_power_of_2(widest)))
     if T:
-        _expand_kernel[(L, num_slices, triton.cdiv(widest, block_n))](
-            h, b_stack, rows.sorted_rows, rows.slot_starts, slice_starts, out, R, h.stride(0), b_stack.stride(0),
-            b_stack.stride(1), out.stride(0), BLOCK_M=_block_m(T), BLOCK_N=block_n,
-            BLOCK_R=max(16, triton.next_power_of_2(R)), PRECISION=_precision(b_stack.dtype))
+        _expand_kernel[(L * num_slices, triton.cdiv(widest, block_n), triton.cdiv(T, block_m))](
+            h, b_stack, rows.sorted_rows, rows.slot_starts, slice_starts, out, R, num_slices, h.stride(0), h.stride(1),
+            b_stack.stride(0), b_stack.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_R=max(16, triton.next_power_of_2(R)), SPLIT_K=h.shape[0], PRECISION=_precision(b_stack.dtype))
     return out
