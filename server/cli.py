@@ -202,6 +202,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
         parser.error("--enable-auto-tool-choice needs --tool-call-parser")
     if args.lora_modules and not args.enable_lora:
         parser.error("--lora-modules needs --enable-lora")
+    names = [m.name for m in args.lora_modules or []]
+    clash = set(names) & set(args.served_model_name or [args.model]) or {n for n in names if names.count(n) > 1}
+    if clash:
+        parser.error(f"--lora-modules names must be unique and differ from the served model's: {sorted(clash)}")
     if args.max_queue_len is not None and args.max_queue_len < 1:
         parser.error("--max-queue-len must be >= 1")
     if args.shutdown_timeout < 0:

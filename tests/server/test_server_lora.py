@@ -147,17 +147,21 @@ def test_over_rank_adapter_at_start_up_fails_the_load(start_server, h1_dir, adap
     assert "--max-lora-rank 16" in str(live.state.load_error)
 
 
-def test_cli_lora_flags():
+def test_cli_lora_flags(capsys):
     parser = build_parser()
     args = parse_args(parser, ["--enable-lora", "--lora-modules", "a=/x/a",
                                '{"name": "b", "path": "org/b", "base_model_name": "base"}',
                                "--max-loras", "4", "--max-lora-rank", "64", "--max-cpu-loras", "8"])
     assert args.lora_modules == [LoRAModulePath("a", "/x/a"), LoRAModulePath("b", "org/b", "base")]
     assert (args.max_loras, args.max_lora_rank, args.max_cpu_loras) == (4, 64, 8)
-    for bad in (["--lora-modules", "a=/x"], ["--enable-lora", "--lora-modules", "no-equals"],
-                ["--enable-lora", "--lora-modules", '{"name": "b"}']):
+    for bad, message in ((["--lora-modules", "a=/x"], "needs --enable-lora"),
+                         (["--enable-lora", "--lora-modules", "no-equals"], "expected name=path"),
+                         (["--enable-lora", "--lora-modules", '{"name": "b"}'], "expected {"),
+                         (["--enable-lora", "--served-model-name", "m", "--lora-modules", "m=/x"], "unique"),
+                         (["--enable-lora", "--lora-modules", "a=/x", "a=/y"], "unique")):
         with pytest.raises(SystemExit):
             parse_args(parser, bad)
+        assert message in capsys.readouterr().err
 
 
 def test_lora_flags_in_a_preset(tmp_path):
