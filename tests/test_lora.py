@@ -226,3 +226,23 @@ def test_adapter_that_no_longer_loads_fails_its_request_only(h1_dir, adapters, t
     assert outputs[1].outputs[0].token_ids == peft_greedy(h1_dir, None, PROMPTS[1], MAX_TOKENS)[0]
     again = llm.generate(PROMPTS[:1], GREEDY, lora_request=lora("attention", adapters["h1", "attention"], 2))
     assert again[0].outputs[0].token_ids == peft_greedy(h1_dir, adapters["h1", "attention"], PROMPTS[0], MAX_TOKENS)[0]
+
+
+def test_triton_kernels_in_the_model_match_peft(h1_dir, adapters, monkeypatch):
+    """The same mixed batch with the Triton kernels (Triton's interpreter on the CPU) in place of the torch
+    references inside every wrapped projection: the GPU code path's math, checked on the CPU."""
+    from engine import ops
+    from kernels import lora as lora_kernels
+
+    def triton_delta(x, out, a_stack, b_stack, slice_starts, widest, rows):
+        h = lora_kernels.lora_shrink(x, a_stack, rows)
+        return lora_kernels.lora_expand(h, b_stack, slice_starts, widest, rows, out)
+
+    monkeypatch.setattr(ops, "lora_delta", triton_delta)
+    llm = LLM(str(h1_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=3, max_lora_rank=16)
+    loras = [None] + [lora(name, adapters["h1", name], H1_IDS[name]) for name in MIX]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=1)
+    for request, out in zip(loras, llm.generate([PROMPTS[0]] * 4, params, lora_request=loras)):
+        tokens, logprobs = peft_greedy(h1_dir, adapters["h1", request.lora_name] if request else None, PROMPTS[0], 3)
+        assert out.outputs[0].token_ids == tokens
+        assert logprobs_of(out.outputs[0]) == pytest.approx(logprobs, abs=1e-4)
