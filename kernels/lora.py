@@ -32,16 +32,34 @@ class LoRARows:
     row_slots: torch.Tensor  # [T] int32, < 0: no adapter
     sorted_rows: torch.Tensor  # [T] int32, row indices ordered by slot (rows without an adapter last)
     slot_starts: torch.Tensor  # [L+1] int32: slot l's rows are sorted_rows[slot_starts[l]:slot_starts[l+1]]
+    # The kernels' row blocks: block j holds sorted_rows[block_start[j]:min(+BLOCK_M, end of its slot)] of
+    # slot block_slot[j] (-1: no block). cdiv(T, BLOCK_M) + L blocks bound every split of the rows.
+    block_slot: torch.Tensor  # [cdiv(T, BLOCK_M) + L] int32
+    block_start: torch.Tensor  # [cdiv(T, BLOCK_M) + L] int32
+    block_m: int
+
+
+def block_m(num_rows: int) -> int:
+    return 16 if num_rows <= 256 else 64  # decode: a few rows per adapter; prefill: many
 
 
 def group_rows(row_slots: torch.Tensor, num_slots: int) -> LoRARows:
     """Device ops only (no host sync), so it can run inside a captured CUDA graph."""
+    device, bm = row_slots.device, block_m(row_slots.shape[0])
     key = torch.where(row_slots < 0, num_slots, row_slots)
     sorted_rows = torch.argsort(key, stable=True).to(torch.int32)
-    counts = (key[None, :] == torch.arange(num_slots, device=key.device)[:, None]).sum(1)
-    starts = torch.zeros(num_slots + 1, dtype=torch.int32, device=key.device)
+    counts = (key[None, :] == torch.arange(num_slots, device=device)[:, None]).sum(1)
+    starts = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
     starts[1:] = counts.cumsum(0)
-    return LoRARows(row_slots, sorted_rows, starts)
+    blocks = (counts + bm - 1) // bm  # per slot
+    blocks_end = blocks.cumsum(0)
+    j = torch.arange(-(-row_slots.shape[0] // bm) + num_slots, device=device)
+    slot = torch.searchsorted(blocks_end, j, right=True)  # num_slots: past the last block
+    valid = slot < num_slots
+    slot = slot.clamp(max=num_slots - 1)
+    start = starts[slot] + (j - (blocks_end[slot] - blocks[slot])) * bm
+    return LoRARows(row_slots, sorted_rows, starts, torch.where(valid, slot, -1).to(torch.int32),
+                    start.to(torch.int32), bm)
 
 
 def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, rows: LoRARows) -> torch.Tensor:
@@ -69,18 +87,18 @@ def lora_expand_ref(h: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.
     return out
 
 
-# Both kernels: grid axis 0 = slot (x slice), axis 2 = row block of that slot's rows. Programs past the
-# end of their slot's rows exit at once, so the grid depends on T alone, not on the rows' slots.
+# Both kernels: grid axis 0 = row block (LoRARows.block_*): one slot's rows. The unused blocks exit at
+# once, so the grid depends on T and L alone, not on the rows' slots.
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, h_ptr, rows_ptr, starts_ptr, N, K, k_per_split, stride_x, stride_al, stride_an,
-                   stride_hp, stride_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
-    slot = tl.program_id(0)
+def _shrink_kernel(x_ptr, a_ptr, h_ptr, rows_ptr, starts_ptr, block_slot_ptr, block_start_ptr, N, K, k_per_split,
+                   stride_x, stride_al, stride_an, stride_hp, stride_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
+    slot = tl.load(block_slot_ptr + tl.program_id(0))
     n_tile, part = tl.program_id(1) // SPLIT_K, tl.program_id(1) % SPLIT_K
-    m0 = tl.load(starts_ptr + slot) + tl.program_id(2) * BLOCK_M
-    end = tl.load(starts_ptr + slot + 1)
-    if m0 < end:
+    if slot >= 0:
+        m0 = tl.load(block_start_ptr + tl.program_id(0))
+        end = tl.load(starts_ptr + slot + 1)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask, n_mask = offs_m < end, offs_n < N
@@ -99,15 +117,16 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, rows_ptr, starts_ptr, N, K, k_per_split,
 
 
 @triton.jit
-def _expand_kernel(h_ptr, b_ptr, rows_ptr, starts_ptr, slice_starts_ptr, out_ptr, R, num_slices, stride_hp, stride_h,
-                   stride_bl, stride_bn, stride_o, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _expand_kernel(h_ptr, b_ptr, rows_ptr, starts_ptr, block_slot_ptr, block_start_ptr, slice_starts_ptr, out_ptr, R,
+                   stride_hp, stride_h, stride_bl, stride_bn, stride_o, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
-    slot, s = tl.program_id(0) // num_slices, tl.program_id(0) % num_slices
-    n_lo = tl.load(slice_starts_ptr + s) + tl.program_id(1) * BLOCK_N
+    slot = tl.load(block_slot_ptr + tl.program_id(0))
+    s = tl.program_id(1)
+    n_lo = tl.load(slice_starts_ptr + s) + tl.program_id(2) * BLOCK_N
     n_hi = tl.load(slice_starts_ptr + s + 1)
-    m0 = tl.load(starts_ptr + slot) + tl.program_id(2) * BLOCK_M
-    end = tl.load(starts_ptr + slot + 1)
-    if (n_lo < n_hi) & (m0 < end):  # the grid covers the widest slice and every slot's possible rows
+    if (slot >= 0) & (n_lo < n_hi):  # the grid covers the widest slice and the most row blocks
+        m0 = tl.load(block_start_ptr + tl.program_id(0))
+        end = tl.load(starts_ptr + slot + 1)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = n_lo + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
@@ -126,10 +145,6 @@ def _expand_kernel(h_ptr, b_ptr, rows_ptr, starts_ptr, slice_starts_ptr, out_ptr
         tl.store(ptrs, (y + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_m(num_rows: int) -> int:
-    return 16 if num_rows <= 256 else 64  # decode: a few rows per adapter; prefill: many
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays fp32 (no TF32); 16-bit types ignore it
 
@@ -140,18 +155,17 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, rows: LoRARows) -> torch
     (expand never reads them)."""
     assert x.dim() == 2 and x.stride(1) == 1 and a_stack.is_contiguous() and x.dtype == a_stack.dtype
     T, K = x.shape
-    L, N = a_stack.shape[:2]
-    block_m, block_n = _block_m(T), max(16, min(64, triton.next_power_of_2(N)))
-    block_k = max(16, min(64, triton.next_power_of_2(K)))
+    N = a_stack.shape[1]
+    block_n, block_k = max(16, min(64, triton.next_power_of_2(N))), max(16, min(64, triton.next_power_of_2(K)))
     split_k = 1 if T > 256 else max(1, min(16, K // 256))  # prefill: row blocks give the parallelism
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
     h = torch.empty(split_k, T, N, dtype=torch.float32, device=x.device)
     if T:
-        _shrink_kernel[(L, triton.cdiv(N, block_n) * split_k, triton.cdiv(T, block_m))](
-            x, a_stack, h, rows.sorted_rows, rows.slot_starts, N, K, k_per_split, x.stride(0), a_stack.stride(0),
-            a_stack.stride(1), h.stride(0), h.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            SPLIT_K=split_k, PRECISION=_precision(x.dtype))
+        _shrink_kernel[(rows.block_slot.shape[0], triton.cdiv(N, block_n) * split_k)](
+            x, a_stack, h, rows.sorted_rows, rows.slot_starts, rows.block_slot, rows.block_start, N, K, k_per_split,
+            x.stride(0), a_stack.stride(0), a_stack.stride(1), h.stride(0), h.stride(1), BLOCK_M=rows.block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PRECISION=_precision(x.dtype))
     return h
 
 
@@ -160,12 +174,13 @@ def lora_expand(h: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.Tens
     """Triton version of lora_expand_ref, in place on out [T, N] (unit column stride)."""
     assert out.dim() == 2 and out.stride(1) == 1 and b_stack.is_contiguous() and h.stride(2) == 1
     T = out.shape[0]
-    L, _, R = b_stack.shape
+    R = b_stack.shape[2]
     num_slices = slice_starts.shape[0] - 1
-    block_m, block_n = _block_m(T), max(16, min(128, triton.next_power_of_2(widest)))
+    block_n = max(16, min(128, triton.next_power_of_2(widest)))
     if T:
-        _expand_kernel[(L * num_slices, triton.cdiv(widest, block_n), triton.cdiv(T, block_m))](
-            h, b_stack, rows.sorted_rows, rows.slot_starts, slice_starts, out, R, num_slices, h.stride(0), h.stride(1),
-            b_stack.stride(0), b_stack.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_R=max(16, triton.next_power_of_2(R)), SPLIT_K=h.shape[0], PRECISION=_precision(b_stack.dtype))
+        _expand_kernel[(rows.block_slot.shape[0], num_slices, triton.cdiv(widest, block_n))](
+            h, b_stack, rows.sorted_rows, rows.slot_starts, rows.block_slot, rows.block_start, slice_starts, out, R,
+            h.stride(0), h.stride(1), b_stack.stride(0), b_stack.stride(1), out.stride(0), BLOCK_M=rows.block_m,
+            BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)), SPLIT_K=h.shape[0],
+            PRECISION=_precision(b_stack.dtype))
     return out

@@ -45,6 +45,9 @@ def test_group_rows():
     rows = lora.group_rows(torch.tensor([2, -1, 0, 2, 0, -1, 1], dtype=torch.int32), 4)
     assert rows.sorted_rows.tolist() == [2, 4, 6, 0, 3, 1, 5]
     assert rows.slot_starts.tolist() == [0, 2, 3, 5, 5]
+    assert rows.block_slot.tolist() == [0, 1, 2, -1, -1] and rows.block_start.tolist()[:3] == [0, 2, 3]
+    many = lora.group_rows(torch.tensor([1] * 40 + [0] * 3, dtype=torch.int32), 2)  # 16-row blocks
+    assert many.block_slot.tolist() == [0, 1, 1, 1, -1] and many.block_start.tolist()[:4] == [0, 3, 19, 35]
 
 
 def test_references_are_the_per_row_definition():
