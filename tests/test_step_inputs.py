@@ -25,8 +25,10 @@ class RecordingGraph:
 
     def replay(self) -> None:
         batch = self.graphs.batch(self.b)
+        batch.lora_slots = self.graphs._fields(self.graphs.inputs, self.b)["lora_slots"]  # what the LoRA layers read
         self.seen.append({name: getattr(batch, name).clone() for name in
-                          ("input_ids", "positions", "slot_mapping", "seq_lens", "state_slots", "block_tables")})
+                          ("input_ids", "positions", "slot_mapping", "seq_lens", "state_slots", "lora_slots",
+                           "block_tables")})
 
 
 def _graphs(max_num_seqs: int, block_size: int) -> DecodeGraphs:
@@ -45,7 +47,8 @@ def test_each_bucket_reads_its_rows_then_padding():
         positions = [rng.randrange(0, 250) for _ in range(n)]
         tables = [rng.sample(range(1000), min(p // 16 + 1 + rng.randrange(2), 16)) for p in positions]
         ids, slots = [rng.randrange(300) for _ in range(n)], rng.sample(range(64), n)
-        logits = graphs.run(ids, positions, slots, tables)
+        loras = [rng.choice([PAD_SLOT, 0, 3]) for _ in range(n)]
+        logits = graphs.run(ids, positions, slots, tables, loras)
         b = next(size for size in graphs.buckets if size >= n)
         assert torch.equal(logits, graphs.logits[b][:n])
         seen = graphs.graphs[b].seen[-1]
@@ -54,6 +57,7 @@ def test_each_bucket_reads_its_rows_then_padding():
         assert seen["positions"].tolist() == positions + [0] * pad
         assert seen["seq_lens"].tolist() == [p + 1 for p in positions] + [0] * pad
         assert seen["state_slots"].tolist() == slots + [PAD_SLOT] * pad
+        assert seen["lora_slots"].tolist() == loras + [PAD_SLOT] * pad
         kv_slots = [t[p // 16] * 16 + p % 16 for t, p in zip(tables, positions)]
         assert seen["slot_mapping"].tolist() == kv_slots + [-1] * pad
         for row, table in zip(seen["block_tables"].tolist(), tables):
@@ -63,7 +67,7 @@ def test_each_bucket_reads_its_rows_then_padding():
 
 def test_pure_ssm_rows_write_no_kv():
     graphs = _graphs(max_num_seqs=4, block_size=0)
-    graphs.run([7, 8, 9], [4, 5, 6], [0, 1, 2], [[], [], []])
+    graphs.run([7, 8, 9], [4, 5, 6], [0, 1, 2], [[], [], []], [PAD_SLOT] * 3)
     seen = graphs.graphs[4].seen[-1]
     assert seen["slot_mapping"].tolist() == [-1] * 4
     assert seen["state_slots"].tolist() == [0, 1, 2, PAD_SLOT]
@@ -95,7 +99,10 @@ def test_the_eager_batch_says_what_its_sequences_say(block_size):
             _sequence(rng, 40, 13, 13), _sequence(rng, 31, 25, 6, logprobs=True)]
     for seq in seqs[:3]:  # decodes: their last token is an output token
         seq.num_prompt_tokens -= 1
+    assert ModelRunner.prepare(CpuRunner(block_size), ScheduledBatch(seqs, news, num_decodes=3)).lora_slots is None
+    seqs[1].lora_slot, seqs[4].lora_slot = 2, 0  # LoRA adapters' slots: one per token
     batch = ModelRunner.prepare(CpuRunner(block_size), ScheduledBatch(seqs, news, num_decodes=3))
+    assert batch.lora_slots.tolist() == [s.lora_slot for s, n in zip(seqs, news) for _ in range(n)]
     starts = [s.num_computed_tokens for s in seqs]
     assert batch.input_ids.tolist() == [t for s, a, n in zip(seqs, starts, news) for t in s.token_ids[a: a + n]]
     assert batch.positions.tolist() == [p for a, n in zip(starts, news) for p in range(a, a + n)]
@@ -113,7 +120,7 @@ def test_the_eager_batch_says_what_its_sequences_say(block_size):
     assert batch.logits_indices.tolist() == [ends[0] - 1, ends[1] - 1, ends[2] - 1, ends[3] - 1, ends[5] - 1] + scored
     assert (batch.num_decodes, batch.max_query_len, batch.max_seq_len) == (3, 13, 31)
     for name in ("input_ids", "positions", "slot_mapping", "logits_indices", "query_start_loc", "seq_lens",
-                 "state_slots", "block_tables"):
+                 "state_slots", "block_tables", "lora_slots"):
         tensor = getattr(batch, name)
         assert tensor.data_ptr() % 16 == 0, name
         assert tensor.dtype == (torch.long if name in ("input_ids", "positions", "slot_mapping", "logits_indices")
