@@ -369,6 +369,7 @@ class EngineArgs:
     quantization: str | None = None  # None: as the checkpoint is | gptq (checks the checkpoint is) | fp8
     enable_prefix_caching: bool = True  # reuse cached KV blocks and SSM-state checkpoints of earlier prompts
     prefix_cache_checkpoints: int | None = None  # state checkpoint rows; default: planned (a memory share)
+    tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) the model is split over
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -393,3 +394,4 @@ class EngineArgs:
         check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]")
         check(self.prefix_cache_checkpoints is None or self.prefix_cache_checkpoints >= 0,
               "prefix_cache_checkpoints must be >= 0")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1")
