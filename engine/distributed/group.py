@@ -35,7 +35,7 @@ class TensorParallel:
             return x
         out = x.new_empty(self.size * x.shape[0], x.shape[1])  # the ranks' [S, n] stacked (gloo: not [size, S, n])
         dist.all_gather_single(out, x.contiguous())
-        return out.view(self.size, *x.shape).permute(1, 0, 2).reshape(x.shape[0], -1)
+        return out.view(self.size, *x.shape).permute(1, 0, 2).reshape(x.shape[0], self.size * x.shape[1])
 
     def min_over_ranks(self, values: list[int]) -> list[int]:
         """Element-wise minimum over the ranks (the memory plan: the tightest rank sizes every pool)."""

@@ -79,14 +79,14 @@ class Workers:
         threading.Thread(target=self._watch, name="falcon-serve-tp-watch", daemon=True).start()
 
     def _watch(self) -> None:
-        wait([p.sentinel for p in self.processes])
+        ready = wait([p.sentinel for p in self.processes])
         if self._closing:
             return
-        for rank, p in enumerate(self.processes, start=1):
-            if p.exitcode is not None:
-                self.failure = f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-                logger.error("%s: the engine cannot continue", self.failure)
-                return
+        rank, process = next((rank, p) for rank, p in enumerate(self.processes, start=1) if p.sentinel in ready)
+        process.join(1.0)  # reaps it (another thread may be reaping it too: then exitcode shows up there)
+        self.failure = (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
+                        f"{process.exitcode}")
+        logger.error("%s: the engine cannot continue", self.failure)
 
     def send(self, name: str, args: tuple) -> None:
         if self.failure is not None:
