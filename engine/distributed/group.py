@@ -72,6 +72,16 @@ def init_tensor_parallel(rank: int, size: int, port: int, device: torch.device) 
     return TensorParallel(rank, size)
 
 
+def abort_collectives() -> None:
+    """Unblocks a collective that waits for a dead rank. gloo fails it by itself (the peer's sockets
+    close); NCCL would wait out TIMEOUT, so its communicators are aborted."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+
+
 def destroy_tensor_parallel() -> None:
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:  # aborted after a rank died: nothing left to destroy cleanly
+            pass

@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection, wait
 
 import torch
 
-from engine.distributed.group import destroy_tensor_parallel, init_tensor_parallel, rank_device
+from engine.distributed.group import abort_collectives, destroy_tensor_parallel, init_tensor_parallel, rank_device
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class Workers:
         self.failure = (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
                         f"{process.exitcode}")
         logger.error("%s: the engine cannot continue", self.failure)
+        abort_collectives()
 
     def send(self, name: str, args: tuple) -> None:
         if self.failure is not None:
