@@ -83,9 +83,10 @@ class Workers:
         if self._closing:
             return
         rank, process = next((rank, p) for rank, p in enumerate(self.processes, start=1) if p.sentinel in ready)
-        process.join(1.0)  # reaps it (another thread may be reaping it too: then exitcode shows up there)
-        self.failure = (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
-                        f"{process.exitcode}")
+        deadline = time.monotonic() + 2.0
+        while process.exitcode is None and time.monotonic() < deadline:  # another thread may be reaping it
+            process.join(0.05)
+        self.failure = f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
         logger.error("%s: the engine cannot continue", self.failure)
         abort_collectives()
 
