@@ -1,5 +1,5 @@
 """The lm_head matmul with the checkpoint's vocabulary rows against the same rows padded to a multiple of
-128 (engine/models/common.py LMHead), at decode batch sizes: time, weight-streaming rate against the
+128 (engine/distributed/layers.py LMHead), at decode batch sizes: time, weight-streaming rate against the
 measured copy bandwidth, and which cuBLAS kernel ran (torch.profiler).
 
     python -m benchmarks.lm_head [--out lm_head.md]

@@ -46,10 +46,11 @@ SHAPES = {
 }
 
 
-def model_dir(name: str, root: Path) -> Path:
+def model_dir(name: str, root: Path, shape: dict | None = None) -> Path:
+    """A checkpoint directory without weights (for load_format dummy): SHAPES[name]'s config, or `shape`."""
     directory = root / name
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(SHAPES[name]))
+    (directory / "config.json").write_text(json.dumps(shape or SHAPES[name]))
     byte_level_tokenizer_files(directory)
     return directory
 
@@ -84,6 +85,12 @@ def prefill_flops(cfg, tokens: int) -> float:
     return 2 * tokens * cfg.num_hidden_layers * per_layer + tokens * cfg.num_hidden_layers * scan
 
 
+def sync() -> None:
+    """Waits for the GPU (nothing to wait for on the CPU, where benchmarks only smoke-test)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_until(engine: LLMEngine, done) -> None:
     while not done():
         engine.step()
@@ -106,11 +113,11 @@ def bench_decode(engine: LLMEngine, n: int, prompt_len: int = 128, steps: int = 
         return out
 
     engine.scheduler.schedule = timed_schedule
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - start
     engine.scheduler.schedule = schedule
     for i in range(n):
@@ -120,11 +127,11 @@ def bench_decode(engine: LLMEngine, n: int, prompt_len: int = 128, steps: int = 
 
 def bench_prefill(engine: LLMEngine, tokens: int) -> float:
     ids = torch.randint(5, 250, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     engine.add_request(f"p{tokens}", ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     run_until(engine, lambda: not engine.has_unfinished())
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start
 
 

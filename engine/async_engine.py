@@ -75,12 +75,17 @@ class AsyncEngine:
         self._aborts: list[str] = []
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self.dead_reason: str | None = None
+        self._loop_error: str | None = None
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncEngine:
         """Loads the model (blocking; call it in a thread if the event loop must stay responsive)."""
         return cls(LLMEngine(args))
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine stopped: its loop failed, or the engine is dead (even while idle: a lost worker)."""
+        return self._loop_error or self.engine.dead_reason
 
     @property
     def errored(self) -> bool:
@@ -141,6 +146,7 @@ class AsyncEngine:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
+        self.engine.close()
 
     def _fail_all(self, error: BaseException) -> None:
         streams = {stream for stream, _ in self._routes.values()}
@@ -184,5 +190,5 @@ class AsyncEngine:
         except BaseException as e:  # the engine's state may be corrupt: stop, fail everyone, report unhealthy
             if not isinstance(e, EngineDeadError):
                 logger.exception("engine loop died")
-            self.dead_reason = str(e) or type(e).__name__
+            self._loop_error = str(e) or type(e).__name__
             self._fail_all(EngineDeadError(f"the engine has stopped: {self.dead_reason}"))

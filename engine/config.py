@@ -375,6 +375,7 @@ class EngineArgs:
     max_lora_rank: int = 16  # the stacks' rank: a larger adapter is refused
     max_cpu_loras: int | None = None  # adapters kept in host memory; default: max_loras
     lora_modules: list[LoRAModulePath] | None = None  # adapters served from start-up
+    tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) the model is split over
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -404,3 +405,6 @@ class EngineArgs:
         check(self.max_cpu_loras is None or self.max_cpu_loras >= self.max_loras,
               "max_cpu_loras must be >= max_loras")
         check(self.enable_lora or not self.lora_modules, "lora_modules need enable_lora")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1")
+        check(not (self.enable_lora and self.tensor_parallel_size > 1),
+              "LoRA adapters (enable_lora) with tensor_parallel_size > 1 are not supported yet")

@@ -104,7 +104,10 @@ class DecodeGraphs:
                     self.model.compute_logits(self.model(batch, self.caches))
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # Tensor parallelism: the NCCL all-reduces are captured; NCCL's watchdog thread keeps querying
+            # events meanwhile, which a global capture would count as an error.
+            mode = "thread_local" if self.model.tp.size > 1 else "global"
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                 self.logits[b] = self.model.compute_logits(self.model(batch, self.caches))
             self.graphs[b] = graph
         torch.cuda.synchronize()

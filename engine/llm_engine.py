@@ -110,7 +110,7 @@ class LLMEngine:
         self.sequences: dict[str, list[Sequence]] = {}
         # Sequences whose newest token is reported by the next step, while its forward pass runs (step()).
         self._deferred: list[Sequence] = []
-        self.dead_reason: str | None = None  # set by a fatal fault: see step()
+        self._fault: str | None = None  # set by a fatal fault: see step()
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -287,9 +287,18 @@ class LLMEngine:
         except Exception as e:
             self._die("failing a request left the scheduler inconsistent", e)
 
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine cannot continue (a fatal fault, or a tensor-parallel worker gone), or None."""
+        return self.runner.failure or self._fault
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any (idempotent)."""
+        self.runner.close()
+
     def _die(self, what: str, error: Exception) -> NoReturn:
         logger.exception(what)
-        self.dead_reason = f"{type(error).__name__}: {error}"
+        self._fault = f"{type(error).__name__}: {error}"
         raise EngineDeadError(self.dead_reason) from error
 
     def _advance(self, sched: ScheduledBatch, prompt_scores: dict[int, PromptScores], failed: dict[str, Exception]

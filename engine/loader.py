@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.config import ModelConfig
+from engine.distributed import SINGLE, TensorParallel
 from engine.models import MODEL_REGISTRY
 from engine.quantization import QUANTIZED_LINEARS
 
@@ -116,15 +117,26 @@ def _copy_into(modules: dict[str, nn.Module], target: str, tensor: torch.Tensor,
     param.copy_(tensor)
 
 
+def check_tensor_parallel(arch: str, cfg: ModelConfig, size: int) -> None:
+    """ValueError (LoadError) saying why, if the model cannot be split over `size` ranks."""
+    if size > 1 and cfg.quantization is not None:
+        raise LoadError(f"{cfg.quantization.method}-quantized weights cannot be split over tensor-parallel ranks "
+                        "yet: serve them with tensor_parallel_size 1")
+    MODEL_REGISTRY[arch].shard_config(cfg, TensorParallel(0, size))
+
+
 def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               dummy: bool = False) -> nn.Module:
-    """Builds the model in `dtype` on `device` (A_log, D, dt_bias stay fp32) and fills it from the checkpoint.
+               dummy: bool = False, tp: TensorParallel = SINGLE) -> nn.Module:
+    """Builds the model in `dtype` on `device` (A_log, D, dt_bias stay fp32) and fills it from the checkpoint;
+    under tensor parallelism, with this rank's shard of each tensor.
 
     Each checkpoint tensor goes through the model's `load_transform` (in fp32) before the cast, so
-    folded multipliers lose no precision. Missing, unexpected or mis-shaped tensors are errors.
+    folded multipliers lose no precision, and is sharded after. Missing, unexpected or mis-shaped tensors
+    are errors.
     """
+    check_tensor_parallel(arch, cfg, tp.size)
     with _default_dtype(dtype), torch.device(device):
-        model = MODEL_REGISTRY[arch](cfg)
+        model = MODEL_REGISTRY[arch](cfg, tp)
     if dummy:
         init_dummy_weights(model)
         model.finalize_weights()
@@ -146,7 +158,7 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
                     if stored.is_floating_point() and stored.dtype.itemsize > 1:  # GPTQ / FP8 codes stay as they are
                         stored = stored.float()
                     for target, tensor in model.load_transform(name, stored):
-                        _copy_into(modules, target, tensor, f"{name!r} in {file.name}")
+                        _copy_into(modules, target, model.shard_tensor(target, tensor), f"{name!r} in {file.name}")
     optional = {f"{name}.{t}" for name, layer in _quantized_layers(model)
                 for t in getattr(layer, "optional_checkpoint_tensors", ())}
     missing = sorted(expected - seen - optional)

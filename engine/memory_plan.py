@@ -88,7 +88,8 @@ def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: tor
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
         # Our share of the GPU is utilization * total, of which our weights are spent; memory held by
         # others (processes, or engines before this one) only matters if it leaves less than that free.
-        graph_logits = graph_rows * (cfg.vocab_size * 4 + model.lm_head.weight.shape[0] * dtype.itemsize)
+        head_rows = model.lm_head.weight.shape[0] * model.tp.size  # all ranks' logits, gathered
+        graph_logits = graph_rows * (cfg.vocab_size * 4 + head_rows * dtype.itemsize)
         budget = min(gpu_memory_utilization * total - weights, free) - activation - graph_logits - ALLOCATOR_SLACK
         for_blocks = budget - num_slots * slot_bytes
         if num_checkpoints is None:  # a share, but never the room one sequence of max_model_len needs

@@ -1,11 +1,16 @@
 """Owns the tensors: the model, its cache pools, and turning a ScheduledBatch into one flat ForwardBatch
 whose logits (one row per sequence that samples) come back from a single forward pass, with the scores
-of the prompt positions that sequences asking for prompt logprobs computed in this step."""
+of the prompt positions that sequences asking for prompt logprobs computed in this step.
+
+Under tensor parallelism the runner of rank 0 starts the workers (engine/distributed/workers.py), each
+with a runner of its own over its shard; the methods marked `on_all_ranks` run on every rank with the
+same arguments (the flat batch goes as host tensors), and only rank 0's results are used."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +20,10 @@ from engine.cache_manager import Copy
 from engine.cache_pools import allocate_layer_caches
 from engine.config import EngineArgs, FalconH1Config, ModelConfig
 from engine.cuda_graphs import DecodeGraphs, bucket_sizes
+from engine.distributed.group import TensorParallel, destroy_tensor_parallel, init_tensor_parallel, rank_device
+from engine.distributed.workers import Workers, on_all_ranks
 from engine.forward_batch import ForwardBatch
-from engine.loader import load_model
+from engine.loader import check_tensor_parallel, load_model
 from engine.lora.layers import LoRAContext, install_lora
 from engine.memory_plan import plan_memory
 from engine.prompt_logprobs import PromptScores, score_rows, split_scores
@@ -48,11 +55,110 @@ def _pack(segments: list[list[int]], align: int) -> tuple[list[int], list[tuple[
     return flat, bounds
 
 
+@dataclass
+class StagedBatch:
+    """A flat batch packed on the host: one int64 tensor and where each field lies in it."""
+
+    staged: torch.Tensor
+    long_bounds: list[tuple[int, int]]
+    int_bounds: list[tuple[int, int]]
+    num_longs: int
+    num_ints: int
+    B: int
+    width: int
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+
+
+def stage_batch(sched: ScheduledBatch, block_size: int) -> StagedBatch:
+    """The flat batch of a step packed on the host (what tensor-parallel workers are sent)."""
+    bs = block_size
+    input_ids, positions, slot_mapping, logits_indices, score_indices = [], [], [], [], []
+    query_start_loc, seq_lens = [0], []
+    for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
+        start = seq.num_computed_tokens
+        input_ids += seq.token_ids[start: start + n]
+        positions += range(start, start + n)
+        if n == 1 and bs:
+            slot_mapping.append(seq.block_table[start // bs] * bs + start % bs)
+        elif bs:  # a prefill chunk: its KV slots computed with numpy
+            pos = np.arange(start, start + n)
+            slot_mapping += (np.asarray(seq.block_table)[pos // bs] * bs + pos % bs).tolist()
+        score_indices += [query_start_loc[-1] + p - start for p in seq.prompt_positions_to_score(n)]
+        query_start_loc.append(query_start_loc[-1] + n)
+        seq_lens.append(start + n)
+        if sched.samples(i):
+            logits_indices.append(query_start_loc[-1] - 1)
+    logits_indices += score_indices
+    T, B = len(input_ids), len(sched.seqs)
+    width = max((len(s.block_table) for s in sched.seqs), default=0) or 1
+    tables = np.zeros((B, width), dtype=np.int64)
+    for row, s in zip(tables, sched.seqs):
+        row[: len(s.block_table)] = s.block_table
+    # Each token's LoRA adapter slot, only when some row has an adapter (else the adapters' kernels are skipped).
+    lora_slots = [s.lora_slot for s, n in zip(sched.seqs, sched.num_new_tokens) for _ in range(n)] \
+        if any(s.lora_slot != PAD_SLOT for s in sched.seqs) else []
+    # One int64 buffer: the int64 fields, then the int32 ones (cast on the device), each 16-byte aligned;
+    # the block tables last.
+    longs, long_bounds = _pack([input_ids, positions, slot_mapping if bs else [PAD_SLOT] * T, logits_indices], 2)
+    ints, int_bounds = _pack([query_start_loc, seq_lens, [s.state_slot for s in sched.seqs],
+                              [s.num_computed_tokens > 0 for s in sched.seqs], lora_slots], 4)
+    staged = torch.from_numpy(np.concatenate([np.array(longs + ints, dtype=np.int64), tables.ravel()]))
+    return StagedBatch(staged, long_bounds, int_bounds, len(longs), len(ints), B, width, sched.num_decodes,
+                       max(sched.num_new_tokens), max(seq_lens))
+
+
+def unstage_batch(host: StagedBatch, device: torch.device) -> ForwardBatch:
+    """The ForwardBatch of a staged batch, moved to `device` in one copy."""
+    staged, long_bounds, int_bounds, B, width = host.staged, host.long_bounds, host.int_bounds, host.B, host.width
+    if device.type == "cuda":
+        staged = staged.pin_memory()
+    flat = staged.to(device, non_blocking=True)
+    flat_ints = flat[host.num_longs:].to(torch.int32)
+    input_ids_t, positions_t, slot_mapping_t, logits_indices_t = (flat[a:b] for a, b in long_bounds)
+    qsl, seq_lens_t, slots_t, init_t, lora_slots_t = (flat_ints[a:b] for a, b in int_bounds)
+    tables_t = flat_ints[host.num_ints:]
+    return ForwardBatch(
+        input_ids=input_ids_t, positions=positions_t, query_start_loc=qsl, seq_lens=seq_lens_t,
+        state_slots=slots_t, has_initial_state=init_t.bool(), block_tables=tables_t.view(B, width),
+        slot_mapping=slot_mapping_t, logits_indices=logits_indices_t, num_decodes=host.num_decodes,
+        max_query_len=host.max_query_len, max_seq_len=host.max_seq_len,
+        lora_slots=lora_slots_t if lora_slots_t.numel() else None,
+    )
+
+
 class ModelRunner:
     def __init__(self, args: EngineArgs, model_dir: Path, arch: str, cfg: ModelConfig, max_model_len: int,
-                 max_num_batched_tokens: int):
-        self.args, self.cfg = args, cfg
-        self.device = resolve_device(args.device)
+                 max_num_batched_tokens: int, tp: TensorParallel | None = None):
+        """tp: given to a worker's runner; rank 0's (None) starts the workers itself."""
+        self.args = args
+        device = resolve_device(args.device)
+        self.workers: Workers | None = None
+        if tp is None:
+            tp = TensorParallel(0, args.tensor_parallel_size)
+            if tp.size > 1:
+                check_tensor_parallel(arch, cfg, tp.size)  # before any worker starts
+                if device.type == "cuda" and torch.cuda.device_count() < tp.size:
+                    raise ValueError(f"tensor_parallel_size {tp.size} needs {tp.size} GPUs; "
+                                     f"{torch.cuda.device_count()} are visible")
+                self.workers = Workers(tp.size, device,
+                                       (args, model_dir, arch, cfg, max_model_len, max_num_batched_tokens))
+        try:
+            if self.workers is not None:
+                init_tensor_parallel(0, tp.size, self.workers.port, rank_device(device, 0))
+            self._start(tp, device, model_dir, arch, cfg, max_model_len, max_num_batched_tokens)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, tp: TensorParallel, device: torch.device, model_dir: Path, arch: str, cfg: ModelConfig,
+               max_model_len: int, max_num_batched_tokens: int) -> None:
+        """Loads this rank's shard, plans its memory, allocates the caches, captures the graphs: the same
+        steps (and collectives) on every rank."""
+        args = self.args
+        self.tp = tp
+        self.device = rank_device(device, tp.rank)
         self.dtype = cfg.dtype if args.dtype == "auto" else _DTYPES[args.dtype]
         if self.device.type == "cpu" and self.dtype is torch.float16:
             logger.warning("float16 on CPU is slow and imprecise; consider --dtype float32")
@@ -60,8 +166,10 @@ class ModelRunner:
         self.block_size = args.kv_block_size if isinstance(cfg, FalconH1Config) else 0  # pure SSMs: no KV
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        self.model = load_model(model_dir, arch, cfg, self.dtype, self.device, dummy=args.load_format == "dummy")
+        self.model = load_model(model_dir, arch, cfg, self.dtype, self.device, dummy=args.load_format == "dummy",
+                                tp=tp)
         logger.info("model loaded in %.1f s", time.perf_counter() - start)
+        self.cfg = cfg = self.model.rank_cfg  # the sizes of this rank's shard: its caches
         self.lora_context: LoRAContext | None = None
         self.lora_slices = {}
         if args.enable_lora:  # the adapter stacks are allocated now, so the memory plan counts them
@@ -73,6 +181,9 @@ class ModelRunner:
                            gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
                            graph_rows=sum(bucket_sizes(args.max_num_seqs)) if self._uses_graphs() else 0,
                            prefix_caching=args.enable_prefix_caching, num_checkpoints=args.prefix_cache_checkpoints)
+        # Every rank plans its own memory; the tightest sizes the pools of all.
+        plan.num_slots, plan.num_blocks, plan.num_checkpoints = tp.min_over_ranks(
+            [plan.num_slots, plan.num_blocks, plan.num_checkpoints])
         plan.log(self.block_size, max_model_len)
         self.num_slots, self.num_blocks, self.num_checkpoints = plan.num_slots, plan.num_blocks, plan.num_checkpoints
         # State rows: num_slots for running sequences, then the prefix cache's checkpoints (CacheManager).
@@ -87,77 +198,62 @@ class ModelRunner:
     def _uses_graphs(self) -> bool:
         return self.device.type == "cuda" and not self.args.enforce_eager
 
-    def prepare(self, sched: ScheduledBatch) -> ForwardBatch:
-        """The flat batch; its logits_indices are the sampling rows, then the prompt rows to score. All its
-        tensors travel in one host-to-device copy."""
-        input_ids, positions, slot_mapping, logits_indices, score_indices = [], [], [], [], []
-        query_start_loc, seq_lens = [0], []
-        bs = self.block_size
-        for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
-            start = seq.num_computed_tokens
-            input_ids += seq.token_ids[start: start + n]
-            positions += range(start, start + n)
-            if n == 1 and bs:
-                slot_mapping.append(seq.block_table[start // bs] * bs + start % bs)
-            elif bs:  # a prefill chunk: its KV slots computed with numpy
-                pos = np.arange(start, start + n)
-                slot_mapping += (np.asarray(seq.block_table)[pos // bs] * bs + pos % bs).tolist()
-            score_indices += [query_start_loc[-1] + p - start for p in seq.prompt_positions_to_score(n)]
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(start + n)
-            if sched.samples(i):
-                logits_indices.append(query_start_loc[-1] - 1)
-        logits_indices += score_indices
-        T, B = len(input_ids), len(sched.seqs)
-        width = max((len(s.block_table) for s in sched.seqs), default=0) or 1
-        tables = np.zeros((B, width), dtype=np.int64)
-        for row, s in zip(tables, sched.seqs):
-            row[: len(s.block_table)] = s.block_table
-        # Each token's LoRA adapter slot, only when some row has an adapter (else the adapters' kernels are skipped).
-        lora_slots = [s.lora_slot for s, n in zip(sched.seqs, sched.num_new_tokens) for _ in range(n)] \
-            if any(s.lora_slot != PAD_SLOT for s in sched.seqs) else []
-        # One int64 buffer: the int64 fields, then the int32 ones (cast on the device), each 16-byte aligned;
-        # the block tables last.
-        longs, long_bounds = _pack([input_ids, positions, slot_mapping if bs else [PAD_SLOT] * T, logits_indices], 2)
-        ints, int_bounds = _pack([query_start_loc, seq_lens, [s.state_slot for s in sched.seqs],
-                                  [s.num_computed_tokens > 0 for s in sched.seqs], lora_slots], 4)
-        staged = torch.from_numpy(np.concatenate([np.array(longs + ints, dtype=np.int64), tables.ravel()]))
-        if self.device.type == "cuda":
-            staged = staged.pin_memory()
-        flat = staged.to(self.device, non_blocking=True)
-        flat_ints = flat[len(longs):].to(torch.int32)
-        input_ids_t, positions_t, slot_mapping_t, logits_indices_t = (flat[a:b] for a, b in long_bounds)
-        qsl, seq_lens_t, slots_t, init_t, lora_slots_t = (flat_ints[a:b] for a, b in int_bounds)
-        tables_t = flat_ints[len(ints):]
-        return ForwardBatch(
-            input_ids=input_ids_t, positions=positions_t, query_start_loc=qsl, seq_lens=seq_lens_t,
-            state_slots=slots_t, has_initial_state=init_t.bool(), block_tables=tables_t.view(B, width),
-            slot_mapping=slot_mapping_t, logits_indices=logits_indices_t, num_decodes=sched.num_decodes,
-            max_query_len=max(sched.num_new_tokens), max_seq_len=max(seq_lens),
-            lora_slots=lora_slots_t if lora_slots else None,
-        )
+    @property
+    def failure(self) -> str | None:
+        """Why the model is no longer whole (a tensor-parallel worker exited), or None."""
+        return self.workers.failure if self.workers is not None else None
 
-    @torch.inference_mode()
+    def close(self) -> None:
+        """Stops the tensor-parallel workers and leaves the process group (idempotent)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+            destroy_tensor_parallel()
+
+    def prepare(self, sched: ScheduledBatch) -> ForwardBatch:
+        """The flat batch on the device; its logits_indices are the sampling rows, then the prompt rows to
+        score. All its tensors travel in one host-to-device copy (stage_batch, then unstage_batch)."""
+        return unstage_batch(stage_batch(sched, self.block_size), self.device)
+
     def execute(self, sched: ScheduledBatch) -> tuple[torch.Tensor, dict[int, PromptScores]]:
         """Runs one step; returns logits [S, V] (fp32) for the sequences that sample, in batch order, and
         the prompt scores of this step keyed by batch index."""
         seqs = sched.seqs
         if self.graphs is not None and sched.num_decodes == len(seqs) and self.graphs.fits(len(seqs)):
-            return self.graphs.run([s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
-                                   [s.state_slot for s in seqs], [s.block_table for s in seqs],
-                                   [s.lora_slot for s in seqs]), {}
-        batch = self.prepare(sched)
-        if self.lora_context is not None:
-            self.lora_context.row_slots = batch.lora_slots
-        hidden = self.model(batch, self.caches)
+            return self.replay_decode([s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
+                                      [s.state_slot for s in seqs], [s.block_table for s in seqs],
+                                      [s.lora_slot for s in seqs]), {}
         num_samplers = sum(map(sched.samples, range(len(seqs))))
-        logits = self.model.compute_logits(hidden[:num_samplers])
-        if hidden.shape[0] == num_samplers:
-            return logits, {}
-        return logits, self._score_prompts(sched, hidden[num_samplers:])
+        targets, spans, owners = self._prompt_targets(sched)
+        k = max((k for *_, k in spans), default=0)
+        logits, scores = self.forward(stage_batch(sched, self.block_size), num_samplers, targets, k)
+        return logits, dict(zip(owners, split_scores(scores, spans))) if spans else {}
 
-    def _score_prompts(self, sched: ScheduledBatch, hidden: torch.Tensor) -> dict[int, PromptScores]:
-        """hidden: the final hidden states of the prompt rows prepare() listed, in the same order."""
+    @on_all_ranks
+    @torch.inference_mode()
+    def replay_decode(self, input_ids: list[int], positions: list[int], state_slots: list[int],
+                      block_tables: list[list[int]], lora_slots: list[int]) -> torch.Tensor:
+        return self.graphs.run(input_ids, positions, state_slots, block_tables, lora_slots)
+
+    @on_all_ranks
+    @torch.inference_mode()
+    def forward(self, batch: StagedBatch, num_samplers: int, score_targets: list[int], k: int
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The logits of the batch's first num_samplers rows, and the scores (score_rows) of the rest
+        against score_targets, if any."""
+        forward_batch = unstage_batch(batch, self.device)
+        if self.lora_context is not None:
+            self.lora_context.row_slots = forward_batch.lora_slots
+        hidden = self.model(forward_batch, self.caches)
+        logits = self.model.compute_logits(hidden[:num_samplers])
+        if not score_targets:
+            return logits, None
+        targets = torch.tensor(score_targets, device=self.device)
+        return logits, score_rows(self.model.compute_logits, hidden[num_samplers:], targets, k)
+
+    def _prompt_targets(self, sched: ScheduledBatch) -> tuple[list[int], list[tuple[int, int, int]], list[int]]:
+        """The next token of each prompt row prepare() listed, in the same order; per sequence scoring some,
+        its (first row, rows, k) span and its batch index."""
         targets, spans, owners = [], [], []
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
             scored = seq.prompt_positions_to_score(n)
@@ -165,23 +261,30 @@ class ModelRunner:
                 spans.append((len(targets), len(scored), seq.params.prompt_logprobs))
                 owners.append(i)
                 targets += seq.token_ids[scored.start + 1: scored.stop + 1]
-        k = max(k for _, _, k in spans)
-        scores = score_rows(self.model.compute_logits, hidden, torch.tensor(targets, device=self.device), k)
-        return dict(zip(owners, split_scores(scores, spans)))
+        return targets, spans, owners
 
+    @on_all_ranks
     def apply_copies(self, copies: list[Copy]) -> None:
         """The cache manager's queued row and block copies, in order (later ones may overwrite a source)."""
         for copy in copies:
-            (self.copy_state if copy.kind == "state" else self.copy_block)(copy.src, copy.dst)
+            (self._copy_state if copy.kind == "state" else self._copy_block)(copy.src, copy.dst)
+
+    @on_all_ranks
+    def copy_state(self, src_slot: int, dst_slot: int) -> None:
+        self._copy_state(src_slot, dst_slot)
+
+    @on_all_ranks
+    def copy_block(self, src: int, dst: int) -> None:
+        self._copy_block(src, dst)
 
     @torch.inference_mode()
-    def copy_state(self, src_slot: int, dst_slot: int) -> None:
+    def _copy_state(self, src_slot: int, dst_slot: int) -> None:
         for cache in self.caches:
             cache.conv_state[dst_slot] = cache.conv_state[src_slot]
             cache.ssm_state[dst_slot] = cache.ssm_state[src_slot]
 
     @torch.inference_mode()
-    def copy_block(self, src: int, dst: int) -> None:
+    def _copy_block(self, src: int, dst: int) -> None:
         for cache in self.caches:
             cache.k_cache[dst] = cache.k_cache[src]
             cache.v_cache[dst] = cache.v_cache[src]

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ssm-state-dtype", choices=["float32", "bfloat16", "float16"], default=d["ssm_state_dtype"],
                    help="dtype of the SSM state cache; float32 avoids drift over long sequences")
     g.add_argument("--seed", type=int, default=d["seed"], help="random seed of the engine's sampler")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"], metavar="N",
+                   help="split the model over N GPUs of this host (N processes: this one serves HTTP and schedules, "
+                        "N-1 workers; on CPU, N processes)")
     g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=d["enforce_eager"],
                    help="never capture CUDA graphs (slower decode, faster start)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
@@ -178,8 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("accepted for vLLM compatibility (no effect here)")
     for flag, takes_value, why in VLLM_NO_OP_FLAGS:
         g.add_argument(flag, help=why, **({"metavar": "VALUE"} if takes_value else {"action": "store_true"}))
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="GPUs to split the model over; only 1 is supported")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="only 1 is supported")
     g.add_argument("--kv-cache-dtype", default="auto", help="only auto (the model's dtype) is supported")
     return p
@@ -212,8 +213,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
         parser.error("--shutdown-timeout must be >= 0")
     if args.max_request_body_bytes < 1 or args.header_timeout <= 0:
         parser.error("--max-request-body-bytes and --header-timeout must be positive")
-    for flag, value, supported in (("--tensor-parallel-size", args.tensor_parallel_size, 1),
-                                   ("--pipeline-parallel-size", args.pipeline_parallel_size, 1),
+    if args.tensor_parallel_size < 1:
+        parser.error("--tensor-parallel-size must be >= 1")
+    for flag, value, supported in (("--pipeline-parallel-size", args.pipeline_parallel_size, 1),
                                    ("--kv-cache-dtype", args.kv_cache_dtype, "auto")):
         if value != supported:
             parser.error(f"{flag} {value} is not supported (only {supported})")
@@ -237,6 +239,9 @@ def _check_environment(parser: argparse.ArgumentParser, args: argparse.Namespace
 
         if not torch.cuda.is_available():
             parser.error(f"--device {args.device} was asked for but no CUDA device is available (use --device cpu)")
+        if torch.cuda.device_count() < args.tensor_parallel_size:
+            parser.error(f"--tensor-parallel-size {args.tensor_parallel_size} needs as many GPUs; "
+                         f"{torch.cuda.device_count()} are visible")
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -265,7 +270,8 @@ def _engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace, mode
             enable_prefix_caching=args.enable_prefix_caching, prefix_cache_checkpoints=args.prefix_cache_checkpoints,
             load_format="dummy" if args.load_format == "dummy" else "auto", enable_lora=args.enable_lora,
             max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-            lora_modules=args.lora_modules)
+            lora_modules=args.lora_modules,
+            tensor_parallel_size=args.tensor_parallel_size)
     except ValueError as e:
         parser.error(str(e))
 

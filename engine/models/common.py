@@ -38,24 +38,12 @@ class RMSNorm(nn.Module):
 VOCAB_ALIGN = 128  # an odd vocabulary (Falcon-H1's 130,049) makes cuBLAS fall back to pre-Hopper GEMM kernels
 
 
-def padded_vocab_size(vocab_size: int) -> int:
-    return -(-vocab_size // VOCAB_ALIGN) * VOCAB_ALIGN
+def padded_vocab_size(vocab_size: int, tp_size: int = 1) -> int:
+    """Rows of the head (and, under tensor parallelism, the embedding): VOCAB_ALIGN per rank."""
+    align = VOCAB_ALIGN * tp_size
+    return -(-vocab_size // align) * align
 
 
-def pad_vocab_rows(tensor: torch.Tensor) -> torch.Tensor:
+def pad_vocab_rows(tensor: torch.Tensor, tp_size: int = 1) -> torch.Tensor:
     """A checkpoint's [vocab, d] table with zero rows appended up to padded_vocab_size."""
-    return F.pad(tensor, (0, 0, 0, padded_vocab_size(tensor.shape[0]) - tensor.shape[0]))
-
-
-class LMHead(nn.Module):
-    """logits = h W^T over the real vocabulary. W has padded_vocab_size rows (the extra ones are never
-    sampled): the matmul's output rows stay 256-byte aligned; the padding columns are sliced off."""
-
-    def __init__(self, hidden_size: int, vocab_size: int):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.weight = nn.Parameter(torch.empty(padded_vocab_size(vocab_size), hidden_size))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, d] -> fp32 logits [S, vocab_size]."""
-        return F.linear(hidden, self.weight)[:, : self.vocab_size].float()
+    return F.pad(tensor, (0, 0, 0, padded_vocab_size(tensor.shape[0], tp_size) - tensor.shape[0]))

@@ -8,9 +8,20 @@ then a SwiGLU MLP (MODELS.md has the equations).
 
 All muP multipliers are folded into the weights while loading (`load_transform`), so the forward pass
 below has none. Parameter names equal the checkpoint's tensor names.
+
+Tensor parallelism over N ranks (`tp_layout` says how each tensor splits; `shard_config` the sizes and
+which N the model can be split by): attention q/k/v are column-parallel by head (KV heads replicated
+when fewer than N), o_proj row-parallel; Mamba2's in_proj is column-parallel by SSM head for z, x, dt
+and by group for B, C (groups replicated when fewer than N), conv1d, A, D, dt_bias, the gated norm and
+the state pools split the same way, out_proj row-parallel; the layer sums its attention and Mamba
+outputs before ONE all-reduce. MLP gate/up column-parallel, down row-parallel (one all-reduce). The
+embedding and the head are split by vocabulary row. Multipliers fold into the full tensors before they
+are sharded.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +30,28 @@ from torch import nn
 from engine import ops
 from engine.cache_pools import LayerCache
 from engine.config import FalconH1Config
+from engine.distributed import (
+    ROW_PARALLEL_BIAS,
+    SINGLE,
+    LMHead,
+    TensorParallel,
+    VocabParallelEmbedding,
+    gated_rms_norm_across_ranks,
+    local_count,
+    shard_checkpoint_tensor,
+)
 from engine.forward_batch import ForwardBatch
 from engine.lora.layers import LoRATarget
-from engine.models.common import LMHead, RMSNorm, fuse_linears, pad_vocab_rows
+from engine.models.common import RMSNorm, fuse_linears, pad_vocab_rows, padded_vocab_size
 from engine.quantization import linear
 
 
 class Mamba2Mixer(nn.Module):
-    def __init__(self, cfg: FalconH1Config):
+    def __init__(self, cfg: FalconH1Config, tp: TensorParallel, norm_ranks: int):
+        """cfg: this rank's sizes (shard_config); norm_ranks: ranks one group's channels span (> 1 when
+        there are fewer groups than ranks: the gated norm then sums over them)."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp, self.norm_ranks = cfg, tp, norm_ranks
         H, G, N = cfg.mamba_n_heads, cfg.mamba_n_groups, cfg.mamba_d_state
         self.in_proj = linear(cfg.hidden_size, 2 * cfg.mamba_d_ssm + 2 * G * N + H, cfg.mamba_proj_bias,
                               cfg.quantization)
@@ -52,6 +75,9 @@ class Mamba2Mixer(nn.Module):
         y = y.reshape(T, cfg.mamba_d_ssm)
         if self.norm is None:
             y = y * F.silu(z)
+        elif self.norm_ranks > 1:
+            y = gated_rms_norm_across_ranks(y, z, self.norm.weight, self.norm.eps, self.norm_ranks,
+                                            cfg.mamba_norm_before_gate, self.tp)
         else:
             y = ops.gated_rms_norm(y, z, self.norm.weight, self.norm.eps, G, cfg.mamba_norm_before_gate)
         return self.out_proj(y)
@@ -81,31 +107,33 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: FalconH1Config):
+    def __init__(self, cfg: FalconH1Config, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
         self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.quantization)
         self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.quantization)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(ops.silu_mul(gate, up))
+        return self.tp.all_reduce(self.down_proj(ops.silu_mul(gate, up)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: FalconH1Config):
+    def __init__(self, cfg: FalconH1Config, tp: TensorParallel, norm_ranks: int):
         super().__init__()
+        self.tp = tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mamba = Mamba2Mixer(cfg)
+        self.mamba = Mamba2Mixer(cfg, tp, norm_ranks)
         self.self_attn = Attention(cfg)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.feed_forward = MLP(cfg)
+        self.feed_forward = MLP(cfg, tp)
 
     def forward(self, xn: torch.Tensor, batch: ForwardBatch, cache: LayerCache, inv_freq: torch.Tensor
                 ) -> torch.Tensor:
-        """Mamba2(xn) + Attention(xn); both start from one matmul of xn."""
+        """Mamba2(xn) + Attention(xn); both start from one matmul of xn, and end in one all-reduce."""
         zxbcdt, q, k, v = self.in_proj(xn).split(self.in_proj_sizes, dim=-1)
-        return self.mamba(zxbcdt, batch, cache) + self.self_attn(q, k, v, batch, cache, inv_freq)
+        return self.tp.all_reduce(self.mamba(zxbcdt, batch, cache) + self.self_attn(q, k, v, batch, cache, inv_freq))
 
     @torch.no_grad()
     def finalize_weights(self) -> None:
@@ -121,21 +149,44 @@ class DecoderLayer(nn.Module):
         m.register_buffer("A", -torch.exp(m.A_log.float()), persistent=False)
 
 
+def shard_config(cfg: FalconH1Config, tp: TensorParallel) -> FalconH1Config:
+    """The sizes one of tp.size ranks holds; ValueError naming what the model cannot be split by."""
+    n = tp.size
+    splits = [("num_attention_heads", cfg.num_attention_heads, False),
+              ("num_key_value_heads", cfg.num_key_value_heads, True),  # replicable: fewer than n, n a multiple
+              ("mamba_n_heads", cfg.mamba_n_heads, False), ("mamba_n_groups", cfg.mamba_n_groups, True),
+              ("intermediate_size", cfg.intermediate_size, False)]
+    for name, count, replicable in splits:
+        if count % n and not (replicable and n % count == 0):
+            raise ValueError(f"tensor_parallel_size {n} cannot split this model: its {name} ({count}) is not "
+                             f"divisible by {n}" + (f" (nor is {n} divisible by it)" if replicable else ""))
+    return dataclasses.replace(
+        cfg, num_attention_heads=cfg.num_attention_heads // n,
+        num_key_value_heads=local_count(cfg.num_key_value_heads, tp),
+        mamba_n_heads=cfg.mamba_n_heads // n, mamba_d_ssm=cfg.mamba_d_ssm // n,
+        mamba_n_groups=local_count(cfg.mamba_n_groups, tp), intermediate_size=cfg.intermediate_size // n)
+
+
 class FalconH1Model(nn.Module):
-    def __init__(self, cfg: FalconH1Config):
+    def __init__(self, cfg: FalconH1Config, tp: TensorParallel, norm_ranks: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, padded_vocab_size(cfg.vocab_size, tp.size),
+                                                   cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, norm_ranks) for _ in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class FalconH1ForCausalLM(nn.Module):
-    def __init__(self, cfg: FalconH1Config):
+    shard_config = staticmethod(shard_config)
+
+    def __init__(self, cfg: FalconH1Config, tp: TensorParallel = SINGLE):
+        """cfg: the checkpoint's config; the modules are built at this rank's sizes (rank_cfg)."""
         super().__init__()
-        self.cfg = cfg
-        self.model = FalconH1Model(cfg)
+        self.cfg, self.tp = cfg, tp
+        self.rank_cfg = shard_config(cfg, tp)
+        self.model = FalconH1Model(self.rank_cfg, tp, max(tp.size // cfg.mamba_n_groups, 1))
         # Even when tied, the head is its own tensor: it carries lm_head_multiplier, the embedding another.
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, padded_vocab_size(cfg.vocab_size, tp.size), tp)
         D = cfg.head_dim
         self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D)),
                              persistent=False)
@@ -196,13 +247,15 @@ class FalconH1ForCausalLM(nn.Module):
     def load_transform(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Maps one checkpoint tensor (fp32) to the parameters it fills, with the multipliers folded in."""
         cfg = self.cfg
+        n = self.tp.size
         if name == "model.embed_tokens.weight":
-            out = [(name, tensor * cfg.embedding_multiplier)]
+            embedding = tensor * cfg.embedding_multiplier
+            out = [(name, pad_vocab_rows(embedding, n) if n > 1 else embedding)]  # split evenly: padded
             if cfg.tie_word_embeddings:
-                out.append(("lm_head.weight", pad_vocab_rows(tensor * cfg.lm_head_multiplier)))
+                out.append(("lm_head.weight", pad_vocab_rows(tensor * cfg.lm_head_multiplier, n)))
             return out
         if name == "lm_head.weight":
-            return [] if cfg.tie_word_embeddings else [(name, pad_vocab_rows(tensor * cfg.lm_head_multiplier))]
+            return [] if cfg.tie_word_embeddings else [(name, pad_vocab_rows(tensor * cfg.lm_head_multiplier, n))]
         multipliers = self._linear_multipliers(name)
         if multipliers is None:
             return [(name, tensor)]
@@ -219,6 +272,37 @@ class FalconH1ForCausalLM(nn.Module):
         if kind == "bias":
             return [(name, tensor * bias_m)]
         return [(name, tensor)]  # GPTQ qweight, qzeros, g_idx; FP8 codes and input_scale
+
+    def shard_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a (multiplier-folded) checkpoint tensor."""
+        return shard_checkpoint_tensor(self.tp_layout(), name, tensor, self.tp)
+
+    def tp_layout(self) -> dict:
+        """How each tensor splits over the ranks: (dim, segments of (units, rows per unit)) along which
+        the units (heads, groups, channels) are dealt out; ROW_PARALLEL_BIAS; not listed: replicated."""
+        c = self.cfg
+        heads, kv_heads = (c.num_attention_heads, c.head_dim), (c.num_key_value_heads, c.head_dim)
+        ssm_heads, groups = (c.mamba_n_heads, c.mamba_d_head), (c.mamba_n_groups, c.mamba_d_state)
+        per_head, ffn = (c.mamba_n_heads, 1), (c.intermediate_size, 1)
+        vocab = (0, [(padded_vocab_size(c.vocab_size, self.tp.size), 1)])
+        layout = {
+            "model.embed_tokens.weight": vocab, "lm_head.weight": vocab,
+            "self_attn.q_proj.weight": (0, [heads]), "self_attn.q_proj.bias": (0, [heads]),
+            "self_attn.o_proj.weight": (1, [heads]), "self_attn.o_proj.bias": ROW_PARALLEL_BIAS,
+            "mamba.in_proj.weight": (0, [ssm_heads, ssm_heads, groups, groups, per_head]),  # z | x | B | C | dt
+            "mamba.conv1d.weight": (0, [ssm_heads, groups, groups]),  # x | B | C
+            "mamba.dt_bias": (0, [per_head]), "mamba.A_log": (0, [per_head]), "mamba.D": (0, [per_head]),
+            "mamba.norm.weight": (0, [ssm_heads]),
+            "mamba.out_proj.weight": (1, [ssm_heads]), "mamba.out_proj.bias": ROW_PARALLEL_BIAS,
+            "feed_forward.down_proj.weight": (1, [ffn]), "feed_forward.down_proj.bias": ROW_PARALLEL_BIAS,
+        }
+        for proj in ("k_proj", "v_proj"):
+            layout |= {f"self_attn.{proj}.weight": (0, [kv_heads]), f"self_attn.{proj}.bias": (0, [kv_heads])}
+        for proj in ("gate_proj", "up_proj"):
+            layout |= {f"feed_forward.{proj}.weight": (0, [ffn]), f"feed_forward.{proj}.bias": (0, [ffn])}
+        layout["mamba.in_proj.bias"] = layout["mamba.in_proj.weight"]
+        layout["mamba.conv1d.bias"] = layout["mamba.conv1d.weight"]
+        return layout
 
     def _linear_multipliers(self, name: str) -> tuple | None:
         """(weight, bias) multipliers of the linear layer `name` belongs to. Input-side scales (x * s before

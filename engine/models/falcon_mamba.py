@@ -5,9 +5,16 @@
               dl, B, C = rms(dl), rms(B), rms(C)      (weightless; FalconMamba only, not plain Mamba)
               y = SelectiveScan(x, dt = W_dt dl, A = -exp(A_log), B, C, D, dt_bias) * SiLU(z);  out = W_out y
     logits = lm_head(RMSNorm(h))
+
+Tensor parallelism over N ranks splits d_inner: in_proj's x and z rows, conv1d, dt_proj's rows, A, D
+and the state pools by channel; x_proj contracts over d_inner, so each rank's [dl ; B ; C] is a partial
+sum, all-reduced before the norms; out_proj is row-parallel (all-reduced). The embedding and the head
+are split by vocabulary row.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -15,9 +22,17 @@ from torch import nn
 from engine import ops
 from engine.cache_pools import LayerCache
 from engine.config import FalconMambaConfig
+from engine.distributed import (
+    ROW_PARALLEL_BIAS,
+    SINGLE,
+    LMHead,
+    TensorParallel,
+    VocabParallelEmbedding,
+    shard_checkpoint_tensor,
+)
 from engine.forward_batch import ForwardBatch
 from engine.lora.layers import LoRATarget
-from engine.models.common import LMHead, RMSNorm, pad_vocab_rows
+from engine.models.common import RMSNorm, pad_vocab_rows, padded_vocab_size
 from engine.quantization import linear
 
 
@@ -31,9 +46,9 @@ class DtProj(nn.Module):
 
 
 class Mamba1Mixer(nn.Module):
-    def __init__(self, cfg: FalconMambaConfig):
+    def __init__(self, cfg: FalconMambaConfig, tp: TensorParallel):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         d_in, N, R = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
         self.in_proj = linear(cfg.hidden_size, 2 * d_in, cfg.use_bias, cfg.quantization)
         self.conv1d = nn.Conv1d(d_in, d_in, cfg.conv_kernel, groups=d_in, bias=cfg.use_conv_bias)
@@ -48,37 +63,50 @@ class Mamba1Mixer(nn.Module):
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x = ops.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv_state, batch)
         sizes = [cfg.time_step_rank, cfg.state_size, cfg.state_size]
-        dlBC = self.x_proj(x)
+        dlBC = self.tp.all_reduce(self.x_proj(x))
         if cfg.bcdt_norm:  # dl, B, C = rms(dl), rms(B), rms(C)
             dlBC = ops.split_rms_norm(dlBC, sizes, cfg.mixer_rms_eps)
         dl, B, C = dlBC.split(sizes, dim=-1)
         dt = dl @ self.dt_proj.weight.t()
         y = ops.mamba1_scan(x, dt, self.A, B, C, self.D, self.dt_proj.bias, z, cache.ssm_state, batch)
-        return self.out_proj(y)
+        return self.tp.all_reduce(self.out_proj(y))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: FalconMambaConfig):
+    def __init__(self, cfg: FalconMambaConfig, tp: TensorParallel):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
-        self.mixer = Mamba1Mixer(cfg)
+        self.mixer = Mamba1Mixer(cfg, tp)
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: FalconMambaConfig):
+    def __init__(self, cfg: FalconMambaConfig, tp: TensorParallel):
         super().__init__()
-        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.embeddings = VocabParallelEmbedding(cfg.vocab_size, padded_vocab_size(cfg.vocab_size, tp.size),
+                                                 cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(Block(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
 
 
+def shard_config(cfg: FalconMambaConfig, tp: TensorParallel) -> FalconMambaConfig:
+    """The sizes one of tp.size ranks holds; ValueError if d_inner does not split evenly."""
+    if cfg.intermediate_size % tp.size:
+        raise ValueError(f"tensor_parallel_size {tp.size} cannot split this model: its intermediate_size "
+                         f"(d_inner, {cfg.intermediate_size}) is not divisible by {tp.size}")
+    return dataclasses.replace(cfg, intermediate_size=cfg.intermediate_size // tp.size)
+
+
 class FalconMambaForCausalLM(nn.Module):
-    def __init__(self, cfg: FalconMambaConfig):
+    shard_config = staticmethod(shard_config)
+
+    def __init__(self, cfg: FalconMambaConfig, tp: TensorParallel = SINGLE):
+        """cfg: the checkpoint's config; the modules are built at this rank's sizes (rank_cfg)."""
         super().__init__()
-        self.cfg = cfg
-        self.backbone = Backbone(cfg)
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:  # the head shares the embedding table, unpadded
+        self.cfg, self.tp = cfg, tp
+        self.rank_cfg = shard_config(cfg, tp)
+        self.backbone = Backbone(self.rank_cfg, tp)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, padded_vocab_size(cfg.vocab_size, tp.size), tp)
+        if cfg.tie_word_embeddings:  # the head shares the embedding table (unpadded on one rank)
             self.lm_head.weight = self.backbone.embeddings.weight
 
     def forward(self, batch: ForwardBatch, caches: list[LayerCache]) -> torch.Tensor:
@@ -128,6 +156,29 @@ class FalconMambaForCausalLM(nn.Module):
         return None  # no multipliers are folded into FalconMamba's weights
 
     def load_transform(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        n = self.tp.size
         if name == "lm_head.weight":  # when tied, the embedding fills it
-            return [] if self.cfg.tie_word_embeddings else [(name, pad_vocab_rows(tensor))]
+            return [] if self.cfg.tie_word_embeddings else [(name, pad_vocab_rows(tensor, n))]
+        if name == "backbone.embeddings.weight" and n > 1:  # split evenly: padded like the head
+            return [(name, pad_vocab_rows(tensor, n))]
         return [(name, tensor)]
+
+    def shard_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a checkpoint tensor."""
+        return shard_checkpoint_tensor(self.tp_layout(), name, tensor, self.tp)
+
+    def tp_layout(self) -> dict:
+        """How each tensor splits over the ranks: (dim, segments of (units, rows per unit)); not listed:
+        replicated (norms). d_inner channels are the units."""
+        channels = (self.cfg.intermediate_size, 1)
+        by_channel = (0, [channels])
+        vocab = (0, [(padded_vocab_size(self.cfg.vocab_size, self.tp.size), 1)])
+        return {
+            "backbone.embeddings.weight": vocab, "lm_head.weight": vocab,
+            "mixer.in_proj.weight": (0, [channels, channels]), "mixer.in_proj.bias": (0, [channels, channels]),
+            "mixer.conv1d.weight": by_channel, "mixer.conv1d.bias": by_channel,
+            "mixer.x_proj.weight": (1, [channels]),
+            "mixer.dt_proj.weight": by_channel, "mixer.dt_proj.bias": by_channel,
+            "mixer.A_log": by_channel, "mixer.D": by_channel,
+            "mixer.out_proj.weight": (1, [channels]), "mixer.out_proj.bias": ROW_PARALLEL_BIAS,
+        }

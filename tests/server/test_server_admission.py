@@ -84,7 +84,7 @@ def test_failed_load_stops_the_server(start_server) -> None:
 
 
 def test_errored_engine_and_draining_refuse_work(server, monkeypatch) -> None:
-    monkeypatch.setattr(server.state.engine, "dead_reason", "a test fault")
+    monkeypatch.setattr(server.state.engine, "_loop_error", "a test fault")  # as its loop sets it
     r = httpx.get(server.url + "/health")
     assert r.status_code == 503 and "a test fault" in r.json()["error"]["message"]
     assert httpx.post(server.url + "/v1/chat/completions", json=CHAT).status_code == 503

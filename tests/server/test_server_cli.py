@@ -176,12 +176,12 @@ def test_vllm_command_lines(capsys) -> None:
                  "--block-size", "32", "--swap-space", "4", "--disable-log-requests", "--uvicorn-log-level", "warning")
     assert args.model == "tiiuae/Falcon-H1-7B-Instruct" and args.dtype == "float16"
     assert args.kv_block_size == 32 and args.log_level == "warning" and args.trust_remote_code
-    assert parse("--dtype", "float").dtype == "float32"
+    assert parse("--dtype", "float").dtype == "float32" and parse("-tp", "2").tensor_parallel_size == 2
     assert parse("--load-format", "dummy").load_format == "dummy" and parse("--download-dir", "/d").download_dir == "/d"
     assert parse("--model", "a/b").model == "a/b" and parse("a/b", "--model", "a/b").model == "a/b"
     for argv, message in ((["--max-model", "5"], "unrecognized arguments: --max-model"),  # no abbreviations
                           (["a/b", "--model", "c/d"], "given twice"),
-                          (["-tp", "2"], "--tensor-parallel-size 2 is not supported"),
+                          (["-tp", "0"], "--tensor-parallel-size must be >= 1"),
                           (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8 is not supported")):
         with pytest.raises(SystemExit):
             parse(*argv)
