@@ -96,3 +96,6 @@ def test_engine_args_validation():
         EngineArgs(model="x", dtype="int4")
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         EngineArgs(model="x", gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="LoRA adapters .* tensor_parallel_size > 1"):
+        EngineArgs(model="x", enable_lora=True, tensor_parallel_size=2)
+    assert EngineArgs(model="x", enable_lora=True).tensor_parallel_size == 1
