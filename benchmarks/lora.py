@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from benchmarks.offline import SHAPES
+from benchmarks.offline import SHAPES, bench_decode
 from benchmarks.report import emit
 from engine.config import EngineArgs, parse_model_config
 from engine.llm_engine import LLMEngine
 from engine.lora import LoRARequest
-from engine.sampling_params import SamplingParams
 from engine.tokenizer import byte_level_tokenizer_files
 
 TINY = dict(SHAPES["falcon-h1-0.5b"], vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -58,29 +56,6 @@ def write_random_adapter(directory: Path, model_config: dict, rank: int, seed: i
     return directory
 
 
-def decode_tok_s(engine: LLMEngine, loras: list[LoRARequest | None], prompt_len: int, steps: int) -> float:
-    """Steady-state decode tok/s of len(loras) sequences, sequence i running adapter loras[i]."""
-    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
-    gen = torch.Generator().manual_seed(len(loras))
-    ids = [f"r{len(loras)}-{i}-{time.monotonic_ns()}" for i in range(len(loras))]
-    for request_id, lora in zip(ids, loras):
-        prompt = torch.randint(5, 250, (prompt_len,), generator=gen).tolist()
-        engine.add_request(request_id, prompt, params, lora_request=lora)
-    seqs = [engine.sequences[i][0] for i in ids]
-    while not all(s.num_output_tokens >= 1 for s in seqs):  # prefills done: time decodes only
-        engine.step()
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    sync()
-    elapsed = time.perf_counter() - start
-    for request_id in ids:
-        engine.abort(request_id)
-    return len(loras) * steps / elapsed
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (a smoke test)")
@@ -109,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         for lora_on in (False, True):
             engine = LLMEngine(EngineArgs(**common, enable_lora=lora_on, max_loras=args.num_adapters,
                                           max_lora_rank=args.rank))
-            decode_tok_s(engine, [None] * min(args.batch_sizes), 128, 2)  # compile / warm up first
+            bench_decode(engine, min(args.batch_sizes), 128, 2)  # compile / warm up first
             setups = [("LoRA off", lambda n: [None] * n)] if not lora_on else [
                 ("LoRA on, base rows only", lambda n: [None] * n),
                 ("one adapter on every row", lambda n: [adapters[0]] * n),
@@ -118,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                 for n in args.batch_sizes:
                     if label.endswith("mixed") and n < len(adapters):
                         continue  # fewer rows than adapters: not a mix of all of them
-                    tok_s = decode_tok_s(engine, loras(n), 128, args.steps)
+                    tok_s = bench_decode(engine, n, 128, args.steps, loras(n))[0]
                     base_tok_s.setdefault(n, tok_s)
                     lines.append(f"| {name} | {label} | {n} | {tok_s:,.0f} tok/s | {tok_s / base_tok_s[n]:.0%} |")
                     print(lines[-1], flush=True)

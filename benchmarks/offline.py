@@ -96,12 +96,15 @@ def run_until(engine: LLMEngine, done) -> None:
         engine.step()
 
 
-def bench_decode(engine: LLMEngine, n: int, prompt_len: int = 128, steps: int = 64) -> tuple[float, float]:
-    """Steady-state decode tok/s of n sequences, and the scheduler's share of the step time."""
+def bench_decode(engine: LLMEngine, n: int, prompt_len: int = 128, steps: int = 64,
+                 loras: list | None = None) -> tuple[float, float]:
+    """Steady-state decode tok/s of n sequences, and the scheduler's share of the step time.
+    loras: sequence i's LoRARequest (or None), when the engine serves adapters."""
     params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
     gen = torch.Generator().manual_seed(n)
     for i in range(n):
-        engine.add_request(f"d{n}-{i}", torch.randint(5, 250, (prompt_len,), generator=gen).tolist(), params)
+        engine.add_request(f"d{n}-{i}", torch.randint(5, 250, (prompt_len,), generator=gen).tolist(), params,
+                           **({"lora_request": loras[i]} if loras else {}))
     seqs = [engine.sequences[f"d{n}-{i}"][0] for i in range(n)]
     run_until(engine, lambda: all(s.num_output_tokens >= 1 for s in seqs))
     schedule, sched_time = engine.scheduler.schedule, [0.0]
