@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 
 from fastapi import FastAPI
-from pydantic import BaseModel
 from starlette.responses import PlainTextResponse
 
 from engine.lora import LoRAError, LoRARequest
 from server.errors import APIError, bad_request
 from server.generation import off_loop
 from server.openapi import ERROR_RESPONSES
-from server.protocol import ModelCard
+from server.protocol import ModelCard, RequestBody
 from server.state import ServerState
 
 RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
@@ -25,12 +24,13 @@ def runtime_updating_from_env() -> bool:
     return os.environ.get(RUNTIME_UPDATING_ENV, "").strip().lower() in ("1", "true")
 
 
-class LoadLoRAAdapterRequest(BaseModel):
+class LoadLoRAAdapterRequest(RequestBody):
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # vLLM's in-place reload of a loaded name: refused (unload it first)
 
 
-class UnloadLoRAAdapterRequest(BaseModel):
+class UnloadLoRAAdapterRequest(RequestBody):
     lora_name: str
     lora_int_id: int | None = None
 
@@ -47,6 +47,8 @@ def add_lora_routes(app: FastAPI, state: ServerState) -> None:
         engine = state.ready_engine().engine
         if engine.lora is None:
             raise bad_request("LoRA adapters are off: start the server with --enable-lora")
+        if body.load_inplace:
+            raise bad_request("load_inplace is not supported: unload the adapter, then load it again", "load_inplace")
         if body.lora_name in state.settings.served_model_names or body.lora_name in state.lora_adapters():
             raise bad_request(f"The model name `{body.lora_name}` is already in use.", "lora_name")
         try:

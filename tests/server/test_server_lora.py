@@ -129,6 +129,10 @@ def test_runtime_load_refuses_bad_adapters(lora_server, adapter_dirs, tmp_path):
     r = httpx.post(url, json={"lora_name": "missing", "lora_path": str(tmp_path)})
     assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
     assert "big" not in [m["id"] for m in httpx.get(lora_server.url + "/v1/models").json()["data"]]
+    r = httpx.post(url, json={"lora_name": "late", "lora_path": str(adapter_dirs["late"]), "load_inplace": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace"
+    r = httpx.post(url, json={"lora_name": 7, "lora_path": str(adapter_dirs["late"])})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_runtime_routes_need_the_switch(server):
