@@ -334,16 +334,23 @@ def parse_model_config(raw: dict, source: str = "config.json") -> tuple[str, Mod
                       f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-def load_model_config(model_dir: str | Path) -> tuple[str, ModelConfig]:
-    path = Path(model_dir) / "config.json"
+def read_json_object(path: Path, error: type[Exception], missing: str) -> dict:
+    """The JSON object in the file `path`; raises error(missing) when there is no such file, and an error
+    naming the file when it is not a JSON object."""
     try:
         raw = json.loads(path.read_text(), object_hook=_decode_special_floats)
     except FileNotFoundError:
-        raise ConfigError(f"no config.json in {model_dir}") from None
+        raise error(missing) from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must hold a JSON object")
+        raise error(f"{path}: must hold a JSON object")
+    return raw
+
+
+def load_model_config(model_dir: str | Path) -> tuple[str, ModelConfig]:
+    path = Path(model_dir) / "config.json"
+    raw = read_json_object(path, ConfigError, f"no config.json in {model_dir}")
     return parse_model_config(raw, str(path))
 
 

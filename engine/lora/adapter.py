@@ -8,7 +8,6 @@ multipliers scale the adapter's delta, so B' = scaling * m_out * m_in * B and th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from engine.config import read_json_object
 from engine.lora.request import LoRAError, LoRARequest
 
 logger = logging.getLogger(__name__)
@@ -61,14 +61,7 @@ def resolve_adapter_path(path: str) -> Path:
 
 def read_adapter_config(directory: Path) -> dict:
     path = directory / "adapter_config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoRAError(f"{directory} is not a PEFT adapter: no adapter_config.json") from None
-    except json.JSONDecodeError as e:
-        raise LoRAError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise LoRAError(f"{path}: must hold a JSON object")
+    raw = read_json_object(path, LoRAError, f"{directory} is not a PEFT adapter: no adapter_config.json")
     peft_type = raw.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise LoRAError(f"{path}: peft_type {peft_type!r} is not supported (only LORA)")
