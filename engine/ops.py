@@ -83,6 +83,14 @@ def lora_delta(x: torch.Tensor, out: torch.Tensor, a_stack: torch.Tensor, b_stac
     return _impl(lora_kernels, "lora_expand", x)(h, b_stack, slice_starts, widest, rows, out)
 
 
+def lora_expand(h_all: torch.Tensor, out: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.Tensor,
+                widest: int, rows: lora_kernels.LoRARows) -> torch.Tensor:
+    """out [T, N] += each row's B h per output slice, in place, where h_all [T, L*S*R] holds x A^T of every
+    slot (computed with the base matmul, kernels/lora.py); rows without an adapter unchanged."""
+    return _impl(lora_kernels, "lora_expand", out)(h_all.unsqueeze(0), b_stack, slice_starts, widest, rows, out,
+                                                   slot_stride=h_all.shape[1] // b_stack.shape[0])
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
                     scale: float) -> torch.Tensor:
     """Attends q [T, Hq, D] over each sequence's cached tokens, its new ones included."""

@@ -9,6 +9,10 @@ s*R .. s*R+R-1 of its A and output columns slice_starts[s] .. slice_starts[s+1]-
 rank (--max-lora-rank): a smaller adapter is zero-padded, a slice it does not target is all zeros. Its
 scaling (and Falcon-H1's multipliers) are folded into B.
 
+When the base projection is a plain matrix W, the shrink rides along its matmul instead: W is stored with
+every slot's A stacked under it, [W; A_0; ...; A_{L-1}], so one matmul gives y and h_all [T, L*S*R], and
+the expand reads row t's h at slot_t * S*R (slot_stride); one small launch per projection instead of two.
+
 The kernels take the rows grouped by slot (`group_rows`, once per forward, on the device): a program
 handles a block of one slot's rows, so each adapter's weights are read once per tile and multiplied with
 all those rows at once (tl.dot); slots no row uses cost empty programs. Stacks have a fixed size and the
@@ -74,15 +78,16 @@ def lora_shrink_ref(x: torch.Tensor, a_stack: torch.Tensor, rows: LoRARows) -> t
 
 
 def lora_expand_ref(h: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.Tensor, widest: int, rows: LoRARows,
-                    out: torch.Tensor) -> torch.Tensor:
+                    out: torch.Tensor, slot_stride: int = 0) -> torch.Tensor:
     """out [T, N] += per row and slice, B's slice rows times h's slice (in place; other rows unchanged).
-    slice_starts [S+1] int32: the slices' output columns; widest: the widest slice (sizes the kernel's grid)."""
-    R, bounds, h = b_stack.shape[2], slice_starts.tolist(), h.sum(0)
+    slice_starts [S+1] int32: the slices' output columns; widest: the widest slice (sizes the kernel's grid);
+    slot_stride: h's columns of slot l start at l * slot_stride (h_all of every slot), else at 0."""
+    R, bounds, h = b_stack.shape[2], slice_starts.tolist(), h.float().sum(0)
     for slot in rows.row_slots.unique().tolist():
         if slot >= 0:
-            mask = rows.row_slots == slot
+            mask, h0 = rows.row_slots == slot, slot * slot_stride
             for s, (n0, n1) in enumerate(zip(bounds, bounds[1:])):
-                delta = h[mask, s * R:(s + 1) * R] @ b_stack[slot, n0:n1].float().t()
+                delta = h[mask, h0 + s * R:h0 + (s + 1) * R] @ b_stack[slot, n0:n1].float().t()
                 out[mask, n0:n1] = (out[mask, n0:n1].float() + delta).to(out.dtype)
     return out
 
@@ -118,7 +123,8 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, rows_ptr, starts_ptr, block_slot_ptr, bl
 
 @triton.jit
 def _expand_kernel(h_ptr, b_ptr, rows_ptr, starts_ptr, block_slot_ptr, block_start_ptr, slice_starts_ptr, out_ptr, R,
-                   stride_hp, stride_h, stride_bl, stride_bn, stride_o, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   slot_stride, stride_hp, stride_h, stride_bl, stride_bn, stride_o, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr,
                    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
     slot = tl.load(block_slot_ptr + tl.program_id(0))
     s = tl.program_id(1)
@@ -132,10 +138,10 @@ def _expand_kernel(h_ptr, b_ptr, rows_ptr, starts_ptr, block_slot_ptr, block_sta
         offs_r = tl.arange(0, BLOCK_R)
         m_mask, n_mask, r_mask = offs_m < end, offs_n < n_hi, offs_r < R
         rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0)
-        h_ptrs = h_ptr + rows[:, None] * stride_h + s * R + offs_r[None, :]
+        h_ptrs = h_ptr + rows[:, None] * stride_h + slot * slot_stride + s * R + offs_r[None, :]
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for part in tl.static_range(SPLIT_K):  # the shrink's partial sums over K
-            h += tl.load(h_ptrs + part * stride_hp, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            h += tl.load(h_ptrs + part * stride_hp, mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
         b = tl.load(b_ptr + slot.to(tl.int64) * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None],
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [R, N]: this slice's B^T
         delta = tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
@@ -170,7 +176,7 @@ def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, rows: LoRARows) -> torch
 
 
 def lora_expand(h: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.Tensor, widest: int, rows: LoRARows,
-                out: torch.Tensor) -> torch.Tensor:
+                out: torch.Tensor, slot_stride: int = 0) -> torch.Tensor:
     """Triton version of lora_expand_ref, in place on out [T, N] (unit column stride)."""
     assert out.dim() == 2 and out.stride(1) == 1 and b_stack.is_contiguous() and h.stride(2) == 1
     T = out.shape[0]
@@ -180,7 +186,7 @@ def lora_expand(h: torch.Tensor, b_stack: torch.Tensor, slice_starts: torch.Tens
     if T:
         _expand_kernel[(rows.block_slot.shape[0], num_slices, triton.cdiv(widest, block_n))](
             h, b_stack, rows.sorted_rows, rows.slot_starts, rows.block_slot, rows.block_start, slice_starts, out, R,
-            h.stride(0), h.stride(1), b_stack.stride(0), b_stack.stride(1), out.stride(0), BLOCK_M=rows.block_m,
-            BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)), SPLIT_K=h.shape[0],
+            slot_stride, h.stride(0), h.stride(1), b_stack.stride(0), b_stack.stride(1), out.stride(0),
+            BLOCK_M=rows.block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(R)), SPLIT_K=h.shape[0],
             PRECISION=_precision(b_stack.dtype))
     return out

@@ -228,17 +228,28 @@ def test_adapter_that_no_longer_loads_fails_its_request_only(h1_dir, adapters, t
     assert again[0].outputs[0].token_ids == peft_greedy(h1_dir, adapters["h1", "attention"], PROMPTS[0], MAX_TOKENS)[0]
 
 
-def test_triton_kernels_in_the_model_match_peft(h1_dir, adapters, monkeypatch):
+@pytest.mark.parametrize("wrapper", ["stacked", "shrink_and_expand"])
+def test_triton_kernels_in_the_model_match_peft(h1_dir, adapters, monkeypatch, wrapper):
     """The same mixed batch with the Triton kernels (Triton's interpreter on the CPU) in place of the torch
-    references inside every wrapped projection: the GPU code path's math, checked on the CPU."""
+    references inside every wrapped projection: the GPU code path's math, checked on the CPU. Both wrappers:
+    the A stacked under a plain base weight, and the two-kernel path that quantized bases take."""
     from engine import ops
+    from engine.lora import layers
     from kernels import lora as lora_kernels
 
     def triton_delta(x, out, a_stack, b_stack, slice_starts, widest, rows):
         h = lora_kernels.lora_shrink(x, a_stack, rows)
         return lora_kernels.lora_expand(h, b_stack, slice_starts, widest, rows, out)
 
-    monkeypatch.setattr(ops, "lora_delta", triton_delta)
+    def triton_expand(h_all, out, b_stack, slice_starts, widest, rows):
+        return lora_kernels.lora_expand(h_all.unsqueeze(0), b_stack, slice_starts, widest, rows, out,
+                                        slot_stride=h_all.shape[1] // b_stack.shape[0])
+
+    calls = []
+    monkeypatch.setattr(ops, "lora_delta", lambda *a: calls.append("delta") or triton_delta(*a))
+    monkeypatch.setattr(ops, "lora_expand", lambda *a: calls.append("expand") or triton_expand(*a))
+    if wrapper == "shrink_and_expand":
+        monkeypatch.setattr(layers, "StackedLoRALinear", layers.LoRALinear)
     llm = LLM(str(h1_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=3, max_lora_rank=16)
     loras = [None] + [lora(name, adapters["h1", name], H1_IDS[name]) for name in MIX]
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=1)
@@ -246,3 +257,4 @@ def test_triton_kernels_in_the_model_match_peft(h1_dir, adapters, monkeypatch):
         tokens, logprobs = peft_greedy(h1_dir, adapters["h1", request.lora_name] if request else None, PROMPTS[0], 3)
         assert out.outputs[0].token_ids == tokens
         assert logprobs_of(out.outputs[0]) == pytest.approx(logprobs, abs=1e-4)
+    assert set(calls) == {"expand" if wrapper == "stacked" else "delta"}

@@ -3,9 +3,11 @@
 A model lists its LoRA targets (`lora_targets()`): each layer whose output an adapter can change, with
 the checkpoint modules it computes as slices of its output (a fused Mamba in_proj | q | k | v is four).
 `install_lora` wraps each in a LoRALinear holding fixed-size stacks [max_loras, ...] of every slot's A
-and B (kernels/lora.py). The rows' slots come from one LoRAContext shared by all layers, set per step
-by the model runner (or pointing at the CUDA graphs' static slot buffer); a hook at the start of the
-model's forward groups the rows by slot once for all layers (inside a captured graph, too).
+and B (kernels/lora.py); a plain nn.Linear instead becomes a StackedLoRALinear, whose weight carries
+every slot's A under W, so that the shrink costs no launch of its own. The rows' slots come from one
+LoRAContext shared by all layers, set per step by the model runner (or pointing at the CUDA graphs'
+static slot buffer); a hook at the start of the model's forward groups the rows by slot once for all
+layers (inside a captured graph, too).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
@@ -39,10 +42,13 @@ class LoRAContext:
 
 
 class LoRALinear(nn.Module):
+    """Any base layer (a quantized one too) plus the delta by the shrink and expand kernels."""
+
     def __init__(self, base: nn.Module, target: LoRATarget, max_loras: int, max_rank: int, context: LoRAContext,
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.base, self.context, self.max_rank = base, context, max_rank
+        self.in_features = target.in_features
         sizes = [n for _, n in target.slices]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self.sizes = sizes
@@ -59,16 +65,56 @@ class LoRALinear(nn.Module):
             return y
         return ops.lora_delta(x, y, self.lora_a, self.lora_b, self.slice_starts, max(self.sizes), rows)
 
+    def slot_a(self, slot: int) -> torch.Tensor:
+        """Slot's A rows [S*R, in]: slice s owns rows s*R .. s*R+R-1."""
+        return self.lora_a[slot]
+
     @torch.no_grad()
     def set_slice(self, slot: int, index: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Slot's adapter for slice `index`: A [r, in], B [out, r] (None: the adapter leaves it alone)."""
         R, start, n = self.max_rank, self.offsets[index], self.sizes[index]
-        self.lora_a[slot, index * R:(index + 1) * R].zero_()
+        slot_a = self.slot_a(slot)
+        slot_a[index * R:(index + 1) * R].zero_()
         self.lora_b[slot, start:start + n].zero_()
         if a is not None:
             r = a.shape[0]
-            self.lora_a[slot, index * R:index * R + r].copy_(a)
+            slot_a[index * R:index * R + r].copy_(a)
             self.lora_b[slot, start:start + n, :r].copy_(b)
+
+
+class StackedLoRALinear(LoRALinear):
+    """A plain matrix base: its weight is [W; A_0; ...; A_{L-1}], so one matmul gives y and x A^T of every
+    slot (a few % more weight bytes), and only the expand runs as a launch of its own. At decode the LoRA
+    cost is mostly launches, so this halves it."""
+
+    def __init__(self, base: nn.Linear, target: LoRATarget, max_loras: int, max_rank: int, context: LoRAContext,
+                 dtype: torch.dtype, device: torch.device):
+        nn.Module.__init__(self)
+        self.context, self.max_rank, self.in_features = context, max_rank, target.in_features
+        sizes = [n for _, n in target.slices]
+        self.offsets, self.sizes, self.out_features = [sum(sizes[:i]) for i in range(len(sizes))], sizes, sum(sizes)
+        stacked = max_loras * len(sizes) * max_rank
+        weight = base.weight.new_zeros(self.out_features + stacked, self.in_features)
+        weight[:self.out_features] = base.weight.detach()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", None if base.bias is None else
+                             torch.cat([base.bias.detach(), base.bias.new_zeros(stacked)]))
+        self.register_buffer("lora_b", torch.zeros(max_loras, sum(sizes), max_rank, dtype=dtype, device=device))
+        self.register_buffer("slice_starts", torch.tensor([*self.offsets, sum(sizes)], dtype=torch.int32,
+                                                          device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        y, h_all = out[..., :self.out_features], out[..., self.out_features:]
+        rows = self.context.rows
+        if rows is None:
+            return y
+        return ops.lora_expand(h_all, y, self.lora_b, self.slice_starts, max(self.sizes), rows)
+
+    def slot_a(self, slot: int) -> torch.Tensor:
+        rows = len(self.sizes) * self.max_rank
+        start = self.out_features + slot * rows
+        return self.weight[start:start + rows]
 
 
 def install_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device
@@ -81,7 +127,9 @@ def install_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.d
     for target in model.lora_targets():
         owner, _, attr = target.path.rpartition(".")
         parent = model.get_submodule(owner)
-        layer = LoRALinear(getattr(parent, attr), target, max_loras, max_rank, context, dtype, device)
+        base = getattr(parent, attr)
+        wrapper = StackedLoRALinear if type(base) is nn.Linear else LoRALinear
+        layer = wrapper(base, target, max_loras, max_rank, context, dtype, device)
         setattr(parent, attr, layer)
         for i, (name, _) in enumerate(target.slices):
             slices[name] = (layer, i)

@@ -34,7 +34,7 @@ class LoRAManager:
                  multiplier: Callable[[str], float | torch.Tensor | None], inert: dict[str, str] | None = None):
         self.slices, self.max_rank, self.max_cpu_loras, self.multiplier = slices, max_rank, max_cpu_loras, multiplier
         self.inert = inert or {}
-        self.shapes = {name: (layer.lora_a.shape[2], layer.sizes[i]) for name, (layer, i) in slices.items()}
+        self.shapes = {name: (layer.in_features, layer.sizes[i]) for name, (layer, i) in slices.items()}
         self.known: dict[int, LoRARequest] = {}
         self.names: dict[str, LoRARequest] = {}
         self.host: OrderedDict[int, AdapterWeights] = OrderedDict()

@@ -83,6 +83,19 @@ def test_kernels_match_references(shape, dtype):
     assert torch.equal(got[~has], out[~has])  # rows without an adapter are untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_expand_of_every_slots_h_matches_the_shrink_path(dtype):
+    """The stacked-weight path: h_all = x [A_0; ...; A_{L-1}]^T for every slot, the expand picks row t's
+    slot at slot_t * S*R; same result as shrink + expand."""
+    x, a, b, starts, widest, rows, out = case(T=40, K=48, slice_sizes=[24, 8, 8], L=3, R=4, dtype=dtype)
+    h_all = (x.float() @ a.flatten(0, 1).float().t()).to(dtype)  # [T, L*S*R], as the base matmul gives it
+    want = lora.lora_expand_ref(lora.lora_shrink_ref(x, a, rows), b, starts, widest, rows, out.clone())
+    ref = lora.lora_expand_ref(h_all[None], b, starts, widest, rows, out.clone(), slot_stride=a.shape[1])
+    got = lora.lora_expand(h_all[None], b, starts, widest, rows, out.clone(), slot_stride=a.shape[1])
+    assert rel_err(ref, want) < TOL[dtype] and rel_err(got, want) < TOL[dtype]
+    assert torch.equal(got[rows.row_slots < 0], out[rows.row_slots < 0])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("slices,K", [([2 * 3072 + 2 * 256 + 24, 1536, 256, 256], 3072), ([3072], 12288)],
                          ids=["in_proj_qkv", "down_proj"])
@@ -92,6 +105,9 @@ def test_kernels_at_falcon_h1_7b_shapes(slices, K, T):
     ref = lora.lora_expand_ref(lora.lora_shrink_ref(x, a, rows), b, starts, widest, rows, out.clone())
     got = lora.lora_expand(lora.lora_shrink(x, a, rows), b, starts, widest, rows, out.clone())
     assert rel_err(got - out, ref - out) < 2e-2  # the delta itself, not hidden under out
+    h_all = x @ a.flatten(0, 1).t()  # the stacked-weight path: every slot's shrink from one bf16 matmul
+    stacked = lora.lora_expand(h_all[None], b, starts, widest, rows, out.clone(), slot_stride=a.shape[1])
+    assert rel_err(stacked - out, ref - out) < 2e-2
 
 
 @pytest.mark.gpu
