@@ -128,16 +128,19 @@ class LLMEngine:
 
     def check_grammar(self, params: SamplingParams) -> None:
         """Compiles (and caches) params' grammar, so that a bad one is refused before it is queued."""
-        self._grammar(params, copy=False)
+        self._with_grammars(lambda grammars: grammars.start_state(params.structured_outputs))
 
-    def _grammar(self, params: SamplingParams, copy: bool = True):
-        """params' grammar in its start state: a new matcher, or the cached one (RequestError if invalid)."""
+    def _new_matcher(self, params: SamplingParams):
+        """A matcher of params' grammar in its start state, for one sequence."""
+        return self._with_grammars(lambda grammars: grammars.compile(params.structured_outputs))
+
+    def _with_grammars(self, use):
+        """use(the grammar cache); an invalid grammar, or none possible, is a RequestError."""
         if self.grammars is None:
             raise RequestError("structured outputs need a tokenizer; this model is served without one",
                                "structured_outputs")
         try:
-            spec = params.structured_outputs
-            return self.grammars.compile(spec) if copy else self.grammars.start_state(spec)
+            return use(self.grammars)
         except ValueError as e:
             raise RequestError(str(e), "structured_outputs") from None
 
@@ -165,7 +168,7 @@ class LLMEngine:
                        lora_id=lora_id)
         seq.detokenizer = self._detokenizer(prompt_ids, params)
         if params.structured_outputs is not None:
-            seq.grammar = self._grammar(params)
+            seq.grammar = self._new_matcher(params)
         self.sequences[request_id] = [seq]
         self.scheduler.add(seq)
 
