@@ -47,7 +47,7 @@ GEMM_SHAPES = {
 }
 GPTQ_CONFIG = dict(quant_method="gptq", group_size=128, desc_act=True, sym=True, checkpoint_format="gptq",
                    lm_head=False)
-VARIANTS = {"bf16": None, "gptq-int4": 4, "gptq-int8": 8, "fp8": "fp8"}
+VARIANTS = {"bf16": None, "gptq-int4": 4, "fp8": "fp8", "gptq-int8": 8}  # measured in this order
 L2_MISS_BYTES = 256 << 20  # several times the 50-60 MB L2
 
 
@@ -128,72 +128,120 @@ def _copies(w: tuple, nbytes: int) -> list[tuple]:
 
 
 def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
-    """The tile configs the sweep tries: the GEMV kernel (one row) and the tl.dot one, split for 2-8 waves."""
+    """The tile configs the sweep tries: the GEMV kernel (one row: tiles of 16 or 32 word rows, 2-4 warps) and
+    the tl.dot one (16-32 rows), each split for several waves of programs."""
     pack, dev = 32 // bits, torch.device("cuda")
     out = []
     if M == 1:
-        for bn, warps in ((64, 2), (128, 4), (256, 4), (256, 8)):
-            out += [dict(kind="gemv", BLOCK_N=bn, BLOCK_K=128, num_warps=warps, num_stages=1,
-                         SPLIT_K=split_for(-(-N // bn), K, 128, waves, dev)) for waves in (2, 4, 8)]
+        for bn, bk, warps in ((64, 16 * pack, 2), (64, 32 * pack, 2), (128, 16 * pack, 4)):
+            out += [dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
+                         SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev)) for waves in (4, 8)]
+        return out
     bm = 16 if M <= 16 else 32
-    for bn, bk in ((64, 16 * pack), (64, 32 * pack), (128, 16 * pack)):
+    for bn, bk, stages in ((64, 128, 4), (64, 128, 2), (32, 128, 4), (64, 256, 2)):
         tiles = -(-N // bn) * -(-M // bm)
-        out += [dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=2,
-                     SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (2, 4, 8)]
+        out += [dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages,
+                     SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (2, 4)]
     return out
 
 
 def fp8_candidates(M: int, N: int, K: int) -> list[dict]:
+    """FP8 weight-only: the GEMV kernel at one row, the tl.dot one at any."""
     dev = torch.device("cuda")
+    out = []
+    if M == 1:
+        out += [dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
+                     SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev))
+                for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (32, 512, 4), (64, 256, 8)) for waves in (4, 8)]
     bm = 16 if M <= 16 else 32
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4,
+    out += [dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4,
                  SPLIT_K=split_for(-(-N // bn) * -(-M // bm), K, bk, waves, dev))
-            for bn in (32, 64, 128) for bk in (128, 256) for waves in (2, 4, 8)]
+            for bn, bk in ((32, 128), (64, 128), (64, 256)) for waves in (2, 4)]
+    return out
 
 
-def sweep(models: list[str], deadline: float, ceiling: float) -> list[str]:
-    """Default heuristic vs every candidate config (each checked against the reference), GPTQ 4 / 8 bits and
-    FP8 weight-only at 1 / 16 / 32 rows; the best per kernel kind."""
-    lines = ["| GEMM (K x N) | format | rows | default us | best us (of copy ceiling) | best config | best gemv us | "
-             "best gemm us | wrong |", "|---|---|---|---|---|---|---|---|---|"]
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    for model in models:
-        for K, N in GEMM_SHAPES[model].values():
-            for fmt in ("gptq-int4", "gptq-int8", "fp8 weight-only"):
-                fn, w, nbytes = make_weights(fmt, K, N, gen)
-                copies = _copies(w, nbytes)
-                for rows in (1, 16, 32):
-                    if time.perf_counter() > deadline:
-                        return lines + ["", "(time budget reached)"]
-                    x = torch.randn(rows, K, device="cuda", generator=gen).to(torch.bfloat16)
-                    if fmt == "fp8 weight-only":
-                        ref = fp8.fp8_linear_ref(x, *w, None)
-                        cands = fp8_candidates(rows, N, K)
-                    else:
-                        bits = 4 if fmt == "gptq-int4" else 8
-                        ref = ql.gptq_linear_ref(x, *w[:4], None, bits, 128, N)
-                        cands = gptq_candidates(rows, N, K, bits)
-                    default_t = gemm_time(fn, copies, x)
-                    best, by_kind, wrong = (default_t, "default"), {}, 0
-                    for cfg in cands:
-                        try:
-                            err = ((fn(x, w, config=cfg).float() - ref.float()).abs().max() / ref.float().abs().max())
-                            if not err < 1e-2:
-                                wrong += 1
-                                print(f"WRONG {fmt} {K}x{N} rows {rows} {cfg}: {err:.3g}", flush=True)
-                                continue
-                            t = gemm_time(fn, copies, x, config=cfg)
-                        except Exception as e:  # e.g. a tile that needs more shared memory than there is
-                            print(f"config {cfg} failed: {str(e)[:100]}", flush=True)
-                            continue
-                        kind = cfg.get("kind", "gemm")
-                        by_kind[kind] = min(by_kind.get(kind, 1.0), t)
-                        best = min(best, (t, cfg), key=lambda b: b[0])
-                    lines.append(f"| {K} x {N} | {fmt} | {rows} | {default_t * 1e6:.1f} | {best[0] * 1e6:.1f} "
-                                 f"({nbytes / best[0] / ceiling:.0%}) | {best[1]} | "
-                                 f"{by_kind.get('gemv', 0) * 1e6:.1f} | {by_kind.get('gemm', 0) * 1e6:.1f} | {wrong} |")
-                    print(lines[-1], flush=True)
-                del copies
+def sweep_cases(models: list[str], rows: list[int]) -> list[tuple]:
+    """(K, N, format, rows), the first of `rows` for every shape first."""
+    return [(K, N, fmt, m) for m in rows for model in models for K, N in GEMM_SHAPES[model].values()
+            for fmt in ("gptq-int4", "gptq-int8", "fp8 weight-only")]
+
+
+def _case_inputs(case: tuple) -> tuple:
+    """(fn, weights, bytes, x, candidates, reference) of a sweep case, the same in every process (seeded)."""
+    K, N, fmt, rows = case
+    gen = torch.Generator(device="cuda").manual_seed(K * 7 + N + rows)
+    fn, w, nbytes = make_weights(fmt, K, N, gen)
+    x = torch.randn(rows, K, device="cuda", generator=gen).to(torch.bfloat16)
+    if fmt == "fp8 weight-only":
+        cands, ref = fp8_candidates(rows, N, K), fp8.fp8_linear_ref(x, *w, None)
+    else:
+        bits = 4 if fmt == "gptq-int4" else 8
+        cands, ref = gptq_candidates(rows, N, K, bits), ql.gptq_linear_ref(x, *w[:4], None, bits, 128, N)
+    unique = [dict(c) for c in dict.fromkeys(tuple(c.items()) for c in cands)]  # waves that give the same split
+    return fn, w, nbytes, x, unique, ref
+
+
+def check_case(case: tuple) -> list[str]:
+    """Each candidate of a case run once against the reference (this compiles it, into Triton's disk cache):
+    'ok', 'wrong: err' or 'failed: why' per candidate."""
+    fn, w, _, x, cands, ref = _case_inputs(case)
+    verdicts = []
+    for cfg in cands:
+        try:
+            err = ((fn(x, w, config=cfg).float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            verdicts.append("ok" if err < 1e-2 else f"wrong: {err:.3g}")
+        except Exception as e:  # e.g. a tile that needs more shared memory than there is
+            verdicts.append(f"failed: {str(e)[:100]}")
+    fn(x, w)  # and the default heuristic's
+    return verdicts
+
+
+def check_cases(cases: list[tuple], procs: int) -> list[list[str]]:
+    """check_case for every case, `procs` processes at once (Triton compiles on the CPU: in parallel, the
+    timing that follows finds every kernel in the disk cache)."""
+    start = time.perf_counter()
+    with torch.multiprocessing.get_context("spawn").Pool(procs) as pool:
+        verdicts = pool.map(check_case, cases, chunksize=1)
+    bad = sum(v != "ok" for vs in verdicts for v in vs)
+    print(f"checked {sum(map(len, verdicts))} configs of {len(cases)} cases in {time.perf_counter() - start:.0f} s: "
+          f"{bad} not ok", flush=True)
+    return verdicts
+
+
+def sweep(models: list[str], deadline: float, ceiling: float, rows: list[int], procs: int) -> list[str]:
+    """bf16 (cuBLAS), the default heuristic and every candidate config side by side, GPTQ 4 / 8 bits and FP8
+    weight-only at `rows`; the best per kernel kind. The candidates are first checked against the reference
+    (and compiled) in `procs` processes at once; only the ones that agree are timed."""
+    cases = sweep_cases(models, rows)
+    verdicts = check_cases(cases, procs)
+    lines = ["| GEMM (K x N) | format | rows | bf16 us | default us (of copy ceiling) | best us (of copy ceiling) | "
+             "best config | best gemv us | best gemm us | wrong |", "|---|---|---|---|---|---|---|---|---|---|"]
+    bf16_us = {}
+    for case, verdict in zip(cases, verdicts):
+        if time.perf_counter() > deadline:
+            return lines + ["", "(time budget reached)"]
+        K, N, fmt, rows = case
+        fn, w, nbytes, x, cands, _ = _case_inputs(case)
+        if (K, N, rows) not in bf16_us:
+            bf16_fn, bf16_w, bf16_bytes = make_weights("bf16", K, N, torch.Generator(device="cuda").manual_seed(0))
+            bf16_us[K, N, rows] = gemm_time(bf16_fn, _copies(bf16_w, bf16_bytes), x) * 1e6
+        copies = _copies(w, nbytes)
+        default_t = gemm_time(fn, copies, x)
+        best, by_kind = (default_t, "default"), {}
+        for cfg, v in zip(cands, verdict):
+            if v != "ok":
+                print(f"{fmt} {K}x{N} rows {rows} {cfg}: {v}", flush=True)
+                continue
+            t = gemm_time(fn, copies, x, config=cfg)
+            kind = cfg["kind"]
+            by_kind[kind] = min(by_kind.get(kind, 1.0), t)
+            best = min(best, (t, cfg), key=lambda b: b[0])
+        wrong = sum(v.startswith("wrong") for v in verdict)
+        lines.append(f"| {K} x {N} | {fmt} | {rows} | {bf16_us[K, N, rows]:.1f} | {default_t * 1e6:.1f} "
+                     f"({nbytes / default_t / ceiling:.0%}) | {best[0] * 1e6:.1f} ({nbytes / best[0] / ceiling:.0%}) | "
+                     f"{best[1]} | {by_kind.get('gemv', 0) * 1e6:.1f} | {by_kind.get('gemm', 0) * 1e6:.1f} | {wrong} |")
+        print(lines[-1], flush=True)
+        del copies
     return lines
 
 
@@ -209,7 +257,8 @@ def model_dir(name: str, variant: str, root: Path) -> Path:
     return directory
 
 
-def bench_end_to_end(models: list[str], ceiling: float, deadline: float, root: Path, seqs: list[int]) -> list[str]:
+def bench_end_to_end(models: list[str], ceiling: float, deadline: float, root: Path, seqs: list[int],
+                     max_num_seqs: int) -> list[str]:
     decode = " | ".join(f"decode {n} seq" for n in seqs)
     lines = [f"| model | weights | projections' bytes vs bf16 | {decode} | prefill 4,096 | 4k seqs that fit | "
              "start-up |",
@@ -221,7 +270,7 @@ def bench_end_to_end(models: list[str], ceiling: float, deadline: float, root: P
                 return lines + ["", "(time budget reached: remaining models not measured)"]
             start = time.perf_counter()
             args = EngineArgs(model=str(model_dir(name, variant, root)), device="cuda", dtype="bfloat16",
-                              load_format="dummy", max_model_len=4096 + 64, max_num_seqs=256,
+                              load_format="dummy", max_model_len=4096 + 64, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=8192, gpu_memory_utilization=0.92,
                               quantization="fp8" if variant == "fp8" else None)
             engine = None
@@ -263,6 +312,14 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["gemms", "sweep", "e2e"])
     parser.add_argument("--seqs", nargs="+", type=int, default=[1, 32, 256], help="decode batch sizes end to end")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="end to end: the engine's (graphs captured "
+                        "up to it; state slots, so it caps '4k seqs that fit')")
+    parser.add_argument("--sweep-rows", nargs="+", type=int, default=[1, 16, 32])
+    parser.add_argument("--check-procs", type=int, default=8, help="processes that check (and compile) the sweep's "
+                        "candidates at once")
+    parser.add_argument("--order", nargs="+", default=["gemms", "e2e", "sweep"],
+                        choices=["gemms", "sweep", "e2e", "check"],
+                        help="what to run, in this order; check: only the sweep's reference checks (and compiles)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     deadline = time.perf_counter() + args.budget_s
@@ -272,14 +329,21 @@ def main() -> None:
               f"{ceiling / 1e12:.2f} TB/s (read + written)", ""]
     print(header[0], flush=True)
     sections = []
-    if "gemms" not in args.skip:
-        sections += ["## GEMMs at decode shapes", ""] + bench_gemms(args.models, ceiling, deadline) + [""]
-    if "e2e" not in args.skip:
-        with tempfile.TemporaryDirectory() as root:
-            e2e = bench_end_to_end(args.models, ceiling, deadline, Path(root), args.seqs)
+    for part in args.order:
+        if part in args.skip:
+            continue
+        if part == "gemms":
+            sections += ["## GEMMs at decode shapes", ""] + bench_gemms(args.models, ceiling, deadline) + [""]
+        elif part == "e2e":
+            with tempfile.TemporaryDirectory() as root:
+                e2e = bench_end_to_end(args.models, ceiling, deadline, Path(root), args.seqs, args.max_num_seqs)
             sections += ["## End to end", ""] + e2e + [""]
-    if "sweep" not in args.skip:
-        sections += ["## Tile sweep", ""] + sweep(args.models, deadline, ceiling)
+        elif part == "check":
+            check_cases(sweep_cases(args.models, args.sweep_rows), args.check_procs)
+        else:
+            sections += ["## Tile sweep", ""] + sweep(args.models, deadline, ceiling, args.sweep_rows,
+                                                      args.check_procs) + [""]
+        (args.out / "quant.md").write_text("\n".join(header + sections) + "\n")  # what is done so far
     text = "\n".join(header + sections) + "\n"
     (args.out / "quant.md").write_text(text)
     print(text)

@@ -2,7 +2,8 @@
 
 Two GPU paths, picked by the number of rows (both measured in benchmarks/quant.py):
 - few rows (decode): weight-only, a Triton GEMM that converts each fp8 tile to the activation dtype in
-  registers, split along K like the GPTQ kernel, scales applied to the fp32 sum;
+  registers, split along K like the GPTQ kernel, scales applied to the fp32 sum (and a GEMV of fp32
+  multiply-adds on the widened codes, no tensor cores, which benchmarks/quant.py's sweep times against it);
 - many rows: Hopper's fp8 tensor cores through torch._scaled_mm, activations quantized per row
   (dynamic, scale = amax / 448), so the product is rowwise-scaled fp8 x fp8.
 """
@@ -60,21 +61,57 @@ def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K, HAS_BIAS, SPLIT)
 
 
+@triton.jit
+def _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, k_end, offs_n, mask_n, BLOCK_K: tl.constexpr):
+    """The GEMV's loads for the K tile at k0: W [BLOCK_N, BLOCK_K] as stored (16 contiguous bytes a thread)
+    and x [BLOCK_K]; nothing at or past k_end."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k_end
+    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    x = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k, other=0.0)
+    return w, x
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES, SPLIT_K,
+                     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight-only fp8, one row of x (program_id(1)): fp32 multiply-adds on the widened codes, no tensor cores,
+    the row sums taken once at the end; the next tile's loads are issued before this tile's arithmetic."""
+    m = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k0 = tl.program_id(2) * K_TILES * BLOCK_K
+    k_end = tl.minimum(k0 + K_TILES * BLOCK_K, K)
+    w, x = _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, k_end, offs_n, mask_n, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for _ in range(K_TILES):
+        k0 += BLOCK_K
+        next_w, next_x = _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, k_end, offs_n, mask_n, BLOCK_K)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w, x = next_w, next_x
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+    store_split_tile(y[None, :], b_ptr, out_ptr, part_ptr, count_ptr, m + tl.arange(0, 1), offs_n, M, N, SPLIT_K,
+                     HAS_BIAS, SPLIT)
+
+
 def weight_only_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """Tile sizes and split-K for the weight-only kernel: enough programs to fill every SM a few times."""
+    """Kernel ("gemm"; "gemv" only when a benchmark asks), tile sizes and split-K for the weight-only path:
+    enough programs to fill every SM a few times."""
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
     bn, bk, warps, stages, waves = (64, 128, 4, 4, 4) if M <= 64 else (128, 64, 8, 3, 1)
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     split = split_for(tiles, K, bk, waves, device)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
+    return dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
 
 
 def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                            config: dict | None = None) -> torch.Tensor:
     x = x.contiguous()
     (M, K), N = x.shape, weight.shape[0]
-    config = config or weight_only_config(M, N, K, x.device)
-    return split_k_launch(_fp8_matmul_kernel, x, (weight, scale), bias, N, config["BLOCK_M"], config,
+    cfg = dict(config or weight_only_config(M, N, K, x.device))
+    if cfg.pop("kind", "gemm") == "gemv":
+        return split_k_launch(_fp8_gemv_kernel, x, (weight, scale), bias, N, 1, cfg)
+    return split_k_launch(_fp8_matmul_kernel, x, (weight, scale), bias, N, cfg["BLOCK_M"], cfg,
                           IEEE=x.dtype == torch.float32)
 
 

@@ -233,8 +233,8 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
     """Kernel ("gemv" or "gemm"), tile sizes and split-K for an [M, K] x [K, N] GPTQ product. The GEMV's are
     the best of benchmarks/quant.py's sweep (RESULTS.md: small tiles, two warps, ~8 programs per SM);
     the GEMM's are the earlier kernel's, which that sweep found faster than a dot per code position."""
-    if M == 1:
-        bn, bk, warps, waves = 64, 128, 2, 8
+    if M == 1:  # 16 word rows a tile (4 KB of words): Int8 at 32 rows needed 255 registers, at 16 it needs 128
+        bn, bk, warps, waves = 64, 16 * (32 // bits), 2, 8
         while not _tile_in_group(bk, group_size, K):
             bk //= 2
         split = split_for(triton.cdiv(N, bn), K, bk, waves, device)

@@ -102,15 +102,25 @@ def test_gptq_long_inputs_use_the_dequantized_matmul(monkeypatch):
     check_gptq(9, 128, 64, 4, 32, True, torch.float32)
 
 
-def test_fp8_weight_only_kernel():
-    g = torch.Generator().manual_seed(0)
+FP8_CONFIGS = [dict(kind="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, num_warps=4, num_stages=2),
+               dict(kind="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, num_warps=4, num_stages=1),  # last tile partial
+               dict(kind="gemv", BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1),
+               None]  # the heuristic's
+
+
+@pytest.mark.parametrize("config", FP8_CONFIGS)
+@pytest.mark.parametrize("M", [1, 5])
+def test_fp8_weight_only_kernel(M, config):
+    """Both weight-only kernels (tl.dot tiles; the GEMV, which takes any number of rows, one per program),
+    split along K or not, 72 output rows (a partial column tile), bias; twice, so the split counters reset."""
+    g = torch.Generator().manual_seed(M)
     w, scale = fp8.quantize_fp8_weight(torch.randn(72, 160, generator=g) * 0.05)
-    x = torch.randn(5, 160, generator=g)
+    x = torch.randn(M, 160, generator=g)
     bias = torch.randn(72, generator=g)
     w, scale, x, bias = (t.to(DEVICE) for t in (w, scale, x, bias))
-    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, num_warps=4, num_stages=2)
-    out = fp8.fp8_weight_only_linear(x, w, scale, bias, config=config)
-    assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, bias)) < TOL[torch.float32]
+    for _ in range(2):
+        out = fp8.fp8_weight_only_linear(x, w, scale, bias, config=config)
+        assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, bias)) < TOL[torch.float32]
 
 
 def test_fp8_activation_quantization_kernel():
@@ -167,3 +177,16 @@ def test_fp8_kernel_gpu(K, N, M):
     out = fp8.fp8_linear(x, w, scale, None)
     tol = 3e-2 if M >= fp8.SCALED_MM_MIN_ROWS else TOL[torch.bfloat16]
     assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, None)) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", GPU_SHAPES)
+def test_fp8_gemv_gpu(K, N):
+    """The one-row fp8 GEMV (a benchmark candidate, not the default) at the real shapes."""
+    g = torch.Generator().manual_seed(K + N)
+    w, scale = fp8.quantize_fp8_weight(torch.randn(N, K, generator=g) * 0.02)
+    x = torch.randn(1, K, generator=g).to(torch.bfloat16)
+    w, scale, x = w.cuda(), scale.cuda(), x.cuda()
+    config = dict(kind="gemv", BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=1)
+    out = fp8.fp8_weight_only_linear(x, w, scale, None, config=config)
+    assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, None)) < TOL[torch.bfloat16]
