@@ -208,12 +208,14 @@ def check_cases(cases: list[tuple], procs: int) -> list[list[str]]:
     return verdicts
 
 
-def sweep(models: list[str], deadline: float, ceiling: float, rows: list[int], procs: int) -> list[str]:
+def sweep(models: list[str], deadline: float, ceiling: float, rows: list[int], procs: int,
+          checked: Path | None) -> list[str]:
     """bf16 (cuBLAS), the default heuristic and every candidate config side by side, GPTQ 4 / 8 bits and FP8
     weight-only at `rows`; the best per kernel kind. The candidates are first checked against the reference
-    (and compiled) in `procs` processes at once; only the ones that agree are timed."""
+    (and compiled) in `procs` processes at once, or were, by `--order check` into `checked`; only the ones
+    that agree are timed."""
     cases = sweep_cases(models, rows)
-    verdicts = check_cases(cases, procs)
+    verdicts = json.loads(checked.read_text()) if checked else check_cases(cases, procs)
     lines = ["| GEMM (K x N) | format | rows | bf16 us | default us (of copy ceiling) | best us (of copy ceiling) | "
              "best config | best gemv us | best gemm us | wrong |", "|---|---|---|---|---|---|---|---|---|---|"]
     bf16_us = {}
@@ -320,6 +322,8 @@ def main() -> None:
     parser.add_argument("--order", nargs="+", default=["gemms", "e2e", "sweep"],
                         choices=["gemms", "sweep", "e2e", "check"],
                         help="what to run, in this order; check: only the sweep's reference checks (and compiles)")
+    parser.add_argument("--checked", type=Path, help="the sweep's reference checks, from an earlier --order check "
+                        "with the same --models and --sweep-rows (OUT/checked.json)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     deadline = time.perf_counter() + args.budget_s
@@ -339,10 +343,11 @@ def main() -> None:
                 e2e = bench_end_to_end(args.models, ceiling, deadline, Path(root), args.seqs, args.max_num_seqs)
             sections += ["## End to end", ""] + e2e + [""]
         elif part == "check":
-            check_cases(sweep_cases(args.models, args.sweep_rows), args.check_procs)
+            verdicts = check_cases(sweep_cases(args.models, args.sweep_rows), args.check_procs)
+            (args.out / "checked.json").write_text(json.dumps(verdicts))
         else:
             sections += ["## Tile sweep", ""] + sweep(args.models, deadline, ceiling, args.sweep_rows,
-                                                      args.check_procs) + [""]
+                                                      args.check_procs, args.checked) + [""]
         (args.out / "quant.md").write_text("\n".join(header + sections) + "\n")  # what is done so far
     text = "\n".join(header + sections) + "\n"
     (args.out / "quant.md").write_text(text)
