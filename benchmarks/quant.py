@@ -3,7 +3,9 @@ then end to end (benchmarks/offline.py's machinery, random weights with the publ
 GPTQ-Int4, GPTQ-Int8 (group 128, act-order) and FP8.
 
     python -m benchmarks.quant --out OUT_DIR [--models falcon-h1-7b falcon-mamba-7b] [--budget-s 420]
-        [--seqs 1 32 256] [--skip gemms sweep e2e]
+        [--seqs 1 32 256] [--max-num-seqs 256] [--order gemms e2e sweep] [--skip gemms sweep e2e]
+        [--sweep-rows 1 16 32] [--check-procs 8] [--checked OUT/checked.json]
+    (benchmarks/quant_gpu.sh runs issue 13's whole GPU set in one device call)
 
 GEMMs: weights bf16 (torch.nn.functional.linear, cuBLAS), GPTQ 4/8-bit (kernels/quant_linear.py), FP8
 weight-only (Triton) and FP8 as the engine runs it (kernels/fp8_linear.py: weight-only below 128 rows,

@@ -2,8 +2,8 @@
 
 Two GPU paths, picked by the number of rows (both measured in benchmarks/quant.py):
 - few rows (decode): weight-only, a Triton GEMM that converts each fp8 tile to the activation dtype in
-  registers, split along K like the GPTQ kernel, scales applied to the fp32 sum (and a GEMV of fp32
-  multiply-adds on the widened codes, no tensor cores, which benchmarks/quant.py's sweep times against it);
+  registers, split along K like the GPTQ kernel, scales applied to the fp32 sum; for one row of a small
+  weight, a GEMV of fp32 multiply-adds on the widened codes (no tensor cores);
 - many rows: Hopper's fp8 tensor cores through torch._scaled_mm, activations quantized per row
   (dynamic, scale = amax / 448), so the product is rowwise-scaled fp8 x fp8.
 """
@@ -18,6 +18,7 @@ from kernels.split_k import split_for, split_k_launch, store_split_tile
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALED_MM_MIN_ROWS = 128  # from here on (on sm_89+): fp8 x fp8 tensor cores
+GEMV_MAX_WEIGHTS = 1 << 24  # one row of a weight up to this size: the GEMV kernel
 
 
 def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,8 +96,13 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M
 
 
 def weight_only_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """Kernel ("gemm"; "gemv" only when a benchmark asks), tile sizes and split-K for the weight-only path:
-    enough programs to fill every SM a few times."""
+    """Kernel, tile sizes and split-K for the weight-only path: enough programs to fill every SM a few times.
+    One row of a small weight (K N <= 2^24): the GEMV, which the H200 sweep measured faster there only
+    (3072 x 3072: 6.7 against 7.5 us; at 8192 x 4096 and larger the tl.dot kernel won, RESULTS.md)."""
+    if M == 1 and K * N <= GEMV_MAX_WEIGHTS:
+        bn, bk, warps, waves = 32, 512, 4, 4
+        return dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_for(triton.cdiv(N, bn), K, bk, waves, device),
+                    num_warps=warps, num_stages=1)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
     bn, bk, warps, stages, waves = (64, 128, 4, 4, 4) if M <= 64 else (128, 64, 8, 3, 1)
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)

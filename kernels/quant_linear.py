@@ -230,14 +230,16 @@ def _tile_in_group(block_k: int, group_size: int, K: int) -> bool:
 
 
 def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device) -> dict:
-    """Kernel ("gemv" or "gemm"), tile sizes and split-K for an [M, K] x [K, N] GPTQ product. The GEMV's are
-    the best of benchmarks/quant.py's sweep (RESULTS.md: small tiles, two warps, ~8 programs per SM);
-    the GEMM's are the earlier kernel's, which that sweep found faster than a dot per code position."""
-    if M == 1:  # 16 word rows a tile (4 KB of words): Int8 at 32 rows needed 255 registers, at 16 it needs 128
-        bn, bk, warps, waves = 64, 16 * (32 // bits), 2, 8
+    """Kernel ("gemv" or "gemm"), tile sizes and split-K for an [M, K] x [K, N] GPTQ product: the best of
+    benchmarks/quant.py's sweep on the H200 at the 7B shapes (RESULTS.md). GEMV: 8 KB of Int8 words a tile
+    (4 KB lost at every shape although it halves the registers), 4 KB of Int4; about 4 programs per SM, 8 at
+    N >= 8192 (where fewer, each doing more of K, lost); GEMM: within a few % of the best at 16-32 rows."""
+    if M == 1:
+        wide = N >= 8192
+        bn, bk, warps = (128, 64, 4) if bits == 8 and wide else (64, 128, 2)
         while not _tile_in_group(bk, group_size, K):
             bk //= 2
-        split = split_for(triton.cdiv(N, bn), K, bk, waves, device)
+        split = split_for(triton.cdiv(N, bn), K, bk, 8 if wide else 4, device)
         return dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=1)
     if M <= 32:
         bm, bn, bk, warps, stages = (16 if M <= 16 else 32), 64, 128, 4, 4
