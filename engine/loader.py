@@ -141,8 +141,8 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
     under tensor parallelism, with this rank's shard of each tensor.
 
     Each checkpoint tensor goes through the model's `load_transform` (in fp32) before the cast, so
-    folded multipliers lose no precision, and is sharded after. Missing, unexpected or mis-shaped tensors
-    are errors.
+    folded multipliers lose no precision, and is sharded after; a fused projection's part lands in its own
+    rows of the fused layer. Missing, unexpected or mis-shaped tensors are errors.
     """
     check_tensor_parallel(arch, cfg, tp.size)
     with _default_dtype(dtype), torch.device(device):

@@ -7,7 +7,10 @@ then a SwiGLU MLP (MODELS.md has the equations).
     logits = lm_head(RMSNorm(h))
 
 All muP multipliers are folded into the weights while loading (`load_transform`), so the forward pass
-below has none. Parameter names equal the checkpoint's tensor names.
+below has none. Parameter names equal the checkpoint's tensor names, except in the two fused projections
+declared with their parts (engine/quantization/fused.py): each layer's `in_proj` holds the checkpoint's
+mamba.in_proj and self_attn.q_proj / k_proj / v_proj, `feed_forward.gate_up_proj` its gate_proj and up_proj;
+the loader writes each of those tensors into its rows.
 
 Tensor parallelism over N ranks (`tp_layout` says how each tensor splits; `shard_config` the sizes and
 which N the model can be split by): attention q/k/v are column-parallel by head (KV heads replicated
@@ -106,9 +109,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: FalconH1Config, tp: TensorParallel):
         super().__init__()
         self.tp = tp
-        gate_up = [Part("gate_proj", cfg.intermediate_size, cfg.mlp_bias), Part("up_proj", cfg.intermediate_size,
-                                                                                 cfg.mlp_bias)]
-        self.gate_up_proj = fused_linear(cfg.hidden_size, gate_up, cfg.quantization)
+        I, bias = cfg.intermediate_size, cfg.mlp_bias
+        self.gate_up_proj = fused_linear(cfg.hidden_size, [Part("gate_proj", I, bias), Part("up_proj", I, bias)],
+                                         cfg.quantization)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
