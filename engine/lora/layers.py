@@ -4,8 +4,8 @@ A model lists its LoRA targets (`lora_targets()`): each layer whose output an ad
 layer (engine/quantization/fused.py) computes one checkpoint module per slice of its output (Falcon-H1's
 Mamba in_proj | q | k | v is four).
 `install_lora` wraps each in a LoRALinear holding fixed-size stacks [max_loras, ...] of every slot's A
-and B (kernels/lora.py); a plain nn.Linear instead becomes a StackedLoRALinear, whose weight carries
-every slot's A under W, so that the shrink costs no launch of its own. The rows' slots come from one
+and B (kernels/lora.py); a 16-bit nn.Linear (fused or not) instead becomes a StackedLoRALinear, whose
+weight carries every slot's A under W, so that the shrink costs no launch of its own. The rows' slots come from one
 LoRAContext shared by all layers, set per step by the model runner (or pointing at the CUDA graphs'
 static slot buffer); a hook at the start of the model's forward groups the rows by slot once for all
 layers (inside a captured graph, too).
