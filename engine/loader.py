@@ -15,7 +15,8 @@ from tqdm import tqdm
 from engine.config import ModelConfig
 from engine.distributed import SINGLE, TensorParallel
 from engine.models import MODEL_REGISTRY
-from engine.quantization import QUANTIZED_LINEARS
+from engine.quantization import QUANTIZED_LINEARS, part_modules
+from engine.quantization.fused import copy_checked
 
 logger = logging.getLogger(__name__)
 
@@ -99,22 +100,31 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
         layer.init_dummy(generator)
 
 
-def _copy_into(modules: dict[str, nn.Module], target: str, tensor: torch.Tensor, source: str) -> None:
-    """param/buffer `target` = tensor, or through its module's load_tensor hook (FP8 quantizes there and
-    checks shapes itself). `source` names the checkpoint tensor and file, for errors."""
+def checkpoint_modules(model: nn.Module) -> dict[str, tuple[nn.Module, int | None]]:
+    """Checkpoint module name -> (the module its tensors are loaded into, which of its parts; None: a module
+    without parts). A fused projection (engine/quantization/fused.py) stands for each of its parts."""
+    found: dict[str, tuple[nn.Module, int | None]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if hasattr(module, "parts"):
+            found |= {name: (module, i) for i, (name, _) in enumerate(part_modules(path, module))}
+        else:
+            found[path] = (module, None)
+    return found
+
+
+def _copy_into(modules: dict[str, tuple[nn.Module, int | None]], target: str, tensor: torch.Tensor,
+               source: str) -> None:
+    """Checkpoint tensor `target` = tensor: a parameter or buffer, or through its module's load_tensor hook
+    (a fused projection's part; FP8 quantizes there). `source` names the checkpoint tensor and file, for errors."""
     owner, _, local = target.rpartition(".")
-    module = modules[owner]
-    if hasattr(module, "load_tensor"):
-        try:
-            module.load_tensor(local, tensor)
-        except ValueError as e:
-            raise LoadError(f"tensor {source}: {e}") from None
-        return
-    param = getattr(module, local)
-    if tuple(tensor.shape) != tuple(param.shape):
-        raise LoadError(f"tensor {source} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)} "
-                        "(check config.json)")
-    param.copy_(tensor)
+    module, part = modules[owner]
+    try:
+        if part is None:
+            copy_checked(getattr(module, local), tensor)
+        else:
+            module.load_tensor(local, tensor, part)
+    except ValueError as e:
+        raise LoadError(f"tensor {source} {e} (check config.json)") from None
 
 
 def check_tensor_parallel(arch: str, cfg: ModelConfig, size: int) -> None:
@@ -131,8 +141,8 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
     under tensor parallelism, with this rank's shard of each tensor.
 
     Each checkpoint tensor goes through the model's `load_transform` (in fp32) before the cast, so
-    folded multipliers lose no precision, and is sharded after. Missing, unexpected or mis-shaped tensors
-    are errors.
+    folded multipliers lose no precision, and is sharded after; a fused projection's part lands in its own
+    rows of the fused layer. Missing, unexpected or mis-shaped tensors are errors.
     """
     check_tensor_parallel(arch, cfg, tp.size)
     with _default_dtype(dtype), torch.device(device):
@@ -141,7 +151,7 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
         init_dummy_weights(model)
         model.finalize_weights()
         return model.eval()
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = checkpoint_modules(model)
     expected = model.checkpoint_names()
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -159,8 +169,8 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
                         stored = stored.float()
                     for target, tensor in model.load_transform(name, stored):
                         _copy_into(modules, target, model.shard_tensor(target, tensor), f"{name!r} in {file.name}")
-    optional = {f"{name}.{t}" for name, layer in _quantized_layers(model)
-                for t in getattr(layer, "optional_checkpoint_tensors", ())}
+    optional = {f"{name}.{t}" for name, (module, _) in modules.items()
+                for t in getattr(module, "optional_checkpoint_tensors", ())}
     missing = sorted(expected - seen - optional)
     if missing or unexpected:
         quantized = any(n.endswith(".qweight") for n in [*missing, *unexpected])
@@ -171,7 +181,7 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
                            "says: attention q/k/v/o, Mamba in_proj/out_proj, MLP gate/up/down" if quantized else ""))
     for name, layer in _quantized_layers(model):
         try:
-            layer.finalize(name)
+            layer.finalize([module for module, _ in part_modules(name, layer)])
         except ValueError as e:
             raise LoadError(f"checkpoint {model_dir}: {e}") from None
     model.finalize_weights()

@@ -63,6 +63,11 @@ def edit_weights(directory, edit):
     (lambda t: t.pop("model.layers.1.mamba.A_log"), "missing tensors.*layers.1.mamba.A_log"),
     (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(3)}), "unexpected tensors.*extra"),
     (lambda t: t.update({"model.layers.0.mamba.D": torch.zeros(5)}), r"mamba.D.*shape \(5,\).*\(8,\)"),
+    # parts of a fused projection are checkpoint tensors like any other
+    (lambda t: t.pop("model.layers.0.self_attn.v_proj.weight"), "missing tensors.*layers.0.self_attn.v_proj.weight"),
+    (lambda t: t.update({"model.layers.1.self_attn.k_proj.weight": torch.zeros(3, 64)}),
+     r"layers.1.self_attn.k_proj.weight.*shape \(3, 64\).*the model expects \(48, 64\)"),
+    (lambda t: t.update({"model.layers.0.mamba.in_proj.bias": torch.zeros(8)}), "unexpected tensors.*in_proj.bias"),
 ])
 def test_bad_checkpoint_is_a_clear_error(tmp_path, h1_dir, edit, message):
     directory = copy_checkpoint(h1_dir, tmp_path / "bad")

@@ -20,6 +20,8 @@ H1_VARIANTS = {
     "norm_before_gate_tied": dict(mamba_norm_before_gate=True, tie_word_embeddings=True),
     "all_biases": dict(attention_bias=True, mlp_bias=True, mamba_proj_bias=True, projectors_bias=True,
                        mamba_n_groups=4, num_key_value_heads=1),
+    # the fused in_proj + q/k/v has a bias on the attention rows only (zeros on Mamba's)
+    "attention_bias_only": dict(attention_bias=True),
     "no_conv_bias_head_dim_32": dict(mamba_conv_bias=False, head_dim=32, mamba_d_state=8, mamba_chunk_size=4),
 }
 MAMBA_VARIANTS = {

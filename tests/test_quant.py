@@ -17,7 +17,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import ConfigError, EngineArgs, parse_model_config
 from engine.loader import LoadError, model_weight_bytes
-from engine.quantization import ConcatLinear, FP8Config, GPTQConfig
+from engine.quantization import FP8Config, GPTQConfig
 from engine.quantization.fp8 import FP8Linear
 from engine.quantization.gptq import GPTQLinear, pack_int32_rows, unpack_int32
 from tests.gptq_checkpoints import (
@@ -91,9 +91,10 @@ def test_falcon_h1_gptq_matches_transformers_on_dequantized_weights(tmp_path, h1
     assert layers and all(layer.bits == bits for layer in layers)
     # act-order reorders channels wherever a layer has several groups (down_proj's 256 inputs at least)
     assert any(layer.perm is not None for layer in layers) == (act and group != -1)
-    concat = layers_of(llm, ConcatLinear)
+    separate = [layer for layer in layers if layer.separate_parts is not None]
     # in_proj + q + k + v and gate + up are one matmul each unless their act-order permutations differ
-    assert len(concat) == (0 if shared else 2 * 2)
+    assert len(separate) == (0 if shared else 2 * 2)
+    assert all(len(layer.separate_parts) == len(layer.parts) for layer in separate)
     if shared:
         fused = llm.engine.runner.model.model.layers[0].in_proj
         assert isinstance(fused, GPTQLinear) and fused.out_features == 328 + 128 + 64 + 64

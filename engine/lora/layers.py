@@ -1,10 +1,11 @@
 """The projections adapters apply to, wrapped so that each row of the batch gets its adapter's delta.
 
-A model lists its LoRA targets (`lora_targets()`): each layer whose output an adapter can change, with
-the checkpoint modules it computes as slices of its output (a fused Mamba in_proj | q | k | v is four).
+A model lists its LoRA targets (`lora_targets()`): each layer whose output an adapter can change; a fused
+layer (engine/quantization/fused.py) computes one checkpoint module per slice of its output (Falcon-H1's
+Mamba in_proj | q | k | v is four).
 `install_lora` wraps each in a LoRALinear holding fixed-size stacks [max_loras, ...] of every slot's A
-and B (kernels/lora.py); a plain nn.Linear instead becomes a StackedLoRALinear, whose weight carries
-every slot's A under W, so that the shrink costs no launch of its own. The rows' slots come from one
+and B (kernels/lora.py); a 16-bit nn.Linear (fused or not) instead becomes a StackedLoRALinear, whose
+weight carries every slot's A under W, so that the shrink costs no launch of its own. The rows' slots come from one
 LoRAContext shared by all layers, set per step by the model runner (or pointing at the CUDA graphs'
 static slot buffer); a hook at the start of the model's forward groups the rows by slot once for all
 layers (inside a captured graph, too).
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
+from engine.quantization import part_modules
 from kernels.lora import LoRARows, group_rows
 
 
@@ -124,11 +126,11 @@ def install_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.d
     context = LoRAContext(max_loras)
     model.register_forward_pre_hook(lambda module, args: context.group())
     slices: dict[str, tuple[LoRALinear, int]] = {}
-    for target in model.lora_targets():
-        owner, _, attr = target.path.rpartition(".")
-        parent = model.get_submodule(owner)
-        base = getattr(parent, attr)
-        wrapper = StackedLoRALinear if type(base) is nn.Linear else LoRALinear
+    for path in model.lora_targets():
+        owner, _, attr = path.rpartition(".")
+        parent, base = model.get_submodule(owner), model.get_submodule(path)
+        target = LoRATarget(path, base.in_features, tuple(part_modules(path, base)))
+        wrapper = StackedLoRALinear if isinstance(base, nn.Linear) else LoRALinear  # FusedLinear is one
         layer = wrapper(base, target, max_loras, max_rank, context, dtype, device)
         setattr(parent, attr, layer)
         for i, (name, _) in enumerate(target.slices):

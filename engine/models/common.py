@@ -7,22 +7,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
-from engine.quantization import fuse_quantized
+from engine.quantization import part_modules
 
 
-@torch.no_grad()
-def fuse_linears(linears: list[nn.Module]) -> nn.Module:
-    """One linear layer computing the concatenated outputs of several that read the same input."""
-    if not all(type(lin) is nn.Linear for lin in linears):
-        return fuse_quantized(linears)
-    weight = torch.cat([lin.weight for lin in linears])
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(lin.bias is not None for lin in linears),
-                      device=weight.device, dtype=weight.dtype)
-    fused.weight.copy_(weight)
-    if fused.bias is not None:
-        fused.bias.copy_(torch.cat([lin.bias if lin.bias is not None else weight.new_zeros(lin.out_features)
-                                    for lin in linears]))
-    return fused
+def checkpoint_names(model: nn.Module) -> set[str]:
+    """The checkpoint tensors the model's parameters and buffers are loaded from: their own names, except that a
+    projection built from parts (engine/quantization/fused.py) is each part's checkpoint module's tensors."""
+    names = set(model.state_dict())
+    for path, layer in model.named_modules():
+        if hasattr(layer, "parts"):
+            names -= {f"{path}.{t}" for t in layer.state_dict()}
+            names |= {f"{module}.{t}" for i, (module, _) in enumerate(part_modules(path, layer))
+                      for t in layer.checkpoint_tensors(i)}
+    return names
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,10 @@ then a SwiGLU MLP (MODELS.md has the equations).
     logits = lm_head(RMSNorm(h))
 
 All muP multipliers are folded into the weights while loading (`load_transform`), so the forward pass
-below has none. Parameter names equal the checkpoint's tensor names.
+below has none. Parameter names equal the checkpoint's tensor names, except in the two fused projections
+declared with their parts (engine/quantization/fused.py): each layer's `in_proj` holds the checkpoint's
+mamba.in_proj and self_attn.q_proj / k_proj / v_proj, `feed_forward.gate_up_proj` its gate_proj and up_proj;
+the loader writes each of those tensors into its rows.
 
 Tensor parallelism over N ranks (`tp_layout` says how each tensor splits; `shard_config` the sizes and
 which N the model can be split by): attention q/k/v are column-parallel by head (KV heads replicated
@@ -41,9 +44,8 @@ from engine.distributed import (
     shard_checkpoint_tensor,
 )
 from engine.forward_batch import ForwardBatch
-from engine.lora.layers import LoRATarget
-from engine.models.common import RMSNorm, fuse_linears, pad_vocab_rows, padded_vocab_size
-from engine.quantization import linear
+from engine.models.common import RMSNorm, checkpoint_names, pad_vocab_rows, padded_vocab_size
+from engine.quantization import Part, fused_linear, linear
 
 
 class Mamba2Mixer(nn.Module):
@@ -52,9 +54,8 @@ class Mamba2Mixer(nn.Module):
         there are fewer groups than ranks: the gated norm then sums over them)."""
         super().__init__()
         self.cfg, self.tp, self.norm_ranks = cfg, tp, norm_ranks
-        H, G, N = cfg.mamba_n_heads, cfg.mamba_n_groups, cfg.mamba_d_state
-        self.in_proj = linear(cfg.hidden_size, 2 * cfg.mamba_d_ssm + 2 * G * N + H, cfg.mamba_proj_bias,
-                              cfg.quantization)
+        H = cfg.mamba_n_heads
+        # in_proj [z | xBC | dt] is the layer's, fused with attention's q, k, v (DecoderLayer)
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.mamba_d_conv, groups=cfg.conv_dim,
                                 bias=cfg.mamba_conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(H, dtype=torch.float32))
@@ -88,9 +89,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = linear(cfg.hidden_size, self.num_heads * self.head_dim, cfg.attention_bias, cfg.quantization)
-        self.k_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.attention_bias, cfg.quantization)
-        self.v_proj = linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, cfg.attention_bias, cfg.quantization)
+        # q_proj, k_proj, v_proj are the layer's, fused with Mamba's in_proj (DecoderLayer)
         self.o_proj = linear(self.num_heads * self.head_dim, cfg.hidden_size, cfg.attention_bias, cfg.quantization)
         self.scale = self.head_dim**-0.5
 
@@ -110,8 +109,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: FalconH1Config, tp: TensorParallel):
         super().__init__()
         self.tp = tp
-        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.quantization)
-        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.quantization)
+        I, bias = cfg.intermediate_size, cfg.mlp_bias
+        self.gate_up_proj = fused_linear(cfg.hidden_size, [Part("gate_proj", I, bias), Part("up_proj", I, bias)],
+                                         cfg.quantization)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +124,13 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.tp = tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # One matmul for everything that reads the normed input: fewer, larger matmuls stream weights faster
+        q, kv, bias = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.attention_bias
+        in_proj = [Part("mamba.in_proj", cfg.mamba_d_ssm + cfg.conv_dim + cfg.mamba_n_heads, cfg.mamba_proj_bias),
+                   Part("self_attn.q_proj", q, bias), Part("self_attn.k_proj", kv, bias),
+                   Part("self_attn.v_proj", kv, bias)]
+        self.in_proj = fused_linear(cfg.hidden_size, in_proj, cfg.quantization)
+        self.in_proj_sizes = [part.rows for part in in_proj]
         self.mamba = Mamba2Mixer(cfg, tp, norm_ranks)
         self.self_attn = Attention(cfg)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -134,19 +141,6 @@ class DecoderLayer(nn.Module):
         """Mamba2(xn) + Attention(xn); both start from one matmul of xn, and end in one all-reduce."""
         zxbcdt, q, k, v = self.in_proj(xn).split(self.in_proj_sizes, dim=-1)
         return self.tp.all_reduce(self.mamba(zxbcdt, batch, cache) + self.self_attn(q, k, v, batch, cache, inv_freq))
-
-    @torch.no_grad()
-    def finalize_weights(self) -> None:
-        """Once loaded: one matmul for everything that reads the normed input (Mamba's in_proj, q, k, v)
-        and one for the MLP's gate and up (fewer, larger matmuls stream weights faster at small batch);
-        A = -exp(A_log) computed once."""
-        m, a, f = self.mamba, self.self_attn, self.feed_forward
-        parts = [m.in_proj, a.q_proj, a.k_proj, a.v_proj]
-        self.in_proj_sizes = [lin.out_features for lin in parts]
-        self.in_proj = fuse_linears(parts)
-        f.gate_up_proj = fuse_linears([f.gate_proj, f.up_proj])
-        del m.in_proj, a.q_proj, a.k_proj, a.v_proj, f.gate_proj, f.up_proj
-        m.register_buffer("A", -torch.exp(m.A_log.float()), persistent=False)
 
 
 def shard_config(cfg: FalconH1Config, tp: TensorParallel) -> FalconH1Config:
@@ -211,33 +205,21 @@ class FalconH1ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    @torch.no_grad()
     def finalize_weights(self) -> None:
+        """Once loaded: A = -exp(A_log) computed once rather than every step."""
         for layer in self.model.layers:
-            layer.finalize_weights()
+            layer.mamba.register_buffer("A", -torch.exp(layer.mamba.A_log.float()), persistent=False)
 
     def checkpoint_names(self) -> set[str]:
-        names = set(self.state_dict())
+        names = checkpoint_names(self)
         return names - {"lm_head.weight"} if self.cfg.tie_word_embeddings else names
 
-    def lora_targets(self) -> list[LoRATarget]:
-        """The projections an adapter may change (after finalize_weights), with the checkpoint modules each
-        computes as slices of its output."""
-        cfg, targets = self.cfg, []
-        d, q = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
-        for i, layer in enumerate(self.model.layers):
-            p = f"model.layers.{i}"
-            fused = zip([f"{p}.mamba.in_proj", f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj",
-                         f"{p}.self_attn.v_proj"], layer.in_proj_sizes)
-            ff = f"{p}.feed_forward"
-            targets += [
-                LoRATarget(f"{p}.in_proj", d, tuple(fused)),
-                LoRATarget(f"{p}.mamba.out_proj", cfg.mamba_d_ssm, ((f"{p}.mamba.out_proj", d),)),
-                LoRATarget(f"{p}.self_attn.o_proj", q, ((f"{p}.self_attn.o_proj", d),)),
-                LoRATarget(f"{ff}.gate_up_proj", d, ((f"{ff}.gate_proj", cfg.intermediate_size),
-                                                     (f"{ff}.up_proj", cfg.intermediate_size))),
-                LoRATarget(f"{ff}.down_proj", cfg.intermediate_size, ((f"{ff}.down_proj", d),)),
-            ]
-        return targets
+    def lora_targets(self) -> list[str]:
+        """The projections an adapter may change; a fused one carries a slice per checkpoint module in it."""
+        projections = ["in_proj", "mamba.out_proj", "self_attn.o_proj", "feed_forward.gate_up_proj",
+                       "feed_forward.down_proj"]
+        return [f"model.layers.{i}.{p}" for i in range(self.cfg.num_hidden_layers) for p in projections]
 
     def lora_multiplier(self, module: str) -> float | torch.Tensor | None:
         """What load_transform folds into this module's weight (m_out * m_in); an adapter's delta gets the same."""

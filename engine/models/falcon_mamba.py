@@ -31,8 +31,7 @@ from engine.distributed import (
     shard_checkpoint_tensor,
 )
 from engine.forward_batch import ForwardBatch
-from engine.lora.layers import LoRATarget
-from engine.models.common import RMSNorm, pad_vocab_rows, padded_vocab_size
+from engine.models.common import RMSNorm, checkpoint_names, pad_vocab_rows, padded_vocab_size
 from engine.quantization import linear
 
 
@@ -134,23 +133,17 @@ class FalconMambaForCausalLM(nn.Module):
             layer.mixer.register_buffer("A", -torch.exp(layer.mixer.A_log.float()), persistent=False)
 
     def checkpoint_names(self) -> set[str]:
-        names = set(self.state_dict())
+        names = checkpoint_names(self)
         return names - {"lm_head.weight"} if self.cfg.tie_word_embeddings else names
 
     # transformers computes dt as dt_proj.weight @ x (the module is never called), so PEFT's dt_proj adapters
     # never act there, and in training never learn: accepted, and left out exactly as transformers does.
     LORA_INERT = {"dt_proj": "transformers never applies it (dt = dt_proj.weight @ x), so training never learns it"}
 
-    def lora_targets(self) -> list[LoRATarget]:
+    def lora_targets(self) -> list[str]:
         """The projections an adapter may change: each mixer's in_proj, x_proj and out_proj."""
-        cfg, targets = self.cfg, []
-        d, d_in, R, N = cfg.hidden_size, cfg.intermediate_size, cfg.time_step_rank, cfg.state_size
-        shapes = {"in_proj": (d, 2 * d_in), "x_proj": (d_in, R + 2 * N), "out_proj": (d_in, d)}
-        for i in range(cfg.num_hidden_layers):
-            for proj, (k, n) in shapes.items():
-                name = f"backbone.layers.{i}.mixer.{proj}"
-                targets.append(LoRATarget(name, k, ((name, n),)))
-        return targets
+        return [f"backbone.layers.{i}.mixer.{p}" for i in range(self.cfg.num_hidden_layers)
+                for p in ("in_proj", "x_proj", "out_proj")]
 
     def lora_multiplier(self, module: str) -> None:
         return None  # no multipliers are folded into FalconMamba's weights

@@ -8,7 +8,8 @@ from engine.quantization.config import (
                                         parse_quantization_config,
                                         resolve_quantization,
 )
-from engine.quantization.layers import QUANTIZED_LINEARS, ConcatLinear, fuse_quantized, linear
+from engine.quantization.fused import Part, part_modules
+from engine.quantization.layers import QUANTIZED_LINEARS, FusedLinear, fused_linear, linear
 
-__all__ = ["QUANTIZATION_METHODS", "QUANTIZED_LINEARS", "ConcatLinear", "FP8Config", "GPTQConfig", "QuantConfig",
-           "fuse_quantized", "linear", "parse_quantization_config", "resolve_quantization"]
+__all__ = ["QUANTIZATION_METHODS", "QUANTIZED_LINEARS", "FP8Config", "FusedLinear", "GPTQConfig", "Part", "QuantConfig",
+           "fused_linear", "linear", "parse_quantization_config", "part_modules", "resolve_quantization"]

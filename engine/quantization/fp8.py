@@ -9,50 +9,55 @@ from torch import nn
 
 from engine import ops
 from engine.quantization.config import FP8Config
+from engine.quantization.fused import Part, copy_checked, part_rows
 from kernels.fp8_linear import quantize_fp8_weight
 
 
-def _check_shape(name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, the model expects {tuple(shape)}")
-
-
 class FP8Linear(nn.Module):
+    """One projection, or several over one input fused (`parts`, each loaded into its own rows)."""
+
     method = "fp8"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, quant: FP8Config):
+    def __init__(self, in_features: int, parts: list[Part], quant: FP8Config):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn))
-        # Read from an FP8 checkpoint (then persistent), or computed from a 16-bit weight.
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32),
-                             persistent=quant.from_checkpoint)
-        if quant.static_input_scale:  # read so that the checkpoint matches; activations are quantized per token
-            self.register_buffer("input_scale", torch.ones(()), persistent=True)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.in_features, self.out_features = in_features, sum(p.rows for p in parts)
+        self.parts, self.quant = parts, quant
+        self.register_buffer("weight", torch.zeros(self.out_features, in_features, dtype=torch.float8_e4m3fn))
+        # Read from an FP8 checkpoint, or computed from a 16-bit weight.
+        self.register_buffer("weight_scale", torch.ones(self.out_features, dtype=torch.float32))
+        if quant.static_input_scale:  # one per part, read so that the checkpoint matches; activations are
+            self.register_buffer("input_scale", torch.ones(len(parts)))  # quantized per token instead
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if any(p.bias for p in parts) else None
+
+    def checkpoint_tensors(self, part: int) -> list[str]:
+        q = self.quant
+        return (["weight"] + (["weight_scale"] if q.from_checkpoint else []) + (["input_scale"] if q.static_input_scale
+                else []) + (["bias"] if self.parts[part].bias else []))
 
     @torch.no_grad()
-    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """The loader's hook. `weight`: fp8 codes are copied, a full-precision weight is quantized;
-        `weight_scale`: one per tensor or per output row, stored per row."""
+    def load_tensor(self, name: str, tensor: torch.Tensor, part: int) -> None:
+        """The loader's hook, for one part's tensor. `weight`: fp8 codes are copied, a full-precision weight is
+        quantized; `weight_scale`: one per tensor or per output row, stored per row."""
+        rows = part_rows(self.parts, part)
         if name == "weight":
-            _check_shape(name, tensor, self.weight.shape)
             if tensor.dtype == torch.float8_e4m3fn:
-                self.weight.copy_(tensor)
-            else:
+                copy_checked(self.weight[rows], tensor)
+            else:  # a 16-bit weight, quantized here with one scale per row
                 q, scale = quantize_fp8_weight(tensor.to(self.weight.device))
-                self.weight.copy_(q)
-                self.weight_scale.copy_(scale)
+                copy_checked(self.weight[rows], q)
+                self.weight_scale[rows] = scale
         elif name == "weight_scale":
-            if tensor.numel() not in (1, self.out_features):
-                raise ValueError(f"weight_scale has shape {tuple(tensor.shape)}: expected one scale per tensor or "
-                                 f"one per output row ({self.out_features})")
-            self.weight_scale.copy_(tensor.reshape(-1).expand(self.out_features))
+            n = rows.stop - rows.start
+            if tensor.numel() not in (1, n):
+                raise ValueError(f"has shape {tuple(tensor.shape)}: expected one scale per tensor or one per output "
+                                 f"row ({n})")
+            self.weight_scale[rows] = tensor.reshape(-1).expand(n)
+        elif name == "input_scale":
+            copy_checked(self.input_scale[part], tensor)
         else:
-            _check_shape(name, tensor, getattr(self, name).shape)
-            getattr(self, name).copy_(tensor)
+            copy_checked(self.bias[rows], tensor)
 
-    def finalize(self, name: str) -> None:
+    def finalize(self, names: list[str]) -> None:
         pass
 
     @torch.no_grad()
@@ -64,12 +69,3 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.quant_linear(x, self)
-
-    @classmethod
-    def concat(cls, parts: list[FP8Linear]) -> FP8Linear:
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
-        fused.register_buffer("weight", torch.cat([p.weight for p in parts]))
-        fused.register_buffer("weight_scale", torch.cat([p.weight_scale for p in parts]), persistent=False)
-        return fused

@@ -12,6 +12,7 @@ from torch import nn
 
 from engine import ops
 from engine.quantization.config import GPTQConfig
+from engine.quantization.fused import Part, copy_checked, part_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +49,20 @@ def pad_columns(t: torch.Tensor) -> torch.Tensor:
 
 
 class GPTQLinear(nn.Module):
+    """One projection, or several over one input fused (`parts`: each checkpoint module's tensors loaded into
+    its own columns of qweight, qzeros, scales and bias; its g_idx into its own row of g_idx)."""
+
     method = "gptq"
     optional_checkpoint_tensors = ("g_idx",)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, quant: GPTQConfig):
+    def __init__(self, in_features: int, parts: list[Part], quant: GPTQConfig):
         super().__init__()
         pack = quant.pack_factor
-        if in_features % pack or out_features % pack:
+        out_features = sum(p.rows for p in parts)
+        if in_features % pack or any(p.rows % pack for p in parts):
             raise GPTQLoadError(f"GPTQ {quant.bits}-bit layers need in and out features divisible by {pack}, got "
-                                f"{in_features} x {out_features}")
-        self.in_features, self.out_features, self.quant = in_features, out_features, quant
+                                f"{in_features} x {[p.rows for p in parts]}")
+        self.in_features, self.out_features, self.parts, self.quant = in_features, out_features, parts, quant
         self.bits = quant.bits
         self.group_size = in_features if quant.group_size == -1 else quant.group_size
         groups = -(-in_features // self.group_size)
@@ -67,21 +72,35 @@ class GPTQLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(in_features // pack, out_features, **i32))
         self.register_buffer("qzeros", torch.zeros(groups, out_features // pack, **i32))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scale_dtype))
-        # Checkpoints without act-order may leave g_idx out: then channel k is in group k // group_size.
-        self.register_buffer("g_idx", (torch.arange(in_features) // self.group_size).to(torch.int32))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # One row per part. Without act-order a checkpoint may leave g_idx out: channel k is in group k // group_size.
+        contiguous = (torch.arange(in_features) // self.group_size).to(torch.int32)
+        self.register_buffer("g_idx", contiguous.repeat(len(parts), 1))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if any(p.bias for p in parts) else None
         # The kernel's layout, filled by finalize() (not checkpoint tensors, so not persistent).
         self.register_buffer("zeros", None, persistent=False)
         self.register_buffer("perm", None, persistent=False)
+        self.separate_parts: nn.ModuleList | None = None  # see finalize()
+
+    def checkpoint_tensors(self, part: int) -> list[str]:
+        return ["qweight", "qzeros", "scales", "g_idx"] + (["bias"] if self.parts[part].bias else [])
 
     @torch.no_grad()
-    def finalize(self, name: str) -> None:
-        """From the checkpoint's layout to the kernel's; `name` is for error messages."""
-        q = unpack_int32(self.qweight, self.bits, dim=0)
-        zeros = unpack_int32(self.qzeros, self.bits, dim=1)
-        if self.quant.zeros_offset_by_one:
-            zeros = zeros + 1
-        g_idx = self.g_idx.long()
+    def load_tensor(self, name: str, tensor: torch.Tensor, part: int) -> None:
+        """The loader's hook, for one part's tensor: into its columns (its row of g_idx)."""
+        cols = part_rows(self.parts, part)
+        if name == "g_idx":
+            target = self.g_idx[part]
+        elif name == "qzeros":  # packed along the output features
+            target = self.qzeros[:, cols.start // self.quant.pack_factor:cols.stop // self.quant.pack_factor]
+        elif name == "bias":
+            target = self.bias[cols]
+        else:
+            target = getattr(self, name)[:, cols]
+        copy_checked(target, tensor)
+
+    def _group_order(self, g_idx: torch.Tensor, name: str) -> torch.Tensor:
+        """The permutation that makes g_idx's groups contiguous (checked)."""
+        g_idx = g_idx.long()
         groups = self.scales.shape[0]
         if g_idx.min() < 0 or g_idx.max() >= groups:
             raise GPTQLoadError(f"{name}.g_idx: group indices must be in [0, {groups}), got "
@@ -91,13 +110,46 @@ class GPTQLinear(nn.Module):
         if not torch.equal(g_idx[perm], contiguous):
             raise GPTQLoadError(f"{name}.g_idx: every group must hold exactly group_size={self.group_size} input "
                                 "channels (the last one the rest)")
+        return perm
+
+    @torch.no_grad()
+    def finalize(self, names: list[str]) -> None:
+        """From the checkpoint's layout to the kernel's; `names`: each part's checkpoint module, for errors.
+
+        All parts are one kernel call when they share their act-order permutation (GPTQ gives layers over
+        one input the same order). Parts quantized with different orders cannot share one gathered input:
+        then each part runs as its own kernel call (`separate_parts`), and the log says so."""
+        q = unpack_int32(self.qweight, self.bits, dim=0)
+        zeros = unpack_int32(self.qzeros, self.bits, dim=1)
+        if self.quant.zeros_offset_by_one:
+            zeros = zeros + 1
+        perms = [self._group_order(g_idx, name) for g_idx, name in zip(self.g_idx, names)]
+        if all(torch.equal(perm, perms[0]) for perm in perms[1:]):
+            self._set_kernel_layout(q, zeros, self.scales, perms[0])
+            return
+        logger.info("%s: %d projections over the same input stay separate matmuls: their act-order permutations "
+                    "(g_idx) differ", ", ".join(names), len(names))
+        separate = []
+        for i, (part, perm) in enumerate(zip(self.parts, perms)):
+            cols = part_rows(self.parts, i)
+            with torch.device("meta"):  # each tensor is replaced below
+                layer = GPTQLinear(self.in_features, [part._replace(name=None)], self.quant)
+            layer._set_kernel_layout(q[:, cols], zeros[:, cols], self.scales[:, cols], perm)
+            layer.bias = None if self.bias is None else nn.Parameter(self.bias[cols].clone())
+            separate.append(layer)
+        self.separate_parts = nn.ModuleList(separate)
+        del self.qweight, self.qzeros, self.scales, self.g_idx, self.bias
+
+    def _set_kernel_layout(self, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, perm: torch.Tensor
+                           ) -> None:
+        """q [K, N] and zeros [groups, N] unpacked; perm: the input order that makes the groups contiguous."""
         if torch.equal(perm, torch.arange(self.in_features, device=perm.device)):
             self.perm = None
         else:
             self.perm = perm.to(torch.int32)
             q = q[perm]
         self.qweight = pad_columns(pack_int32_rows(q, self.bits))
-        self.scales = pad_columns(self.scales)
+        self.scales = pad_columns(scales)
         self.zeros = pad_columns(zeros.to(torch.int16))
         del self.qzeros, self.g_idx
 
@@ -109,30 +161,11 @@ class GPTQLinear(nn.Module):
         # drawn in fp32: the same weights in any dtype
         self.scales = pad_columns((scales * (0.04 / (1 << self.bits))).to(self.scales.dtype))
         self.zeros = torch.full(self.scales.shape, 1 << (self.bits - 1), dtype=torch.int16, device=self.scales.device)
-        if self.quant.desc_act:  # one permutation per input size, so that layers over one input still fuse
-            device = self.scales.device
-            same_input = torch.Generator(device=device).manual_seed(self.in_features)
-            self.perm = torch.randperm(self.in_features, generator=same_input, device=device).to(torch.int32)
+        if self.quant.desc_act:
+            self.perm = torch.randperm(self.in_features, generator=generator, device=self.scales.device).to(torch.int32)
         del self.qzeros, self.g_idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.separate_parts is not None:
+            return torch.cat([part(x) for part in self.separate_parts], dim=-1)
         return ops.quant_linear(x, self)
-
-    @classmethod
-    def concat(cls, parts: list[GPTQLinear]) -> GPTQLinear | str:
-        """One layer (bias left to the caller) computing the parts' outputs side by side, or why it cannot."""
-        first = parts[0]
-        for p in parts[1:]:
-            if p.quant != first.quant:
-                return "their quantization configs differ"
-            if (p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm)):
-                return "their act-order permutations (g_idx) differ"
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
-        fused.quant, fused.bits, fused.group_size = first.quant, first.bits, first.group_size
-        for name in ("qweight", "scales", "zeros"):  # the parts' real columns side by side, padded once
-            fused.register_buffer(name, pad_columns(torch.cat([getattr(p, name)[:, :p.out_features] for p in parts],
-                                                              dim=1)), persistent=name != "zeros")
-        fused.register_buffer("perm", first.perm, persistent=False)
-        return fused
