@@ -143,6 +143,15 @@ def mamba2_decode_step(z: torch.Tensor, xBC: torch.Tensor, dt: torch.Tensor, con
         conv_states, ssm_states, batch.state_slots)
 
 
+def mamba1_decode_step(x: torch.Tensor, dt: torch.Tensor, dlBC: torch.Tensor, eps: float, A: torch.Tensor,
+                       D: torch.Tensor, dt_bias: torch.Tensor, z: torch.Tensor, ssm_states: torch.Tensor,
+                       batch: ForwardBatch) -> torch.Tensor:
+    """A decode-only step's FalconMamba SSM from the raw x_proj row dlBC and dt = W_dt dl of the raw dl: the
+    weightless dl / B / C norms inside the state update (kernels/selective_scan.py)."""
+    return _impl(selective_scan, "selective_scan_update_bcdt_norm", x)(x, dt, dlBC, eps, A, D, dt_bias, z,
+                                                                       ssm_states, batch.state_slots)
+
+
 def mamba1_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: torch.Tensor, dt_bias: torch.Tensor, z: torch.Tensor, ssm_states: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
