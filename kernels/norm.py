@@ -1,5 +1,5 @@
-"""RMSNorm (optionally fused with the residual add), weightless RMSNorm of each column segment of a row
-(FalconMamba's dt, B and C in one launch), and grouped gated RMSNorm."""
+"""RMSNorm (optionally fused with the residual add of one or two deltas), weightless RMSNorm of each column
+segment of a row (FalconMamba's dt, B and C in one launch), and grouped gated RMSNorm."""
 
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ def split_rms_norm_ref(x: torch.Tensor, sizes: list[int], eps: float) -> torch.T
     return torch.cat([rms_norm_ref(part, None, eps) for part in x.split(sizes, dim=-1)], dim=-1)
 
 
-def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = residual + x (in the residual's dtype); returns (rms_norm(h cast to weight dtype), h)."""
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     x2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = residual + x (in the residual's dtype); returns (rms_norm(h cast to weight dtype), h).
+    x2: a second delta, summed with x in x's dtype first (h = residual + (x + x2))."""
+    if x2 is not None:
+        x = x + x2
     h = residual + x.to(residual.dtype)
     return rms_norm_ref(h.to(weight.dtype), weight, eps), h
 
@@ -127,16 +130,20 @@ def split_rms_norm(x: torch.Tensor, sizes: list[int], eps: float) -> torch.Tenso
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr, n_rows, n_cols, stride_x, stride_res, eps,
-                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, x2_ptr, res_ptr, w_ptr, out_ptr, h_ptr, n_rows, n_cols, stride_x, stride_x2,
+                         stride_res, eps, HAS_X2: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """h = residual + x rounded to the residual's dtype (stored); out = w * cast_w(hw * rsqrt(mean(hw^2) + eps))
-    with hw = h cast to the weight's dtype. Outputs are contiguous."""
+    with hw = h cast to the weight's dtype. HAS_X2: x is x + x2 rounded to x's dtype (as torch adds them).
+    Outputs are contiguous."""
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     res_dtype = h_ptr.dtype.element_ty
     w_dtype = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_X2:
+        x2 = tl.load(x2_ptr + rows[:, None] * stride_x2 + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + x2.to(tl.float32)).to(x_ptr.dtype.element_ty)
     r = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
     h = (r.to(tl.float32) + x.to(res_dtype).to(tl.float32)).to(res_dtype)
     tl.store(h_ptr + rows[:, None] * n_cols + cols[None, :], h, mask=mask)
@@ -147,19 +154,33 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr, n_rows, n_cols, 
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], y.to(w_dtype), mask=mask)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of add_rms_norm_ref: one pass returns (rms_norm(h), h), h = residual + x."""
-    x2, r2 = _as_rows(x), _as_rows(residual)
-    n_rows, n_cols = x2.shape
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 x2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of add_rms_norm_ref: one pass returns (rms_norm(h), h), h = residual + x (+ x2)."""
+    xr, r2 = _as_rows(x), _as_rows(residual)
+    x2r = xr if x2 is None else _as_rows(x2)
+    n_rows, n_cols = xr.shape
     out = torch.empty(n_rows, n_cols, dtype=weight.dtype, device=x.device)
     h = torch.empty(n_rows, n_cols, dtype=residual.dtype, device=x.device)
     if n_rows:
         block_n = triton.next_power_of_2(n_cols)
         rows, grid, num_warps = _row_launch(n_rows, block_n)
-        _add_rms_norm_kernel[(grid,)](x2, r2, weight, out, h, n_rows, n_cols, x2.stride(0), r2.stride(0), eps,
-                                      ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
+        _add_rms_norm_kernel[(grid,)](xr, x2r, r2, weight, out, h, n_rows, n_cols, xr.stride(0), x2r.stride(0),
+                                      r2.stride(0), eps, HAS_X2=x2 is not None, ROWS=rows, BLOCK_N=block_n,
+                                      num_warps=num_warps)
     return out.view(residual.shape), h.view(residual.shape)
+
+
+@triton.jit
+def gated_group_norm(y, z, w, group_size, eps, NORM_BEFORE_GATE: tl.constexpr):
+    """[rows, group] fp32 tiles (zero past the group): GroupRMS(y) * w * SiLU(z), or GroupRMS(y * SiLU(z)) * w."""
+    gate = z * tl.sigmoid(z)
+    h = y if NORM_BEFORE_GATE else y * gate
+    rstd = tl.rsqrt(tl.sum(h * h, 1) / group_size + eps)
+    h = h * rstd[:, None] * w
+    if NORM_BEFORE_GATE:
+        h = h * gate
+    return h
 
 
 @triton.jit
@@ -173,13 +194,8 @@ def _gated_rms_norm_kernel(y_ptr, z_ptr, w_ptr, out_ptr, n_rows, group_size, str
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
     y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    gate = z * tl.sigmoid(z)
-    h = y if NORM_BEFORE_GATE else y * gate
-    rstd = tl.rsqrt(tl.sum(h * h, 1) / group_size + eps)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    h = h * rstd[:, None] * w[None, :]
-    if NORM_BEFORE_GATE:
-        h = h * gate
+    h = gated_group_norm(y, z, w[None, :], group_size, eps, NORM_BEFORE_GATE)
     n_cols = tl.num_programs(1) * group_size
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from kernels.norm import rms_norm_ref
 from kernels.triton_math import softplus
 
 
@@ -406,13 +407,16 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
 
 @triton.jit
 def _selective_scan_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_ptr, states_ptr,
-                                  slots_ptr, y_ptr, CH, N,
+                                  slots_ptr, y_ptr, dl_ptr, CH, N, R, eps,
                                   stride_xb, stride_xc, stride_dtb, stride_dtc, stride_Ac, stride_An,
                                   stride_Bb, stride_Bn, stride_Cb, stride_Cn, stride_zb, stride_zc,
-                                  stride_ss, stride_sc, stride_sn, stride_yb, stride_yc,
-                                  BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                                  stride_ss, stride_sc, stride_sn, stride_yb, stride_yc, stride_dlb,
+                                  NORM_BCDT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_R: tl.constexpr):
     """One decode step of sequence program_id(1) over BLOCK_C channels x all N states, in place by slot:
-    one read and one write of the state tile; full N per program so y = h C reduces in registers."""
+    one read and one write of the state tile; full N per program so y = h C reduces in registers.
+    NORM_BCDT (FalconMamba): B and C are RMS-normalised here (rounded to their dtype, as the norm kernel
+    stores them) and dt scaled by rsqrt(mean(dl^2) + eps) of the R-wide dl row."""
     b = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < CH
@@ -427,10 +431,17 @@ def _selective_scan_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_
     x = tl.load(x_ptr + b * stride_xb + c * stride_xc, mask=c_ok, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + b * stride_zb + c * stride_zc, mask=c_ok, other=0.0).to(tl.float32)
     dt = tl.load(dt_ptr + b * stride_dtb + c * stride_dtc, mask=c_ok, other=0.0).to(tl.float32)
-    delta = softplus(dt + tl.load(dt_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32))
     A = tl.load(A_ptr + c[:, None] * stride_Ac + n[None, :] * stride_An, mask=cn_ok, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * stride_Bb + n * stride_Bn, mask=n_ok, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * stride_Cb + n * stride_Cn, mask=n_ok, other=0.0).to(tl.float32)
+    if NORM_BCDT:
+        dtype = B_ptr.dtype.element_ty
+        Bv = (Bv * tl.rsqrt(tl.sum(Bv * Bv, 0) / N + eps)).to(dtype).to(tl.float32)
+        Cv = (Cv * tl.rsqrt(tl.sum(Cv * Cv, 0) / N + eps)).to(dtype).to(tl.float32)
+        r = tl.arange(0, BLOCK_R)
+        dl = tl.load(dl_ptr + b * stride_dlb + r, mask=r < R, other=0.0).to(tl.float32)
+        dt = dt * tl.rsqrt(tl.sum(dl * dl, 0) / R + eps)
+    delta = softplus(dt + tl.load(dt_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32))
     s_ptrs = states_ptr + slot.to(tl.int64) * stride_ss + c[:, None] * stride_sc + n[None, :] * stride_sn
     state = tl.load(s_ptrs, mask=cn_ok, other=0.0).to(tl.float32)
     state = tl.exp(delta[:, None] * A) * state + (delta * x)[:, None] * Bv[None, :]
@@ -443,6 +454,12 @@ def selective_scan_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
                           C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, z: torch.Tensor,
                           ssm_states: torch.Tensor, state_slots: torch.Tensor) -> torch.Tensor:
     """Triton version of selective_scan_update_ref (same arguments and result; CUDA-graph capturable)."""
+    return _update(x, dt, A, B, C, D, dt_bias, z, ssm_states, state_slots, None, 0.0)
+
+
+def _update(x, dt, A, B, C, D, dt_bias, z, ssm_states, state_slots, dl: torch.Tensor | None, eps: float
+            ) -> torch.Tensor:
+    """The update kernel's launch; dl given: B, C and dt normalised in it (NORM_BCDT)."""
     Bt, CH = x.shape
     N = A.shape[1]
     y = torch.empty_like(x)
@@ -453,8 +470,32 @@ def selective_scan_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     BLOCK_C = min(triton.next_power_of_2(CH), max(16, 4096 // BLOCK_N))
     while BLOCK_C > 16 and Bt * triton.cdiv(CH, BLOCK_C) < 1024:
         BLOCK_C //= 2
+    R = 0 if dl is None else dl.shape[1]
     _selective_scan_update_kernel[(triton.cdiv(CH, BLOCK_C), Bt)](
-        x, dt, A, B, C, D, dt_bias, z, ssm_states, state_slots, y, CH, N,
+        x, dt, A, B, C, D, dt_bias, z, ssm_states, state_slots, y, x if dl is None else dl, CH, N, R, eps,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z.stride(), *ssm_states.stride(),
-        *y.stride(), BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, num_warps=4)
+        *y.stride(), 0 if dl is None else dl.stride(0), NORM_BCDT=dl is not None, BLOCK_C=BLOCK_C,
+        BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(max(R, 1)), num_warps=4)
     return y
+
+
+def selective_scan_update_bcdt_norm_ref(x: torch.Tensor, dt: torch.Tensor, dlBC: torch.Tensor, eps: float,
+                                        A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, z: torch.Tensor,
+                                        ssm_states: torch.Tensor, state_slots: torch.Tensor) -> torch.Tensor:
+    """FalconMamba's decode step from the raw x_proj row dlBC = [dl | B | C] [Bt, R + 2N] and dt = dl W_dt^T of
+    the raw dl: rms(dl) = s dl with s = rsqrt(mean(dl^2) + eps), so W_dt rms(dl) = s dt (in fp32); B and C
+    RMS-normalised (weightless) here. Then selective_scan_update_ref."""
+    N = A.shape[1]
+    dl, B, C = dlBC.split([dlBC.shape[1] - 2 * N, N, N], dim=-1)
+    dt = dt.float() * torch.rsqrt(dl.float().pow(2).mean(-1, keepdim=True) + eps)
+    B, C = rms_norm_ref(B, None, eps), rms_norm_ref(C, None, eps)
+    return selective_scan_update_ref(x, dt, A, B, C, D, dt_bias, z, ssm_states, state_slots)
+
+
+def selective_scan_update_bcdt_norm(x: torch.Tensor, dt: torch.Tensor, dlBC: torch.Tensor, eps: float,
+                                    A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, z: torch.Tensor,
+                                    ssm_states: torch.Tensor, state_slots: torch.Tensor) -> torch.Tensor:
+    """Triton version of selective_scan_update_bcdt_norm_ref: the norms inside the state update's kernel."""
+    N = A.shape[1]
+    dl, B, C = dlBC.split([dlBC.shape[1] - 2 * N, N, N], dim=-1)
+    return _update(x, dt, A, B, C, D, dt_bias, z, ssm_states, state_slots, dl, eps)

@@ -69,6 +69,12 @@ class Mamba2Mixer(nn.Module):
         cfg, T = self.cfg, zxbcdt.shape[0]
         H, P, G, N = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
         z, xBC, dt = zxbcdt.split([cfg.mamba_d_ssm, cfg.conv_dim, H], dim=-1)
+        if batch.num_prefill_seqs == 0 and self.norm is not None and self.norm_ranks == 1:
+            # decode: the conv, SSM and gated-norm lines below, fused (two kernels, kernels/mamba2_decode.py)
+            y = ops.mamba2_decode_step(z, xBC, dt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.A, self.D,
+                                       self.dt_bias, cfg.time_step_limit, self.norm.weight, self.norm.eps, G,
+                                       cfg.mamba_norm_before_gate, cache.conv_state, cache.ssm_state, batch)
+            return self.out_proj(y)
         xBC = ops.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv_state, batch)
         x, B, C = xBC.split([cfg.mamba_d_ssm, G * N, G * N], dim=-1)
         y = ops.mamba2_scan(x.reshape(T, H, P), dt, self.A, B.reshape(T, G, N), C.reshape(T, G, N), self.D,
@@ -137,10 +143,12 @@ class DecoderLayer(nn.Module):
         self.feed_forward = MLP(cfg, tp)
 
     def forward(self, xn: torch.Tensor, batch: ForwardBatch, cache: LayerCache, inv_freq: torch.Tensor
-                ) -> torch.Tensor:
-        """Mamba2(xn) + Attention(xn); both start from one matmul of xn, and end in one all-reduce."""
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mamba2(xn) and Attention(xn), both from one matmul of xn. On one rank both are returned, for the
+        next norm to add (one kernel fewer); under TP their sum, all-reduced once, and None."""
         zxbcdt, q, k, v = self.in_proj(xn).split(self.in_proj_sizes, dim=-1)
-        return self.tp.all_reduce(self.mamba(zxbcdt, batch, cache) + self.self_attn(q, k, v, batch, cache, inv_freq))
+        mamba, attn = self.mamba(zxbcdt, batch, cache), self.self_attn(q, k, v, batch, cache, inv_freq)
+        return (mamba, attn) if self.tp.size == 1 else (self.tp.all_reduce(mamba + attn), None)
 
 
 def shard_config(cfg: FalconH1Config, tp: TensorParallel) -> FalconH1Config:
@@ -195,8 +203,9 @@ class FalconH1ForCausalLM(nn.Module):
             else:  # h = h + MLP output of the previous layer, fused with this layer's input norm
                 norm = layer.input_layernorm
                 xn, residual = ops.add_rms_norm(delta, residual, norm.weight, norm.eps)
-            mixed = layer(xn, batch, cache, self.inv_freq)
-            xn, residual = ops.add_rms_norm(mixed, residual, layer.pre_ff_layernorm.weight, layer.pre_ff_layernorm.eps)
+            mamba, attn = layer(xn, batch, cache, self.inv_freq)  # h = h + Mamba2(xn) + Attention(xn), in the norm
+            norm = layer.pre_ff_layernorm
+            xn, residual = ops.add_rms_norm(mamba, residual, norm.weight, norm.eps, attn)
             delta = layer.feed_forward(xn)
         idx = batch.logits_indices
         norm = self.model.final_layernorm

@@ -63,6 +63,12 @@ class Mamba1Mixer(nn.Module):
         x = ops.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv_state, batch)
         sizes = [cfg.time_step_rank, cfg.state_size, cfg.state_size]
         dlBC = self.tp.all_reduce(self.x_proj(x))
+        if cfg.bcdt_norm and batch.num_prefill_seqs == 0:
+            # decode: rms(dl) = s * dl, so dt = s * W_dt dl; the three norms move into the state update's kernel
+            dt = dlBC[:, :cfg.time_step_rank] @ self.dt_proj.weight.t()
+            y = ops.mamba1_decode_step(x, dt, dlBC, cfg.mixer_rms_eps, self.A, self.D, self.dt_proj.bias, z,
+                                       cache.ssm_state, batch)
+            return self.tp.all_reduce(self.out_proj(y))
         if cfg.bcdt_norm:  # dl, B, C = rms(dl), rms(B), rms(C)
             dlBC = ops.split_rms_norm(dlBC, sizes, cfg.mixer_rms_eps)
         dl, B, C = dlBC.split(sizes, dim=-1)

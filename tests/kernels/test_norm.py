@@ -94,6 +94,22 @@ def test_add_rms_norm(x_dtype: torch.dtype, res_dtype: torch.dtype, w_dtype: tor
     assert torch.equal(h, h_ref)
 
 
+@pytest.mark.parametrize("x_dtype,res_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32)])
+def test_add_two_deltas_rms_norm(x_dtype: torch.dtype, res_dtype: torch.dtype):
+    """Falcon-H1's Mamba + attention outputs added to the residual by the norm (strided deltas, as split views);
+    h is exactly residual + (x + x2), the sum rounded to x's dtype first, as the unfused layer computes it."""
+    both = rand(19, 2 * 64, dtype=x_dtype, seed=11)
+    x, x2 = both[:, :64], both[:, 64:]
+    residual = rand(19, 64, dtype=res_dtype, seed=12)
+    w = weight(64, x_dtype)
+    out, h = norm.add_rms_norm(x, residual, w, EPS, x2)
+    out_ref, h_ref = norm.add_rms_norm_ref(x, residual, w, EPS, x2)
+    assert_close(out, out_ref)
+    assert torch.equal(h, h_ref)
+    assert torch.equal(h_ref, residual + (x + x2).to(res_dtype))
+    assert not torch.equal(h, norm.add_rms_norm(x, residual, w, EPS)[1])  # the second delta is really added
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("n_groups", [1, 4])
 @pytest.mark.parametrize("norm_before_gate", [False, True])
@@ -126,6 +142,11 @@ def test_rms_norms_gpu(dtype: torch.dtype, rows: int, cols: int):
     assert torch.equal(h, h_ref)
     out, h = norm.add_rms_norm(x, residual.float(), w, EPS)
     out_ref, h_ref = norm.add_rms_norm_ref(x, residual.float(), w, EPS)
+    assert_close(out, out_ref)
+    assert torch.equal(h, h_ref)
+    x2 = rand(rows, cols, dtype=dtype, seed=10)  # Falcon-H1: Mamba + attention deltas, summed by the norm
+    out, h = norm.add_rms_norm(x, residual, w, EPS, x2)
+    out_ref, h_ref = norm.add_rms_norm_ref(x, residual, w, EPS, x2)
     assert_close(out, out_ref)
     assert torch.equal(h, h_ref)
 

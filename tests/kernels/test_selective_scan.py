@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels import selective_scan as ss  # noqa: E402
+from kernels.norm import split_rms_norm_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PAD = -1
@@ -213,3 +214,40 @@ def test_update_cuda_graph():
     ref = ss.selective_scan_update_ref(x, dt, A, B, C, D, dt_bias, z, ref_states, slots)
     assert _rel_err(out, ref) < 1e-2
     assert _rel_err(states, ref_states) < 1e-3
+
+
+def _check_bcdt_norm_update(batch, CH, N, R, dtype, pad_rows=()):
+    """FalconMamba's decode: the norms of dl / B / C inside the update, from the raw x_proj row, against the
+    unfused ops (split_rms_norm, dt = W_dt rms(dl), update) and against its own reference."""
+    x, _, _, _, z = _tokens(batch, CH, N, dtype)
+    A, D, dt_bias = _params(CH, N)
+    dlBC = (torch.randn(batch, R + 2 * N + 3, device=DEVICE) * 3).to(dtype)[:, 3:]  # a column slice, as split
+    w_dt = (torch.randn(CH, R, device=DEVICE) / R**0.5).to(dtype)
+    eps = 1e-6
+    states = torch.randn(batch + 2, CH, N, device=DEVICE)
+    slots = torch.randperm(batch + 2, device=DEVICE)[:batch].to(torch.int32)
+    for r in pad_rows:
+        slots[r] = PAD
+    dl, B, C = split_rms_norm_ref(dlBC, [R, N, N], eps).split([R, N, N], dim=-1)
+    unfused_states, ref_states, out_states = states.clone(), states.clone(), states.clone()
+    unfused = ss.selective_scan_update_ref(x, dl @ w_dt.t(), A, B, C, D, dt_bias, z, unfused_states, slots)
+    dt_raw = dlBC[:, :R] @ w_dt.t()
+    ref = ss.selective_scan_update_bcdt_norm_ref(x, dt_raw, dlBC, eps, A, D, dt_bias, z, ref_states, slots)
+    out = ss.selective_scan_update_bcdt_norm(x, dt_raw, dlBC, eps, A, D, dt_bias, z, out_states, slots)
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    assert _rel_err(ref, unfused) < tol and _rel_err(ref_states, unfused_states) < tol
+    assert _rel_err(out, ref) < tol and _rel_err(out_states, ref_states) < tol
+    assert torch.equal(out[list(pad_rows)], torch.zeros_like(out[list(pad_rows)]))
+
+
+@pytest.mark.parametrize("batch,pad_rows", [(1, ()), (4, (0, 3))])
+def test_update_bcdt_norm_interpreted(batch, pad_rows):
+    _check_bcdt_norm_update(batch, CH=32, N=16, R=6, dtype=torch.float32, pad_rows=pad_rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 33])
+def test_update_bcdt_norm_gpu(batch, dtype):
+    """FalconMamba-7B: d_inner 8192, N 16, dt rank 256."""
+    _check_bcdt_norm_update(batch, CH=8192, N=16, R=256, dtype=dtype, pad_rows=(batch - 1,) if batch > 1 else ())
