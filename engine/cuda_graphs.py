@@ -29,6 +29,24 @@ from kernels import PAD_SLOT
 logger = logging.getLogger(__name__)
 
 
+def capture_graph(forward, pool, tp_size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """forward() captured in a CUDA graph (after two warm-up runs on a side stream, which compile and
+    autotune its kernels), and the graph's output tensor."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    # Tensor parallelism: the NCCL all-reduces are captured; NCCL's watchdog thread keeps querying events
+    # meanwhile, which a global capture would count as an error.
+    mode = "thread_local" if tp_size > 1 else "global"
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
+        out = forward()
+    return graph, out
+
+
 def bucket_sizes(max_num_seqs: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 8))
     return sizes + [max_num_seqs]
@@ -88,28 +106,17 @@ class DecodeGraphs:
             logits_indices=self.logits_indices[:b], num_decodes=b, max_query_len=1, max_seq_len=self.max_model_len)
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, pool) -> None:
+        """Captures every bucket, largest first, so smaller graphs reuse its memory in `pool`."""
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
+        for b in reversed(self.buckets):
             self._write_padding(b, 0)  # all rows are padding: warm-up and capture write nothing
             self.inputs.copy_(self.host_inputs)
             batch = self.batch(b)
             if self.lora_context is not None:
                 self.lora_context.row_slots = self._fields(self.inputs, b)["lora_slots"]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.model.compute_logits(self.model(batch, self.caches))
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            # Tensor parallelism: the NCCL all-reduces are captured; NCCL's watchdog thread keeps querying
-            # events meanwhile, which a global capture would count as an error.
-            mode = "thread_local" if self.model.tp.size > 1 else "global"
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
-                self.logits[b] = self.model.compute_logits(self.model(batch, self.caches))
-            self.graphs[b] = graph
+            self.graphs[b], self.logits[b] = capture_graph(
+                lambda batch=batch: self.model.compute_logits(self.model(batch, self.caches)), pool, self.model.tp.size)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self.buckets,
                     time.perf_counter() - start)

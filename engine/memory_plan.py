@@ -65,10 +65,12 @@ def profile_batch(num_tokens: int, device: torch.device) -> ForwardBatch:
 def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: torch.dtype, state_dtype: torch.dtype,
                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int,
                 gpu_memory_utilization: float, num_kv_blocks: int | None, graph_rows: int = 0,
-                prefix_caching: bool = False, num_checkpoints: int | None = None) -> MemoryPlan:
+                graph_tokens: int = 0, prefix_caching: bool = False, num_checkpoints: int | None = None) -> MemoryPlan:
     """graph_rows: rows of all CUDA-graph buckets together. Each graph keeps its own logits buffer (fp32,
     plus the lm_head output over its padded rows in the model dtype); they are reserved here, before the
-    caches take the rest. num_checkpoints: prefix-cache state checkpoints (None: CHECKPOINT_SHARE of the
+    caches take the rest. graph_tokens: the largest prefill graph's token count; its activations stay in the
+    graphs' pool, beside the eager forward's (reserved as the profiled peak scaled to its share of
+    max_num_batched_tokens). num_checkpoints: prefix-cache state checkpoints (None: CHECKPOINT_SHARE of the
     memory left on a GPU, max_num_seqs on CPU); none without prefix_caching."""
     slot_bytes = state_slot_bytes(cfg, dtype, state_dtype)
     block_bytes = kv_block_bytes(cfg, block_size, dtype) if block_size else 0
@@ -90,7 +92,9 @@ def plan_memory(model: torch.nn.Module, cfg, *, device: torch.device, dtype: tor
         # others (processes, or engines before this one) only matters if it leaves less than that free.
         head_rows = model.lm_head.weight.shape[0] * model.tp.size  # all ranks' logits, gathered
         graph_logits = graph_rows * (cfg.vocab_size * 4 + head_rows * dtype.itemsize)
-        budget = min(gpu_memory_utilization * total - weights, free) - activation - graph_logits - ALLOCATOR_SLACK
+        graph_activation = activation * min(graph_tokens / max_num_batched_tokens, 1.0)
+        budget = (min(gpu_memory_utilization * total - weights, free) - activation - graph_activation - graph_logits
+                  - ALLOCATOR_SLACK)
         for_blocks = budget - num_slots * slot_bytes
         if num_checkpoints is None:  # a share, but never the room one sequence of max_model_len needs
             spare = for_blocks - blocks_per_seq * block_bytes

@@ -24,6 +24,7 @@ from engine.forward_batch import ForwardBatch
 from engine.loader import check_tensor_parallel, load_model
 from engine.lora.layers import LoRAContext, install_lora
 from engine.memory_plan import plan_memory
+from engine.prefill_graphs import PREFILL_GRAPH_SEQS, PrefillGraphs, prefill_buckets
 from engine.prompt_logprobs import PromptScores, score_rows, split_scores
 from engine.scheduler import ScheduledBatch
 from engine.staged_batch import StagedBatch, stage_batch, unstage_batch
@@ -92,7 +93,8 @@ class ModelRunner:
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            max_model_len=max_model_len, block_size=self.block_size,
                            gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-                           graph_rows=sum(bucket_sizes(args.max_num_seqs)) if self._uses_graphs() else 0,
+                           graph_rows=self._graph_rows(max_num_batched_tokens),
+                           graph_tokens=prefill_buckets(max_num_batched_tokens)[-1] if self._uses_graphs() else 0,
                            prefix_caching=args.enable_prefix_caching, num_checkpoints=args.prefix_cache_checkpoints)
         # Every rank plans its own memory; the tightest sizes the pools of all.
         plan.num_slots, plan.num_blocks, plan.num_checkpoints = tp.min_over_ranks(
@@ -103,13 +105,27 @@ class ModelRunner:
         self.caches = allocate_layer_caches(cfg, self.num_slots + self.num_checkpoints, max(self.num_blocks, 1),
                                             max(self.block_size, 1), self.dtype, self.state_dtype, self.device)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if self._uses_graphs():
+            pool = torch.cuda.graph_pool_handle()  # one pool: the largest graph (a prefill) is captured first
+            self.prefill_graphs = PrefillGraphs(self.model, self.caches, max_num_batched_tokens, max_model_len,
+                                                self.block_size, self.device)
+            if self.lora_context is not None:
+                self.lora_context.row_slots = None  # prefill graphs run no adapter (fits() refuses LoRA rows)
+            self.prefill_graphs.capture(pool)
             self.graphs = DecodeGraphs(self.model, self.caches, args.max_num_seqs, max_model_len, self.block_size,
                                        self.device, self.lora_context)
-            self.graphs.capture()
+            self.graphs.capture(pool)
 
     def _uses_graphs(self) -> bool:
         return self.device.type == "cuda" and not self.args.enforce_eager
+
+    def _graph_rows(self, max_num_batched_tokens: int) -> int:
+        """Logits rows of all graphs: each decode bucket's rows, PREFILL_GRAPH_SEQS per prefill bucket."""
+        if not self._uses_graphs():
+            return 0
+        prefill_rows = PREFILL_GRAPH_SEQS * len(prefill_buckets(max_num_batched_tokens))
+        return sum(bucket_sizes(self.args.max_num_seqs)) + prefill_rows
 
     @property
     def failure(self) -> str | None:
@@ -137,9 +153,12 @@ class ModelRunner:
                                       [s.state_slot for s in seqs], [s.block_table for s in seqs],
                                       [s.lora_slot for s in seqs]), {}
         num_samplers = sum(map(sched.samples, range(len(seqs))))
+        staged = stage_batch(sched, self.block_size)
+        if self.prefill_graphs is not None and self.prefill_graphs.fits(staged, num_samplers):
+            return self.replay_prefill(staged, num_samplers), {}
         targets, spans, owners = self._prompt_targets(sched)
         k = max((k for *_, k in spans), default=0)
-        logits, scores = self.forward(stage_batch(sched, self.block_size), num_samplers, targets, k)
+        logits, scores = self.forward(staged, num_samplers, targets, k)
         return logits, dict(zip(owners, split_scores(scores, spans))) if spans else {}
 
     @on_all_ranks
@@ -147,6 +166,10 @@ class ModelRunner:
     def replay_decode(self, input_ids: list[int], positions: list[int], state_slots: list[int],
                       block_tables: list[list[int]], lora_slots: list[int]) -> torch.Tensor:
         return self.graphs.run(input_ids, positions, state_slots, block_tables, lora_slots)
+
+    @on_all_ranks
+    def replay_prefill(self, batch: StagedBatch, num_samplers: int) -> torch.Tensor:
+        return self.prefill_graphs.run(batch, num_samplers)
 
     @on_all_ranks
     @torch.inference_mode()

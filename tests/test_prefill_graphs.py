@@ -1,0 +1,85 @@
+"""Prefill graphs (engine/prefill_graphs.py) on CPU: the padded forward a graph captures, run eagerly over the
+static buffers at several bucket paddings, against the normal flat forward. fp32: the same tokens, the same
+logprobs and afterwards the same SSM/conv states and KV cache (to GEMM rounding), so padding touched no state
+row or KV block.
+With the Triton kernels (interpreted) too, since they are what the graphs replay on a GPU; the replay itself
+is tested in tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.prefill_graphs import PrefillGraphs, prefill_buckets
+
+MAX_TOKENS = 96  # buckets 64 and 96
+
+
+def test_buckets_are_powers_of_two_up_to_the_budget():
+    assert prefill_buckets(8192) == [64, 128, 256, 512, 1024, 2048, 4096]
+    assert prefill_buckets(96) == [64, 96]
+    assert prefill_buckets(24) == [24]
+
+
+def _engine(directory, padded: bool) -> tuple[LLM, list[int]]:
+    """An fp32 CPU engine; with padded, its prefill-only steps that fit run PrefillGraphs' padded forward.
+    Returns it and the list of the buckets those steps used."""
+    llm = LLM(str(directory), device="cpu", dtype="float32", max_num_seqs=6, max_num_batched_tokens=MAX_TOKENS,
+              max_model_len=256, kv_block_size=16, enable_prefix_caching=True)
+    used = []
+    if padded:
+        runner = llm.engine.runner
+        graphs = PrefillGraphs(runner.model, runner.caches, MAX_TOKENS, 256, runner.block_size, runner.device)
+        load = graphs.load
+
+        def recording_load(batch, num_samplers):
+            used.append((load(batch, num_samplers), batch.B, bool(batch.staged[batch.num_longs:][
+                batch.int_bounds[3][0]: batch.int_bounds[3][1]].any())))
+            return used[-1][0]
+
+        graphs.load = recording_load
+        runner.prefill_graphs = graphs
+    return llm, used
+
+
+def _workload(llm: LLM) -> list:
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5)
+    shared = [5 + (7 * j) % 240 for j in range(40)]
+    rounds = [
+        [[5 + (11 * i + 5 * j) % 250 for j in range(3 + 9 * i)] for i in range(4)],  # 4 sequences, one bucket
+        [[9 + (3 * j) % 200 for j in range(150)]],  # chunked: 96 then 54 tokens with the state carried over
+        [shared + [17, 18, 19], shared + [21] * 30],  # a branch-point checkpoint, then cached context
+        [shared + [23, 24]],  # a prefix-cache hit: 8 new tokens after cached blocks and a state checkpoint
+        [[30 + j % 50 for j in range(10 + i)] for i in range(6)],  # 6 sequences: more than a graph holds
+    ]
+    return [out for prompts in rounds for out in llm.generate(prompts, params)]
+
+
+def _caches(llm: LLM) -> list[torch.Tensor]:
+    return [t for c in llm.engine.runner.caches for t in (c.conv_state, c.ssm_state, c.k_cache, c.v_cache)
+            if t is not None]
+
+
+@pytest.mark.parametrize("triton_kernels", [False, True], ids=["torch-ops", "triton-interpreted"])
+@pytest.mark.parametrize("fixture", ["h1_dir", "mamba_dir"])
+def test_padded_prefill_equals_the_flat_forward(request, monkeypatch, fixture, triton_kernels):
+    if triton_kernels:  # the kernels on CPU tensors, through Triton's interpreter (tests/conftest.py)
+        from engine import ops
+        monkeypatch.setattr(ops, "_impl", lambda module, name, x: getattr(module, name, None)
+                            or getattr(module, name + "_ref"))
+    directory = request.getfixturevalue(fixture)
+    (eager, _), (padded, used) = _engine(directory, False), _engine(directory, True)
+    for a, b in zip(_workload(eager), _workload(padded), strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert la.keys() == lb.keys()
+            assert max(abs(la[t] - lb[t]) for t in la) < 1e-5
+    # Padding writes nothing: a padded row's KV or state would differ by O(1). Not bitwise: the CPU GEMM's
+    # rounding depends on the row count (1-ulp differences in some K/V rows), as logprobs do within 1e-5.
+    for a, b in zip(_caches(eager), _caches(padded), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    buckets = {Tb for Tb, _, _ in used}
+    assert buckets == {64, 96}  # both paddings ran
+    assert any(B == 4 for _, B, _ in used) and any(init for *_, init in used)  # several sequences; carried state
+    assert all(B <= 4 for _, B, _ in used)  # 6 sequences went eager
