@@ -43,17 +43,17 @@ def _engine(directory, padded: bool) -> tuple[LLM, list[int]]:
     return llm, used
 
 
-def _workload(llm: LLM) -> list:
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5)
+def _workload(llm: LLM, max_tokens: int, num_rounds: int) -> list:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=5)
     shared = [5 + (7 * j) % 240 for j in range(40)]
     rounds = [
         [[5 + (11 * i + 5 * j) % 250 for j in range(3 + 9 * i)] for i in range(4)],  # 4 sequences, one bucket
-        [[9 + (3 * j) % 200 for j in range(150)]],  # chunked: 96 then 54 tokens with the state carried over
+        [[9 + (3 * j) % 200 for j in range(110)]],  # chunked: 96 then 14 tokens with the state carried over
         [shared + [17, 18, 19], shared + [21] * 30],  # a branch-point checkpoint, then cached context
         [shared + [23, 24]],  # a prefix-cache hit: 8 new tokens after cached blocks and a state checkpoint
         [[30 + j % 50 for j in range(10 + i)] for i in range(6)],  # 6 sequences: more than a graph holds
     ]
-    return [out for prompts in rounds for out in llm.generate(prompts, params)]
+    return [out for prompts in rounds[:num_rounds] for out in llm.generate(prompts, params)]
 
 
 def _caches(llm: LLM) -> list[torch.Tensor]:
@@ -70,7 +70,10 @@ def test_padded_prefill_equals_the_flat_forward(request, monkeypatch, fixture, t
                             or getattr(module, name + "_ref"))
     directory = request.getfixturevalue(fixture)
     (eager, _), (padded, used) = _engine(directory, False), _engine(directory, True)
-    for a, b in zip(_workload(eager), _workload(padded), strict=True):
+    # The interpreter is slow: there, one decode step after each prefill, and the first two rounds (several
+    # sequences, a carried state); the prefix-cache rounds run with the torch ops.
+    work = (2, 2) if triton_kernels else (6, 5)
+    for a, b in zip(_workload(eager, *work), _workload(padded, *work), strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
             assert la.keys() == lb.keys()
@@ -82,4 +85,4 @@ def test_padded_prefill_equals_the_flat_forward(request, monkeypatch, fixture, t
     buckets = {Tb for Tb, _, _ in used}
     assert buckets == {64, 96}  # both paddings ran
     assert any(B == 4 for _, B, _ in used) and any(init for *_, init in used)  # several sequences; carried state
-    assert all(B <= 4 for _, B, _ in used)  # 6 sequences went eager
+    assert all(B <= 4 for _, B, _ in used)  # 6 sequences go eager
