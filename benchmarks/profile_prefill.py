@@ -1,9 +1,10 @@
-"""Where an eager prefill step's time goes: the host's time to enqueue the forward pass (Python, Triton
-and torch launches), the device's elapsed time over the same call, the kernels' busy time inside it (the
-profiler's sum), and the rest of the step (inputs, sampling, caches). When the device's elapsed time
-follows the host's enqueue time and exceeds the kernels' busy time, the forward is bound by the host.
+"""Where a prefill step's time goes: the host's time to enqueue the forward pass (Python, Triton and torch
+launches; with prefill CUDA graphs, filling the static inputs and one graph launch), the device's elapsed time
+over the same call, the kernels' busy time inside it (the profiler's sum), and the rest of the step (inputs,
+sampling, caches). When the device's elapsed time follows the host's enqueue time and exceeds the kernels'
+busy time, the forward is bound by the host.
 
-    python -m benchmarks.profile_prefill --model falcon-h1-7b --prefill-lens 128 512 4096
+    python -m benchmarks.profile_prefill --model falcon-h1-7b --prefill-lens 128 512 4096 [--enforce-eager]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
-_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
 
 def prefill_once(engine: LLMEngine, ids: list[int], tag: str) -> None:
@@ -36,28 +37,31 @@ def main() -> None:
     parser.add_argument("--model", default="falcon-h1-7b")
     parser.add_argument("--prefill-lens", type=int, nargs="+", default=[128, 512, 4096])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (prefill or decode)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         engine = LLMEngine(EngineArgs(model=str(model_dir(args.model, Path(root))), device="cuda", dtype="bfloat16",
                                       load_format="dummy", max_model_len=max(args.prefill_lens) + 64, max_num_seqs=8,
                                       max_num_batched_tokens=max(8192, max(args.prefill_lens)),
-                                      enable_prefix_caching=False))
-    model = engine.runner.model
-    forward, timings = model.forward, []
+                                      enable_prefix_caching=False, enforce_eager=args.enforce_eager))
+    runner, timings = engine.runner, []
 
-    def timed_forward(*a, **k):  # host enqueue time (no sync) and device time of the same call
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        start = time.perf_counter()
-        out = forward(*a, **k)
-        host = time.perf_counter() - start
-        end.record()
-        timings.append((host, begin, end))
-        return out
+    def timed(forward):  # host enqueue time (no sync) and device time of the same call
+        def call(*a, **k):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            start = time.perf_counter()
+            out = forward(*a, **k)
+            host = time.perf_counter() - start
+            end.record()
+            timings.append((host, begin, end))
+            return out
+        return call
 
-    model.forward = timed_forward
-    lines = [f"{args.model}, {torch.cuda.get_device_name()}, eager prefill of one prompt (prefix cache off), "
+    runner.forward, runner.replay_prefill = timed(runner.forward), timed(runner.replay_prefill)
+    mode = "eager" if args.enforce_eager else f"prefill CUDA graphs up to {runner.prefill_graphs.buckets[-1]:,} tokens"
+    lines = [f"{args.model}, {torch.cuda.get_device_name()}, prefill of one prompt ({mode}; prefix cache off), "
              f"median of {args.repeats}", "",
              "| tokens | engine step(s) | forward: host enqueue | forward: device elapsed | kernels busy "
              "| rest of the step (host) | kernel launches | host per launch |", "|---|---|---|---|---|---|---|---|"]

@@ -86,3 +86,50 @@ def test_padded_prefill_equals_the_flat_forward(request, monkeypatch, fixture, t
     assert buckets == {64, 96}  # both paddings ran
     assert any(B == 4 for _, B, _ in used) and any(init for *_, init in used)  # several sequences; carried state
     assert all(B <= 4 for _, B, _ in used)  # 6 sequences go eager
+
+
+class CountingGraph:
+    """A captured prefill graph that records its replays."""
+
+    def __init__(self, graph, replays: list[int], Tb: int):
+        self.graph, self.replays, self.Tb = graph, replays, Tb
+
+    def replay(self) -> None:
+        self.replays.append(self.Tb)
+        self.graph.replay()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixture", ["h1_dir", "mamba_dir"])
+def test_prefill_graph_replays_equal_eager(request, fixture):
+    """On the GPU: the captured prefill graphs (Triton kernels) against the eager flat forward, fp32."""
+    directory = request.getfixturevalue(fixture)
+    kw = dict(device="cuda", dtype="float32", max_num_seqs=6, max_num_batched_tokens=MAX_TOKENS, max_model_len=256,
+              kv_block_size=16, gpu_memory_utilization=0.2)
+    graphs, eager = LLM(str(directory), **kw), LLM(str(directory), enforce_eager=True, **kw)
+    prefill_graphs = graphs.engine.runner.prefill_graphs
+    assert sorted(prefill_graphs.graphs) == [64, 96] and eager.engine.runner.prefill_graphs is None
+    replays = []
+    prefill_graphs.graphs = {Tb: CountingGraph(g, replays, Tb) for Tb, g in prefill_graphs.graphs.items()}
+    for a, b in zip(_workload(eager, 6, 5), _workload(graphs, 6, 5), strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert max(abs(la[t] - lb[t]) for t in la.keys() & lb.keys()) < 1e-4
+    for a, b in zip(_caches(eager), _caches(graphs), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert set(replays) == {64, 96}
+
+
+@pytest.mark.gpu
+def test_prefill_graphs_bf16_match_eager_first_token(h1_dir):
+    """bf16, three sequences in one 512-token bucket: the first token's top logprobs of graph and eager
+    prefill agree to bf16 rounding."""
+    kw = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024,
+              gpu_memory_utilization=0.2)
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=5)
+    prompts = [[5 + (13 * j) % 240 for j in range(n)] for n in (7, 100, 300)]
+    outs = [LLM(str(h1_dir), enforce_eager=e, **kw).generate(prompts, params) for e in (False, True)]
+    for a, b in zip(*outs, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la, lb = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        assert max(abs(la[t] - lb[t]) for t in la.keys() & lb.keys()) < 0.05
