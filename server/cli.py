@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the model over N GPUs of this host (N processes: this one serves HTTP and schedules, "
                         "N-1 workers; on CPU, N processes)")
     g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=d["enforce_eager"],
-                   help="never capture CUDA graphs (slower decode, faster start)")
+                   help="never capture CUDA graphs (slower decode and short prefills, faster start)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d["enable_prefix_caching"],
                    help="reuse the KV blocks and SSM-state checkpoints of earlier prompts that share a prefix")
