@@ -1,4 +1,5 @@
-"""Prefill-only steps replayed from CUDA graphs captured at bucketed token counts (64, 128, ..., 4096).
+"""Prefill-only steps replayed from CUDA graphs captured at bucketed token counts (64, 128, 256, 512, 1024,
+1536, ..., 4096).
 
 A short prefill is bound by the host: its ~800 kernel launches take longer to enqueue than the GPU takes to
 run them. A step of T new tokens over B <= PREFILL_GRAPH_SEQS sequences (no decode rows, no prompt logprobs,
@@ -31,16 +32,13 @@ logger = logging.getLogger(__name__)
 
 PREFILL_GRAPH_SEQS = 4  # sequences a prefill graph holds: padded ones cost only early-exit programs
 PREFILL_GRAPH_MAX_TOKENS = 4096  # past this the step's kernels outlast its launches: eager is as fast
-PREFILL_GRAPH_MIN_TOKENS = 64
 
 
 def prefill_buckets(max_num_batched_tokens: int) -> list[int]:
-    """Token counts to capture: powers of two from 64, up to min(4096, max_num_batched_tokens) included."""
+    """Token counts to capture: 64, 128, 256, 512, then every 512, up to min(4096, max_num_batched_tokens)
+    included (a step pads to at most twice its tokens, and to a third more past 1,024)."""
     cap = min(PREFILL_GRAPH_MAX_TOKENS, max_num_batched_tokens)
-    sizes, b = [], PREFILL_GRAPH_MIN_TOKENS
-    while b < cap:
-        sizes.append(b)
-        b *= 2
+    sizes = [b for b in (64, 128, 256) if b < cap] + list(range(512, cap, 512))
     return sizes + [cap]
 
 
@@ -80,7 +78,7 @@ class PrefillGraphs:
         T = batch.long_bounds[0][1] - batch.long_bounds[0][0]
         lora_a, lora_b = batch.int_bounds[4]
         scores = batch.long_bounds[3][1] - batch.long_bounds[3][0] - num_samplers
-        return (batch.num_decodes == 0 and 0 < T <= self.buckets[-1] and batch.B <= self.max_seqs
+        return (batch.num_decodes == 0 and self.buckets and 0 < T <= self.buckets[-1] and batch.B <= self.max_seqs
                 and batch.width <= self.width and lora_a == lora_b and scores == 0)
 
     def batch(self, Tb: int) -> ForwardBatch:
@@ -107,16 +105,43 @@ class PrefillGraphs:
 
     @torch.inference_mode()
     def capture(self, pool) -> None:
-        """Captures every bucket, largest first, into the decode graphs' memory pool."""
+        """Captures every bucket, largest first, into the decode graphs' memory pool; then keeps only the
+        buckets whose replay takes no longer than an eager forward takes to enqueue (an eager step costs at
+        least that), so a graph never makes a step slower by its padding."""
         start = time.perf_counter()
         self._write_padding(self.buckets[-1], 0, 0)  # all padding: warm-up and capture write no state, no KV
         self.inputs.copy_(self.host_inputs)
         for Tb in reversed(self.buckets):
             forward = functools.partial(self.forward, Tb)
             self.graphs[Tb], self.logits[Tb] = capture_graph(forward, pool, self.model.tp.size)
+        enqueue = min(self._eager_enqueue_ms(self.buckets[0]) for _ in range(3))
+        replay = {Tb: self._replay_ms(Tb) for Tb in self.buckets}
+        self.buckets = [Tb for Tb in self.buckets if replay[Tb] <= enqueue]
+        for Tb in set(self.graphs) - set(self.buckets):
+            del self.graphs[Tb], self.logits[Tb]
+        logger.info("captured CUDA graphs for prefill token counts %s (up to %d sequences) in %.1f s: replays "
+                    "%s ms against %.1f ms to enqueue an eager forward; kept %s", list(replay), self.max_seqs,
+                    time.perf_counter() - start, [round(ms, 1) for ms in replay.values()], enqueue, self.buckets)
+
+    def _eager_enqueue_ms(self, Tb: int) -> float:
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for prefill token counts %s (up to %d sequences) in %.1f s", self.buckets,
-                    self.max_seqs, time.perf_counter() - start)
+        start = time.perf_counter()
+        self.forward(Tb)
+        ms = (time.perf_counter() - start) * 1e3
+        torch.cuda.synchronize()
+        return ms
+
+    def _replay_ms(self, Tb: int) -> float:
+        """Median device time of three replays."""
+        times = []
+        for _ in range(3):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            self.graphs[Tb].replay()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        return sorted(times)[1]
 
     def _write_padding(self, Tb: int, T: int, B: int) -> None:
         """Tokens T..Tb-1 and sequences B.. of the host mirror set to padding."""

@@ -16,8 +16,9 @@ from engine.prefill_graphs import PrefillGraphs, prefill_buckets
 MAX_TOKENS = 96  # buckets 64 and 96
 
 
-def test_buckets_are_powers_of_two_up_to_the_budget():
-    assert prefill_buckets(8192) == [64, 128, 256, 512, 1024, 2048, 4096]
+def test_buckets_cover_every_count_up_to_the_budget():
+    assert prefill_buckets(8192) == [64, 128, 256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096]
+    assert prefill_buckets(1000) == [64, 128, 256, 512, 1000]
     assert prefill_buckets(96) == [64, 96]
     assert prefill_buckets(24) == [24]
 
