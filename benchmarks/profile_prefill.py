@@ -60,7 +60,7 @@ def main() -> None:
         return call
 
     runner.forward, runner.replay_prefill = timed(runner.forward), timed(runner.replay_prefill)
-    mode = "eager" if args.enforce_eager else f"prefill CUDA graphs up to {runner.prefill_graphs.buckets[-1]:,} tokens"
+    mode = "eager" if args.enforce_eager else f"prefill CUDA graphs kept at {runner.prefill_graphs.buckets} tokens"
     lines = [f"{args.model}, {torch.cuda.get_device_name()}, prefill of one prompt ({mode}; prefix cache off), "
              f"median of {args.repeats}", "",
              "| tokens | engine step(s) | forward: host enqueue | forward: device elapsed | kernels busy "
