@@ -78,7 +78,7 @@ class PrefillGraphs:
         T = batch.long_bounds[0][1] - batch.long_bounds[0][0]
         lora_a, lora_b = batch.int_bounds[4]
         scores = batch.long_bounds[3][1] - batch.long_bounds[3][0] - num_samplers
-        return (batch.num_decodes == 0 and self.buckets and 0 < T <= self.buckets[-1] and batch.B <= self.max_seqs
+        return (batch.num_decodes == 0 and bool(self.buckets) and 0 < T <= self.buckets[-1] and batch.B <= self.max_seqs
                 and batch.width <= self.width and lora_a == lora_b and scores == 0)
 
     def batch(self, Tb: int) -> ForwardBatch:
@@ -116,7 +116,9 @@ class PrefillGraphs:
             self.graphs[Tb], self.logits[Tb] = capture_graph(forward, pool, self.model.tp.size)
         enqueue = min(self._eager_enqueue_ms(self.buckets[0]) for _ in range(3))
         replay = {Tb: self._replay_ms(Tb) for Tb in self.buckets}
-        self.buckets = [Tb for Tb in self.buckets if replay[Tb] <= enqueue]
+        # Every rank keeps the same buckets (its graphs' collectives must match): kept where all ranks keep it.
+        keep = self.model.tp.min_over_ranks([int(replay[Tb] <= enqueue) for Tb in self.buckets])
+        self.buckets = [Tb for Tb, k in zip(self.buckets, keep) if k]
         for Tb in set(self.graphs) - set(self.buckets):
             del self.graphs[Tb], self.logits[Tb]
         logger.info("captured CUDA graphs for prefill token counts %s (up to %d sequences) in %.1f s: replays "
