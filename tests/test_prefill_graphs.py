@@ -106,7 +106,8 @@ def test_prefill_graph_replays_equal_eager(request, fixture):
     """On the GPU: the captured prefill graphs (Triton kernels) against the eager flat forward, fp32."""
     directory = request.getfixturevalue(fixture)
     kw = dict(device="cuda", dtype="float32", max_num_seqs=6, max_num_batched_tokens=MAX_TOKENS, max_model_len=256,
-              kv_block_size=16, gpu_memory_utilization=0.2)
+              kv_block_size=16, gpu_memory_utilization=0.2, num_kv_blocks=1024,
+              prefix_cache_checkpoints=64)  # the same pool sizes in both engines, to compare them
     graphs, eager = LLM(str(directory), **kw), LLM(str(directory), enforce_eager=True, **kw)
     prefill_graphs = graphs.engine.runner.prefill_graphs
     assert sorted(prefill_graphs.graphs) == [64, 96] and eager.engine.runner.prefill_graphs is None
@@ -125,7 +126,7 @@ def test_prefill_graph_replays_equal_eager(request, fixture):
 def test_prefill_graphs_bf16_match_eager_first_token(h1_dir):
     """bf16, three sequences in one 512-token bucket: the first token's top logprobs of graph and eager
     prefill agree to bf16 rounding."""
-    kw = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=512, max_model_len=1024,
+    kw = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=512, max_model_len=512,
               gpu_memory_utilization=0.2)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=5)
     prompts = [[5 + (13 * j) % 240 for j in range(n)] for n in (7, 100, 300)]
