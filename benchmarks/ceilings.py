@@ -43,6 +43,28 @@ def sustained_seconds(fn, calls: int = 20, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def graph_replay_seconds(fn, reps: int) -> float:
+    """Mean seconds of one replay of a CUDA graph holding fn() (a sequence of launches), warmed up (compiled)
+    on a side stream before the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def copy_bytes_per_s(nbytes: int = 2 << 30) -> float:
     """dst.copy_(src) over nbytes of fp32, counting bytes read plus bytes written."""
     src = torch.randn(nbytes // 4, device="cuda")

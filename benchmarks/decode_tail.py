@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.ceilings import graph_replay_seconds
 from kernels.conv1d import causal_conv1d_update
 from kernels.mamba2_decode import mamba2_decode_step
 from kernels.norm import add_rms_norm, gated_rms_norm, split_rms_norm
@@ -33,25 +34,9 @@ H1 = {"falcon-h1-0.5b": dict(H=24, P=64, G=1, N=128, d=1024, layers=36),
 MAMBA1_7B = dict(CH=8192, N=16, R=256, layers=64)
 
 
-def graph_us(step: Callable[[], object], reps: int = 20) -> float:
-    """Mean microseconds of one replay of a graph holding step() (warmed up and compiled outside it)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
+def graph_us(step: Callable[[], object]) -> float:
+    """Mean microseconds of one replay of a graph holding step()."""
+    return graph_replay_seconds(step, reps=20) * 1e6
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.ceilings import copy_bytes_per_s
+from benchmarks.ceilings import copy_bytes_per_s, graph_replay_seconds
 from benchmarks.offline import SHAPES, bench_decode, bench_prefill, decode_bytes, max_concurrent
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
@@ -51,24 +51,6 @@ GPTQ_CONFIG = dict(quant_method="gptq", group_size=128, desc_act=True, sym=True,
                    lm_head=False)
 VARIANTS = {"bf16": None, "gptq-int4": 4, "fp8": "fp8", "gptq-int8": 8}  # measured in this order
 L2_MISS_BYTES = 256 << 20  # several times the 50-60 MB L2
-
-
-def time_graph(fn, reps: int = 5) -> float:
-    """Seconds per call of fn() (a sequence of launches), captured once as a CUDA graph and replayed."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
 
 
 def make_weights(fmt: str, K: int, N: int, gen: torch.Generator):
@@ -98,7 +80,7 @@ def make_weights(fmt: str, K: int, N: int, gen: torch.Generator):
 
 
 def gemm_time(fn, weights: list, x: torch.Tensor, **kwargs) -> float:
-    return time_graph(lambda: [fn(x, w, **kwargs) for w in weights]) / len(weights)
+    return graph_replay_seconds(lambda: [fn(x, w, **kwargs) for w in weights], reps=5) / len(weights)
 
 
 def bench_gemms(models: list[str], ceiling: float, deadline: float) -> list[str]:
