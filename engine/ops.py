@@ -9,7 +9,7 @@ import os
 import torch
 
 from engine.forward_batch import ForwardBatch
-from kernels import activation, conv1d, mamba2_decode, norm, selective_scan, ssd_scan, ssm_state_update
+from kernels import activation, conv1d, norm, selective_scan, ssd_scan, ssm_state_update
 from kernels import attention as attention_kernels
 from kernels import fp8_linear as fp8_kernels
 from kernels import lora as lora_kernels
@@ -130,17 +130,6 @@ def mamba2_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
             batch.prefill_state_slots, batch.prefill_has_initial_state, chunk_size)
 
     return _split_by_phase(x, batch, decode, prefill)
-
-
-def mamba2_decode_step(z: torch.Tensor, xBC: torch.Tensor, dt: torch.Tensor, conv_weight: torch.Tensor,
-                       conv_bias: torch.Tensor | None, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
-                       dt_limit: tuple[float, float], norm_weight: torch.Tensor, eps: float, n_groups: int,
-                       norm_before_gate: bool, conv_states: torch.Tensor, ssm_states: torch.Tensor,
-                       batch: ForwardBatch) -> torch.Tensor:
-    """A decode-only step's Mamba2 core: gated_rms_norm(ssm_state_update(causal_conv1d_update(xBC)), z), fused."""
-    return _impl(mamba2_decode, "mamba2_decode_step", z)(
-        z, xBC, dt, conv_weight, conv_bias, A, D, dt_bias, dt_limit, norm_weight, eps, n_groups, norm_before_gate,
-        conv_states, ssm_states, batch.state_slots)
 
 
 def mamba1_decode_step(x: torch.Tensor, dt: torch.Tensor, dlBC: torch.Tensor, eps: float, A: torch.Tensor,

@@ -153,38 +153,12 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 @triton.jit
-def _conv_silu(xv, row, c, c_ok, w_ptr, bias_ptr, stride_wc, stride_wk, stride_sk,
-               K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """SiLU(bias + conv) in fp32 of one decode token's channels c: the window is the K-1 state columns (row:
-    pointers to state[slot, c, 0]) then x (xv, as stored). Reads the state only."""
-    j = tl.arange(0, BLOCK_K)
-    ok = c_ok[:, None] & (j < K - 1)[None, :]
-    old = tl.load(row[:, None] + j[None, :] * stride_sk, mask=ok, other=0.0).to(tl.float32)
-    w_old = tl.load(w_ptr + c[:, None] * stride_wc + j[None, :] * stride_wk, mask=ok, other=0.0).to(tl.float32)
-    w_new = tl.load(w_ptr + c * stride_wc + (K - 1) * stride_wk, mask=c_ok, other=0.0).to(tl.float32)
-    acc = tl.sum(old * w_old, axis=1) + xv.to(tl.float32) * w_new
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    return acc * tl.sigmoid(acc)
-
-
-@triton.jit
-def _conv_state_shift(xv, row, c_ok, stride_sk, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """state[c, :] <- (state[c, 1:], x) for one decode token, in place: loaded in full before the store."""
-    j = tl.arange(0, BLOCK_K)
-    ok = c_ok[:, None] & (j < K - 1)[None, :]
-    shifted = tl.load(row[:, None] + (j + 1)[None, :] * stride_sk, mask=ok & (j < K - 2)[None, :], other=0.0)
-    new = tl.where((j == K - 2)[None, :], xv.to(row.dtype.element_ty)[:, None], shifted)
-    tl.store(row[:, None] + j[None, :] * stride_sk, new, mask=ok)
-
-
-@triton.jit
 def _conv1d_update_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, slots_ptr, out_ptr, C,
                           stride_xb, stride_xc, stride_wc, stride_wk, stride_ss, stride_sc, stride_sk,
                           stride_ob, stride_oc,
                           K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     """One decode token of sequence program_id(0) over BLOCK_C channels: the window is the K-1 state
-    columns then x; the state shifts left by one in place."""
+    columns then x; the state shifts left by one in place (loaded in full before the store)."""
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -192,11 +166,21 @@ def _conv1d_update_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, slots_ptr, out_ptr
     if slot < 0:
         tl.store(out_ptr + b * stride_ob + c * stride_oc, tl.zeros((BLOCK_C,), out_ptr.dtype.element_ty), mask=c_ok)
         return
-    row = states_ptr + slot.to(tl.int64) * stride_ss + c * stride_sc
+    j = tl.arange(0, BLOCK_K)
+    ok = c_ok[:, None] & (j < K - 1)[None, :]
+    row = states_ptr + slot.to(tl.int64) * stride_ss + c[:, None] * stride_sc
+    old = tl.load(row + j[None, :] * stride_sk, mask=ok, other=0.0)
+    shifted = tl.load(row + (j + 1)[None, :] * stride_sk, mask=ok & (j < K - 2)[None, :], other=0.0)
     xv = tl.load(x_ptr + b * stride_xb + c * stride_xc, mask=c_ok, other=0.0)
-    out = _conv_silu(xv, row, c, c_ok, w_ptr, bias_ptr, stride_wc, stride_wk, stride_sk, K, HAS_BIAS, BLOCK_K)
-    tl.store(out_ptr + b * stride_ob + c * stride_oc, out.to(out_ptr.dtype.element_ty), mask=c_ok)
-    _conv_state_shift(xv, row, c_ok, stride_sk, K, BLOCK_K)
+    w_old = tl.load(w_ptr + c[:, None] * stride_wc + j[None, :] * stride_wk, mask=ok, other=0.0).to(tl.float32)
+    w_new = tl.load(w_ptr + c * stride_wc + (K - 1) * stride_wk, mask=c_ok, other=0.0).to(tl.float32)
+    acc = tl.sum(old.to(tl.float32) * w_old, axis=1) + xv.to(tl.float32) * w_new
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * stride_ob + c * stride_oc, (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty),
+             mask=c_ok)
+    new = tl.where((j == K - 2)[None, :], xv.to(states_ptr.dtype.element_ty)[:, None], shifted)
+    tl.store(row + j[None, :] * stride_sk, new, mask=ok)
 
 
 def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

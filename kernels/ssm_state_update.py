@@ -37,24 +37,6 @@ def ssm_state_update_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: 
 
 
 @triton.jit
-def _head_rows_step(x, Bv, Cv, dt, h, slot, p, p_ok, n, n_ok, A_ptr, D_ptr, dt_bias_ptr, states_ptr, dt_min, dt_max,
-                    stride_ss, stride_sh, stride_sp, stride_sn, CLAMP_DT: tl.constexpr):
-    """One step of head h's state rows p (x [BLOCK_P], B/C [BLOCK_N], raw dt: fp32), in place; returns y [BLOCK_P].
-    Rows p x all N in one program, so that y = S C reduces in registers."""
-    dt = softplus(dt + tl.load(dt_bias_ptr + h).to(tl.float32))
-    if CLAMP_DT:
-        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
-    s_ptrs = (states_ptr + slot.to(tl.int64) * stride_ss + h * stride_sh
-              + p[:, None] * stride_sp + n[None, :] * stride_sn)
-    s_ok = p_ok[:, None] & n_ok[None, :]
-    state = tl.load(s_ptrs, mask=s_ok, other=0.0).to(tl.float32)
-    state = decay * state + (dt * x)[:, None] * Bv[None, :]
-    tl.store(s_ptrs, state.to(states_ptr.dtype.element_ty), mask=s_ok)
-    return tl.sum(state * Cv[None, :], axis=1) + tl.load(D_ptr + h).to(tl.float32) * x
-
-
-@triton.jit
 def _ssm_state_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, states_ptr, slots_ptr, y_ptr,
                              P, N, heads_per_group, dt_min, dt_max,
                              stride_xb, stride_xh, stride_xp, stride_dtb, stride_dth,
@@ -62,7 +44,8 @@ def _ssm_state_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_
                              stride_ss, stride_sh, stride_sp, stride_sn, stride_yb, stride_yh, stride_yp,
                              CLAMP_DT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """S[p-tile, :] of sequence program_id(2), head program_id(1): one read and one write of its state rows.
-    The wrapper picks BLOCK_P small enough that even one sequence spreads its heads x P rows over all SMs."""
+    A program owns BLOCK_P full rows of N so that y = S C reduces in registers; the wrapper picks BLOCK_P
+    small enough that even one sequence spreads its heads x P rows over all SMs."""
     b = tl.program_id(2)
     h = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -76,20 +59,21 @@ def _ssm_state_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_
     n_ok = n < N
     g = h // heads_per_group
     dt = tl.load(dt_ptr + b * stride_dtb + h * stride_dth).to(tl.float32)
+    dt = softplus(dt + tl.load(dt_bias_ptr + h).to(tl.float32))
+    if CLAMP_DT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
     x = tl.load(x_ptr + b * stride_xb + h * stride_xh + p * stride_xp, mask=p_ok, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * stride_Bb + g * stride_Bg + n * stride_Bn, mask=n_ok, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * stride_Cb + g * stride_Cg + n * stride_Cn, mask=n_ok, other=0.0).to(tl.float32)
-    y = _head_rows_step(x, Bv, Cv, dt, h, slot, p, p_ok, n, n_ok, A_ptr, D_ptr, dt_bias_ptr, states_ptr,
-                        dt_min, dt_max, stride_ss, stride_sh, stride_sp, stride_sn, CLAMP_DT)
+    s_ptrs = (states_ptr + slot.to(tl.int64) * stride_ss + h * stride_sh
+              + p[:, None] * stride_sp + n[None, :] * stride_sn)
+    s_ok = p_ok[:, None] & n_ok[None, :]
+    state = tl.load(s_ptrs, mask=s_ok, other=0.0).to(tl.float32)
+    state = decay * state + (dt * x)[:, None] * Bv[None, :]
+    tl.store(s_ptrs, state.to(states_ptr.dtype.element_ty), mask=s_ok)
+    y = tl.sum(state * Cv[None, :], axis=1) + tl.load(D_ptr + h).to(tl.float32) * x
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=p_ok)
-
-
-def block_p_for(batch: int, H: int, P: int, N: int) -> int:
-    """State rows a program: ~4K state elements, fewer while the grid would be under ~1024 programs."""
-    block_p = min(triton.next_power_of_2(P), max(1, 4096 // triton.next_power_of_2(N)))
-    while block_p > 2 and batch * H * triton.cdiv(P, block_p) < 1024:
-        block_p //= 2
-    return block_p
 
 
 def ssm_state_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -102,7 +86,10 @@ def ssm_state_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
     if Bt == 0:
         return y
     BLOCK_N = triton.next_power_of_2(N)
-    BLOCK_P = block_p_for(Bt, H, P, N)
+    # ~4K state elements a program, fewer rows while the grid would be under ~1024 programs.
+    BLOCK_P = min(triton.next_power_of_2(P), max(1, 4096 // BLOCK_N))
+    while BLOCK_P > 2 and Bt * H * triton.cdiv(P, BLOCK_P) < 1024:
+        BLOCK_P //= 2
     _ssm_state_update_kernel[(triton.cdiv(P, BLOCK_P), H, Bt)](
         x, dt, A, B, C, D, dt_bias, ssm_states, state_slots, y,
         P, N, H // G, float(dt_limit[0]), float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride(), *C.stride(),

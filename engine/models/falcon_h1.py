@@ -69,12 +69,6 @@ class Mamba2Mixer(nn.Module):
         cfg, T = self.cfg, zxbcdt.shape[0]
         H, P, G, N = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
         z, xBC, dt = zxbcdt.split([cfg.mamba_d_ssm, cfg.conv_dim, H], dim=-1)
-        if batch.num_prefill_seqs == 0 and self.norm is not None and self.norm_ranks == 1:
-            # decode: the conv, SSM and gated-norm lines below, fused (two kernels, kernels/mamba2_decode.py)
-            y = ops.mamba2_decode_step(z, xBC, dt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.A, self.D,
-                                       self.dt_bias, cfg.time_step_limit, self.norm.weight, self.norm.eps, G,
-                                       cfg.mamba_norm_before_gate, cache.conv_state, cache.ssm_state, batch)
-            return self.out_proj(y)
         xBC = ops.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv_state, batch)
         x, B, C = xBC.split([cfg.mamba_d_ssm, G * N, G * N], dim=-1)
         y = ops.mamba2_scan(x.reshape(T, H, P), dt, self.A, B.reshape(T, G, N), C.reshape(T, G, N), self.D,
