@@ -1,8 +1,8 @@
 """Where a prefill step's time goes: the host's time to enqueue the forward pass (Python, Triton and torch
 launches; with prefill CUDA graphs, filling the static inputs and one graph launch), the device's elapsed time
-over the same call, the kernels' busy time inside it (the profiler's sum), and the rest of the step (inputs,
-sampling, caches). When the device's elapsed time follows the host's enqueue time and exceeds the kernels'
-busy time, the forward is bound by the host.
+over the same call, the kernels' busy time inside it (the profiler's sum, and the kernels by time), and the rest
+of the step (inputs, sampling, caches). When the device's elapsed time follows the host's enqueue time and
+exceeds the kernels' busy time, the forward is bound by the host.
 
     python -m benchmarks.profile_prefill --model falcon-h1-7b --prefill-lens 128 512 4096 [--enforce-eager]
 """
@@ -89,7 +89,9 @@ def main() -> None:
                      f"| {step - max(host, device):.2f} ms | {launches:,} | {host * 1e3 / max(launches, 1):.1f} us |")
         print(lines[-1], flush=True)
         lines += ["", f"Host side of a {n:,}-token prefill step, by self CPU time:", "```",
-                  events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), "```", ""]
+                  events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), "```", "",
+                  "Device side of the same step, by kernel time:", "```",
+                  events.table(sort_by="self_device_time_total", row_limit=16, max_name_column_width=60), "```", ""]
     emit(lines, args.out)
 
 
