@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.offline import model_dir
@@ -83,7 +84,9 @@ def main() -> None:
             torch.cuda.synchronize()
         events = prof.key_averages()
         launches = sum(e.count for e in events if e.key in _LAUNCHES)
-        busy = sum(e.self_device_time_total for e in events) / 1e3  # us -> ms, the whole step's kernels
+        # the kernels' own events only: an op (aten::mm) or a launch call (cuLaunchKernelEx) also carries the
+        # time of the kernels it started, which counted it twice
+        busy = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e3  # ms
         step, host, device = (sorted(x)[len(x) // 2] * 1e3 for x in (steps, hosts, devices))
         lines.append(f"| {n:,} | {step:.2f} ms | {host:.2f} ms | {device:.2f} ms | {busy:.2f} ms "
                      f"| {step - max(host, device):.2f} ms | {launches:,} | {host * 1e3 / max(launches, 1):.1f} us |")
