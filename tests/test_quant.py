@@ -297,6 +297,7 @@ def test_quantized_bf16_agrees_with_float32_on_0_5b_shapes(tmp_path, variant):
     extra = dict(quantization="fp8") if variant == "fp8" else {}
     fp32, bf16 = (first_token_top20(tmp_path, dtype, **extra) for dtype in ("float32", "bfloat16"))
     diffs = [abs(a[t] - b[t]) for a, b in zip(fp32, bf16) for t in a.keys() & b.keys()]
+    assert diffs, f"{variant}: the bf16 and fp32 top-20 tokens have nothing in common"
     worst, mean = max(diffs), sum(diffs) / len(diffs)
     print(f"{variant} bf16 vs fp32: max |logprob diff| {worst:.4f}, mean {mean:.4f} over the top-20 tokens")
     assert worst < SPREAD_FACTOR * BF16_SPREAD_MAX and mean < SPREAD_FACTOR * BF16_SPREAD_MEAN
