@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import pytest
 
@@ -117,7 +118,8 @@ def test_eviction_and_reload_keep_outputs(h1_dir, h1_llm, adapters):
     for _ in range(2):
         outputs = small.generate(prompts, GREEDY, lora_request=loras)
         assert [o.outputs[0].token_ids for o in outputs] == expected
-    assert small.engine.lora.num_loads >= 6 and len(small.engine.lora.host) == 1
+    # three adapters through one slot, twice: 3 loads, then 2 at least (the slot may still hold the next one)
+    assert small.engine.lora.num_loads >= 5 and len(small.engine.lora.host) == 1
     pair = small.generate([PROMPTS[0]], SamplingParams(n=2, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
                           lora_request=loras[1])[0]
     assert [c.token_ids for c in pair.outputs] == [expected[1]] * 2
@@ -203,7 +205,8 @@ def test_cuda_mixed_adapters_match_peft(h1_dir, adapters, enforce_eager):
 
 
 def test_requests_wait_for_an_adapter_slot_without_blocking_others(h1_dir, adapters):
-    engine = LLMEngine(EngineArgs(model=str(h1_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=1))
+    engine = LLMEngine(EngineArgs(model=str(h1_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=1,
+                                  max_cpu_loras=2))  # both in host memory: only the slot is waited for
     first, second = (engine.add_lora(lora(n, adapters["h1", n], i + 1)) for i, n in enumerate(["mlp", "attention"]))
     for request_id, lora_id in [("a", first), ("b", second), ("base", None)]:
         engine.enqueue(request_id, PROMPTS[0], GREEDY, lora_id)
@@ -213,6 +216,36 @@ def test_requests_wait_for_an_adapter_slot_without_blocking_others(h1_dir, adapt
     while engine.has_unfinished():
         engine.step()
     assert engine.lora.refs == [0] and engine.scheduler.num_waiting_requests == 0
+
+
+def test_adapter_read_back_from_disk_does_not_hold_up_other_requests(h1_dir, adapters):
+    """An adapter that fell out of host memory is read again on a background thread: while the read is held
+    back, the base request runs to the end; once the read ends, the adapter's request gives peft's tokens."""
+    engine = LLMEngine(EngineArgs(model=str(h1_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=1,
+                                  max_cpu_loras=1))
+    mlp = engine.add_lora(lora("mlp", adapters["h1", "mlp"], 1))
+    engine.add_lora(lora("attention", adapters["h1", "attention"], 2))  # pushes "mlp" out of host memory
+    manager, read_may_finish = engine.lora, threading.Event()
+    real_read = manager._read
+
+    def held_read(request):
+        assert read_may_finish.wait(timeout=60)
+        return real_read(request)
+
+    manager._read = held_read
+    engine.enqueue("a", PROMPTS[0], GREEDY, mlp)
+    engine.enqueue("base", PROMPTS[1], GREEDY, None)
+    base = []
+    while not base:
+        base = [o for o in engine.step() if o.request_id == "base" and o.request_finished]
+        assert engine.sequences["a"][0].status.value == "waiting"
+    read_may_finish.set()
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    tokens = [t for o in outputs if o.request_id == "a" for t in o.new_token_ids]
+    assert tokens == peft_greedy(h1_dir, adapters["h1", "mlp"], PROMPTS[0], MAX_TOKENS)[0]
+    assert engine.lora.refs == [0]
 
 
 def test_adapter_that_no_longer_loads_fails_its_request_only(h1_dir, adapters, tmp_path):

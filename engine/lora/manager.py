@@ -3,7 +3,7 @@
 - known: every adapter ever added, by lora_int_id (a queued request can always reload its own);
   `names` maps the names requests may use (unloading removes the name only).
 - host cache: an LRU of --max-cpu-loras adapters' checked weights; one that falls out is read again
-  from its path when needed.
+  from its path when a request needs it, on a background thread: its requests wait meanwhile, not the step.
 - device slots: --max-loras rows of every LoRALinear's stacks. A sequence holds a reference to its
   adapter's slot from admission to finish or preemption; a slot nobody references stays loaded (a
   later request reuses it) until another adapter needs the room: least recently used first. When all
@@ -19,6 +19,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -43,6 +44,8 @@ class LoRAManager:
         self.refs = [0] * max_loras
         self.idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(max_loras))  # LRU first
         self.num_loads = 0  # adapters copied into a device slot (a reload after eviction counts again)
+        self._reads: dict[int, Future] = {}  # adapters being read back into host memory (engine thread)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-read")
         self._next_id = 1
         self._lock = threading.Lock()
 
@@ -90,7 +93,11 @@ class LoRAManager:
     # ---- device slots (engine thread, between steps) --------------------------------------------
 
     def can_acquire(self, lora_id: int) -> bool:
-        return lora_id in self.slot_of or bool(self.idle)
+        """Whether acquire(lora_id) can run now: the adapter holds a slot, or a slot is free and its weights
+        are in host memory (else they are being read: False until then; a failed read is acquire's to raise)."""
+        if lora_id in self.slot_of:
+            return True
+        return bool(self.idle) and self._weights_ready(lora_id)
 
     def acquire(self, lora_id: int) -> int:
         """The slot holding the adapter, loading it (evicting the least recently used idle one) if needed.
@@ -124,7 +131,25 @@ class LoRAManager:
         while len(self.host) > self.max_cpu_loras:
             self.host.popitem(last=False)
 
+    def _weights_ready(self, lora_id: int) -> bool:
+        """True once the adapter is in host memory or its background read has ended; starts that read."""
+        with self._lock:
+            if lora_id in self.host:
+                return True
+            request = self.known[lora_id]
+        read = self._reads.get(lora_id)
+        if read is None:
+            self._reads[lora_id] = self._reader.submit(self._read, request)
+            return False
+        return read.done()
+
     def _host_weights(self, lora_id: int) -> AdapterWeights:
+        read = self._reads.pop(lora_id, None)
+        if read is not None:  # read in the background: its weights, or its LoRAError
+            weights = read.result()
+            with self._lock:
+                self._keep_in_host(weights)
+            return weights
         with self._lock:
             weights = self.host.get(lora_id)
             if weights is not None:
