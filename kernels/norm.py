@@ -172,18 +172,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
-def gated_group_norm(y, z, w, group_size, eps, NORM_BEFORE_GATE: tl.constexpr):
-    """[rows, group] fp32 tiles (zero past the group): GroupRMS(y) * w * SiLU(z), or GroupRMS(y * SiLU(z)) * w."""
-    gate = z * tl.sigmoid(z)
-    h = y if NORM_BEFORE_GATE else y * gate
-    rstd = tl.rsqrt(tl.sum(h * h, 1) / group_size + eps)
-    h = h * rstd[:, None] * w
-    if NORM_BEFORE_GATE:
-        h = h * gate
-    return h
-
-
-@triton.jit
 def _gated_rms_norm_kernel(y_ptr, z_ptr, w_ptr, out_ptr, n_rows, group_size, stride_y, stride_z, eps,
                            NORM_BEFORE_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (row block, group): RMS-normalises one contiguous group of ROWS rows, with the SiLU(z) gate
@@ -194,8 +182,13 @@ def _gated_rms_norm_kernel(y_ptr, z_ptr, w_ptr, out_ptr, n_rows, group_size, str
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
     y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = z * tl.sigmoid(z)
+    h = y if NORM_BEFORE_GATE else y * gate
+    rstd = tl.rsqrt(tl.sum(h * h, 1) / group_size + eps)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    h = gated_group_norm(y, z, w[None, :], group_size, eps, NORM_BEFORE_GATE)
+    h = h * rstd[:, None] * w[None, :]
+    if NORM_BEFORE_GATE:
+        h = h * gate
     n_cols = tl.num_programs(1) * group_size
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
 
