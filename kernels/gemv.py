@@ -1,0 +1,73 @@
+"""16-bit GEMV for decode at one sequence: y = x @ W^T + bias, x [M, K] (M small), W [N, K] as nn.Linear stores it.
+
+cuBLAS picks latency-bound tiles for one row of the small projections (Falcon-H1-0.5B: an 8 x 64 tile for
+4-8 MB weights, ~8.5 us where streaming takes ~2; RESULTS.md). Here each thread streams 16 contiguous bytes
+of each of BLOCK_N weight rows per tile (every warp along K, so its x are one 16-byte load in the same layout:
+no shuffles), keeps one fp32 partial per element it loaded, sums them once at the end, and the next tile's
+loads are issued before this tile's multiply-adds. Split along K (kernels/split_k.py, one launch) when the
+columns alone give too few programs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.split_k import split_for, split_k_launch, store_split_tile
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x's dtype: the matmul in float32, then the bias."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, BLOCK_K: tl.constexpr):
+    """W [BLOCK_N, BLOCK_K] and x [BLOCK_K] of the K tile at k0, zero past K."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+    x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
+    return w, x
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES, SPLIT_K,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row program_id(1) of x times BLOCK_N rows of W over this split's K tiles (none past K)."""
+    m = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k0 = tl.program_id(2) * K_TILES * BLOCK_K
+    n_tiles = tl.minimum(K_TILES, tl.cdiv(K - k0, BLOCK_K))  # the last split may have fewer
+    w, x = _gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for _ in range(1, n_tiles):
+        k0 += BLOCK_K
+        next_w, next_x = _gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, BLOCK_K)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w, x = next_w, next_x
+    acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    store_split_tile(y[None, :], b_ptr, out_ptr, part_ptr, count_ptr, m + tl.arange(0, 1), offs_n, M, N, SPLIT_K,
+                     HAS_BIAS, SPLIT)
+
+
+def gemv_config(N: int, K: int, device: torch.device, block_n: int = 8, num_warps: int = 4,
+                waves: float = 4) -> dict:
+    """BLOCK_K = 16 bytes x 32 lanes x num_warps of 16-bit weights; split along K for ~waves programs an SM."""
+    bk = 8 * 32 * num_warps
+    return dict(BLOCK_N=block_n, BLOCK_K=bk, num_warps=num_warps, num_stages=1,
+                SPLIT_K=split_for(triton.cdiv(N, block_n), K, bk, waves, device))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: dict | None = None) -> torch.Tensor:
+    """Triton version of gemv_ref (weight contiguous; config: tiles and split, default gemv_config)."""
+    x = x.contiguous()
+    K, N = x.shape[1], weight.shape[0]
+    cfg = config or gemv_config(N, K, x.device)
+    return split_k_launch(_gemv_kernel, x, (weight,), bias, N, 1, cfg)
