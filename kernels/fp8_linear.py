@@ -3,7 +3,8 @@
 Two GPU paths, picked by the number of rows (both measured in benchmarks/quant.py):
 - few rows (decode): weight-only, a Triton GEMM that converts each fp8 tile to the activation dtype in
   registers, split along K like the GPTQ kernel, scales applied to the fp32 sum; for one row of a small
-  weight, a GEMV of fp32 multiply-adds on the widened codes (no tensor cores);
+  weight, a GEMV of fp32 multiply-adds on the widened codes (no tensor cores); a second GEMV that keeps
+  one partial per (row, lane) instead of per (row, K element) ("gemv_lanes", a sweep candidate for now);
 - many rows: Hopper's fp8 tensor cores through torch._scaled_mm, activations quantized per row
   (dynamic, scale = amax / 448), so the product is rowwise-scaled fp8 x fp8.
 """
@@ -95,6 +96,64 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M
                      HAS_BIAS, SPLIT)
 
 
+@triton.jit
+def _fp8_gemv_lanes_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC: tl.constexpr):
+    """The K tile at k0 as [BLOCK_N, BLOCK_K // VEC, VEC]: W as stored, VEC contiguous bytes a thread, and
+    x [BLOCK_K // VEC, VEC]; masked at K only (the splits start at tile boundaries)."""
+    offs_k = k0 + offs_v[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    mask_k = offs_k < K
+    w = tl.load(w_ptr + offs_n[:, None, None] * K + offs_k[None, :, :], mask=mask_n[:, None, None] & mask_k[None],
+                other=0.0)
+    x = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k, other=0.0)
+    return w, x
+
+
+@triton.jit
+def _fp8_gemv_lanes_mac(acc, w, x):
+    """acc [BLOCK_N, BLOCK_K // VEC] += each thread's VEC products summed in its registers (no shuffles)."""
+    return acc + tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
+def _fp8_gemv_lanes_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES,
+                           SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+    """Weight-only fp8, one row of x (program_id(1)): each thread streams VEC contiguous bytes of each of the
+    tile's W rows (8: x's matching 8 bf16 are one 16-byte load, so x needs no layout change; BLOCK_K =
+    VEC x 32 x num_warps spreads every warp along K and gives each thread all BLOCK_N rows for one x vector).
+    One fp32 partial per (row, lane): the accumulator is BLOCK_N x BLOCK_K / VEC, not BLOCK_N x BLOCK_K as
+    in _fp8_gemv_kernel (which spills); the lanes' partials are summed once at the end. The next tile's
+    loads are issued before this tile's arithmetic, and no tile past this split's is read."""
+    m = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_v = tl.arange(0, BLOCK_K // VEC)
+    k0 = tl.program_id(2) * K_TILES * BLOCK_K
+    n_tiles = tl.minimum(K_TILES, tl.cdiv(K - k0, BLOCK_K))  # the last split may have fewer
+    w, x = _fp8_gemv_lanes_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // VEC), dtype=tl.float32)
+    for _ in range(1, n_tiles):
+        k0 += BLOCK_K
+        next_w, next_x = _fp8_gemv_lanes_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC)
+        acc = _fp8_gemv_lanes_mac(acc, w, x)
+        w, x = next_w, next_x
+    acc = _fp8_gemv_lanes_mac(acc, w, x)
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+    store_split_tile(y[None, :], b_ptr, out_ptr, part_ptr, count_ptr, m + tl.arange(0, 1), offs_n, M, N, SPLIT_K,
+                     HAS_BIAS, SPLIT)
+
+
+GEMV_LANES_VEC = 8  # bytes of a W row a thread loads per tile in _fp8_gemv_lanes_kernel (see its docstring)
+
+
+def gemv_lanes_config(N: int, K: int, block_n: int, num_warps: int, waves: float, device: torch.device) -> dict:
+    """A config for _fp8_gemv_lanes_kernel: BLOCK_K = 8 bytes x 32 lanes x num_warps (every warp along K),
+    split along K for about `waves` programs per SM."""
+    bk = GEMV_LANES_VEC * 32 * num_warps
+    return dict(kind="gemv_lanes", BLOCK_N=block_n, BLOCK_K=bk, VEC=GEMV_LANES_VEC, num_warps=num_warps, num_stages=1,
+                SPLIT_K=split_for(triton.cdiv(N, block_n), K, bk, waves, device))
+
+
 def weight_only_config(M: int, N: int, K: int, device: torch.device) -> dict:
     """Kernel, tile sizes and split-K for the weight-only path: enough programs to fill every SM a few times.
     One row of a small weight (K N <= 2^24): the GEMV, which the H200 sweep measured faster there only
@@ -110,13 +169,17 @@ def weight_only_config(M: int, N: int, K: int, device: torch.device) -> dict:
     return dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
 
 
+_GEMV_KERNELS = {"gemv": _fp8_gemv_kernel, "gemv_lanes": _fp8_gemv_lanes_kernel}  # config kind -> kernel
+
+
 def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                            config: dict | None = None) -> torch.Tensor:
     x = x.contiguous()
     (M, K), N = x.shape, weight.shape[0]
     cfg = dict(config or weight_only_config(M, N, K, x.device))
-    if cfg.pop("kind", "gemm") == "gemv":
-        return split_k_launch(_fp8_gemv_kernel, x, (weight, scale), bias, N, 1, cfg)
+    kind = cfg.pop("kind", "gemm")
+    if kind in _GEMV_KERNELS:
+        return split_k_launch(_GEMV_KERNELS[kind], x, (weight, scale), bias, N, 1, cfg)
     return split_k_launch(_fp8_matmul_kernel, x, (weight, scale), bias, N, cfg["BLOCK_M"], cfg,
                           IEEE=x.dtype == torch.float32)
 
