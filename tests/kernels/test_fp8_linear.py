@@ -2,9 +2,10 @@
 against fp8_linear_ref.
 
 CPU: Triton's interpreter in float32 at small shapes: N and K not multiples of the tiles (K not even a
-multiple of the 8-byte vector), split along K or not (the last split shorter than the others), bias or
-none, 1 / 5 / 16 / 32 rows (one program per row). GPU: the Falcon-H1-7B / FalconMamba-7B projection
-shapes in bf16 at one row for every tile shape the benchmark sweep tries.
+multiple of the 8-byte vector; K % 4 == 0, W is read in 32-bit words), split along K or not (the last
+split shorter than the others), bias or none, 1 / 5 / 16 / 32 rows (one program per row), with Triton's
+fp8 conversion (the interpreter runs no PTX: the packed cvt is checked on the GPU). GPU: the
+Falcon-H1-7B / FalconMamba-7B projection shapes in bf16 at one row, every tile shape the sweep tries.
 Tolerance: max |out - ref| / max |ref| < 1e-4 in fp32, 1e-2 in bf16 (one rounding of the output).
 """
 
@@ -39,7 +40,7 @@ def lanes_config(block_n: int, block_k: int, split_k: int, num_warps: int = 1) -
 @pytest.mark.parametrize("K, N, config", [
     (300, 72, lanes_config(16, 64, 3)),  # 5 K tiles in splits of 2, 2, 1; the last tile and column tile partial
     (300, 72, lanes_config(8, 128, 1)),  # one split, three tiles
-    (150, 20, lanes_config(32, 256, 1)),  # one tile (no loop), K % 8 = 6, fewer rows than the tile
+    (164, 20, lanes_config(32, 256, 1)),  # one tile (no loop), K % 8 = 4, fewer rows than the tile
     (256, 40, lanes_config(8, 64, 4)),  # every split one full tile
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -52,6 +53,12 @@ def test_fp8_gemv_lanes_kernel(M, K, N, config, with_bias):
         out = fp8.fp8_weight_only_linear(x, w, scale, bias, config=config)
         assert out.shape == ref.shape and out.dtype == ref.dtype
         assert rel_err(out, ref) < 1e-4
+
+
+def test_fp8_gemv_lanes_kernel_needs_whole_words():
+    x, w, scale, _ = random_fp8(1, 162, 8, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        fp8.fp8_weight_only_linear(x, w, scale, None, config=lanes_config(8, 64, 1))
 
 
 def test_gemv_lanes_config_spreads_warps_along_k():
