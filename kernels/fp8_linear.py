@@ -4,7 +4,8 @@ Two GPU paths, picked by the number of rows (both measured in benchmarks/quant.p
 - few rows (decode): weight-only, a Triton GEMM that converts each fp8 tile to the activation dtype in
   registers, split along K like the GPTQ kernel, scales applied to the fp32 sum; for one row of a small
   weight, a GEMV of fp32 multiply-adds on the widened codes (no tensor cores); a second GEMV that keeps
-  one partial per (row, lane) instead of per (row, K element) ("gemv_lanes", a sweep candidate for now);
+  one partial per (row, lane, word of 4 codes) instead of per (row, K element) and widens the codes with
+  packed cvt instructions ("gemv_lanes", a sweep candidate for now);
 - many rows: Hopper's fp8 tensor cores through torch._scaled_mm, activations quantized per row
   (dynamic, scale = amax / 448), so the product is rowwise-scaled fp8 x fp8.
 """
