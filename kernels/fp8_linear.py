@@ -3,7 +3,9 @@
 Two GPU paths, picked by the number of rows (both measured in benchmarks/quant.py):
 - few rows (decode): weight-only, a Triton GEMM that converts each fp8 tile to the activation dtype in
   registers, split along K like the GPTQ kernel, scales applied to the fp32 sum; for one row of a small
-  weight, a GEMV of fp32 multiply-adds on the widened codes (no tensor cores);
+  weight, a GEMV of fp32 multiply-adds on the widened codes (no tensor cores); a second GEMV that keeps
+  one partial per (row, lane, word of 4 codes) instead of per (row, K element) and widens the codes with
+  packed cvt instructions ("gemv_lanes", a sweep candidate for now);
 - many rows: Hopper's fp8 tensor cores through torch._scaled_mm, activations quantized per row
   (dynamic, scale = amax / 448), so the product is rowwise-scaled fp8 x fp8.
 """
@@ -95,6 +97,95 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M
                      HAS_BIAS, SPLIT)
 
 
+@triton.jit
+def _fp8_gemv_lanes_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC: tl.constexpr):
+    """The K tile at k0: W [BLOCK_N, BLOCK_K // VEC, VEC // 4] as stored, in 32-bit words of 4 codes (VEC
+    contiguous bytes a thread), and x [BLOCK_K // VEC, VEC]; masked at K only (splits start at tile bounds)."""
+    offs_w = k0 // 4 + offs_v[:, None] * (VEC // 4) + tl.arange(0, VEC // 4)[None, :]
+    w = tl.load(w_ptr + offs_n[:, None, None] * (K // 4) + offs_w[None, :, :],
+                mask=mask_n[:, None, None] & (offs_w < K // 4)[None], other=0)
+    offs_k = k0 + offs_v[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
+    return w, x
+
+
+@triton.jit
+def _e4m3_byte_to_f32(words, byte: tl.constexpr):
+    """Code number `byte` (little-endian) of each int32 word of 4 float8_e4m3fn codes, as fp32."""
+    code = ((words >> (8 * byte)) & 0xFF).to(tl.uint8)
+    return code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _fp8_gemv_lanes_mac(acc, w, x, PACKED_CVT: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_K // VEC, VEC // 4] += the 4 products of each word of codes with its 4 x, in the
+    thread's registers (no shuffles). PACKED_CVT (sm_89+, inline PTX): the word's codes widened by two
+    cvt.rn.f16x2.e4m3x2 and 4 f16 -> f32 in place (Triton's own fp8 conversion takes the bytes of a load
+    apart and packs them again: about 2 byte permutes a code in SASS, more than the multiply-adds); without
+    it (Triton's interpreter runs no PTX) each byte is shifted out and converted by Triton."""
+    x = tl.reshape(x.to(tl.float32), [x.shape[0], x.shape[1] // 4, 2, 2])  # (.., word, byte // 2, byte % 2)
+    x_even, x_odd = tl.split(x)
+    x0, x2 = tl.split(x_even)
+    x1, x3 = tl.split(x_odd)
+    if PACKED_CVT:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 c01, c23, h0, h1, h2, h3; .reg .b32 f01, f23; .reg .f32 w0, w1, w2, w3, s;\n"
+            "mov.b32 {c01, c23}, $1;\n"
+            "cvt.rn.f16x2.e4m3x2 f01, c01;\n"
+            "cvt.rn.f16x2.e4m3x2 f23, c23;\n"
+            "mov.b32 {h0, h1}, f01;\n"
+            "mov.b32 {h2, h3}, f23;\n"
+            "cvt.f32.f16 w0, h0; cvt.f32.f16 w1, h1; cvt.f32.f16 w2, h2; cvt.f32.f16 w3, h3;\n"
+            "fma.rn.f32 s, w0, $2, $6; fma.rn.f32 s, w1, $3, s; fma.rn.f32 s, w2, $4, s;\n"
+            "fma.rn.f32 $0, w3, $5, s; }",
+            "=f,r,f,f,f,f,f", [w, x0[None], x1[None], x2[None], x3[None], acc], dtype=tl.float32, is_pure=True,
+            pack=1)
+    acc += _e4m3_byte_to_f32(w, 0) * x0[None]
+    acc += _e4m3_byte_to_f32(w, 1) * x1[None]
+    acc += _e4m3_byte_to_f32(w, 2) * x2[None]
+    return acc + _e4m3_byte_to_f32(w, 3) * x3[None]
+
+
+@triton.jit
+def _fp8_gemv_lanes_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES,
+                           SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, VEC: tl.constexpr, PACKED_CVT: tl.constexpr):
+    """Weight-only fp8, one row of x (program_id(1)), W read as int32 words [N, K / 4] (K % 4 == 0): each
+    thread streams VEC contiguous bytes of each of the tile's W rows (8: its 8 x are one 16-byte load of
+    bf16); BLOCK_K = VEC x 32 x num_warps spreads every warp along K, so each thread holds all BLOCK_N rows
+    for one x vector. One fp32 partial per (row, lane, word): the accumulator is BLOCK_N x BLOCK_K / 4, not
+    BLOCK_N x BLOCK_K as in _fp8_gemv_kernel (which spills); the partials are summed once at the end. The
+    next tile's loads are issued before this tile's arithmetic, and no tile past this split's is read."""
+    m = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_v = tl.arange(0, BLOCK_K // VEC)
+    k0 = tl.program_id(2) * K_TILES * BLOCK_K
+    n_tiles = tl.minimum(K_TILES, tl.cdiv(K - k0, BLOCK_K))  # the last split may have fewer
+    w, x = _fp8_gemv_lanes_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // VEC, VEC // 4), dtype=tl.float32)
+    for _ in range(1, n_tiles):
+        k0 += BLOCK_K
+        next_w, next_x = _fp8_gemv_lanes_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC)
+        acc = _fp8_gemv_lanes_mac(acc, w, x, PACKED_CVT)
+        w, x = next_w, next_x
+    acc = _fp8_gemv_lanes_mac(acc, w, x, PACKED_CVT)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+    store_split_tile(y[None, :], b_ptr, out_ptr, part_ptr, count_ptr, m + tl.arange(0, 1), offs_n, M, N, SPLIT_K,
+                     HAS_BIAS, SPLIT)
+
+
+GEMV_LANES_VEC = 8  # bytes of a W row a thread loads per tile in _fp8_gemv_lanes_kernel (see its docstring)
+
+
+def gemv_lanes_config(N: int, K: int, block_n: int, num_warps: int, waves: float, device: torch.device) -> dict:
+    """A config for _fp8_gemv_lanes_kernel: BLOCK_K = 8 bytes x 32 lanes x num_warps (every warp along K),
+    split along K for about `waves` programs per SM."""
+    bk = GEMV_LANES_VEC * 32 * num_warps
+    return dict(kind="gemv_lanes", BLOCK_N=block_n, BLOCK_K=bk, VEC=GEMV_LANES_VEC, num_warps=num_warps,
+                num_stages=1, SPLIT_K=split_for(triton.cdiv(N, block_n), K, bk, waves, device))
+
+
 def weight_only_config(M: int, N: int, K: int, device: torch.device) -> dict:
     """Kernel, tile sizes and split-K for the weight-only path: enough programs to fill every SM a few times.
     One row of a small weight (K N <= 2^24): the GEMV, which the H200 sweep measured faster there only
@@ -115,7 +206,13 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.T
     x = x.contiguous()
     (M, K), N = x.shape, weight.shape[0]
     cfg = dict(config or weight_only_config(M, N, K, x.device))
-    if cfg.pop("kind", "gemm") == "gemv":
+    kind = cfg.pop("kind", "gemm")
+    if kind == "gemv_lanes":
+        if K % 4:
+            raise ValueError(f"the gemv_lanes kernel reads W as 32-bit words: K = {K} is not a multiple of 4")
+        return split_k_launch(_fp8_gemv_lanes_kernel, x, (weight.view(torch.int32), scale), bias, N, 1, cfg,
+                              PACKED_CVT=x.is_cuda and _has_fp8_tensor_cores(x.device))
+    if kind == "gemv":
         return split_k_launch(_fp8_gemv_kernel, x, (weight, scale), bias, N, 1, cfg)
     return split_k_launch(_fp8_matmul_kernel, x, (weight, scale), bias, N, cfg["BLOCK_M"], cfg,
                           IEEE=x.dtype == torch.float32)
