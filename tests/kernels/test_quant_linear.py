@@ -95,8 +95,8 @@ def test_gptq_kernel_padded_columns(split_k):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("act_order", [True, False])
 def test_gather_x_half2_kernel(bits, act_order):
-    """The half2 GEMV's input: x gathered by perm, times 2^-bits in fp16, paired (p, p + pack / 2) per word row.
-    Checked against the reference and, unpacked, against x itself."""
+    """The half2 GEMV's input: x gathered by perm, paired (p, p + pack / 2) per word row, in fp16 times
+    2^-(bits + the pair's code position). Checked against the reference and, unpacked, against x itself."""
     K, pack = 320, 32 // bits
     x = (torch.randn(1, K, generator=torch.Generator().manual_seed(bits)) * 4).to(DEVICE)
     perm = torch.randperm(K, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.int32) if act_order else None
@@ -104,7 +104,8 @@ def test_gather_x_half2_kernel(bits, act_order):
     assert torch.equal(out, ql.gather_x_half2_ref(x, perm, bits))
     pairs = out.view(torch.float16).view(K // pack, pack // 2, 2)  # [row, p, (low, high)]
     xg = (x[0, perm] if act_order else x[0]).view(K // pack, pack)
-    assert torch.equal(pairs.transpose(1, 2).reshape(K // pack, pack), (xg * 2.0**-bits).half())
+    factor = torch.tensor([2.0 ** -(bits + ql.half2_pair_shift(p % (pack // 2), bits)[1]) for p in range(pack)])
+    assert torch.equal(pairs.transpose(1, 2).reshape(K // pack, pack), (xg * factor.to(DEVICE)).half())
 
 
 @pytest.mark.parametrize("bits", [4, 8])
