@@ -14,7 +14,9 @@ Decoding streams the weights, so the kernels spend as few instructions per weigh
   reads as 2^23 + q 2^p, so the codes of a word's low 16 bits are masked in place and the high 16 bits
   shifted down once; the 2^-p goes into the activation, which is loaded once for a whole row of words;
 - the scale once per group and column, on the group's sum: sum_k x_k s (q_k - z) = s sum_k x_k (q_k - z);
-- one row (decode at one sequence): a GEMV of fp32 multiply-adds, no tensor cores; several rows: tl.dot
+- one row (decode at one sequence): a GEMV, no tensor cores, in half2 on CUDA (x gathered and paired in fp16
+  once per call, codes turned into fp16 by one lop3 on 1024 = 0x6400 two at a time, sub.f16x2 and fma.rn.f16x2:
+  1.5 instructions a weight where the fp32 GEMV, kept as kind "gemv", spends about 3); several rows: tl.dot
   on exact (q - z) tiles in the activation dtype, one dot per code position of the word (that position's
   channels are every pack-th one: x is read strided, the weights as stored);
 - split along K so that even one row keeps every SM streaming (kernels/split_k.py: one launch), and
@@ -247,7 +249,8 @@ def _gptq_gemv_half2_kernel(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, p
     """One row: x (gathered, 2^-bits, paired: gather_x_half2_ref) times BLOCK_N columns of W^T over K_TILES
     tiles of K. Each word's pack / 2 code pairs go through _half2_dot_pair into one half2 sum per word (pack
     products of x 2^-bits (q - z): |sum| <= pack |x|, far from fp16's 65504), which is added in fp32 and scaled
-    once per tile (a tile lies in one group). The next tile's loads are issued before this tile's arithmetic."""
+    once per tile (a tile lies in one group). The next tile's loads are issued before this tile's arithmetic.
+    stride_xm: unused (the packed x is one row), in split_k_launch's common signature."""
     PACK: tl.constexpr = 32 // BITS
     HALF_PACK: tl.constexpr = PACK // 2
     ROWS: tl.constexpr = BLOCK_K // PACK
