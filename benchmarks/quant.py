@@ -114,14 +114,20 @@ def _copies(w: tuple, nbytes: int) -> list[tuple]:
 
 
 def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
-    """The tile configs the sweep tries: the GEMV kernel (one row: tiles of 16 or 32 word rows, 2-4 warps) and
-    the tl.dot one (16-32 rows), each split for several waves of programs."""
+    """The tile configs the sweep tries: at one row the half2 GEMV (the default) and the fp32 one it replaced
+    (tiles of 8-32 word rows, 2-4 warps), the tl.dot kernel at 16-32 rows, each split for several waves of
+    programs."""
     pack, dev = 32 // bits, torch.device("cuda")
     out = []
     if M == 1:
         for bn, bk, warps in ((64, 16 * pack, 2), (64, 32 * pack, 2), (128, 16 * pack, 4)):
             out += [dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
                          SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev)) for waves in (4, 8)]
+        for bn, rows, warps in ((64, 16, 2), (128, 16, 4), (64, 8, 2), (128, 8, 2), (256, 8, 4), (64, 32, 4)):
+            bk = rows * pack
+            if bk <= 128:  # a K tile lies in one group of 128
+                out += [dict(kind="gemv_half2", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
+                             SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev)) for waves in (4, 8)]
         return out
     bm = 16 if M <= 16 else 32
     for bn, bk, stages in ((64, 128, 4), (64, 128, 2), (32, 128, 4), (64, 256, 2)):

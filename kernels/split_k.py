@@ -69,11 +69,12 @@ def store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M
 
 
 def split_k_launch(kernel, x: torch.Tensor, weight_args: tuple, bias: torch.Tensor | None, N: int, rows: int,
-                   config: dict, **constexprs) -> torch.Tensor:
+                   config: dict, x_arg: torch.Tensor | None = None, **constexprs) -> torch.Tensor:
     """out [M, N] in x's dtype from kernel(x, *weight_args, bias, out, partials, counters, M, N, K, stride_xm,
     K_TILES, SPLIT_K, HAS_BIAS=, SPLIT=, **constexprs, **tiles), whose programs each cover `rows` rows
     and BLOCK_N columns of the output and K_TILES tiles of BLOCK_K along K. config: the tile constexprs,
-    num_warps / num_stages and SPLIT_K (the splits wanted: fewer when K has fewer tiles)."""
+    num_warps / num_stages and SPLIT_K (the splits wanted: fewer when K has fewer tiles). x_arg: what the
+    kernel reads in x's place (x already transformed, e.g. gathered and packed), if not x."""
     M, K = x.shape
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
@@ -85,6 +86,7 @@ def split_k_launch(kernel, x: torch.Tensor, weight_args: tuple, bias: torch.Tens
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, rows), split)
     assert grid[0] * grid[1] <= MAX_TILES
     partials = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else out
-    kernel[grid](x, *weight_args, bias if bias is not None else x, out, partials, tile_counters(x.device), M, N, K,
-                 x.stride(0), k_tiles, split, HAS_BIAS=bias is not None, SPLIT=split > 1, **constexprs, **cfg)
+    kernel[grid](x if x_arg is None else x_arg, *weight_args, bias if bias is not None else x, out, partials,
+                 tile_counters(x.device), M, N, K, x.stride(0), k_tiles, split, HAS_BIAS=bias is not None,
+                 SPLIT=split > 1, **constexprs, **cfg)
     return out

@@ -1,13 +1,15 @@
 """Triton GPTQ (W4A16 / W8A16) and FP8 weight-only GEMMs against their torch references.
 
 CPU: Triton's interpreter at small shapes, in float32 and float16 (the interpreter mishandles bf16 dots);
-every path is exercised: the one-row GEMV and the tensor-core kernel, split-K (reduced by the last split of
+every path is exercised: the one-row fp32 GEMV and the tensor-core kernel (the one-row half2 GEMV is inline PTX:
+GPU only; its packed input is checked on the CPU), split-K (reduced by the last split of
 each tile) and not, act-order gather, bias, group sizes 32 / 64 / 128 / one group, and the
 dequantize-then-cuBLAS path. GPU: the Falcon-H1-7B / FalconMamba-7B projection shapes in bf16 at decode
 (1, 16, 32 rows) and prefill (256, 4096 rows), group 128 with act-order, one group, group 32; the fp8
 tensor-core path.
 Tolerance: max |out - ref| / max |ref| < 1e-4 in fp32, 1e-2 in fp16 / bf16 (one rounding of the output
-and of each dequantized weight), 3e-2 for fp8 tensor cores (activations are quantized to fp8 too).
+and of each dequantized weight; the half2 GEMV rounds x to fp16 and each word's pack products' sum), 3e-2 for
+fp8 tensor cores (activations are quantized to fp8 too).
 """
 
 from __future__ import annotations
@@ -88,6 +90,22 @@ def test_gptq_kernel_padded_columns(split_k):
     check_gptq(3, 256, 72, 4, 128, True, torch.float32, config=config, padded_to=128)
     check_gptq(1, 256, 72, 8, 64, True, torch.float32, padded_to=128)
     check_gptq(1100, 128, 72, 4, 64, False, torch.float32, padded_to=128)  # dequantize + matmul
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gather_x_half2_kernel(bits, act_order):
+    """The half2 GEMV's input: x gathered by perm, paired (p, p + pack / 2) per word row, in fp16 times
+    2^-(bits + the pair's code position). Checked against the reference and, unpacked, against x itself."""
+    K, pack = 320, 32 // bits
+    x = (torch.randn(1, K, generator=torch.Generator().manual_seed(bits)) * 4).to(DEVICE)
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.int32) if act_order else None
+    out = ql.gather_x_half2(x, perm, bits)
+    assert torch.equal(out, ql.gather_x_half2_ref(x, perm, bits))
+    pairs = out.view(torch.float16).view(K // pack, pack // 2, 2)  # [row, p, (low, high)]
+    xg = (x[0, perm] if act_order else x[0]).view(K // pack, pack)
+    factor = torch.tensor([2.0 ** -(bits + ql.half2_pair_shift(p % (pack // 2), bits)[1]) for p in range(pack)])
+    assert torch.equal(pairs.transpose(1, 2).reshape(K // pack, pack), (xg * factor.to(DEVICE)).half())
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -190,3 +208,30 @@ def test_fp8_gemv_gpu(K, N):
     config = dict(kind="gemv", BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=1)
     out = fp8.fp8_weight_only_linear(x, w, scale, None, config=config)
     assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, None)) < TOL[torch.bfloat16]
+
+
+HALF2_SMALL = [(256, 64, 4, 128, False), (256, 64, 4, 32, True), (320, 48, 8, -1, True), (512, 72, 8, 128, True),
+               (384, 200, 4, 128, True)]  # K, N, bits, group_size, act_order
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N, bits, group_size, act_order", HALF2_SMALL)
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gptq_half2_gemv_gpu_small(K, N, bits, group_size, act_order, split_k, dtype):
+    """The half2 GEMV (inline PTX: GPU only) at small shapes: 4 and 8 bits, act-order and not, group 128 / 32 /
+    one group, N not a multiple of the tile, K not a multiple of the split; twice (the split counters reset)."""
+    bk = 128 if group_size in (128, -1) else 32
+    config = dict(kind="gemv_half2", BLOCK_N=64, BLOCK_K=bk, SPLIT_K=split_k, num_warps=2, num_stages=1)
+    for _ in range(2):
+        check_gptq(1, K, N, bits, group_size, act_order, dtype, config=config, padded_to=-(-N // 64) * 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", GPU_SHAPES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind", ["gemv", "gemv_half2"])
+def test_gptq_gemv_kinds_gpu(K, N, bits, kind):
+    """Both one-row kernels (the fp32 GEMV kept as a candidate) at the real shapes with the default tiles."""
+    config = dict(ql.matmul_config(1, N, K, bits, 128, torch.device("cuda")), kind=kind)
+    check_gptq(1, K, N, bits, 128, True, torch.bfloat16, padded_to=-(-N // 64) * 64, config=config)
