@@ -153,8 +153,9 @@ def _conv1d_varlen_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, qsl_ptr, slots_ptr
             acc = bias + w[0] * u
             for d in tl.static_range(1, K):
                 acc += w[d] * window[d - 1]
-            tl.store(out_ptr + t.to(tl.int64) * stride_ot + c * stride_oc,
-                     (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty), mask=_channels_if(c, C, (t < t_end) & (slot >= 0)))
+            y = acc * tl.sigmoid(acc)
+            tl.store(out_ptr + t.to(tl.int64) * stride_ot + c * stride_oc, y.to(out_ptr.dtype.element_ty),
+                     mask=_channels_if(c, C, (t < t_end) & (slot >= 0)))
             shifted = (u,)
             for d in tl.static_range(K - 2):
                 shifted = shifted + (window[d],)
