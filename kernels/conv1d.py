@@ -75,24 +75,38 @@ def _channels_if(c, C, cond):
 
 
 @triton.jit
+def _row_offsets(t, stride_t, c, stride_c, ROW_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Element offsets of channels c of row t. With ROW_ALIGN > 1 (the host proved unit channel stride and
+    16-byte aligned rows) the hints let the access vectorise, which the compiler cannot see itself when the row
+    stride is no multiple of 16 elements (a column slice of a wider row)."""
+    offsets = t.to(tl.int64) * stride_t + c * stride_c
+    if ROW_ALIGN > 1:
+        offsets = tl.max_contiguous(tl.multiple_of(offsets, ROW_ALIGN), BLOCK_C)
+    return offsets
+
+
+@triton.jit
 def _seq_input(x_ptr, states_ptr, s, start, slot, has_prefix, c, C,
-               stride_xt, stride_xc, stride_ss, stride_sc, stride_sk, K: tl.constexpr):
+               stride_xt, stride_xc, stride_ss, stride_sc, stride_sk,
+               K: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
     """fp32 input u_s of the sequence that starts at token `start`: x row s from the start on, before it the
     conv state column K-1-(start-s) when has_prefix (initial state and a real slot), else zeros."""
-    u = tl.load(x_ptr + s.to(tl.int64) * stride_xt + c * stride_xc, mask=_channels_if(c, C, s >= start), other=0.0)
+    u = tl.load(x_ptr + _row_offsets(s, stride_xt, c, stride_xc, ROW_ALIGN, BLOCK_C),
+                mask=_channels_if(c, C, s >= start), other=0.0)
     prefix = tl.load(states_ptr + slot.to(tl.int64) * stride_ss + c * stride_sc + (s - start + K - 1) * stride_sk,
                      mask=_channels_if(c, C, has_prefix & (s < start)), other=0.0)
     return u.to(tl.float32) + prefix.to(tl.float32)
 
 
 @triton.jit
-def _x_rows(x_ptr, r0, t_end, c, C, stride_xt, stride_xc, ROWS: tl.constexpr):
+def _x_rows(x_ptr, r0, t_end, c, C, stride_xt, stride_xc,
+            ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
     """x rows r0 .. r0+ROWS-1 (zeros from t_end on) as a tuple, all loads issued before any is used."""
     rows = ()
     for i in tl.static_range(ROWS):
         t = r0 + i
-        rows = rows + (tl.load(x_ptr + t.to(tl.int64) * stride_xt + c * stride_xc, mask=_channels_if(c, C, t < t_end),
-                               other=0.0),)
+        rows = rows + (tl.load(x_ptr + _row_offsets(t, stride_xt, c, stride_xc, ROW_ALIGN, BLOCK_C),
+                               mask=_channels_if(c, C, t < t_end), other=0.0),)
     return rows
 
 
@@ -113,9 +127,6 @@ def _conv1d_varlen_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, qsl_ptr, slots_ptr
     states are written by _conv1d_state_kernel afterwards (another run may still read a sequence's old one)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    if ROW_ALIGN > 1:
-        stride_xt = tl.multiple_of(stride_xt, ROW_ALIGN)
-        stride_ot = tl.multiple_of(stride_ot, ROW_ALIGN)
     w = ()  # w[d] multiplies u[t-d]
     for d in tl.static_range(K):
         w = w + (tl.load(w_ptr + c * stride_wc + (K - 1 - d) * stride_wk, mask=c_ok, other=0.0).to(tl.float32),)
@@ -133,10 +144,10 @@ def _conv1d_varlen_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, qsl_ptr, slots_ptr
     window = ()  # window[d-1] = u[t-d] for the next token t
     for d in tl.static_range(1, K):
         window = window + (_seq_input(x_ptr, states_ptr, t0 - d, start, slot, has_prefix, c, C,
-                                      stride_xt, stride_xc, stride_ss, stride_sc, stride_sk, K),)
-    rows = _x_rows(x_ptr, t0, t_end, c, C, stride_xt, stride_xc, ROWS)
+                                      stride_xt, stride_xc, stride_ss, stride_sc, stride_sk, K, ROW_ALIGN, BLOCK_C),)
+    rows = _x_rows(x_ptr, t0, t_end, c, C, stride_xt, stride_xc, ROWS, ROW_ALIGN, BLOCK_C)
     for r0 in range(t0, t_end, ROWS):
-        next_rows = _x_rows(x_ptr, r0 + ROWS, t_end, c, C, stride_xt, stride_xc, ROWS)
+        next_rows = _x_rows(x_ptr, r0 + ROWS, t_end, c, C, stride_xt, stride_xc, ROWS, ROW_ALIGN, BLOCK_C)
         for i in tl.static_range(ROWS):
             t = r0 + i
             if (t >= next_start) & (t < t_end):  # first token of a new sequence (rare: a uniform branch)
@@ -147,15 +158,15 @@ def _conv1d_varlen_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, qsl_ptr, slots_ptr
                 has_prefix = (tl.load(init_ptr + seq) != 0) & (slot >= 0)
                 window = ()
                 for d in tl.static_range(1, K):
-                    window = window + (_seq_input(x_ptr, states_ptr, t - d, t, slot, has_prefix, c, C,
-                                                  stride_xt, stride_xc, stride_ss, stride_sc, stride_sk, K),)
+                    window = window + (_seq_input(x_ptr, states_ptr, t - d, t, slot, has_prefix, c, C, stride_xt,
+                                                  stride_xc, stride_ss, stride_sc, stride_sk, K, ROW_ALIGN, BLOCK_C),)
             u = rows[i].to(tl.float32)
             acc = bias + w[0] * u
             for d in tl.static_range(1, K):
                 acc += w[d] * window[d - 1]
-            y = acc * tl.sigmoid(acc)
-            tl.store(out_ptr + t.to(tl.int64) * stride_ot + c * stride_oc, y.to(out_ptr.dtype.element_ty),
-                     mask=_channels_if(c, C, (t < t_end) & (slot >= 0)))
+            y = acc / (1.0 + tl.exp2(acc * -1.4426950408889634))  # SiLU; 4 fewer instructions than acc * sigmoid
+            tl.store(out_ptr + _row_offsets(t, stride_ot, c, stride_oc, ROW_ALIGN, BLOCK_C),
+                     y.to(out_ptr.dtype.element_ty), mask=_channels_if(c, C, (t < t_end) & (slot >= 0)))
             shifted = (u,)
             for d in tl.static_range(K - 2):
                 shifted = shifted + (window[d],)
