@@ -136,6 +136,7 @@ def _conv1d_varlen_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, qsl_ptr, slots_ptr
 
     t0 = tl.program_id(1) * run_len
     t_end = tl.minimum(t0 + run_len, T)
+    rows = _x_rows(x_ptr, t0, t_end, c, C, stride_xt, stride_xc, ROWS, ROW_ALIGN, BLOCK_C)  # in flight for the lookup
     seq = _seq_of_token(qsl_ptr, t0, num_seqs, SEARCH_STEPS)
     start = tl.load(qsl_ptr + seq)
     next_start = tl.load(qsl_ptr + seq + 1)
@@ -145,7 +146,6 @@ def _conv1d_varlen_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, qsl_ptr, slots_ptr
     for d in tl.static_range(1, K):
         window = window + (_seq_input(x_ptr, states_ptr, t0 - d, start, slot, has_prefix, c, C,
                                       stride_xt, stride_xc, stride_ss, stride_sc, stride_sk, K, ROW_ALIGN, BLOCK_C),)
-    rows = _x_rows(x_ptr, t0, t_end, c, C, stride_xt, stride_xc, ROWS, ROW_ALIGN, BLOCK_C)
     for r0 in range(t0, t_end, ROWS):
         next_rows = _x_rows(x_ptr, r0 + ROWS, t_end, c, C, stride_xt, stride_xc, ROWS, ROW_ALIGN, BLOCK_C)
         for i in tl.static_range(ROWS):
@@ -202,7 +202,7 @@ def _conv1d_state_kernel(x_ptr, states_ptr, qsl_ptr, slots_ptr, init_ptr, C,
 
 
 ROWS_IN_FLIGHT = 8  # x rows a program loads ahead of its compute (16 bytes each per thread)
-PROGRAMS_PER_SM = 16  # one-warp programs; enough rows in flight per SM to cover HBM latency
+PROGRAMS_PER_SM = 8  # one-warp programs: all resident at once (about 10 fit an SM at ~195 registers a thread)
 
 
 @functools.cache
