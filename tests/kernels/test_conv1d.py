@@ -111,8 +111,12 @@ def test_varlen_one_sequence_many_runs():
     _check_varlen([70], [True], [1], C=24, K=4, dtype=torch.float32, run_len=8)
 
 
-def test_varlen_bf16_interpreted():
-    _check_varlen(*RUN_LAYOUT, C=40, K=4, dtype=torch.bfloat16, run_len=8)
+@pytest.mark.parametrize("C,row_pad,row_width,row_align", [(40, 5, None, 1), (48, 8, 64, 8)])
+def test_varlen_bf16_interpreted(C, row_pad, row_width, row_align):
+    """bf16 on an unaligned column slice and on a 16-byte aligned one (the ROW_ALIGN > 1 path)."""
+    x = torch.empty(4, row_width or C + row_pad, device=DEVICE, dtype=torch.bfloat16)[:, row_pad: row_pad + C]
+    assert conv1d._row_align(x, torch.empty(4, C, device=DEVICE, dtype=torch.bfloat16)) == row_align
+    _check_varlen(*RUN_LAYOUT, C=C, K=4, dtype=torch.bfloat16, run_len=8, row_pad=row_pad, row_width=row_width)
 
 
 def test_row_align():
