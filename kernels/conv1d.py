@@ -207,6 +207,7 @@ PROGRAMS_PER_SM = 8  # one-warp programs: all resident at once (about 10 fit an 
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 4 for the CPU interpreter, so small tests still split sequences across runs."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
