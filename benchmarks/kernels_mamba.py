@@ -2,8 +2,10 @@
 
 Decode kernels (conv update, Mamba2 state update, Mamba1 step) at 1, 32 and 256 sequences are memory-bound:
 bytes moved = state read + write + per-token inputs/outputs (weights, A, D, dt_bias are L2-resident and not
-counted), against ~3.0 TB/s. Prefill kernels at 4,096 tokens (one sequence, and 16 x 256): the SSD scan's
-FLOPs (causal intra-chunk CB and CB@x, C@S_in, chunk states) against ~800 TFLOP/s dense bf16.
+counted), against the device-to-device copy rate. Prefill kernels at 4,096 tokens (one sequence, and 16 x 256):
+the SSD scan's FLOPs (causal intra-chunk CB and CB@x, C@S_in, chunk states) against the dense bf16 matmul rate.
+Both ceilings are measured first, in the same run (benchmarks/ceilings.py). The conv prefill also runs on x as
+the engine passes it: a column slice of the in_proj output, whose row stride is no multiple of 16 elements.
 
 Times: triton.testing.do_bench's median, which flushes L2 before every call; calls also cycle through
 disjoint slot sets with their own inputs (up to 4x the 50 MB L2 together). Rates use this time. For
@@ -25,6 +27,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from benchmarks.ceilings import Ceilings, measure_ceilings
 from kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
 from kernels.selective_scan import selective_scan_update, selective_scan_varlen
 from kernels.ssd_scan import ssd_scan_varlen
@@ -32,8 +35,6 @@ from kernels.ssm_state_update import ssm_state_update
 
 H1_7B = dict(H=24, P=128, G=1, N=256, K=4, chunk=256)  # Falcon-H1-7B: d_ssm 3072, conv_dim 3072 + 2*G*N
 MAMBA_7B = dict(C=8192, N=16, K=4)  # FalconMamba-7B: d_inner 8192
-HBM_BYTES_S = 3.0e12
-TENSOR_FLOP_S = 800e12
 L2_DEFEAT_BYTES = 200 * 2**20
 DTYPE = torch.bfloat16
 DEV = "cuda"
@@ -201,30 +202,45 @@ def bench_selective_scan(lengths: list[int]) -> Row:
     return Row("Mamba1 scan prefill (FalconMamba-7B)", size, *timed([call], graph_calls=8), nbytes)
 
 
-def bench_conv_varlen(lengths: list[int]) -> Row:
-    C, K = H1_7B["H"] * H1_7B["P"] + 2 * H1_7B["G"] * H1_7B["N"], H1_7B["K"]
+# conv prefill layouts: label -> (conv channels, x's (first column, row width) in the in_proj output; None: contiguous)
+CONV_LAYOUTS = {
+    "H1-7B, contiguous x": (H1_7B["H"] * H1_7B["P"] + 2 * H1_7B["G"] * H1_7B["N"], None),
+    "H1-7B, x = in_proj[:, 3072:6656] of 8728": (3584, (3072, 8728)),  # [z | xBC | dt | q | k | v]
+    "FalconMamba-7B, x = in_proj[:, :8192] of 16384": (MAMBA_7B["C"], (0, 16384)),  # [x | z]
+}
+
+
+def bench_conv_varlen(lengths: list[int], layout: str) -> Row:
+    C, in_proj = CONV_LAYOUTS[layout]
+    K = H1_7B["K"]
     T = sum(lengths)
-    x = torch.randn(T, C, device=DEV, dtype=DTYPE)
+    if in_proj is None:
+        x = torch.randn(T, C, device=DEV, dtype=DTYPE)
+    else:
+        first, width = in_proj
+        x = torch.randn(T, width, device=DEV, dtype=DTYPE)[:, first: first + C]
     weight = torch.randn(C, K, device=DEV, dtype=DTYPE)
     bias = torch.randn(C, device=DEV, dtype=DTYPE)
     states = torch.randn(len(lengths), C, K - 1, device=DEV, dtype=DTYPE)
     qsl, slots, init = varlen_batch(lengths)
     nbytes = 2 * T * C * DTYPE.itemsize + 2 * len(lengths) * C * (K - 1) * DTYPE.itemsize
     call = lambda: causal_conv1d_varlen(x, weight, bias, states, qsl, slots, init)  # noqa: E731
-    return Row("conv1d prefill (H1-7B)", f"{T} tokens x C={C}", *timed([call], graph_calls=8), nbytes)
+    size = f"{len(lengths)} x {lengths[0]} tokens" if len(lengths) > 1 else f"{T} tokens"
+    return Row(f"conv1d prefill ({layout})", f"{size} x C={C}", *timed([call], graph_calls=8), nbytes)
 
 
-def table(rows: list[Row]) -> str:
-    lines = ["| kernel | size | do_bench median (us) | CUDA graph (us) | MB moved | GB/s | % of 3.0 TB/s "
-             "| GFLOP | TFLOP/s | % of 800 TFLOP/s |",
+def table(rows: list[Row], ceilings: Ceilings) -> str:
+    lines = [f"| kernel | size | do_bench median (us) | CUDA graph (us) | MB moved | GB/s "
+             f"| % of {ceilings.hbm_bytes_per_s / 1e12:.2f} TB/s copy | GFLOP | TFLOP/s "
+             f"| % of {ceilings.bf16_flops / 1e12:.0f} TFLOP/s matmul |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         gbs = r.bytes / (r.eager_us * 1e-6) / 1e9
         cells = [r.kernel, r.size, f"{r.eager_us:.1f}", f"{r.graph_us:.1f}", f"{r.bytes / 1e6:.2f}", f"{gbs:.0f}",
-                 f"{100 * gbs * 1e9 / HBM_BYTES_S:.0f}%"]
+                 f"{100 * gbs * 1e9 / ceilings.hbm_bytes_per_s:.0f}%"]
         if r.flops:
             tfs = r.flops / (r.eager_us * 1e-6) / 1e12
-            cells += [f"{r.flops / 1e9:.1f}", f"{tfs:.0f}", f"{100 * tfs * 1e12 / TENSOR_FLOP_S:.0f}%"]
+            cells += [f"{r.flops / 1e9:.1f}", f"{tfs:.0f}", f"{100 * tfs * 1e12 / ceilings.bf16_flops:.0f}%"]
         else:
             cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -237,7 +253,8 @@ GROUPS: dict[str, Callable[[], list[Row]]] = {
     "mamba1-step": lambda: [bench_selective_scan_update(b) for b in (1, 32, 256)],
     "mamba2-prefill": lambda: [bench_ssd(lengths) for lengths in ([4096], [256] * 16)],
     "mamba1-prefill": lambda: [bench_selective_scan(lengths) for lengths in ([4096], [256] * 16)],
-    "conv-prefill": lambda: [bench_conv_varlen([4096])],
+    "conv-prefill": lambda: [bench_conv_varlen(lengths, layout) for layout in CONV_LAYOUTS
+                             for lengths in ([4096], [256] * 16)],
 }
 
 
@@ -251,10 +268,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
     torch.manual_seed(0)
+    ceilings = measure_ceilings()
     rows = [row for g in GROUPS if g in groups for row in GROUPS[g]()]
     header = (f"Mamba kernels, {datetime.date.today().isoformat()}, {torch.cuda.get_device_name()}, "
-              f"torch {torch.__version__}, triton {triton.__version__}, bf16 activations\n")
-    text = header + "\n" + table(rows) + "\n"
+              f"torch {torch.__version__}, triton {triton.__version__}, bf16 activations; {ceilings.describe()}\n")
+    text = header + "\n" + table(rows, ceilings) + "\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:

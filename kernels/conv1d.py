@@ -5,6 +5,8 @@ conv_states [num_slots, C, K-1] hold each sequence's last K-1 raw (pre-conv) inp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -52,10 +54,10 @@ def causal_conv1d_update_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 @triton.jit
-def _seq_of_tokens(query_start_loc_ptr, t, num_seqs, SEARCH_STEPS: tl.constexpr):
-    """Sequence index of each flat token t: the last b < num_seqs with query_start_loc[b] <= t (binary
-    search, so varlen grids need no host copy of query_start_loc; empty sequences are never chosen)."""
-    lo = tl.zeros_like(t)
+def _seq_of_token(query_start_loc_ptr, t, num_seqs, SEARCH_STEPS: tl.constexpr):
+    """Sequence index of flat token t: the last b < num_seqs with query_start_loc[b] <= t (binary search, so
+    varlen grids need no host copy of query_start_loc; empty sequences are never chosen)."""
+    lo = t * 0
     hi = lo + num_seqs - 1
     for _ in tl.static_range(SEARCH_STEPS):
         mid = (lo + hi + 1) // 2
@@ -66,41 +68,110 @@ def _seq_of_tokens(query_start_loc_ptr, t, num_seqs, SEARCH_STEPS: tl.constexpr)
 
 
 @triton.jit
+def _channels_if(c, C, cond):
+    """Mask of channels c < C where the scalar cond holds, none elsewhere (a scalar folded into the bound,
+    which keeps the mask uniform over 16-byte vectors)."""
+    return c < tl.where(cond, C, 0)
+
+
+@triton.jit
+def _row_offsets(t, stride_t, c, stride_c, ROW_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Element offsets of channels c of row t. With ROW_ALIGN > 1 (the host proved unit channel stride and
+    16-byte aligned rows) the hints let the access vectorise, which the compiler cannot see itself when the row
+    stride is no multiple of 16 elements (a column slice of a wider row)."""
+    offsets = t.to(tl.int64) * stride_t + c * stride_c
+    if ROW_ALIGN > 1:
+        offsets = tl.max_contiguous(tl.multiple_of(offsets, ROW_ALIGN), BLOCK_C)
+    return offsets
+
+
+@triton.jit
+def _seq_input(x_ptr, states_ptr, s, start, slot, has_prefix, c, C,
+               stride_xt, stride_xc, stride_ss, stride_sc, stride_sk,
+               K: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 input u_s of the sequence that starts at token `start`: x row s from the start on, before it the
+    conv state column K-1-(start-s) when has_prefix (initial state and a real slot), else zeros."""
+    u = tl.load(x_ptr + _row_offsets(s, stride_xt, c, stride_xc, ROW_ALIGN, BLOCK_C),
+                mask=_channels_if(c, C, s >= start), other=0.0)
+    prefix = tl.load(states_ptr + slot.to(tl.int64) * stride_ss + c * stride_sc + (s - start + K - 1) * stride_sk,
+                     mask=_channels_if(c, C, has_prefix & (s < start)), other=0.0)
+    return u.to(tl.float32) + prefix.to(tl.float32)
+
+
+@triton.jit
+def _x_rows(x_ptr, r0, t_end, c, C, stride_xt, stride_xc,
+            ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
+    """x rows r0 .. r0+ROWS-1 (zeros from t_end on) as a tuple, all loads issued before any is used."""
+    rows = ()
+    for i in tl.static_range(ROWS):
+        t = r0 + i
+        rows = rows + (tl.load(x_ptr + _row_offsets(t, stride_xt, c, stride_xc, ROW_ALIGN, BLOCK_C),
+                               mask=_channels_if(c, C, t < t_end), other=0.0),)
+    return rows
+
+
+@triton.jit
 def _conv1d_varlen_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, qsl_ptr, slots_ptr, init_ptr, out_ptr,
-                          T, C, num_seqs,
+                          T, C, num_seqs, run_len,
                           stride_xt, stride_xc, stride_wc, stride_wk, stride_ss, stride_sc, stride_sk,
                           stride_ot, stride_oc,
                           K: tl.constexpr, HAS_BIAS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[t, c] = SiLU(bias[c] + sum_k w[c, k] * u[t - (K-1) + k, c]) over a [BLOCK_T, BLOCK_C] tile of the
-    flat batch, u being the sequence's inputs prefixed by its conv state (or zeros). Tokens are tiled over
-    the flat batch (not per sequence) so a single long prompt fills the GPU; the K shifted loads of x hit L1.
-    Reads conv_states only: the new states are written by _conv1d_state_kernel afterwards (no race)."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    t_ok = t < T
+                          ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """out[t, c] = SiLU(bias[c] + sum_d w[c, K-1-d] * u[t-d, c], d < K), u being the sequence's inputs
+    prefixed by its conv state (or zeros), for BLOCK_C channels over the run of run_len flat tokens
+    program_id(1). Runs ignore sequence boundaries so one long prompt fills the GPU. Each x row is loaded
+    once: the last K-1 inputs ride along in registers (`window`), reset from the conv state at each sequence
+    start, and the next ROWS rows are in flight while the current ones are computed. ROW_ALIGN (elements,
+    proven on the host) says every row of x and out starts 16-byte aligned, so row loads and stores vectorise
+    though the row stride of a column slice is no multiple of 16 elements. Reads conv_states only: the new
+    states are written by _conv1d_state_kernel afterwards (another run may still read a sequence's old one)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    seq = _seq_of_tokens(qsl_ptr, t, num_seqs, SEARCH_STEPS)
-    start = tl.load(qsl_ptr + seq, mask=t_ok, other=0)
-    slot = tl.load(slots_ptr + seq, mask=t_ok, other=-1)
-    init = tl.load(init_ptr + seq, mask=t_ok, other=0) != 0
-    live = t_ok & (slot >= 0)
-    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    w = ()  # w[d] multiplies u[t-d]
+    for d in tl.static_range(K):
+        w = w + (tl.load(w_ptr + c * stride_wc + (K - 1 - d) * stride_wk, mask=c_ok, other=0.0).to(tl.float32),)
+    bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    for k in tl.static_range(K):
-        src = t - (K - 1) + k
-        in_seq = src >= start
-        u = tl.load(x_ptr + src[:, None] * stride_xt + c[None, :] * stride_xc,
-                    mask=(live & in_seq)[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        u += tl.load(states_ptr + slot[:, None] * stride_ss + c[None, :] * stride_sc
-                     + (src - start + K - 1)[:, None] * stride_sk,
-                     mask=(live & init & (src < start))[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + c * stride_wc + k * stride_wk, mask=c_ok, other=0.0).to(tl.float32)
-        acc += u * w[None, :]
-    out = acc * tl.sigmoid(acc)
-    tl.store(out_ptr + t[:, None] * stride_ot + c[None, :] * stride_oc, out.to(out_ptr.dtype.element_ty),
-             mask=live[:, None] & c_ok[None, :])
+        bias += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+
+    t0 = tl.program_id(1) * run_len
+    t_end = tl.minimum(t0 + run_len, T)
+    rows = _x_rows(x_ptr, t0, t_end, c, C, stride_xt, stride_xc, ROWS, ROW_ALIGN, BLOCK_C)  # in flight for the lookup
+    seq = _seq_of_token(qsl_ptr, t0, num_seqs, SEARCH_STEPS)
+    start = tl.load(qsl_ptr + seq)
+    next_start = tl.load(qsl_ptr + seq + 1)
+    slot = tl.load(slots_ptr + seq)
+    has_prefix = (tl.load(init_ptr + seq) != 0) & (slot >= 0)
+    window = ()  # window[d-1] = u[t-d] for the next token t
+    for d in tl.static_range(1, K):
+        window = window + (_seq_input(x_ptr, states_ptr, t0 - d, start, slot, has_prefix, c, C,
+                                      stride_xt, stride_xc, stride_ss, stride_sc, stride_sk, K, ROW_ALIGN, BLOCK_C),)
+    for r0 in range(t0, t_end, ROWS):
+        next_rows = _x_rows(x_ptr, r0 + ROWS, t_end, c, C, stride_xt, stride_xc, ROWS, ROW_ALIGN, BLOCK_C)
+        for i in tl.static_range(ROWS):
+            t = r0 + i
+            if (t >= next_start) & (t < t_end):  # first token of a new sequence (rare: a uniform branch)
+                while (next_start <= t) & (seq < num_seqs - 1):  # skips empty sequences
+                    seq += 1
+                    next_start = tl.load(qsl_ptr + seq + 1)
+                slot = tl.load(slots_ptr + seq)
+                has_prefix = (tl.load(init_ptr + seq) != 0) & (slot >= 0)
+                window = ()
+                for d in tl.static_range(1, K):
+                    window = window + (_seq_input(x_ptr, states_ptr, t - d, t, slot, has_prefix, c, C, stride_xt,
+                                                  stride_xc, stride_ss, stride_sc, stride_sk, K, ROW_ALIGN, BLOCK_C),)
+            u = rows[i].to(tl.float32)
+            acc = bias + w[0] * u
+            for d in tl.static_range(1, K):
+                acc += w[d] * window[d - 1]
+            y = acc / (1.0 + tl.exp2(acc * -1.4426950408889634))  # SiLU; 4 fewer instructions than acc * sigmoid
+            tl.store(out_ptr + _row_offsets(t, stride_ot, c, stride_oc, ROW_ALIGN, BLOCK_C),
+                     y.to(out_ptr.dtype.element_ty), mask=_channels_if(c, C, (t < t_end) & (slot >= 0)))
+            shifted = (u,)
+            for d in tl.static_range(K - 2):
+                shifted = shifted + (window[d],)
+            window = shifted
+        rows = next_rows
 
 
 @triton.jit
@@ -130,22 +201,49 @@ def _conv1d_state_kernel(x_ptr, states_ptr, qsl_ptr, slots_ptr, init_ptr, C,
     tl.store(row + j[None, :] * stride_sk, new.to(states_ptr.dtype.element_ty), mask=ok)
 
 
+ROWS_IN_FLIGHT = 8  # x rows a program loads ahead of its compute (16 bytes each per thread)
+PROGRAMS_PER_SM = 8  # one-warp programs: all resident at once (about 10 fit an SM at ~195 registers a thread)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 4 for the CPU interpreter, so small tests still split sequences across runs."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _row_align(x: torch.Tensor, out: torch.Tensor) -> int:
+    """Elements per 16 bytes when every row of x and out starts 16-byte aligned with unit channel stride (the
+    kernel then vectorises its row loads and stores), else 1."""
+    vec = 16 // x.element_size()
+    aligned = all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) % vec == 0 for t in (x, out))
+    return vec if aligned else 1
+
+
 def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          conv_states: torch.Tensor, query_start_loc: torch.Tensor,
-                         state_slots: torch.Tensor, has_initial_state: torch.Tensor) -> torch.Tensor:
-    """Triton version of causal_conv1d_varlen_ref (same arguments and result; no host sync)."""
+                         state_slots: torch.Tensor, has_initial_state: torch.Tensor,
+                         run_len: int | None = None) -> torch.Tensor:
+    """Triton version of causal_conv1d_varlen_ref (same arguments and result; no host sync); x may be a
+    column slice of a wider row. run_len: flat tokens per program (a multiple of ROWS_IN_FLIGHT); None picks
+    the shortest that keeps about PROGRAMS_PER_SM programs per SM, so each row is read about once."""
     T, C = x.shape
     K = weight.shape[1]
     B = state_slots.shape[0]
-    out = torch.empty_like(x)
+    assert K >= 2, "a width-1 conv has no state"
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if T == 0 or B == 0:
         return out
-    BLOCK_T, BLOCK_C = 16, 64
-    _conv1d_varlen_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(C, BLOCK_C))](
+    BLOCK_C = 32 * 16 // x.element_size()  # one warp, 16 bytes a thread a row
+    channel_blocks = triton.cdiv(C, BLOCK_C)
+    if run_len is None:
+        runs = triton.cdiv(PROGRAMS_PER_SM * _sm_count(x.device), channel_blocks)
+        run_len = triton.cdiv(triton.cdiv(T, runs), ROWS_IN_FLIGHT) * ROWS_IN_FLIGHT
+    assert run_len > 0 and run_len % ROWS_IN_FLIGHT == 0
+    _conv1d_varlen_kernel[(channel_blocks, triton.cdiv(T, run_len))](
         x, weight, bias, conv_states, query_start_loc, state_slots, has_initial_state, out,
-        T, C, B, *x.stride(), *weight.stride(), *conv_states.stride(), *out.stride(),
-        K=K, HAS_BIAS=bias is not None, SEARCH_STEPS=max(B - 1, 1).bit_length(), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
-        num_warps=4)
+        T, C, B, run_len, *x.stride(), *weight.stride(), *conv_states.stride(), *out.stride(),
+        K=K, HAS_BIAS=bias is not None, SEARCH_STEPS=max(B - 1, 1).bit_length(), ROWS=ROWS_IN_FLIGHT,
+        BLOCK_C=BLOCK_C, ROW_ALIGN=_row_align(x, out), num_warps=1)
     _conv1d_state_kernel[(B, triton.cdiv(C, 256))](
         x, conv_states, query_start_loc, state_slots, has_initial_state, C, *x.stride(), *conv_states.stride(),
         K=K, BLOCK_K=triton.next_power_of_2(K - 1), BLOCK_C=256, num_warps=4)
