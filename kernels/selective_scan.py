@@ -117,15 +117,17 @@ def _load_column(p, stride_n, n2, N: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(p, stride_t, t0, t_last, t2, c_ok, TILE: tl.constexpr):
-    """[TILE, BLOCK_C] tile (as stored) whose row i is the [BLOCK_C] row at token min(t0 + i, t_last) of the
-    channel pointers p: TILE 1D loads, so each thread holds its channels' TILE tokens (the layout of the
-    arithmetic). Clamped, not masked: rows past t_last are loaded again and never used."""
+def _load_tile(p, stride_t, n_valid, t2, c_ok, TILE: tl.constexpr):
+    """([TILE, BLOCK_C] tile as stored, p + TILE * stride_t): row i < n_valid of the tile is the [BLOCK_C]
+    row at p + i * stride_t (the channel pointers of the tile's first token), rows past n_valid are zero.
+    TILE 1D loads, so each thread holds its channels' TILE tokens (the layout of the arithmetic); one running
+    pointer, so a row costs a 64-bit add and a load, and the pointer returned is the next tile's."""
     tile = tl.zeros(t2.shape, dtype=p.dtype.element_ty)
     for i in tl.static_range(TILE):
-        row = tl.load(p + tl.minimum(t0 + i, t_last) * stride_t, mask=c_ok, other=0.0)
+        row = tl.load(p, mask=tl.where(i < n_valid, c_ok, False), other=0.0)
         tile = tl.where(t2 == i, row[None, :], tile)
-    return tile
+        p += stride_t
+    return tile, p
 
 
 @triton.jit
@@ -151,21 +153,26 @@ def _scan_tokens(h, A2, dt_bias, D, x_cp, dt_cp, z_cp, B_ptr, C_ptr, y_cp, t_lo,
     S = tl.zeros_like(dt_bias)
     t2 = tl.arange(0, TILE)[:, None]
     t_lo = t_lo.to(tl.int64)  # int64 token offsets: T x stride can pass 2^31
-    t_hi = t_hi.to(tl.int64)
-    t_last = t_hi - 1
-    x = _load_tile(x_cp, stride_xt, t_lo, t_last, t2, c_ok, TILE)
-    dt = _load_tile(dt_cp, stride_dtt, t_lo, t_last, t2, c_ok, TILE)
+    xp = x_cp + t_lo * stride_xt
+    dtp = dt_cp + t_lo * stride_dtt
+    zp = z_cp + t_lo * stride_zt
+    yp = y_cp + t_lo * stride_yt
+    Bp = B_ptr + t_lo * stride_Bt
+    Cp = C_ptr + t_lo * stride_Ct
+    n_left = t_hi - t_lo.to(tl.int32)  # tokens from the current tile's first on
+    x, xp = _load_tile(xp, stride_xt, n_left, t2, c_ok, TILE)
+    dt, dtp = _load_tile(dtp, stride_dtt, n_left, t2, c_ok, TILE)
     if OUTPUT:
-        z = _load_tile(z_cp, stride_zt, t_lo, t_last, t2, c_ok, TILE)
-        Cv = _load_column(C_ptr + t_lo * stride_Ct, stride_Cn, n2, N, BLOCK_N)
-    Bv = _load_column(B_ptr + t_lo * stride_Bt, stride_Bn, n2, N, BLOCK_N)
-    for t0 in tl.range(t_lo, t_hi, TILE):
-        x_next = _load_tile(x_cp, stride_xt, t0 + TILE, t_last, t2, c_ok, TILE)
-        dt_next = _load_tile(dt_cp, stride_dtt, t0 + TILE, t_last, t2, c_ok, TILE)
+        z, zp = _load_tile(zp, stride_zt, n_left, t2, c_ok, TILE)
+        Cv = _load_column(Cp, stride_Cn, n2, N, BLOCK_N)
+    Bv = _load_column(Bp, stride_Bn, n2, N, BLOCK_N)
+    for _ in tl.range(0, tl.cdiv(n_left, TILE)):
+        x_next, xp = _load_tile(xp, stride_xt, n_left - TILE, t2, c_ok, TILE)
+        dt_next, dtp = _load_tile(dtp, stride_dtt, n_left - TILE, t2, c_ok, TILE)
         if OUTPUT:
-            z_next = _load_tile(z_cp, stride_zt, t0 + TILE, t_last, t2, c_ok, TILE)
+            z_next, zp = _load_tile(zp, stride_zt, n_left - TILE, t2, c_ok, TILE)
         xf = x.to(tl.float32)
-        delta = tl.where(t0 + t2 < t_hi, _softplus_series(dt.to(tl.float32) + dt_bias[None, :], FAST), 0.0)
+        delta = tl.where(t2 < n_left, _softplus_series(dt.to(tl.float32) + dt_bias[None, :], FAST), 0.0)
         dx = delta * xf
         if OUTPUT:
             zf = z.to(tl.float32)
@@ -177,21 +184,26 @@ def _scan_tokens(h, A2, dt_bias, D, x_cp, dt_cp, z_cp, B_ptr, C_ptr, y_cp, t_lo,
         else:
             S += tl.sum(delta, axis=0)
         for i in tl.static_range(TILE):
-            t_next = tl.minimum(t0 + i + 1, t_last)  # B, C of the next token (clamped: never out of bounds)
-            B1 = _load_column(B_ptr + t_next * stride_Bt, stride_Bn, n2, N, BLOCK_N)
+            # B, C of the next token; at the sequence's last token the same one again (never out of bounds).
+            has_next = i + 1 < n_left
+            Bp += tl.where(has_next, stride_Bt, 0)
+            B1 = _load_column(Bp, stride_Bn, n2, N, BLOCK_N)
             if OUTPUT:
-                C1 = _load_column(C_ptr + t_next * stride_Ct, stride_Cn, n2, N, BLOCK_N)
+                Cp += tl.where(has_next, stride_Ct, 0)
+                C1 = _load_column(Cp, stride_Cn, n2, N, BLOCK_N)
             h = tl.exp2(_pick(delta, t2, i)[None, :] * A2) * h + _pick(dx, t2, i)[None, :] * Bv
             if OUTPUT:
                 y = (tl.sum(h * Cv, axis=0) + _pick(Dx, t2, i)) * _pick(gate, t2, i)
-                y_ok = tl.where(t0 + i < t_hi, c_ok, False)
-                tl.store(y_cp + (t0 + i) * stride_yt, y.to(y_cp.dtype.element_ty), mask=y_ok)
+                tl.store(yp + i * stride_yt, y.to(yp.dtype.element_ty), mask=tl.where(i < n_left, c_ok, False))
                 Cv = C1
             Bv = B1
+        if OUTPUT:
+            yp += TILE * stride_yt
         x = x_next
         dt = dt_next
         if OUTPUT:
             z = z_next
+        n_left -= TILE
     return h, S
 
 
