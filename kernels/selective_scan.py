@@ -108,11 +108,15 @@ def _store_rows(base, stride_n, tile, n2, mask, N: tl.constexpr):
 
 
 @triton.jit
-def _load_column(p, stride_n, n2, N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One token's B or C as a [BLOCK_N, 1] fp32 column: N scalar loads (every thread holds all N)."""
+def _load_column(p, n2, N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One token's B or C as a [BLOCK_N, 1] fp32 column from p, its N fp32 values as int64 pairs (value 2j in
+    the low half of int64 j): (N + 1) // 2 scalar 64-bit loads, every thread holding all N (half the load
+    instructions of fp32 loads; the halves are the two registers of the pair, no unpacking instructions)."""
     v = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
-    for i in tl.static_range(N):
-        v = tl.where(n2 == i, tl.load(p + i * stride_n).to(tl.float32), v)
+    for j in tl.static_range((N + 1) // 2):
+        pair = tl.load(p + j)
+        v = tl.where(n2 == 2 * j, pair.to(tl.int32).to(tl.float32, bitcast=True), v)
+        v = tl.where(n2 == 2 * j + 1, (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True), v)
     return v
 
 
@@ -139,7 +143,7 @@ def _pick(tile, t2, i: tl.constexpr):
 
 @triton.jit
 def _scan_tokens(h, A2, dt_bias, D, x_cp, dt_cp, z_cp, B_ptr, C_ptr, y_cp, t_lo, t_hi, c_ok, n2,
-                 stride_xt, stride_dtt, stride_zt, stride_Bt, stride_Bn, stride_Ct, stride_Cn, stride_yt,
+                 stride_xt, stride_dtt, stride_zt, stride_Bt, stride_Ct, stride_yt,
                  N: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr, OUTPUT: tl.constexpr,
                  FAST: tl.constexpr):
     """Advance the state h [BLOCK_N, BLOCK_C] over tokens t_lo..t_hi-1 (t_lo < t_hi) of one sequence, TILE
@@ -164,8 +168,8 @@ def _scan_tokens(h, A2, dt_bias, D, x_cp, dt_cp, z_cp, B_ptr, C_ptr, y_cp, t_lo,
     dt, dtp = _load_tile(dtp, stride_dtt, n_left, t2, c_ok, TILE)
     if OUTPUT:
         z, zp = _load_tile(zp, stride_zt, n_left, t2, c_ok, TILE)
-        Cv = _load_column(Cp, stride_Cn, n2, N, BLOCK_N)
-    Bv = _load_column(Bp, stride_Bn, n2, N, BLOCK_N)
+        Cv = _load_column(Cp, n2, N, BLOCK_N)
+    Bv = _load_column(Bp, n2, N, BLOCK_N)
     for _ in tl.range(0, tl.cdiv(n_left, TILE)):
         x_next, xp = _load_tile(xp, stride_xt, n_left - TILE, t2, c_ok, TILE)
         dt_next, dtp = _load_tile(dtp, stride_dtt, n_left - TILE, t2, c_ok, TILE)
@@ -187,13 +191,17 @@ def _scan_tokens(h, A2, dt_bias, D, x_cp, dt_cp, z_cp, B_ptr, C_ptr, y_cp, t_lo,
             # B, C of the next token; at the sequence's last token the same one again (never out of bounds).
             has_next = i + 1 < n_left
             Bp += tl.where(has_next, stride_Bt, 0)
-            B1 = _load_column(Bp, stride_Bn, n2, N, BLOCK_N)
+            B1 = _load_column(Bp, n2, N, BLOCK_N)
             if OUTPUT:
                 Cp += tl.where(has_next, stride_Ct, 0)
-                C1 = _load_column(Cp, stride_Cn, n2, N, BLOCK_N)
+                C1 = _load_column(Cp, n2, N, BLOCK_N)
             h = tl.exp2(_pick(delta, t2, i)[None, :] * A2) * h + _pick(dx, t2, i)[None, :] * Bv
             if OUTPUT:
-                y = (tl.sum(h * Cv, axis=0) + _pick(Dx, t2, i)) * _pick(gate, t2, i)
+                y = _pick(Dx, t2, i)
+                hC = h * Cv
+                for n in tl.static_range(N):  # a chain the multiplies fuse into (tl.sum: a tree of adds)
+                    y += _pick(hC, n2, n)
+                y = y * _pick(gate, t2, i)
                 tl.store(yp + i * stride_yt, y.to(yp.dtype.element_ty), mask=tl.where(i < n_left, c_ok, False))
                 Cv = C1
             Bv = B1
@@ -226,7 +234,7 @@ def _count_below(qsl_ptr, NSEQ, v_lo, v_hi, BLOCK_S: tl.constexpr):
 def _scan_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, qsl_ptr, slots_ptr, hend_ptr, dsum_ptr,
                              T, NSEQ, L, CH: tl.constexpr, N: tl.constexpr,
                              stride_xt, stride_xc, stride_dtt, stride_dtc, stride_Ac, stride_An,
-                             stride_Bt, stride_Bn, stride_dtb, stride_hk, stride_hn, stride_hc, stride_dk, stride_dc,
+                             stride_Bt, stride_dtb, stride_hk, stride_hn, stride_hc, stride_dk, stride_dc,
                              BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
                              FAST: tl.constexpr):
     """Pass 1, chunk program_id(0) x channels program_id(1)*BLOCK_C...: if the sequence holding the chunk's
@@ -251,8 +259,8 @@ def _scan_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, qsl_ptr, 
     dt_bias = tl.load(dt_bias_ptr + c * stride_dtb, mask=c_ok, other=0.0)
     h = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     h, S = _scan_tokens(h, A2, dt_bias, dt_bias, x_ptr + c * stride_xc, dt_ptr + c * stride_dtc, x_ptr + c,
-                        B_ptr, B_ptr, x_ptr + c, t_lo, e0, c_ok, n2, stride_xt, stride_dtt, 0, stride_Bt, stride_Bn,
-                        0, 0, 0, N, BLOCK_N, TILE, OUTPUT=False, FAST=FAST)
+                        B_ptr, B_ptr, x_ptr + c, t_lo, e0, c_ok, n2, stride_xt, stride_dtt, 0, stride_Bt, 0, 0,
+                        N, BLOCK_N, TILE, OUTPUT=False, FAST=FAST)
     k64 = k.to(tl.int64)
     _store_rows(hend_ptr + k64 * stride_hk + c * stride_hc, stride_hn, h, n2, c_ok, N)
     tl.store(dsum_ptr + k64 * stride_dk + c * stride_dc, S, mask=c_ok)
@@ -298,7 +306,7 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
                               qsl_ptr, slots_ptr, init_ptr, y_ptr, hend_ptr, hinit_ptr, T, NSEQ, L,
                               CH: tl.constexpr, N: tl.constexpr,
                               stride_xt, stride_xc, stride_dtt, stride_dtc, stride_Ac, stride_An,
-                              stride_Bt, stride_Bn, stride_Ct, stride_Cn, stride_zt, stride_zc,
+                              stride_Bt, stride_Ct, stride_zt, stride_zc,
                               stride_D, stride_dtb, stride_ss, stride_sc, stride_sn, stride_yt, stride_yc,
                               stride_hk, stride_hn, stride_hc, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_S: tl.constexpr, TILE: tl.constexpr, FAST: tl.constexpr):
@@ -343,7 +351,7 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
             if t_lo < t_hi:  # else an empty sequence: its state goes back as it came
                 h, _ = _scan_tokens(h, A2, dt_bias, D, x_ptr + c * stride_xc, dt_ptr + c * stride_dtc,
                                     z_ptr + c * stride_zc, B_ptr, C_ptr, y_ptr + c * stride_yc, t_lo, t_hi, c_ok, n2,
-                                    stride_xt, stride_dtt, stride_zt, stride_Bt, stride_Bn, stride_Ct, stride_Cn,
+                                    stride_xt, stride_dtt, stride_zt, stride_Bt, stride_Ct,
                                     stride_yt, N, BLOCK_N, TILE, OUTPUT=True, FAST=FAST)
             if q1 <= e0:
                 _store_rows(states_ptr + slot.to(tl.int64) * stride_ss + c * stride_sc, stride_sn, h, n2, c_ok, N)
@@ -420,15 +428,19 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     L = triton.cdiv(triton.cdiv(T, n_chunks), 16) * 16
     n_chunks = triton.cdiv(T, L)
     c_blocks = triton.cdiv(CH, BLOCK_C)
-    # B and C are read by every thread for every token: converted once here ([T, N], microseconds), the
-    # token loop loads them ready.
-    B, C = B.float(), C.float()
+    # B and C are read by every thread for every token: converted once here to one fp32 [T, 2 N2] buffer
+    # (N2 = N rounded up to even; microseconds) that the token loop reads as int64 pairs.
+    N2 = N + N % 2
+    BC = torch.zeros(T, 2 * N2, device=x.device, dtype=torch.float32)
+    BC[:, :N], BC[:, N2:N2 + N] = B, C
+    BC = BC.view(torch.int64)
+    B, C = BC[:, :N2 // 2], BC[:, N2 // 2:]
     if n_chunks > 1:
         hbuf = torch.empty(2, n_chunks, N, CH, device=x.device, dtype=torch.float32)  # hend, hinit
         dsum = torch.empty(n_chunks, CH, device=x.device, dtype=torch.float32)
         _scan_chunk_state_kernel[(n_chunks, c_blocks)](
             x, dt, A, B, dt_bias, query_start_loc, state_slots, hbuf[0], dsum, T, num_seqs, L, CH, N,
-            *x.stride(), *dt.stride(), *A.stride(), *B.stride(), dt_bias.stride(0), *hbuf[0].stride(),
+            *x.stride(), *dt.stride(), *A.stride(), B.stride(0), dt_bias.stride(0), *hbuf[0].stride(),
             *dsum.stride(), BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, TILE=blocking.tile, FAST=fast,
             num_warps=blocking.warps)
         _scan_chunk_carry_kernel[(num_seqs, triton.cdiv(CH, 128))](
@@ -441,7 +453,7 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     _scan_chunk_output_kernel[(n_chunks, c_blocks)](
         x, dt, A, B, C, D, dt_bias, z, ssm_states, query_start_loc, state_slots, has_initial_state, y, hend, hinit,
         T, num_seqs, L, CH, N,
-        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z.stride(), D.stride(0),
+        *x.stride(), *dt.stride(), *A.stride(), B.stride(0), C.stride(0), *z.stride(), D.stride(0),
         dt_bias.stride(0), *ssm_states.stride(), *y.stride(), *h_strides, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N,
         BLOCK_S=BLOCK_S, TILE=blocking.tile, FAST=fast, num_warps=blocking.warps)
     return y
