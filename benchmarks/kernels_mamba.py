@@ -225,9 +225,10 @@ def bench_selective_scan(lengths: list[int], blockings: tuple[ScanBlocking, ...]
 SCAN_SWEEP = (ScanBlocking(tile=1, chains=98304), ScanBlocking(tile=4, chains=98304),
               ScanBlocking(tile=8, chains=98304), ScanBlocking(tile=16, chains=98304),
               ScanBlocking(tile=8, chains=65536), ScanBlocking(tile=8, chains=32768),
-              ScanBlocking(tile=8, chains=16384), ScanBlocking(tile=4, chains=32768),
-              ScanBlocking(tile=16, chains=32768), ScanBlocking(tile=8, warps=2, chains=32768),
-              ScanBlocking(tile=8, warps=8, chains=65536), ScanBlocking(tile=8, channels_per_thread=2, chains=65536))
+              ScanBlocking(tile=8, chains=24576), ScanBlocking(tile=8, chains=16384),
+              ScanBlocking(tile=4, chains=32768), ScanBlocking(tile=16, chains=32768),
+              ScanBlocking(tile=8, warps=2, chains=98304), ScanBlocking(tile=8, warps=2, chains=32768),
+              ScanBlocking(tile=8, warps=8, chains=65536))
 
 
 def bench_conv_varlen(lengths: list[int]) -> Row:
