@@ -410,9 +410,12 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     touched by 1D [BLOCK_C] accesses and scalars, so the [N, BLOCK_C] and [TILE, BLOCK_C] arithmetic keeps
     that layout (a 2D load could give it another, with shared-memory shuffles and warp shuffles every token).
 
-    The token loop works blocking.tile tokens a step (see _scan_tokens): the token-by-token loop (tile 1,
-    ~0.81 ms for 4,096 tokens on the H200 against ~0.26 ms of exp2 throughput for passes 1 and 3) was
-    latency-bound, each token's DRAM loads consumed one token after they were issued."""
+    The token loop works blocking.tile tokens a step (see _scan_tokens): the token-by-token loop (~0.81 ms
+    for 4,096 tokens on the H200) was latency-bound, each token's DRAM loads consumed one token after they
+    were issued. At tile 8 (sm_90 SASS, not a timing) a token costs 148 instructions in pass 3's loop, 20 of
+    them MUFU (16 exp2, softplus' exp2 + log2, SiLU's exp2 + reciprocal: 160 cycles of a sub-partition's MUFU
+    a warp), and 107 with 18 MUFU in pass 1's: MUFU-bound if latency is hidden, whose floor at
+    FalconMamba-7B's 4,096 tokens in 12 chunks is ~0.16 ms (pass 3) + ~0.13 ms (pass 1)."""
     blocking = PREFILL_BLOCKING if blocking is None else blocking
     T, CH = x.shape
     N = A.shape[1]
