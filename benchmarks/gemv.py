@@ -28,7 +28,7 @@ SHAPES = {
     "falcon-mamba-7b": {"in_proj": (4096, 16384), "x_proj": (8192, 288), "dt_proj": (256, 8192),
                         "out_proj": (8192, 4096), "lm_head": (4096, 65024)},
 }
-CANDIDATES = [dict(block_n=bn, num_warps=w, waves=v) for bn, w, v in itertools.product((4, 8, 16), (2, 4, 8), (4, 8))]
+CANDIDATES = [dict(block_n=bn, num_warps=w, waves=v) for bn, w, v in itertools.product((2, 4, 8), (2, 4, 8), (2, 8))]
 
 
 def main() -> None:
@@ -38,6 +38,7 @@ def main() -> None:
     ceiling = copy_bytes_per_s()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
+    every = []
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy ceiling {ceiling / 1e12:.2f} TB/s", "",
              "| model | GEMM (K x N) | MB | cuBLAS us (of ceiling) | GEMV default us | best GEMV us (of ceiling) "
              "| best config | wrong |",
@@ -61,10 +62,16 @@ def main() -> None:
                 times[key] = gemm_time(lambda x, w, cfg=cfg: gemv(x, w[0], None, config=cfg), copies, x)
             default = gemm_time(lambda x, w: gemv(x, w[0]), copies, x)
             (bn, warps, split), best = min(times.items(), key=lambda kv: kv[1])
+            every.append(f"| {model} | {name} | " + "; ".join(f"{bn}/{wp}/{sp}: {t * 1e6:.1f}"
+                                                            for (bn, wp, sp), t in sorted(times.items())) + " |")
             lines.append(f"| {model} | {name} ({K} x {N}) | {w.nbytes / 1e6:.1f} | {cublas * 1e6:.1f} "
                          f"({w.nbytes / cublas / ceiling:.0%}) | {default * 1e6:.1f} | {best * 1e6:.1f} "
                          f"({w.nbytes / best / ceiling:.0%}) | BLOCK_N {bn}, {warps} warps, split {split} | {wrong} |")
             print(lines[-1], flush=True)
+    lines += ["", "Every config, us (BLOCK_N / warps / split: time):", "", "| model | GEMM | configs |",
+              "|---|---|---|"]
+    lines += every
+    print("\n".join(lines[-len(every) - 5:]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -138,16 +138,13 @@ def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
 
 
 def fp8_candidates(M: int, N: int, K: int) -> list[dict]:
-    """FP8 weight-only: at one row both GEMV kernels (gemv_lanes: 4-16 W rows a program, 4 or 8 warps along K;
-    the older gemv) and the tl.dot one at any."""
+    """FP8 weight-only: at one row the GEMV (4-16 W rows a program, 4 or 8 warps along K), and the tl.dot
+    kernel at any."""
     dev = torch.device("cuda")
     out = []
     if M == 1:
-        out += [fp8.gemv_lanes_config(N, K, bn, warps, waves, dev)
+        out += [fp8.gemv_config(N, K, bn, warps, waves, dev)
                 for bn, warps in ((4, 4), (8, 4), (16, 4), (8, 8), (16, 8)) for waves in (4, 8, 16)]
-        out += [dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
-                     SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev))
-                for bn, bk, warps in ((32, 256, 4), (32, 512, 4)) for waves in (4, 8)]
     bm = 16 if M <= 16 else 32
     out += [dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4,
                  SPLIT_K=split_for(-(-N // bn) * -(-M // bm), K, bk, waves, dev))

@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from engine.forward_batch import ForwardBatch
 from kernels import activation, conv1d, norm, selective_scan, ssd_scan, ssm_state_update
 from kernels import attention as attention_kernels
 from kernels import fp8_linear as fp8_kernels
+from kernels import gemv as gemv_kernels
 from kernels import lora as lora_kernels
 from kernels import quant_linear as gptq_kernels
 from kernels import rope as rope_kernels
@@ -65,6 +67,22 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: t
     """RoPE on q [T, Hq, D] and k [T, Hkv, D]; the rotated k and v go into their pages. Returns the rotated q."""
     return _impl(rope_kernels, "rope_write_kv", q)(q, k, v, batch.positions, inv_freq, k_cache, v_cache,
                                                    batch.slot_mapping)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, K] @ W^T + bias for a 16-bit weight: one row on CUDA through the Triton GEMV where the H200
+    measured it faster than cuBLAS (kernels/gemv.py gemv_faster), else F.linear."""
+    if x.is_cuda and not _FORCE_TORCH and gemv_kernels.gemv_faster(x, weight):
+        return gemv_kernels.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, d] @ W^T: one row on CUDA through the GEMV at any vocabulary (H200, benchmarks/gemv.py: the
+    Falcon-H1-7B head 186 against cuBLAS's 218 us, FalconMamba's 129 against 147), else F.linear."""
+    if x.is_cuda and not _FORCE_TORCH and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16):
+        return gemv_kernels.gemv(x, weight)
+    return F.linear(x, weight)
 
 
 def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:

@@ -2,10 +2,9 @@
 
 Two GPU paths, picked by the number of rows (both measured in benchmarks/quant.py):
 - few rows (decode): weight-only, a Triton GEMM that converts each fp8 tile to the activation dtype in
-  registers, split along K like the GPTQ kernel, scales applied to the fp32 sum; for one row of a small
-  weight, a GEMV of fp32 multiply-adds on the widened codes (no tensor cores); a second GEMV that keeps
-  one partial per (row, lane, word of 4 codes) instead of per (row, K element) and widens the codes with
-  packed cvt instructions ("gemv_lanes", a sweep candidate for now);
+  registers, split along K like the GPTQ kernel, scales applied to the fp32 sum; for one row of a weight
+  below 2^25 codes, a GEMV of fp32 multiply-adds (no tensor cores) that keeps one partial per (row, lane,
+  word of 4 codes) and widens the codes with packed cvt instructions;
 - many rows: Hopper's fp8 tensor cores through torch._scaled_mm, activations quantized per row
   (dynamic, scale = amax / 448), so the product is rowwise-scaled fp8 x fp8.
 """
@@ -20,7 +19,7 @@ from kernels.split_k import split_for, split_k_launch, store_split_tile
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALED_MM_MIN_ROWS = 128  # from here on (on sm_89+): fp8 x fp8 tensor cores
-GEMV_MAX_WEIGHTS = 1 << 24  # one row of a weight up to this size: the GEMV kernel
+GEMV_MAX_WEIGHTS = 1 << 25  # one row of a weight below this size: the GEMV kernel (H200 sweep, RESULTS.md)
 
 
 def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,40 +64,7 @@ def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
 
 
 @triton.jit
-def _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, k_end, offs_n, mask_n, BLOCK_K: tl.constexpr):
-    """The GEMV's loads for the K tile at k0: W [BLOCK_N, BLOCK_K] as stored (16 contiguous bytes a thread)
-    and x [BLOCK_K]; nothing at or past k_end."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < k_end
-    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-    x = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k, other=0.0)
-    return w, x
-
-
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES, SPLIT_K,
-                     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight-only fp8, one row of x (program_id(1)): fp32 multiply-adds on the widened codes, no tensor cores,
-    the row sums taken once at the end; the next tile's loads are issued before this tile's arithmetic."""
-    m = tl.program_id(1)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    k0 = tl.program_id(2) * K_TILES * BLOCK_K
-    k_end = tl.minimum(k0 + K_TILES * BLOCK_K, K)
-    w, x = _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, k_end, offs_n, mask_n, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for _ in range(K_TILES):
-        k0 += BLOCK_K
-        next_w, next_x = _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, k_end, offs_n, mask_n, BLOCK_K)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        w, x = next_w, next_x
-    y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
-    store_split_tile(y[None, :], b_ptr, out_ptr, part_ptr, count_ptr, m + tl.arange(0, 1), offs_n, M, N, SPLIT_K,
-                     HAS_BIAS, SPLIT)
-
-
-@triton.jit
-def _fp8_gemv_lanes_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC: tl.constexpr):
+def _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC: tl.constexpr):
     """The K tile at k0: W [BLOCK_N, BLOCK_K // VEC, VEC // 4] as stored, in 32-bit words of 4 codes (VEC
     contiguous bytes a thread), and x [BLOCK_K // VEC, VEC]; masked at K only (splits start at tile bounds)."""
     offs_w = k0 // 4 + offs_v[:, None] * (VEC // 4) + tl.arange(0, VEC // 4)[None, :]
@@ -117,7 +83,7 @@ def _e4m3_byte_to_f32(words, byte: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemv_lanes_mac(acc, w, x, PACKED_CVT: tl.constexpr):
+def _fp8_gemv_mac(acc, w, x, PACKED_CVT: tl.constexpr):
     """acc [BLOCK_N, BLOCK_K // VEC, VEC // 4] += the 4 products of each word of codes with its 4 x, in the
     thread's registers (no shuffles). PACKED_CVT (sm_89+, inline PTX): the word's codes widened by two
     cvt.rn.f16x2.e4m3x2 and 4 f16 -> f32 in place (Triton's own fp8 conversion takes the bytes of a load
@@ -147,14 +113,14 @@ def _fp8_gemv_lanes_mac(acc, w, x, PACKED_CVT: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemv_lanes_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES,
-                           SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, VEC: tl.constexpr, PACKED_CVT: tl.constexpr):
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES,
+                     SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, PACKED_CVT: tl.constexpr):
     """Weight-only fp8, one row of x (program_id(1)), W read as int32 words [N, K / 4] (K % 4 == 0): each
     thread streams VEC contiguous bytes of each of the tile's W rows (8: its 8 x are one 16-byte load of
     bf16); BLOCK_K = VEC x 32 x num_warps spreads every warp along K, so each thread holds all BLOCK_N rows
-    for one x vector. One fp32 partial per (row, lane, word): the accumulator is BLOCK_N x BLOCK_K / 4, not
-    BLOCK_N x BLOCK_K as in _fp8_gemv_kernel (which spills); the partials are summed once at the end. The
+    for one x vector. One fp32 partial per (row, lane, word): the accumulator is BLOCK_N x BLOCK_K / 4 (one per
+    K element spilled registers in an earlier version); the partials are summed once at the end. The
     next tile's loads are issued before this tile's arithmetic, and no tile past this split's is read."""
     m = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,38 +128,38 @@ def _fp8_gemv_lanes_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_
     offs_v = tl.arange(0, BLOCK_K // VEC)
     k0 = tl.program_id(2) * K_TILES * BLOCK_K
     n_tiles = tl.minimum(K_TILES, tl.cdiv(K - k0, BLOCK_K))  # the last split may have fewer
-    w, x = _fp8_gemv_lanes_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC)
+    w, x = _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC)
     acc = tl.zeros((BLOCK_N, BLOCK_K // VEC, VEC // 4), dtype=tl.float32)
     for _ in range(1, n_tiles):
         k0 += BLOCK_K
-        next_w, next_x = _fp8_gemv_lanes_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC)
-        acc = _fp8_gemv_lanes_mac(acc, w, x, PACKED_CVT)
+        next_w, next_x = _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC)
+        acc = _fp8_gemv_mac(acc, w, x, PACKED_CVT)
         w, x = next_w, next_x
-    acc = _fp8_gemv_lanes_mac(acc, w, x, PACKED_CVT)
+    acc = _fp8_gemv_mac(acc, w, x, PACKED_CVT)
     y = tl.sum(tl.sum(acc, axis=2), axis=1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
     store_split_tile(y[None, :], b_ptr, out_ptr, part_ptr, count_ptr, m + tl.arange(0, 1), offs_n, M, N, SPLIT_K,
                      HAS_BIAS, SPLIT)
 
 
-GEMV_LANES_VEC = 8  # bytes of a W row a thread loads per tile in _fp8_gemv_lanes_kernel (see its docstring)
+GEMV_VEC = 8  # bytes of a W row a thread loads per tile in _fp8_gemv_kernel (see its docstring)
 
 
-def gemv_lanes_config(N: int, K: int, block_n: int, num_warps: int, waves: float, device: torch.device) -> dict:
-    """A config for _fp8_gemv_lanes_kernel: BLOCK_K = 8 bytes x 32 lanes x num_warps (every warp along K),
+def gemv_config(N: int, K: int, block_n: int, num_warps: int, waves: float, device: torch.device) -> dict:
+    """A config for _fp8_gemv_kernel: BLOCK_K = 8 bytes x 32 lanes x num_warps (every warp along K),
     split along K for about `waves` programs per SM."""
-    bk = GEMV_LANES_VEC * 32 * num_warps
-    return dict(kind="gemv_lanes", BLOCK_N=block_n, BLOCK_K=bk, VEC=GEMV_LANES_VEC, num_warps=num_warps,
+    bk = GEMV_VEC * 32 * num_warps
+    return dict(kind="gemv", BLOCK_N=block_n, BLOCK_K=bk, VEC=GEMV_VEC, num_warps=num_warps,
                 num_stages=1, SPLIT_K=split_for(triton.cdiv(N, block_n), K, bk, waves, device))
 
 
 def weight_only_config(M: int, N: int, K: int, device: torch.device) -> dict:
     """Kernel, tile sizes and split-K for the weight-only path: enough programs to fill every SM a few times.
-    One row of a small weight (K N <= 2^24): the GEMV, which the H200 sweep measured faster there only
-    (3072 x 3072: 6.7 against 7.5 us; at 8192 x 4096 and larger the tl.dot kernel won, RESULTS.md)."""
-    if M == 1 and K * N <= GEMV_MAX_WEIGHTS:
-        bn, bk, warps, waves = 32, 512, 4, 4
-        return dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_for(triton.cdiv(N, bn), K, bk, waves, device),
-                    num_warps=warps, num_stages=1)
+    One row of a weight below 2^25 codes: the GEMV, 4 rows of W a program, 4 warps along K, no split
+    (the H200 sweep's best at every such shape: 3072 x 8728 12.8 against the tl.dot kernel's 13.5 us, 3072 x
+    3072 5.9 against 7.5); from there (gate+up, down, FalconMamba's in_proj and out_proj) the tl.dot kernel
+    won (RESULTS.md)."""
+    if M == 1 and K * N < GEMV_MAX_WEIGHTS and K % 4 == 0:
+        return gemv_config(N, K, block_n=4, num_warps=4, waves=4, device=device)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
     bn, bk, warps, stages, waves = (64, 128, 4, 4, 4) if M <= 64 else (128, 64, 8, 3, 1)
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
@@ -207,13 +173,11 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.T
     (M, K), N = x.shape, weight.shape[0]
     cfg = dict(config or weight_only_config(M, N, K, x.device))
     kind = cfg.pop("kind", "gemm")
-    if kind == "gemv_lanes":
-        if K % 4:
-            raise ValueError(f"the gemv_lanes kernel reads W as 32-bit words: K = {K} is not a multiple of 4")
-        return split_k_launch(_fp8_gemv_lanes_kernel, x, (weight.view(torch.int32), scale), bias, N, 1, cfg,
-                              PACKED_CVT=x.is_cuda and _has_fp8_tensor_cores(x.device))
     if kind == "gemv":
-        return split_k_launch(_fp8_gemv_kernel, x, (weight, scale), bias, N, 1, cfg)
+        if K % 4:
+            raise ValueError(f"the gemv kernel reads W as 32-bit words: K = {K} is not a multiple of 4")
+        return split_k_launch(_fp8_gemv_kernel, x, (weight.view(torch.int32), scale), bias, N, 1, cfg,
+                              PACKED_CVT=x.is_cuda and _has_fp8_tensor_cores(x.device))
     return split_k_launch(_fp8_matmul_kernel, x, (weight, scale), bias, N, cfg["BLOCK_M"], cfg,
                           IEEE=x.dtype == torch.float32)
 

@@ -56,8 +56,19 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, str
                      HAS_BIAS, SPLIT)
 
 
-def gemv_config(N: int, K: int, device: torch.device, block_n: int = 8, num_warps: int = 4,
-                waves: float = 4) -> dict:
+# Weights from this size on: cuBLAS streams them as fast (H200: Falcon-H1-7B gate+up 39.3 against 41.0 us,
+# FalconMamba in_proj 34.3 against 36.4); below it the GEMV won at every projection (benchmarks/gemv.py).
+GEMV_MAX_WEIGHTS = 1 << 26
+
+
+def gemv_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether one row of x times this 16-bit projection should take the GEMV rather than cuBLAS."""
+    return (x.dim() == 2 and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16)
+            and weight.numel() < GEMV_MAX_WEIGHTS)
+
+
+def gemv_config(N: int, K: int, device: torch.device, block_n: int = 4, num_warps: int = 4,
+                waves: float = 2) -> dict:
     """BLOCK_K = 16 bytes x 32 lanes x num_warps of 16-bit weights; split along K for ~waves programs an SM."""
     bk = 8 * 32 * num_warps
     return dict(BLOCK_N=block_n, BLOCK_K=bk, num_warps=num_warps, num_stages=1,

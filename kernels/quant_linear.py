@@ -14,9 +14,10 @@ Decoding streams the weights, so the kernels spend as few instructions per weigh
   reads as 2^23 + q 2^p, so the codes of a word's low 16 bits are masked in place and the high 16 bits
   shifted down once; the 2^-p goes into the activation, which is loaded once for a whole row of words;
 - the scale once per group and column, on the group's sum: sum_k x_k s (q_k - z) = s sum_k x_k (q_k - z);
-- one row (decode at one sequence): a GEMV, no tensor cores, in half2 on CUDA (x gathered and paired in fp16
-  once per call, codes turned into fp16 by one lop3 on 1024 = 0x6400 two at a time, sub.f16x2 and fma.rn.f16x2:
-  1.5 instructions a weight where the fp32 GEMV, kept as kind "gemv", spends about 3); several rows: tl.dot
+- one row (decode at one sequence): a GEMV, no tensor cores; for weights of 2^24 codes and more, in half2 on
+  CUDA (x gathered and paired in fp16 once per call, codes turned into fp16 by one lop3 on 1024 = 0x6400 two
+  at a time, sub.f16x2 and fma.rn.f16x2: 1.5 instructions a weight where the fp32 GEMV, kind "gemv", spends
+  about 3; the fp32 GEMV also runs smaller weights and under the interpreter); several rows: tl.dot
   on exact (q - z) tiles in the activation dtype, one dot per code position of the word (that position's
   channels are every pack-th one: x is read strided, the weights as stored);
 - split along K so that even one row keeps every SM streaming (kernels/split_k.py: one launch), and
@@ -355,21 +356,26 @@ def _tile_in_group(block_k: int, group_size: int, K: int) -> bool:
     return group_size >= K or group_size % block_k == 0
 
 
+HALF2_MIN_WEIGHTS = 1 << 24  # one row of a weight from this size on: the half2 GEMV (below, its x gather costs more)
+
+
 def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device) -> dict:
-    """Kernel ("gemv" or "gemm"), tile sizes and split-K for an [M, K] x [K, N] GPTQ product: the best of
-    benchmarks/quant.py's sweep on the H200 at the 7B shapes (RESULTS.md). GEMV: 8 KB of Int8 words a tile
-    (4 KB lost at every shape although it halves the registers), 4 KB of Int4; about 4 programs per SM, 8 at
-    N >= 8192 (where fewer, each doing more of K, lost) -- measured on the fp32 GEMV, kept for the half2 one
-    until the sweep has timed it; GEMM: within a few % of the best at 16-32 rows."""
+    """Kernel, tile sizes and split-K for an [M, K] x [K, N] GPTQ product: the best of benchmarks/quant.py's
+    sweeps on the H200 at the 7B shapes (RESULTS.md). One row: the half2 GEMV from 2^24 weights (Int4 3072 x
+    24576 21.7 against the fp32 GEMV's 29.3 us), the fp32 one below (3072 x 3072 8.4 against 8.4, 1536 x 3072
+    6.3 against 7.3: the separate gather launch is the difference); 4 KB of Int4 words a tile, about 4
+    programs per SM, 8 at N >= 8192; Int8 at N >= 8192 8 KB tiles, 4 warps, ~4 programs per SM (3072 x 8728
+    13.9 against 16.6 us with the fp32 GEMV's 128 x 64 tiles). GEMM: within a few % of the best at 16-32 rows."""
     if M == 1:
         wide = N >= 8192
-        bn, bk, warps = (128, 64, 4) if bits == 8 and wide else (64, 128, 2)
+        bn, bk, warps, waves = (64, 128, 4, 4) if bits == 8 and wide else (64, 128, 2, 8 if wide else 4)
         while not _tile_in_group(bk, group_size, K):
             bk //= 2
-        split = split_for(triton.cdiv(N, bn), K, bk, 8 if wide else 4, device)
+        split = split_for(triton.cdiv(N, bn), K, bk, waves, device)
         # half2 math is inline PTX: CUDA only (Triton's interpreter runs the fp32 GEMV)
-        kind = "gemv_half2" if device.type == "cuda" else "gemv"
-        return dict(kind=kind, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=1)
+        half2 = device.type == "cuda" and K * N >= HALF2_MIN_WEIGHTS
+        return dict(kind="gemv_half2" if half2 else "gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
+                    num_stages=1)
     if M <= 32:
         bm, bn, bk, warps, stages = (16 if M <= 16 else 32), 64, 128, 4, 4
     elif M <= 64:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import ops
 from engine.distributed.group import SINGLE, TensorParallel
 
 
@@ -97,7 +98,7 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, d] -> fp32 logits [S, vocab_size]."""
-        return self.tp.all_gather_columns(F.linear(hidden, self.weight))[:, : self.vocab_size].float()
+        return self.tp.all_gather_columns(ops.lm_head(hidden, self.weight))[:, : self.vocab_size].float()
 
 
 def gated_rms_norm_across_ranks(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,

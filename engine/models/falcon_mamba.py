@@ -51,7 +51,7 @@ class Mamba1Mixer(nn.Module):
         d_in, N, R = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
         self.in_proj = linear(cfg.hidden_size, 2 * d_in, cfg.use_bias, cfg.quantization)
         self.conv1d = nn.Conv1d(d_in, d_in, cfg.conv_kernel, groups=d_in, bias=cfg.use_conv_bias)
-        self.x_proj = nn.Linear(d_in, R + 2 * N, bias=False)
+        self.x_proj = linear(d_in, R + 2 * N, False, None)  # stays 16-bit in quantized checkpoints
         self.dt_proj = DtProj(R, d_in)
         self.A_log = nn.Parameter(torch.empty(d_in, N, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(d_in, dtype=torch.float32))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import ops
 from engine.quantization.config import FP8Config, GPTQConfig, QuantConfig
 from engine.quantization.fp8 import FP8Linear
 from engine.quantization.fused import Part, copy_checked, part_rows
@@ -15,7 +16,14 @@ from engine.quantization.gptq import GPTQLinear
 QUANTIZED_LINEARS = (GPTQLinear, FP8Linear)
 
 
-class FusedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """A 16-bit projection whose matmul is ops.linear (one decode row may take the Triton GEMV)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class FusedLinear(Linear):
     """Several 16-bit projections over one input as one matmul, each part loaded into its own rows
     (a part without bias keeps zeros there)."""
 
@@ -42,7 +50,7 @@ def _quantized(in_features: int, parts: list[Part], quant: QuantConfig) -> nn.Mo
 
 def linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig | None) -> nn.Module:
     if quant is None:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return Linear(in_features, out_features, bias=bias)
     return _quantized(in_features, [Part(None, out_features, bias)], quant)
 
 

@@ -1,4 +1,4 @@
-"""The one-row FP8 GEMV that keeps a partial per (row, lane) (kernels/fp8_linear.py _fp8_gemv_lanes_kernel)
+"""The one-row FP8 GEMV that keeps a partial per (row, lane) (kernels/fp8_linear.py _fp8_gemv_kernel)
 against fp8_linear_ref.
 
 CPU: Triton's interpreter in float32 at small shapes: N and K not multiples of the tiles (K not even a
@@ -31,20 +31,20 @@ def random_fp8(M: int, K: int, N: int, dtype: torch.dtype, seed: int):
     return [t.to(DEVICE) for t in (x, w, scale, bias)]
 
 
-def lanes_config(block_n: int, block_k: int, split_k: int, num_warps: int = 1) -> dict:
-    return dict(kind="gemv_lanes", BLOCK_N=block_n, BLOCK_K=block_k, VEC=fp8.GEMV_LANES_VEC, SPLIT_K=split_k,
+def gemv_test_config(block_n: int, block_k: int, split_k: int, num_warps: int = 1) -> dict:
+    return dict(kind="gemv", BLOCK_N=block_n, BLOCK_K=block_k, VEC=fp8.GEMV_VEC, SPLIT_K=split_k,
                 num_warps=num_warps, num_stages=1)
 
 
 @pytest.mark.parametrize("M", [1, 5, 16, 32])
 @pytest.mark.parametrize("K, N, config", [
-    (300, 72, lanes_config(16, 64, 3)),  # 5 K tiles in splits of 2, 2, 1; the last tile and column tile partial
-    (300, 72, lanes_config(8, 128, 1)),  # one split, three tiles
-    (164, 20, lanes_config(32, 256, 1)),  # one tile (no loop), K % 8 = 4, fewer rows than the tile
-    (256, 40, lanes_config(8, 64, 4)),  # every split one full tile
+    (300, 72, gemv_test_config(16, 64, 3)),  # 5 K tiles in splits of 2, 2, 1; the last tile and column tile partial
+    (300, 72, gemv_test_config(8, 128, 1)),  # one split, three tiles
+    (164, 20, gemv_test_config(32, 256, 1)),  # one tile (no loop), K % 8 = 4, fewer rows than the tile
+    (256, 40, gemv_test_config(8, 64, 4)),  # every split one full tile
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fp8_gemv_lanes_kernel(M, K, N, config, with_bias):
+def test_fp8_gemv_kernel(M, K, N, config, with_bias):
     """Twice, so the split counters are back at zero for the second call."""
     x, w, scale, bias = random_fp8(M, K, N, torch.float32, seed=M + K + N)
     bias = bias if with_bias else None
@@ -55,15 +55,15 @@ def test_fp8_gemv_lanes_kernel(M, K, N, config, with_bias):
         assert rel_err(out, ref) < 1e-4
 
 
-def test_fp8_gemv_lanes_kernel_needs_whole_words():
+def test_fp8_gemv_kernel_needs_whole_words():
     x, w, scale, _ = random_fp8(1, 162, 8, torch.float32, seed=0)
     with pytest.raises(ValueError, match="multiple of 4"):
-        fp8.fp8_weight_only_linear(x, w, scale, None, config=lanes_config(8, 64, 1))
+        fp8.fp8_weight_only_linear(x, w, scale, None, config=gemv_test_config(8, 64, 1))
 
 
-def test_gemv_lanes_config_spreads_warps_along_k():
-    config = fp8.gemv_lanes_config(3072, 3072, block_n=8, num_warps=4, waves=4, device=torch.device("cpu"))
-    assert config["BLOCK_K"] == 8 * 32 * 4 and config["kind"] == "gemv_lanes"
+def test_gemv_config_spreads_warps_along_k():
+    config = fp8.gemv_config(3072, 3072, block_n=8, num_warps=4, waves=4, device=torch.device("cpu"))
+    assert config["BLOCK_K"] == 8 * 32 * 4 and config["kind"] == "gemv"
     assert 1 <= config["SPLIT_K"] <= 3  # K has 3 tiles of 1024
 
 
@@ -75,8 +75,8 @@ GPU_SHAPES = [(3072, 8728), (3072, 3072), (1536, 3072), (3072, 24576), (12288, 3
 @pytest.mark.parametrize("K, N", GPU_SHAPES)
 @pytest.mark.parametrize("block_n, num_warps", [(4, 4), (8, 4), (16, 4), (8, 8), (16, 8)])
 @pytest.mark.parametrize("waves", [4, 8])
-def test_fp8_gemv_lanes_gpu(K, N, block_n, num_warps, waves):
+def test_fp8_gemv_gpu(K, N, block_n, num_warps, waves):
     x, w, scale, _ = random_fp8(1, K, N, torch.bfloat16, seed=K + N)
-    config = fp8.gemv_lanes_config(N, K, block_n, num_warps, waves, x.device)
+    config = fp8.gemv_config(N, K, block_n, num_warps, waves, x.device)
     out = fp8.fp8_weight_only_linear(x, w, scale, None, config=config)
     assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, None)) < 1e-2

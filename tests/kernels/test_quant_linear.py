@@ -121,8 +121,9 @@ def test_gptq_long_inputs_use_the_dequantized_matmul(monkeypatch):
 
 
 FP8_CONFIGS = [dict(kind="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, num_warps=4, num_stages=2),
-               dict(kind="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, num_warps=4, num_stages=1),  # last tile partial
-               dict(kind="gemv", BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1),
+               # the GEMV, its last tile partial
+               dict(kind="gemv", BLOCK_N=32, BLOCK_K=32, VEC=fp8.GEMV_VEC, SPLIT_K=3, num_warps=4, num_stages=1),
+               dict(kind="gemv", BLOCK_N=64, BLOCK_K=64, VEC=fp8.GEMV_VEC, SPLIT_K=1, num_warps=4, num_stages=1),
                None]  # the heuristic's
 
 
@@ -195,19 +196,6 @@ def test_fp8_kernel_gpu(K, N, M):
     out = fp8.fp8_linear(x, w, scale, None)
     tol = 3e-2 if M >= fp8.SCALED_MM_MIN_ROWS else TOL[torch.bfloat16]
     assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, None)) < tol
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("K, N", GPU_SHAPES)
-def test_fp8_gemv_gpu(K, N):
-    """The one-row fp8 GEMV (a benchmark candidate, not the default) at the real shapes."""
-    g = torch.Generator().manual_seed(K + N)
-    w, scale = fp8.quantize_fp8_weight(torch.randn(N, K, generator=g) * 0.02)
-    x = torch.randn(1, K, generator=g).to(torch.bfloat16)
-    w, scale, x = w.cuda(), scale.cuda(), x.cuda()
-    config = dict(kind="gemv", BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=1)
-    out = fp8.fp8_weight_only_linear(x, w, scale, None, config=config)
-    assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, None)) < TOL[torch.bfloat16]
 
 
 HALF2_SMALL = [(256, 64, 4, 128, False), (256, 64, 4, 32, True), (320, 48, 8, -1, True), (512, 72, 8, 128, True),
