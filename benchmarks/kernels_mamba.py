@@ -13,9 +13,6 @@ reference, the mean of the same calls replayed back to back from one CUDA graph 
 server; no launch gaps, but states under ~1 MB a call can stay in L2 across the cycle).
 
     python -m benchmarks.kernels_mamba --out bench.md [--only mamba1-prefill,mamba1-step]
-
-mamba1-prefill-sweep times the Mamba1 prefill scan under several ScanBlocking choices in one process (the
-first, tile 1, is the token-by-token loop that was the default), each with max |y - y_tile1| / max |y_tile1|.
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ from triton.testing import do_bench
 
 from benchmarks.ceilings import Ceilings, measure_ceilings
 from kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
-from kernels.selective_scan import PREFILL_BLOCKING, ScanBlocking, selective_scan_update, selective_scan_varlen
+from kernels.selective_scan import selective_scan_update, selective_scan_varlen
 from kernels.ssd_scan import ssd_scan_varlen
 from kernels.ssm_state_update import ssm_state_update
 
@@ -191,45 +188,18 @@ def bench_ssd(lengths: list[int]) -> Row:
                ssd_flops(lengths, H, P, G, N, chunk))
 
 
-def bench_selective_scan(lengths: list[int], blockings: tuple[ScanBlocking, ...] = (PREFILL_BLOCKING,)
-                         ) -> list[Row]:
-    """One row per blocking on the same inputs; with several, each names its blocking and its y's relative
-    difference from the first blocking's (all from the same initial states)."""
+def bench_selective_scan(lengths: list[int]) -> Row:
     C, N = MAMBA_7B["C"], MAMBA_7B["N"]
     T = sum(lengths)
     x, dt, z = (torch.randn(T, C, device=DEV, dtype=DTYPE) for _ in range(3))
     B, Cm = (torch.randn(T, N, device=DEV, dtype=DTYPE) for _ in range(2))
     A, D, dt_bias = mamba1_params(C, N)
-    states0 = torch.randn(len(lengths), C, N, device=DEV)
-    states = states0.clone()
+    states = torch.randn(len(lengths), C, N, device=DEV)
     qsl, slots, init = varlen_batch(lengths)
     nbytes = T * (4 * C + 2 * N) * DTYPE.itemsize + 2 * len(lengths) * C * N * 4
+    call = lambda: selective_scan_varlen(x, dt, A, B, Cm, D, dt_bias, z, states, qsl, slots, init)  # noqa: E731
     size = f"{len(lengths)} x {lengths[0]} tokens" if len(lengths) > 1 else f"{T} tokens"
-    rows, y_first = [], None
-    for blocking in blockings:
-        y = selective_scan_varlen(x, dt, A, B, Cm, D, dt_bias, z, states0.clone(), qsl, slots, init, blocking).float()
-        y_first = y if y_first is None else y_first
-        rel = ((y - y_first).abs().max() / y_first.abs().max()).item()
-        call = lambda b=blocking: selective_scan_varlen(  # noqa: E731
-            x, dt, A, B, Cm, D, dt_bias, z, states, qsl, slots, init, b)
-        name = "Mamba1 scan prefill (FalconMamba-7B)"
-        if len(blockings) > 1:
-            chunks = max(1, min(triton.cdiv(blocking.chains, C), triton.cdiv(T, blocking.min_chunk)))
-            name += (f" tile {blocking.tile}, {blocking.warps} warps, {blocking.channels_per_thread} ch/thread, "
-                     f"chains {blocking.chains} (~{chunks} chunks); rel diff vs first {rel:.1e}")
-        rows.append(Row(name, size, *timed([call], graph_calls=8), nbytes))
-    return rows
-
-
-# The blocking sweep: the old token-by-token default first (the others' y is compared with it), then tiles,
-# fewer chunks (less pass-1 rescanning, fewer programs), other warps / channels a thread.
-SCAN_SWEEP = (ScanBlocking(tile=1, chains=98304), ScanBlocking(tile=4, chains=98304),
-              ScanBlocking(tile=8, chains=98304), ScanBlocking(tile=16, chains=98304),
-              ScanBlocking(tile=8, chains=65536), ScanBlocking(tile=8, chains=32768),
-              ScanBlocking(tile=8, chains=24576), ScanBlocking(tile=8, chains=16384),
-              ScanBlocking(tile=4, chains=32768), ScanBlocking(tile=16, chains=32768),
-              ScanBlocking(tile=8, warps=2, chains=98304), ScanBlocking(tile=8, warps=2, chains=32768),
-              ScanBlocking(tile=8, warps=8, chains=65536))
+    return Row("Mamba1 scan prefill (FalconMamba-7B)", size, *timed([call], graph_calls=8), nbytes)
 
 
 # conv prefill layouts: label -> (conv channels, x's (first column, row width) in the in_proj output; None: contiguous)
@@ -282,9 +252,7 @@ GROUPS: dict[str, Callable[[], list[Row]]] = {
     "mamba2-update": lambda: [bench_ssm_state_update(b) for b in (1, 32, 256)],
     "mamba1-step": lambda: [bench_selective_scan_update(b) for b in (1, 32, 256)],
     "mamba2-prefill": lambda: [bench_ssd(lengths) for lengths in ([4096], [256] * 16)],
-    "mamba1-prefill": lambda: [r for lengths in ([4096], [256] * 16) for r in bench_selective_scan(lengths)],
-    "mamba1-prefill-sweep": lambda: [r for lengths in ([4096], [256] * 16)
-                                     for r in bench_selective_scan(lengths, SCAN_SWEEP)],
+    "mamba1-prefill": lambda: [bench_selective_scan(lengths) for lengths in ([4096], [256] * 16)],
     "conv-prefill": lambda: [bench_conv_varlen(lengths, layout) for layout in CONV_LAYOUTS
                              for lengths in ([4096], [256] * 16)],
 }

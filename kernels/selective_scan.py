@@ -10,8 +10,6 @@ written back. Slots < 0 are skipped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -108,111 +106,80 @@ def _store_rows(base, stride_n, tile, n2, mask, N: tl.constexpr):
 
 
 @triton.jit
-def _load_column(p, n2, N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One token's B or C as a [BLOCK_N, 1] fp32 column from p, its N fp32 values as int64 pairs (value 2j in
-    the low half of int64 j): (N + 1) // 2 scalar 64-bit loads, every thread holding all N (half the load
-    instructions of fp32 loads; the halves are the two registers of the pair, no unpacking instructions)."""
+def _load_column(p, stride_n, n2, N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One token's B or C as a [BLOCK_N, 1] fp32 column: N scalar loads (every thread holds all N)."""
     v = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
-    for j in tl.static_range((N + 1) // 2):
-        pair = tl.load(p + j)
-        v = tl.where(n2 == 2 * j, pair.to(tl.int32).to(tl.float32, bitcast=True), v)
-        v = tl.where(n2 == 2 * j + 1, (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True), v)
+    for i in tl.static_range(N):
+        v = tl.where(n2 == i, tl.load(p + i * stride_n).to(tl.float32), v)
     return v
 
 
 @triton.jit
-def _load_tile(p, stride_t, n_valid, t2, c_ok, TILE: tl.constexpr):
-    """([TILE, BLOCK_C] tile as stored, p + TILE * stride_t): row i < n_valid of the tile is the [BLOCK_C]
-    row at p + i * stride_t (the channel pointers of the tile's first token), rows past n_valid are zero.
-    TILE 1D loads, so each thread holds its channels' TILE tokens (the layout of the arithmetic); one running
-    pointer, so a row costs a 64-bit add and a load, and the pointer returned is the next tile's."""
-    tile = tl.zeros(t2.shape, dtype=p.dtype.element_ty)
-    for i in tl.static_range(TILE):
-        row = tl.load(p, mask=tl.where(i < n_valid, c_ok, False), other=0.0)
-        tile = tl.where(t2 == i, row[None, :], tile)
-        p += stride_t
-    return tile, p
+def _load_token(xp, dtp, zp, Bp, Cp, stride_Bn, stride_Cn, c_ok, n2, N: tl.constexpr, BLOCK_N: tl.constexpr,
+                OUTPUT: tl.constexpr):
+    """One token's x, dt, z [BLOCK_C] as stored and B, C [BLOCK_N, 1] in fp32 (z and C only if OUTPUT)."""
+    x = tl.load(xp, mask=c_ok, other=0.0)
+    dt = tl.load(dtp, mask=c_ok, other=0.0)
+    Bv = _load_column(Bp, stride_Bn, n2, N, BLOCK_N)
+    if OUTPUT:
+        z = tl.load(zp, mask=c_ok, other=0.0)
+        Cv = _load_column(Cp, stride_Cn, n2, N, BLOCK_N)
+    else:
+        z = x
+        Cv = Bv
+    return x, dt, z, Bv, Cv
 
 
 @triton.jit
-def _pick(tile, t2, i: tl.constexpr):
-    """Row i of a [TILE, BLOCK_C] tile: the token axis is in-thread, so this folds to a register pick (adding
-    -0.0 is exact, no instruction is left)."""
-    return tl.sum(tl.where(t2 == i, tile, -0.0), axis=0)
+def _scan_step(h, S, A2, dt_bias, D, x, dt, z, Bv, Cv, yp, c_ok, OUTPUT: tl.constexpr, FAST: tl.constexpr):
+    """One token: h <- exp2(delta A2) h + delta x B; if OUTPUT, y = (h C + D x) SiLU(z) stored at yp,
+    else S += delta."""
+    x = x.to(tl.float32)
+    delta = _softplus_series(dt.to(tl.float32) + dt_bias, FAST)
+    h = tl.exp2(delta[None, :] * A2) * h + (delta * x)[None, :] * Bv
+    if OUTPUT:
+        z = z.to(tl.float32)
+        y = tl.sum(h * Cv, axis=0) + D * x
+        if FAST:
+            y = y * libdevice.fast_dividef(z, 1.0 + tl.exp2(z * -1.4426950408889634))
+        else:
+            y = y * z / (1.0 + tl.exp(-z))
+        tl.store(yp, y.to(yp.dtype.element_ty), mask=c_ok)
+    else:
+        S += delta
+    return h, S
 
 
 @triton.jit
 def _scan_tokens(h, A2, dt_bias, D, x_cp, dt_cp, z_cp, B_ptr, C_ptr, y_cp, t_lo, t_hi, c_ok, n2,
-                 stride_xt, stride_dtt, stride_zt, stride_Bt, stride_Ct, stride_yt,
-                 N: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr, OUTPUT: tl.constexpr,
-                 FAST: tl.constexpr):
-    """Advance the state h [BLOCK_N, BLOCK_C] over tokens t_lo..t_hi-1 (t_lo < t_hi) of one sequence, TILE
-    tokens at a time. x, dt, z of the next tile ([TILE, BLOCK_C], coalesced rows) are loaded while the current
-    one is worked, so each thread has 3 x TILE DRAM loads in flight over TILE tokens of compute; softplus(dt),
-    delta x, D x and SiLU(z) are computed for the whole tile before its token steps (independent of h, so
-    off the h -> h dependency chain); B, C (scalars, L2-resident) are loaded one token ahead. Tokens past t_hi
-    in the last tile get delta = 0, which leaves h exactly as it is (exp2(0) = 1, delta x B = 0), and store
-    no y. A2 = A * log2(e). TILE = 1 is the token-by-token loop with a one-token prefetch.
+                 stride_xt, stride_dtt, stride_zt, stride_Bt, stride_Bn, stride_Ct, stride_Cn, stride_yt,
+                 N: tl.constexpr, BLOCK_N: tl.constexpr, OUTPUT: tl.constexpr, FAST: tl.constexpr):
+    """Advance the state h [BLOCK_N, BLOCK_C] over tokens t_lo..t_hi-1 (t_lo < t_hi) of one sequence, one
+    token at a time. Each token's loads (x, dt, z of BLOCK_C channels, coalesced; B, C scalars) are issued a
+    step ahead into loop-carried registers, the pointers advance by the strides (no per-token 64-bit index
+    math), and the last token is peeled so no load needs a mask. A2 = A * log2(e).
     OUTPUT: write y_t = (h_t C_t + D x_t) SiLU(z_t); else return the sum of delta over the tokens too."""
     S = tl.zeros_like(dt_bias)
-    t2 = tl.arange(0, TILE)[:, None]
     t_lo = t_lo.to(tl.int64)  # int64 token offsets: T x stride can pass 2^31
     xp = x_cp + t_lo * stride_xt
     dtp = dt_cp + t_lo * stride_dtt
     zp = z_cp + t_lo * stride_zt
-    yp = y_cp + t_lo * stride_yt
     Bp = B_ptr + t_lo * stride_Bt
     Cp = C_ptr + t_lo * stride_Ct
-    n_left = t_hi - t_lo.to(tl.int32)  # tokens from the current tile's first on
-    x, xp = _load_tile(xp, stride_xt, n_left, t2, c_ok, TILE)
-    dt, dtp = _load_tile(dtp, stride_dtt, n_left, t2, c_ok, TILE)
-    if OUTPUT:
-        z, zp = _load_tile(zp, stride_zt, n_left, t2, c_ok, TILE)
-        Cv = _load_column(Cp, n2, N, BLOCK_N)
-    Bv = _load_column(Bp, n2, N, BLOCK_N)
-    for _ in tl.range(0, tl.cdiv(n_left, TILE)):
-        x_next, xp = _load_tile(xp, stride_xt, n_left - TILE, t2, c_ok, TILE)
-        dt_next, dtp = _load_tile(dtp, stride_dtt, n_left - TILE, t2, c_ok, TILE)
-        if OUTPUT:
-            z_next, zp = _load_tile(zp, stride_zt, n_left - TILE, t2, c_ok, TILE)
-        xf = x.to(tl.float32)
-        delta = tl.where(t2 < n_left, _softplus_series(dt.to(tl.float32) + dt_bias[None, :], FAST), 0.0)
-        dx = delta * xf
-        if OUTPUT:
-            zf = z.to(tl.float32)
-            if FAST:
-                gate = libdevice.fast_dividef(zf, 1.0 + tl.exp2(zf * -1.4426950408889634))
-            else:
-                gate = zf / (1.0 + tl.exp(-zf))
-            Dx = D[None, :] * xf
-        else:
-            S += tl.sum(delta, axis=0)
-        for i in tl.static_range(TILE):
-            # B, C of the next token; at the sequence's last token the same one again (never out of bounds).
-            has_next = i + 1 < n_left
-            Bp += tl.where(has_next, stride_Bt, 0)
-            B1 = _load_column(Bp, n2, N, BLOCK_N)
-            if OUTPUT:
-                Cp += tl.where(has_next, stride_Ct, 0)
-                C1 = _load_column(Cp, n2, N, BLOCK_N)
-            h = tl.exp2(_pick(delta, t2, i)[None, :] * A2) * h + _pick(dx, t2, i)[None, :] * Bv
-            if OUTPUT:
-                y = _pick(Dx, t2, i)
-                hC = h * Cv
-                for n in tl.static_range(N):  # a chain the multiplies fuse into (tl.sum: a tree of adds)
-                    y += _pick(hC, n2, n)
-                y = y * _pick(gate, t2, i)
-                tl.store(yp + i * stride_yt, y.to(yp.dtype.element_ty), mask=tl.where(i < n_left, c_ok, False))
-                Cv = C1
-            Bv = B1
-        if OUTPUT:
-            yp += TILE * stride_yt
-        x = x_next
-        dt = dt_next
-        if OUTPUT:
-            z = z_next
-        n_left -= TILE
-    return h, S
+    yp = y_cp + t_lo * stride_yt
+    x, dt, z, Bv, Cv = _load_token(xp, dtp, zp, Bp, Cp, stride_Bn, stride_Cn, c_ok, n2, N, BLOCK_N, OUTPUT)
+    # Unrolled by 2: the loop-carried prefetch then needs (almost) no register copies.
+    for _ in tl.range(t_lo, t_hi.to(tl.int64) - 1, loop_unroll_factor=2):
+        xp += stride_xt
+        dtp += stride_dtt
+        zp += stride_zt
+        Bp += stride_Bt
+        Cp += stride_Ct
+        x1, dt1, z1, B1, C1 = _load_token(xp, dtp, zp, Bp, Cp, stride_Bn, stride_Cn, c_ok, n2, N, BLOCK_N, OUTPUT)
+        h, S = _scan_step(h, S, A2, dt_bias, D, x, dt, z, Bv, Cv, yp, c_ok, OUTPUT, FAST)
+        yp += stride_yt
+        x, dt, z, Bv, Cv = x1, dt1, z1, B1, C1
+    return _scan_step(h, S, A2, dt_bias, D, x, dt, z, Bv, Cv, yp, c_ok, OUTPUT, FAST)
 
 
 @triton.jit
@@ -234,9 +201,8 @@ def _count_below(qsl_ptr, NSEQ, v_lo, v_hi, BLOCK_S: tl.constexpr):
 def _scan_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, qsl_ptr, slots_ptr, hend_ptr, dsum_ptr,
                              T, NSEQ, L, CH: tl.constexpr, N: tl.constexpr,
                              stride_xt, stride_xc, stride_dtt, stride_dtc, stride_Ac, stride_An,
-                             stride_Bt, stride_dtb, stride_hk, stride_hn, stride_hc, stride_dk, stride_dc,
-                             BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
-                             FAST: tl.constexpr):
+                             stride_Bt, stride_Bn, stride_dtb, stride_hk, stride_hn, stride_hc, stride_dk, stride_dc,
+                             BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FAST: tl.constexpr):
     """Pass 1, chunk program_id(0) x channels program_id(1)*BLOCK_C...: if the sequence holding the chunk's
     last token goes on past the chunk, scan its tokens in this chunk from a zero state; write that local end
     state to hend[chunk] ([N, CH]) and the sum of its deltas to dsum[chunk] ([CH])."""
@@ -259,8 +225,8 @@ def _scan_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, qsl_ptr, 
     dt_bias = tl.load(dt_bias_ptr + c * stride_dtb, mask=c_ok, other=0.0)
     h = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     h, S = _scan_tokens(h, A2, dt_bias, dt_bias, x_ptr + c * stride_xc, dt_ptr + c * stride_dtc, x_ptr + c,
-                        B_ptr, B_ptr, x_ptr + c, t_lo, e0, c_ok, n2, stride_xt, stride_dtt, 0, stride_Bt, 0, 0,
-                        N, BLOCK_N, TILE, OUTPUT=False, FAST=FAST)
+                        B_ptr, B_ptr, x_ptr + c, t_lo, e0, c_ok, n2, stride_xt, stride_dtt, 0, stride_Bt, stride_Bn,
+                        0, 0, 0, N, BLOCK_N, OUTPUT=False, FAST=FAST)
     k64 = k.to(tl.int64)
     _store_rows(hend_ptr + k64 * stride_hk + c * stride_hc, stride_hn, h, n2, c_ok, N)
     tl.store(dsum_ptr + k64 * stride_dk + c * stride_dc, S, mask=c_ok)
@@ -306,10 +272,10 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
                               qsl_ptr, slots_ptr, init_ptr, y_ptr, hend_ptr, hinit_ptr, T, NSEQ, L,
                               CH: tl.constexpr, N: tl.constexpr,
                               stride_xt, stride_xc, stride_dtt, stride_dtc, stride_Ac, stride_An,
-                              stride_Bt, stride_Ct, stride_zt, stride_zc,
+                              stride_Bt, stride_Bn, stride_Ct, stride_Cn, stride_zt, stride_zc,
                               stride_D, stride_dtb, stride_ss, stride_sc, stride_sn, stride_yt, stride_yc,
                               stride_hk, stride_hn, stride_hc, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_S: tl.constexpr, TILE: tl.constexpr, FAST: tl.constexpr):
+                              BLOCK_S: tl.constexpr, FAST: tl.constexpr):
     """Pass 3, chunk program_id(0) x channels: for each sequence with tokens in the chunk (or empty and
     starting in it), scan its tokens here from the state it enters the chunk with (hend[chunk - 1] from
     pass 2 if it started in an earlier chunk; hinit[chunk] if it starts here and goes on past the chunk;
@@ -351,8 +317,8 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
             if t_lo < t_hi:  # else an empty sequence: its state goes back as it came
                 h, _ = _scan_tokens(h, A2, dt_bias, D, x_ptr + c * stride_xc, dt_ptr + c * stride_dtc,
                                     z_ptr + c * stride_zc, B_ptr, C_ptr, y_ptr + c * stride_yc, t_lo, t_hi, c_ok, n2,
-                                    stride_xt, stride_dtt, stride_zt, stride_Bt, stride_Ct,
-                                    stride_yt, N, BLOCK_N, TILE, OUTPUT=True, FAST=FAST)
+                                    stride_xt, stride_dtt, stride_zt, stride_Bt, stride_Bn, stride_Ct, stride_Cn,
+                                    stride_yt, N, BLOCK_N, OUTPUT=True, FAST=FAST)
             if q1 <= e0:
                 _store_rows(states_ptr + slot.to(tl.int64) * stride_ss + c * stride_sc, stride_sn, h, n2, c_ok, N)
 
@@ -365,32 +331,17 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
 #   channels a thread 2, chains  65536  (8 chunks):  990 / 720
 #   channels a thread 2, chains 131072 (16 chunks): 1007 / 718
 # Chunk boundaries inside a sequence cost pass-1 work (16 x 256 with 512-token chunks has none).
-# Those rows are the token-by-token loop (tile 1); the tiled loop's choice is for benchmarks.kernels_mamba's
-# mamba1-prefill-sweep group to settle on the H200.
-
-
-@dataclass(frozen=True)
-class ScanBlocking:
-    """Prefill blocking: tile tokens a step of the token loop (a power of 2; 1 = token by token), warps and
-    channels a thread per program, and the token axis chunked until chunks x channels reaches `chains`
-    independent scans, chunks no shorter than min_chunk tokens."""
-
-    tile: int = 8
-    warps: int = 4
-    channels_per_thread: int = 1
-    chains: int = 98304
-    min_chunk: int = 64
-
-
-PREFILL_BLOCKING = ScanBlocking()
+PREFILL_WARPS = 4
+PREFILL_CHANNELS_PER_THREAD = 1
+PREFILL_CHAINS = 98304  # chunk the token axis until chunks x channels reaches this many independent scans
+PREFILL_MIN_CHUNK = 64
 
 
 def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                           C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, z: torch.Tensor,
                           ssm_states: torch.Tensor, query_start_loc: torch.Tensor, state_slots: torch.Tensor,
-                          has_initial_state: torch.Tensor, blocking: ScanBlocking | None = None) -> torch.Tensor:
-    """Triton version of selective_scan_varlen_ref (same arguments and result; no host sync); blocking:
-    PREFILL_BLOCKING when None.
+                          has_initial_state: torch.Tensor) -> torch.Tensor:
+    """Triton version of selective_scan_varlen_ref (same arguments and result; no host sync).
 
     The recurrence is sequential in time, and one sequence alone has only d_inner x N independent scans
     (131K at FalconMamba-7B, one channel's N states a thread: 8K threads, too few for a GPU), so the flat token
@@ -403,49 +354,41 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
       3. per chunk, every sequence segment in it rescanned from its true incoming state, writing y and, where
          the sequence ends, its final state.
     Passes 1 and 2 are skipped when one chunk holds all tokens; pass 1 does nothing for chunks whose last
-    sequence ends in them. Blocking: BLOCK_C channels a program, blocking.channels_per_thread a thread with
+    sequence ends in them. Blocking: BLOCK_C channels a program, PREFILL_CHANNELS_PER_THREAD a thread with
     their N states and A * log2(e) in registers, so the per-channel math (softplus, SiLU) is not replicated,
     the y = h C reduction stays in the thread, and the x/dt/z/y accesses of one token are coalesced across
     the warp; the per-token cost is N exp2 + 4N FMA-pipe ops + ~30 per-channel ops a channel. Memory is only
-    touched by 1D [BLOCK_C] accesses and scalars, so the [N, BLOCK_C] and [TILE, BLOCK_C] arithmetic keeps
-    that layout (a 2D load could give it another, with shared-memory shuffles and warp shuffles every token).
+    touched by 1D [BLOCK_C] accesses and scalars, so the [N, BLOCK_C] arithmetic keeps that layout (a 2D load
+    could give it another, with shared-memory shuffles and warp shuffles every token).
 
-    The token loop works blocking.tile tokens a step (see _scan_tokens): the token-by-token loop (~0.81 ms
-    for 4,096 tokens on the H200) was latency-bound, each token's DRAM loads consumed one token after they
-    were issued. At tile 8 (sm_90 SASS, not a timing) a token costs 148 instructions in pass 3's loop, 20 of
-    them MUFU (16 exp2, softplus' exp2 + log2, SiLU's exp2 + reciprocal: 160 cycles of a sub-partition's MUFU
-    a warp), and 107 with 18 MUFU in pass 1's: MUFU-bound if latency is hidden, whose floor at
-    FalconMamba-7B's 4,096 tokens in 12 chunks is ~0.16 ms (pass 3) + ~0.13 ms (pass 1)."""
-    blocking = PREFILL_BLOCKING if blocking is None else blocking
+    Where it stands (H100): ~0.84 ms for 4,096 tokens against ~0.3 ms of exp2 throughput (2 x 16 exp2 per
+    channel-token: passes 1 and 3). The token loop is latency-bound: the loads issued one token ahead are
+    consumed ~100 instructions later (ptxas packs the prefetched bf16 pairs), so every token waits on DRAM.
+    Next: prefetch several tokens ahead, or stage [tokens, channels] tiles through shared memory."""
     T, CH = x.shape
     N = A.shape[1]
     num_seqs = state_slots.shape[0]
     y = torch.empty_like(x)
     if T == 0 or num_seqs == 0:
         return y
-    BLOCK_C = blocking.channels_per_thread * 32 * blocking.warps
+    BLOCK_C = PREFILL_CHANNELS_PER_THREAD * 32 * PREFILL_WARPS
     fast = x.device.type == "cuda"
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_S = min(1024, triton.next_power_of_2(num_seqs))
-    n_chunks = max(1, min(triton.cdiv(blocking.chains, CH), triton.cdiv(T, blocking.min_chunk)))
+    n_chunks = max(1, min(triton.cdiv(PREFILL_CHAINS, CH), triton.cdiv(T, PREFILL_MIN_CHUNK)))
     L = triton.cdiv(triton.cdiv(T, n_chunks), 16) * 16
     n_chunks = triton.cdiv(T, L)
     c_blocks = triton.cdiv(CH, BLOCK_C)
-    # B and C are read by every thread for every token: converted once here to one fp32 [T, 2 N2] buffer
-    # (N2 = N rounded up to even; microseconds) that the token loop reads as int64 pairs.
-    N2 = N + N % 2
-    BC = torch.zeros(T, 2 * N2, device=x.device, dtype=torch.float32)
-    BC[:, :N], BC[:, N2:N2 + N] = B, C
-    BC = BC.view(torch.int64)
-    B, C = BC[:, :N2 // 2], BC[:, N2 // 2:]
+    # B and C are read by every thread for every token: converted once here ([T, N], microseconds), the
+    # token loop loads them ready.
+    B, C = B.float(), C.float()
     if n_chunks > 1:
         hbuf = torch.empty(2, n_chunks, N, CH, device=x.device, dtype=torch.float32)  # hend, hinit
         dsum = torch.empty(n_chunks, CH, device=x.device, dtype=torch.float32)
         _scan_chunk_state_kernel[(n_chunks, c_blocks)](
             x, dt, A, B, dt_bias, query_start_loc, state_slots, hbuf[0], dsum, T, num_seqs, L, CH, N,
-            *x.stride(), *dt.stride(), *A.stride(), B.stride(0), dt_bias.stride(0), *hbuf[0].stride(),
-            *dsum.stride(), BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, TILE=blocking.tile, FAST=fast,
-            num_warps=blocking.warps)
+            *x.stride(), *dt.stride(), *A.stride(), *B.stride(), dt_bias.stride(0), *hbuf[0].stride(),
+            *dsum.stride(), BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, FAST=fast, num_warps=PREFILL_WARPS)
         _scan_chunk_carry_kernel[(num_seqs, triton.cdiv(CH, 128))](
             A, ssm_states, query_start_loc, state_slots, has_initial_state, hbuf[0], hbuf[1], dsum, L, CH, N,
             *A.stride(), *ssm_states.stride(), *hbuf[0].stride(), *dsum.stride(), BLOCK_C=128, BLOCK_N=BLOCK_N,
@@ -456,9 +399,9 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     _scan_chunk_output_kernel[(n_chunks, c_blocks)](
         x, dt, A, B, C, D, dt_bias, z, ssm_states, query_start_loc, state_slots, has_initial_state, y, hend, hinit,
         T, num_seqs, L, CH, N,
-        *x.stride(), *dt.stride(), *A.stride(), B.stride(0), C.stride(0), *z.stride(), D.stride(0),
+        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z.stride(), D.stride(0),
         dt_bias.stride(0), *ssm_states.stride(), *y.stride(), *h_strides, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N,
-        BLOCK_S=BLOCK_S, TILE=blocking.tile, FAST=fast, num_warps=blocking.warps)
+        BLOCK_S=BLOCK_S, FAST=fast, num_warps=PREFILL_WARPS)
     return y
 
 

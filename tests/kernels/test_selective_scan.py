@@ -3,7 +3,6 @@ interpreted on CPU at small shapes (TRITON_INTERPRET=1), compiled on a GPU at Fa
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -19,8 +18,7 @@ from kernels.norm import split_rms_norm_ref  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PAD = -1
 
-# (sequence lengths, has_initial_state, state slots); slot -1 is a padded sequence. The default token tile is 8:
-# sequences shorter than one, lengths that are no multiple of it, several sequences inside one tile.
+# (sequence lengths, has_initial_state, state slots); slot -1 is a padded sequence. The kernel's time tile is 16.
 LAYOUTS = [
     ([1], [True], [2]),
     ([1, 3, 1], [False, True, True], [4, 0, 2]),
@@ -50,7 +48,7 @@ def _tokens(T: int, CH: int, N: int, dtype: torch.dtype):
     return x, dt, B, C, z
 
 
-def _check_varlen(lengths, init, slots, CH, N, dtype, state_dtype=torch.float32, blocking=None):
+def _check_varlen(lengths, init, slots, CH, N, dtype, state_dtype=torch.float32):
     num_slots = max(slots) + 2
     x, dt, B, C, z = _tokens(sum(lengths), CH, N, dtype)
     A, D, dt_bias = _params(CH, N)
@@ -60,7 +58,7 @@ def _check_varlen(lengths, init, slots, CH, N, dtype, state_dtype=torch.float32,
     init_t = torch.tensor(init, dtype=torch.bool, device=DEVICE)
     ref_states, out_states = states.clone(), states.clone()
     ref = ss.selective_scan_varlen_ref(x, dt, A, B, C, D, dt_bias, z, ref_states, qsl, slots_t, init_t)
-    out = ss.selective_scan_varlen(x, dt, A, B, C, D, dt_bias, z, out_states, qsl, slots_t, init_t, blocking)
+    out = ss.selective_scan_varlen(x, dt, A, B, C, D, dt_bias, z, out_states, qsl, slots_t, init_t)
     live = torch.cat([torch.full((n,), s >= 0, dtype=torch.bool) for n, s in zip(lengths, slots)]).to(DEVICE)
     tol = 1e-3 if dtype == torch.float32 else 1e-2
     assert _rel_err(out[live], ref[live]) < tol
@@ -110,8 +108,9 @@ def test_varlen_interpreted(lengths, init, slots):
 
 @pytest.fixture
 def chunk16(monkeypatch):
-    """Chunks of 16 tokens whatever the size (normally L keeps chunks x channels near the blocking's chains)."""
-    monkeypatch.setattr(ss, "PREFILL_BLOCKING", dataclasses.replace(ss.PREFILL_BLOCKING, min_chunk=16, chains=1 << 30))
+    """Chunks of 16 tokens whatever the size (normally L keeps chunks x channels near PREFILL_CHAINS)."""
+    monkeypatch.setattr(ss, "PREFILL_MIN_CHUNK", 16)
+    monkeypatch.setattr(ss, "PREFILL_CHAINS", 1 << 30)
 
 
 @pytest.mark.parametrize("lengths,init,slots", CHUNKED_LAYOUTS)
@@ -126,22 +125,12 @@ def test_varlen_chunked_bf16_channel_blocks_interpreted(chunk16):
 
 def test_varlen_chunked_full_blocks_interpreted(chunk16):
     """Channel blocks that tile the channels exactly (the unmasked loads the model shapes take)."""
-    block = ss.PREFILL_BLOCKING.channels_per_thread * 32 * ss.PREFILL_BLOCKING.warps
+    block = ss.PREFILL_CHANNELS_PER_THREAD * 32 * ss.PREFILL_WARPS
     _check_varlen([21, 12], [True, False], [1, 0], CH=block, N=16, dtype=torch.float32)
 
 
-def test_varlen_bf16_odd_state_interpreted():
-    """bf16, N odd (B and C are read as fp32 pairs: the last pair's upper half is padding)."""
-    _check_varlen([20, 3], [True, False], [0, 1], CH=16, N=7, dtype=torch.bfloat16)
-
-
-@pytest.mark.parametrize("tile", [1, 2, 4, 16])
-def test_varlen_chunked_tiles_interpreted(tile):
-    """Other token tiles (1: the token-by-token loop) over chunks of 16: sequences shorter than a tile, longer,
-    several in one tile, empty and padded ones, across chunk boundaries."""
-    blocking = dataclasses.replace(ss.PREFILL_BLOCKING, tile=tile, min_chunk=16, chains=1 << 30)
-    _check_varlen([3, 0, 21, 1, 9, 5], [True, False, True, True, False, True], [0, 1, 2, PAD, 3, 4],
-                  CH=24, N=16, dtype=torch.float32, blocking=blocking)
+def test_varlen_bf16_interpreted():
+    _check_varlen([20, 3], [True, False], [0, 1], CH=16, N=8, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("batch,pad_rows", [(1, ()), (5, (1, 4))])
@@ -165,15 +154,6 @@ def test_varlen_gpu(dtype):
 def test_varlen_long_gpu():
     """One 4,096-token sequence (the token axis in several chunks) after a short one, from a saved state."""
     _check_varlen([5, 4096], [False, True], [1, 0], CH=8192, N=16, dtype=torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("blocking", [ss.ScanBlocking(tile=1), ss.ScanBlocking(tile=4), ss.ScanBlocking(tile=16),
-                                      ss.ScanBlocking(tile=8, chains=49152), ss.ScanBlocking(tile=8, warps=8)])
-def test_varlen_blockings_gpu(blocking):
-    """The blockings the benchmark sweeps, on lengths that are no multiple of any tile, across chunks."""
-    _check_varlen([5, 3001, 1, 77, 1000], [False, True, True, False, True], [1, 0, 3, 2, PAD],
-                  CH=8192, N=16, dtype=torch.bfloat16, blocking=blocking)
 
 
 @pytest.mark.gpu
