@@ -67,9 +67,14 @@ def gemv_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.numel() < GEMV_MAX_WEIGHTS)
 
 
-def gemv_config(N: int, K: int, device: torch.device, block_n: int = 4, num_warps: int = 4,
+def gemv_config(N: int, K: int, device: torch.device, block_n: int = 4, num_warps: int | None = None,
                 waves: float = 2) -> dict:
-    """BLOCK_K = 16 bytes x 32 lanes x num_warps of 16-bit weights; split along K for ~waves programs an SM."""
+    """BLOCK_K = 16 bytes x 32 lanes x num_warps of 16-bit weights; split along K for ~waves programs an SM.
+    Default warps (H200 sweep, benchmarks/gemv.py): enough that one tile covers K up to 2048 (0.5B's
+    projections: 8 warps 2.9-3.3 us where 2 take 3.7-4.3), 2 for longer K (more programs an SM: the 7B's
+    lm_head 187 us with 2, 195 with 4)."""
+    if num_warps is None:
+        num_warps = max(2, triton.next_power_of_2(K // 256)) if K <= 2048 else 2
     bk = 8 * 32 * num_warps
     return dict(BLOCK_N=block_n, BLOCK_K=bk, num_warps=num_warps, num_stages=1,
                 SPLIT_K=split_for(triton.cdiv(N, block_n), K, bk, waves, device))
