@@ -107,10 +107,11 @@ def _columns(t, PACK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, k_end, offs_n,
-               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The GEMV's loads for the K tile at k0: words [BLOCK_K / pack, BLOCK_N], the group's scales and zero
-    points [BLOCK_N] (fp32) and x [BLOCK_K / pack, pack]; nothing at or past k_end."""
+def _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS: tl.constexpr, GROUP: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """The GEMVs' weight loads for the K tile at k0 (a tile lies in one group): its word rows, words
+    [BLOCK_K / pack, BLOCK_N], and the group's scales [BLOCK_N] (fp32) and zero points [BLOCK_N] (as stored);
+    nothing at or past k_end."""
     PACK: tl.constexpr = 32 // BITS
     rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
     mask_n = offs_n < N_W
@@ -119,10 +120,20 @@ def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, 
     g = tl.minimum(k0, K - 1) // GROUP
     in_range = mask_n & (offs_n * 0 + k0 < k_end)
     scale = tl.load(s_ptr + g * N_W + offs_n, mask=in_range, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + g * N_W + offs_n, mask=in_range, other=0).to(tl.float32)
+    zero = tl.load(z_ptr + g * N_W + offs_n, mask=in_range, other=0)
+    return rows, words, scale, zero
+
+
+@triton.jit
+def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, k_end, offs_n,
+               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 GEMV's loads for the K tile at k0: _word_tile's, zero points in fp32, and x [BLOCK_K / pack,
+    pack]; nothing at or past k_end."""
+    PACK: tl.constexpr = 32 // BITS
+    rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
     k = rows[:, None] * PACK + tl.arange(0, PACK)[None, :]
     xt = tl.load(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, k_end, HAS_PERM), mask=k < k_end, other=0.0)
-    return words, scale, zero, xt
+    return words, scale, zero.to(tl.float32), xt
 
 
 @triton.jit
@@ -223,24 +234,16 @@ def _half2_sum(h2):
 @triton.jit
 def _half2_gemv_tile(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS: tl.constexpr,
                      GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The half2 GEMV's loads for the K tile at k0: words [BLOCK_K / pack, BLOCK_N]; the group's scales
-    [BLOCK_N] fp32 and zero points [BLOCK_N] int32; x pairs [BLOCK_K / pack, 1], one load per pair
-    position p with offsets from rows[:, None] as the words', so each lands in the words' layout (no
-    shared-memory conversion); nothing at or past k_end."""
-    PACK: tl.constexpr = 32 // BITS
-    HALF_PACK: tl.constexpr = PACK // 2
-    rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-    mask_n = offs_n < N_W
-    words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
-                    mask=(rows < k_end // PACK)[:, None] & mask_n[None, :], other=0)
-    g = tl.minimum(k0, K - 1) // GROUP
-    in_range = mask_n & (offs_n * 0 + k0 < k_end)
-    scale = tl.load(s_ptr + g * N_W + offs_n, mask=in_range, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + g * N_W + offs_n, mask=in_range, other=0).to(tl.int32)
+    """The half2 GEMV's loads for the K tile at k0: _word_tile's, zero points in int32, and x pairs
+    [BLOCK_K / pack, 1], one load per pair position p with offsets from rows[:, None] as the words', so each
+    lands in the words' layout (no shared-memory conversion); nothing at or past k_end."""
+    HALF_PACK: tl.constexpr = 16 // BITS
+    rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
     x2 = ()
     for p in tl.static_range(HALF_PACK):
-        x2 = x2 + (tl.load(xh_ptr + rows[:, None] * HALF_PACK + p, mask=(rows < k_end // PACK)[:, None], other=0),)
-    return words, scale, zero, x2
+        x2 = x2 + (tl.load(xh_ptr + rows[:, None] * HALF_PACK + p, mask=(rows < k_end // (2 * HALF_PACK))[:, None],
+                           other=0),)
+    return words, scale, zero.to(tl.int32), x2
 
 
 @triton.jit
