@@ -69,20 +69,19 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: t
                                                    batch.slot_mapping)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           gemv_max_weights: float = gemv_kernels.GEMV_MAX_WEIGHTS) -> torch.Tensor:
     """x [T, K] @ W^T + bias for a 16-bit weight: one row on CUDA through the Triton GEMV where the H200
     measured it faster than cuBLAS (kernels/gemv.py gemv_faster), else F.linear."""
-    if x.is_cuda and not _FORCE_TORCH and gemv_kernels.gemv_faster(x, weight):
+    if x.is_cuda and not _FORCE_TORCH and gemv_kernels.gemv_faster(x, weight, gemv_max_weights):
         return gemv_kernels.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, d] @ W^T: one row on CUDA through the GEMV at any vocabulary (H200, benchmarks/gemv.py: the
-    Falcon-H1-7B head 186 against cuBLAS's 218 us, FalconMamba's 129 against 147), else F.linear."""
-    if x.is_cuda and not _FORCE_TORCH and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16):
-        return gemv_kernels.gemv(x, weight)
-    return F.linear(x, weight)
+    """linear without the GEMV's size limit: at one row it beats cuBLAS at every vocabulary (H200,
+    benchmarks/gemv.py: the Falcon-H1-7B head 187 against 220 us, FalconMamba's 130 against 148)."""
+    return linear(x, weight, None, gemv_max_weights=float("inf"))
 
 
 def quant_linear(x: torch.Tensor, layer) -> torch.Tensor:

@@ -61,10 +61,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, str
 GEMV_MAX_WEIGHTS = 1 << 26
 
 
-def gemv_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether one row of x times this 16-bit projection should take the GEMV rather than cuBLAS."""
+def gemv_faster(x: torch.Tensor, weight: torch.Tensor, max_weights: float = GEMV_MAX_WEIGHTS) -> bool:
+    """Whether one row of x times this 16-bit weight (fewer than max_weights elements) should take the GEMV
+    rather than cuBLAS."""
     return (x.dim() == 2 and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16)
-            and weight.numel() < GEMV_MAX_WEIGHTS)
+            and weight.numel() < max_weights)
 
 
 def gemv_config(N: int, K: int, device: torch.device, block_n: int = 4, num_warps: int | None = None,

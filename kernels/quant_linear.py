@@ -237,12 +237,12 @@ def _half2_gemv_tile(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BI
     """The half2 GEMV's loads for the K tile at k0: _word_tile's, zero points in int32, and x pairs
     [BLOCK_K / pack, 1], one load per pair position p with offsets from rows[:, None] as the words', so each
     lands in the words' layout (no shared-memory conversion); nothing at or past k_end."""
-    HALF_PACK: tl.constexpr = 16 // BITS
+    PACK: tl.constexpr = 32 // BITS
+    HALF_PACK: tl.constexpr = PACK // 2
     rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
     x2 = ()
     for p in tl.static_range(HALF_PACK):
-        x2 = x2 + (tl.load(xh_ptr + rows[:, None] * HALF_PACK + p, mask=(rows < k_end // (2 * HALF_PACK))[:, None],
-                           other=0),)
+        x2 = x2 + (tl.load(xh_ptr + rows[:, None] * HALF_PACK + p, mask=(rows < k_end // PACK)[:, None], other=0),)
     return words, scale, zero.to(tl.int32), x2
 
 
