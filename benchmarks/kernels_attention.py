@@ -1,7 +1,8 @@
 """GPU benchmark of the attention-path Triton kernels at Falcon-H1-7B shapes (Hq 12, Hkv 2, head_dim 128,
-block size 16, bf16): paged decode attention (bandwidth: K/V bytes read), causal prefill attention (TFLOP/s),
-rms_norm / add_rms_norm (bandwidth). Times are triton.testing.do_bench medians; decode is also timed replayed
-from a CUDA graph, as the server runs it.
+block size 16, bf16): paged decode attention (bandwidth: K/V bytes read), causal prefill attention (TFLOP/s)
+against torch SDPA per backend (flash, cuDNN, torch's own choice) on the same data made contiguous, rms_norm /
+add_rms_norm (bandwidth). Times are triton.testing.do_bench medians, decode and prefill also replayed from a
+CUDA graph, as the server runs them (the prefill rates are from the replay).
 
     python benchmarks/kernels_attention.py --out benchmarks/results_kernels_attention.md [--sweep]
 
@@ -21,13 +22,16 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.ceilings import measure_ceilings
 from benchmarks.report import emit
 from kernels import attention, norm  # noqa: E402
 
-PEAK_BYTES_S = 3.0e12  # H100 SXM HBM3
-PEAK_FLOPS = 800e12  # H100 SXM dense bf16
+PEAK_BYTES_S = 3.0e12  # the device's copy ceiling and bf16 matmul rate: measured by main() before any timing
+PEAK_FLOPS = 800e12
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, HIDDEN = 12, 2, 128, 16, 3072
 DTYPE = torch.bfloat16
 SCALE = HEAD_DIM**-0.5
@@ -106,41 +110,79 @@ def name_of(cfg: dict | None) -> str:
     return "prefill" if cfg is None else "prefill " + " ".join(f"{k}={v}" for k, v in cfg.items())
 
 
+# (sequences, new tokens, context) of the prefill cases: every sequence of a case has the same lengths, so SDPA
+# can take the case as one dense batch.
+PREFILL_CASES = ((1, 4096, 4096), (1, 2048, 4096), (16, 256, 256), (4, 1024, 4096))
+SDPA_BACKENDS = {"flash": [SDPBackend.FLASH_ATTENTION], "cuDNN": [SDPBackend.CUDNN_ATTENTION],
+                 "torch's choice": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
+
+
+def contiguous_qkv(batch: dict, num_seqs: int, n_new: int, seq_len: int) -> tuple[torch.Tensor, ...]:
+    """The batch's q [B, Hq, n_new, D] and its context's K, V [B, Hq, seq_len, D] (KV heads repeated), contiguous:
+    the same data as the pages hold, as SDPA takes it."""
+    blocks = batch["block_tables"][:, : triton.cdiv(seq_len, BLOCK_SIZE)].long()
+    q = batch["q"].view(num_seqs, n_new, Q_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    k, v = (cache[blocks].flatten(1, 2)[:, :seq_len].repeat_interleave(Q_HEADS // KV_HEADS, 2).transpose(1, 2)
+            .contiguous() for cache in (batch["k_cache"], batch["v_cache"]))
+    return q, k, v
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Causal SDPA restricted to one backend (or torch's choice), aligned bottom-right when the queries are the
+    last of a longer context."""
+    with sdpa_kernel(SDPA_BACKENDS[backend]):
+        if q.shape[2] == k.shape[2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
+                                              scale=SCALE)
+
+
 def prefill_rows(sweep: bool) -> list[list[str]]:
+    """Per case: the paged Triton kernel (its tile settings with --sweep) and torch SDPA on the same data made
+    contiguous, per backend; every output checked against paged_attention_ref first."""
     rows = []
     default_config = attention._prefill_config
-    for n_new, seq_len in ((4096, 4096), (2048, 4096)):
-        batch = paged_batch([(n_new, seq_len)], 0)
-        flops = causal_flops(n_new, seq_len)
-        configs = [None]
+    for num_seqs, n_new, seq_len in PREFILL_CASES:
+        batch = paged_batch([(n_new, seq_len)] * num_seqs, 0)
+        flops = num_seqs * causal_flops(n_new, seq_len)
+        shape = f"{num_seqs} x ({n_new} new + {seq_len - n_new} cached)"
+        ref = attention.paged_attention_ref(**batch)
+        q, k, v = contiguous_qkv(batch, num_seqs, n_new, seq_len)
+        candidates = {"prefill (paged, Triton)": attend(batch)}
+        for backend in SDPA_BACKENDS:
+            candidates[f"torch SDPA {backend} (contiguous)"] = functools.partial(sdpa, q, k, v, backend)
         if sweep:
-            configs += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-                        for bm, bn, w, st in ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3),
-                                              (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                                              (128, 128, 8, 3), (128, 32, 4, 3), (256, 64, 8, 3))]
-        for cfg in configs:
-            if cfg is not None:
-                attention._prefill_config = lambda dtype, cfg=cfg: cfg
+            for bm, bn, w, st in ((64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3)):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                candidates[name_of(cfg)] = functools.partial(prefill_with, cfg, batch)
+        for name, fn in candidates.items():
             try:
-                t = bench(attend(batch))
-            except Exception as e:  # a setting that does not fit in shared memory is reported, not fatal
-                rows.append([name_of(cfg), f"{n_new} new + {seq_len - n_new} cached", "failed", type(e).__name__,
-                             "", "", ""])
+                out = fn()
+                if out.dim() == 4:  # SDPA's [B, H, n_new, D]
+                    out = out.transpose(1, 2).reshape(ref.shape)
+                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                assert err < 1e-2, f"{name}: max |out - ref| / max |ref| = {err:.1e}"
+                t, tg = bench(fn), bench_graph(fn)
+            except (RuntimeError, triton.runtime.errors.OutOfResources) as e:  # no such kernel for this case
+                rows.append([name, shape, "failed", str(e).splitlines()[0][:80], "", "", ""])
                 continue
-            finally:
-                attention._prefill_config = default_config
-            rows.append([name_of(cfg), f"{n_new} new + {seq_len - n_new} cached", f"{t * 1e6:.1f}", "",
-                         f"{flops / 1e9:.1f} GFLOP", f"{flops / t / 1e12:.0f} TFLOP/s",
-                         f"{flops / t / PEAK_FLOPS:.0%}"])
-        if seq_len == n_new:  # reference point: torch SDPA (flash) over contiguous K/V with the heads repeated
-            q = batch["q"].transpose(0, 1)[None]
-            k, v = (torch.randn(1, Q_HEADS, seq_len, HEAD_DIM, device="cuda", dtype=DTYPE) for _ in range(2))
-            t = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE))
-            rows.append(["torch SDPA (contiguous, reference)", f"{n_new} new", f"{t * 1e6:.1f}", "",
-                         f"{flops / 1e9:.1f} GFLOP", f"{flops / t / 1e12:.0f} TFLOP/s",
-                         f"{flops / t / PEAK_FLOPS:.0%}"])
-        del batch
+            rows.append([name, shape, f"{t * 1e6:.1f}", f"{tg * 1e6:.1f}", f"{flops / 1e9:.1f} GFLOP",
+                         f"{flops / tg / 1e12:.0f} TFLOP/s", f"{flops / tg / PEAK_FLOPS:.0%}"])
+            print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr, flush=True)
+        attention._prefill_config = default_config
+        del batch, ref, q, k, v
     return rows
+
+
+def prefill_with(cfg: dict, batch: dict) -> torch.Tensor:
+    """The Triton prefill kernel under other tile settings."""
+    default = attention._prefill_config
+    attention._prefill_config = lambda dtype: cfg
+    try:
+        return attention.paged_attention(**batch)
+    finally:
+        attention._prefill_config = default
 
 
 def norm_rows(sweep: bool) -> list[list[str]]:
@@ -180,6 +222,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=("decode", "prefill", "norm"),
                         default=("decode", "prefill", "norm"), help="kernel groups to time")
     args = parser.parse_args()
+    global PEAK_BYTES_S, PEAK_FLOPS
+    ceilings = measure_ceilings()
+    PEAK_BYTES_S, PEAK_FLOPS = ceilings.hbm_bytes_per_s, ceilings.bf16_flops
     torch.manual_seed(0)
     header = ["kernel", "shape", "time (us)", "CUDA graph (us)", "bytes / work", "achieved", "of peak"]
     groups = {"decode": decode_rows, "prefill": prefill_rows, "norm": norm_rows}
@@ -187,7 +232,8 @@ def main() -> None:
     lines = [
         f"Falcon-H1-7B attention-path kernels, {datetime.date.today().isoformat()}, "
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}. "
-        "Peaks: 3.0 TB/s HBM, 800 TFLOP/s bf16 dense. Decode bytes = K + V read; norm bytes = reads + writes.",
+        f"Peaks measured in this run: copy {PEAK_BYTES_S / 1e12:.2f} TB/s, bf16 matmul {PEAK_FLOPS / 1e12:.0f} "
+        "TFLOP/s. Decode bytes = K + V read; norm bytes = reads + writes.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
