@@ -488,7 +488,7 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
     6.3 against 7.3: the separate gather launch is the difference); 4 KB of Int4 words a tile, about 4
     programs per SM, 8 at N >= 8192; Int8 at N >= 8192 8 KB tiles, 4 warps, ~4 programs per SM (3072 x 8728
     13.9 against 16.6 us with the fp32 GEMV's 128 x 64 tiles). 2 to 64 rows: the planes GEMM with the reshaping
-    GEMM's measured 16-32-row tiles (64 x 128, 4 warps, 4 stages; not yet swept for it)."""
+    GEMM's measured 16-32-row tiles (BLOCK_N 64, BLOCK_K 128, 4 warps, 4 stages; not yet swept for it)."""
     if M == 1:
         wide = N >= 8192
         bn, bk, warps, waves = (64, 128, 4, 4) if bits == 8 and wide else (64, 128, 2, 8 if wide else 4)
@@ -572,7 +572,7 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         return split_k_launch(_gptq_gemv_kernel, x, args, bias, N, 1, cfg, BITS=bits, GROUP=group_size,
                               HAS_PERM=perm is not None)
     tile_in_group = _tile_in_group(cfg["BLOCK_K"], group_size, K)
-    if kind == "planes":  # x gathered (by perm) and put in plane order once here, not in each of the N / BLOCK_N
+    if kind == "planes":  # x gathered (by perm) into plane order once here, not in each of the N / BLOCK_N programs
         assert tile_in_group or group_size % (32 // bits) == 0, "the planes GEMM needs groups of whole words"
         ptx = tile_in_group and _ptx_dequant(x.device, x.dtype, bits)
         return split_k_launch(_gptq_planes_kernel, x, (qweight, scales, zeros, N_W), bias, N, cfg["BLOCK_M"], cfg,
