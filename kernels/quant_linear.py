@@ -21,10 +21,11 @@ Decoding streams the weights, so the kernels spend as few instructions per weigh
 - 2 to 64 rows (decode at several sequences): the "planes" GEMM, tl.dot on exact (q - z) tiles in the
   activation dtype, one dot per code position j of the words ("plane" j: the channels pack r + j of word rows
   r) on the words as loaded. x is gathered once per call (act-order's perm and this order in one launch) so
-  that each plane's channels are contiguous columns; Int4 with bf16 / fp16 x is dequantized on CUDA two
-  planes at a time in bf16x2 / f16x2 (a shift, one lop3 onto 128 = 0x4300 or 1024 = 0x6400, one sub: 11
-  instructions a word of 8 weights), else each plane by the fp32 2^23 trick. From 65 rows: one dot per K tile
-  on the words split by shifts and reshaped into channel order;
+  that each plane's channels are contiguous columns; Int4 with bf16 / fp16 x is dequantized on CUDA in
+  bf16x2 / f16x2, two words at a time (their halves paired by two prmt, then per plane a shift, one lop3
+  onto 128 = 0x4300 or 1024 = 0x6400 and one sub: about 1.5 instructions a weight, the pairs already as the
+  tensor cores read them), else each plane by the fp32 2^23 trick. From 65 rows: one dot per K tile on the
+  words split by shifts and reshaped into channel order;
 - split along K so that even one row keeps every SM streaming (kernels/split_k.py: one launch), and
   act-order's gather of x done inside the kernel.
 Long prefills dequantize each weight into a 16-bit scratch and use cuBLAS.
@@ -368,23 +369,34 @@ def _gather_x_planes_kernel(x_ptr, perm_ptr, out_ptr, K, K_PAD, stride_xm, BITS:
     tl.store(out_ptr + m * K_PAD + c, xk, mask=c < K_PAD)
 
 
+def _int4_planes_asm(magic: int, sub: str) -> str:
+    """_int4_planes' PTX: $8 / $9 two words, $10 / $11 their magic + z pairs; out $0-$7 planes 0-7, each two 16-bit
+    values (one per word)."""
+    lines = ["prmt.b32 l, $8, $9, 0x5410;", "prmt.b32 h, $8, $9, 0x7632;", "prmt.b32 z, $10, $11, 0x5410;"]
+    for j in range(8):
+        src = "l" if j < 4 else "h"
+        if j % 4:
+            lines.append(f"shr.b32 {src}, {src}, 4;")
+        lines.append(f"lop3.b32 t, {src}, 0x000F000F, {magic:#010x}, 0xEA; {sub} ${j}, t, z;")
+    return "{ .reg .b32 l, h, z, t; " + " ".join(lines) + " }"
+
+
+INT4_PLANES_BF16 = tl.constexpr(_int4_planes_asm(0x43004300, "sub.rn.bf16x2"))
+INT4_PLANES_F16 = tl.constexpr(_int4_planes_asm(0x64006400, "sub.rn.f16x2"))
+
+
 @triton.jit
-def _int4_planes(shifted, magic_z, DTYPE: tl.constexpr):
-    """(q - z of the code at bits 0-3, q - z of the code at bits 16-19) of every word of `shifted`, exact in DTYPE
-    (bf16 or fp16): one lop3 puts both codes into the mantissa of the 16-bit magic number (bf16 128 = 0x4300,
-    fp16 1024 = 0x6400; the ulp there is 1, so magic | q reads as magic + q), one sub.{bf16x2, f16x2} of
-    magic_z (magic + z in both halves) leaves q - z. 2 instructions for 2 weights (CUDA only: inline PTX)."""
-    if DTYPE == tl.bfloat16:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 c, d; lop3.b32 c, $2, 0x000F000F, 0x43004300, 0xEA; sub.rn.bf16x2 d, c, $3; "
-            "mov.b32 {$0, $1}, d; }", "=h,=h,r,r", [shifted, magic_z], dtype=(tl.int16, tl.int16), is_pure=True,
-            pack=1)
-    else:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 c, d; lop3.b32 c, $2, 0x000F000F, 0x64006400, 0xEA; sub.rn.f16x2 d, c, $3; "
-            "mov.b32 {$0, $1}, d; }", "=h,=h,r,r", [shifted, magic_z], dtype=(tl.int16, tl.int16), is_pure=True,
-            pack=1)
-    return lo.to(DTYPE, bitcast=True), hi.to(DTYPE, bitcast=True)
+def _int4_planes(words, magic_z, DTYPE: tl.constexpr):
+    """q - z of the 8 codes of every word, the 8 planes, exact in DTYPE (bf16 or fp16): one lop3 puts a code into
+    the mantissa of the 16-bit magic number (bf16 128 = 0x4300, fp16 1024 = 0x6400; the ulp there is 1, so
+    magic | q reads as magic + q), one sub.{bf16x2, f16x2} of magic_z (magic + z) leaves q - z. Two words at a
+    time: their low halves paired (one prmt), their high halves paired, then a shift, lop3 and sub give a plane
+    for both words (the pairs the tensor cores read when the two are neighbours along K, as Triton packs them).
+    CUDA only: inline PTX."""
+    asm: tl.constexpr = INT4_PLANES_BF16 if DTYPE == tl.bfloat16 else INT4_PLANES_F16
+    planes = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, magic_z],
+                                       dtype=(tl.int16,) * 8, is_pure=True, pack=2)
+    return [p.to(DTYPE, bitcast=True) for p in planes]
 
 
 @triton.jit
@@ -404,8 +416,8 @@ def _gptq_planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_p
     plane order (gather_x_planes_ref), so plane j of a K tile, the codes at position j of its words
     [BLOCK_K / pack, BLOCK_N], multiplies the contiguous x columns [j rows, (j + 1) rows) of the tile: one dot
     per plane on the words as loaded, no reshape. TILE_IN_GROUP: a K tile lies in one group, so the dots run
-    on exact q - z and the scale comes after them; then PTX_DEQUANT (Int4, 16-bit x, CUDA) dequantizes two
-    planes at a time in bf16x2 / f16x2 (_int4_planes), else each plane in fp32 (2^23 + q, exact). Without
+    on exact q - z and the scale comes after them; then PTX_DEQUANT (Int4, 16-bit x, CUDA) dequantizes the 8
+    planes in bf16x2 / f16x2 (_int4_planes), else each plane in fp32 (2^23 + q, exact). Without
     TILE_IN_GROUP each weight is scaled (in fp32) before the dot."""
     PACK: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = BLOCK_K // PACK
@@ -431,10 +443,9 @@ def _gptq_planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_p
             if PTX_DEQUANT:  # pair p: planes p and p + 4, the codes at bits 4p and 16 + 4p
                 MAGIC_16: tl.constexpr = 0x4300 if DTYPE == tl.bfloat16 else 0x6400
                 magic_z = tl.broadcast_to(((MAGIC_16 + zero.to(tl.int32)) * 0x10001)[None, :], (ROWS, BLOCK_N))
-                for p in tl.static_range(PACK // 2):
-                    lo, hi = _int4_planes(words >> (4 * p), magic_z, DTYPE)
-                    part = tl.dot(tl.load(x_plane + p * ROWS, mask=x_mask, other=0.0), lo, part)
-                    part = tl.dot(tl.load(x_plane + (p + PACK // 2) * ROWS, mask=x_mask, other=0.0), hi, part)
+                planes = _int4_planes(words, magic_z, DTYPE)
+                for j in tl.static_range(PACK):
+                    part = tl.dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0), planes[j], part)
             else:
                 zero_f = zero.to(tl.float32)[None, :] + TWO_23
                 for j in tl.static_range(PACK):
