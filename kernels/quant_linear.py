@@ -387,16 +387,15 @@ INT4_PLANES_F16 = tl.constexpr(_int4_planes_asm(0x64006400, "sub.rn.f16x2"))
 
 @triton.jit
 def _int4_planes(words, magic_z, DTYPE: tl.constexpr):
-    """q - z of the 8 codes of every word, the 8 planes, exact in DTYPE (bf16 or fp16): one lop3 puts a code into
-    the mantissa of the 16-bit magic number (bf16 128 = 0x4300, fp16 1024 = 0x6400; the ulp there is 1, so
-    magic | q reads as magic + q), one sub.{bf16x2, f16x2} of magic_z (magic + z) leaves q - z. Two words at a
-    time: their low halves paired (one prmt), their high halves paired, then a shift, lop3 and sub give a plane
-    for both words (the pairs the tensor cores read when the two are neighbours along K, as Triton packs them).
-    CUDA only: inline PTX."""
+    """q - z of the 8 codes of every word, the 8 planes, exact in DTYPE (bf16 or fp16), as int16 bits: one lop3
+    puts a code into the mantissa of the 16-bit magic number (bf16 128 = 0x4300, fp16 1024 = 0x6400; the ulp
+    there is 1, so magic | q reads as magic + q), one sub.{bf16x2, f16x2} of magic_z (magic + z) leaves q - z.
+    Two words at a time: their low halves paired (one prmt), their high halves paired, then a shift, lop3 and
+    sub give a plane for both words (the pairs the tensor cores read when the two are neighbours along K, as
+    Triton packs them). CUDA only: inline PTX."""
     asm: tl.constexpr = INT4_PLANES_BF16 if DTYPE == tl.bfloat16 else INT4_PLANES_F16
-    planes = tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, magic_z],
-                                       dtype=(tl.int16,) * 8, is_pure=True, pack=2)
-    return [p.to(DTYPE, bitcast=True) for p in planes]
+    return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, magic_z],
+                                     dtype=(tl.int16,) * 8, is_pure=True, pack=2)
 
 
 @triton.jit
@@ -445,7 +444,8 @@ def _gptq_planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_p
                 magic_z = tl.broadcast_to(((MAGIC_16 + zero.to(tl.int32)) * 0x10001)[None, :], (ROWS, BLOCK_N))
                 planes = _int4_planes(words, magic_z, DTYPE)
                 for j in tl.static_range(PACK):
-                    part = tl.dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0), planes[j], part)
+                    part = tl.dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0),
+                                  planes[j].to(DTYPE, bitcast=True), part)
             else:
                 zero_f = zero.to(tl.float32)[None, :] + TWO_23
                 for j in tl.static_range(PACK):
