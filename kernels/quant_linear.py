@@ -498,8 +498,9 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
     24576 21.7 against the fp32 GEMV's 29.3 us), the fp32 one below (3072 x 3072 8.4 against 8.4, 1536 x 3072
     6.3 against 7.3: the separate gather launch is the difference); 4 KB of Int4 words a tile, about 4
     programs per SM, 8 at N >= 8192; Int8 at N >= 8192 8 KB tiles, 4 warps, ~4 programs per SM (3072 x 8728
-    13.9 against 16.6 us with the fp32 GEMV's 128 x 64 tiles). 2 to 64 rows: the planes GEMM with the reshaping
-    GEMM's measured 16-32-row tiles (BLOCK_N 64, BLOCK_K 128, 4 warps, 4 stages; not yet swept for it)."""
+    13.9 against 16.6 us with the fp32 GEMV's 128 x 64 tiles). 2 to 64 rows: the planes GEMM, BLOCK_N 64, BLOCK_K
+    128, 4 warps, 3 stages (the H200 sweep at 16 and 32 rows: best or within ~8% of it at every 7B and
+    FalconMamba shape; 4 stages 2-7% slower)."""
     if M == 1:
         wide = N >= 8192
         bn, bk, warps, waves = (64, 128, 4, 4) if bits == 8 and wide else (64, 128, 2, 8 if wide else 4)
@@ -511,7 +512,7 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
         return dict(kind="gemv_half2" if half2 else "gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
                     num_stages=1)
     if M <= PLANES_MAX_ROWS:  # a plane's dot needs 16 word rows: BLOCK_K 128 (Int4) / 64 (Int8) at least
-        kind, bm, bn, bk, warps, stages = "planes", (16 if M <= 16 else 32 if M <= 32 else 64), 64, 128, 4, 4
+        kind, bm, bn, bk, warps, stages = "planes", (16 if M <= 16 else 32 if M <= 32 else 64), 64, 128, 4, 3
     else:
         kind, bm, bn, bk, warps, stages = "gemm", 128, 128, 64, 8, 3
     split = split_for(triton.cdiv(N, bn) * triton.cdiv(M, bm), K, bk, 4, device)

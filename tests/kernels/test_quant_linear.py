@@ -244,7 +244,7 @@ def test_gptq_planes_kernel_gpu(K, N, M, bits, dtype):
 
 PLANES_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
                   dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=256, num_warps=8, num_stages=3),
-                  dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4)]
+                  dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3)]  # 4 stages: Int8 over 227 KB
 
 
 @pytest.mark.gpu
