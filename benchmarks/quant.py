@@ -12,9 +12,9 @@ weight-only (Triton) and FP8 as the engine runs it (kernels/fp8_linear.py: weigh
 torch._scaled_mm with activations quantized per row from there). Each timing is a CUDA
 graph of calls that cycle through enough weight copies to miss the 50-60 MB L2, replayed; "achieved" is
 weight bytes (codes, scales and zero points included) per call over the time, against a device-to-device
-copy (bytes read + written, benchmarks/ceilings.py). The sweep tries GPTQ (GEMV and tl.dot kernels) and FP8
-weight-only tile configs at 1 / 16 / 32 rows, each checked against the reference, against the default
-heuristic. End to end: decode tok/s at --seqs
+copy (bytes read + written, benchmarks/ceilings.py). The sweep tries GPTQ (GEMV, planes and reshaping tl.dot
+kernels) and FP8 weight-only tile configs at 1 / 16 / 32 rows, each checked against the reference, against the
+default heuristic. End to end: decode tok/s at --seqs
 sequences, a 4k prefill, the weight bytes and how many 4k-context sequences fit. Stops starting new
 measurements after --budget-s.
 """
@@ -115,8 +115,9 @@ def _copies(w: tuple, nbytes: int) -> list[tuple]:
 
 def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
     """The tile configs the sweep tries: at one row the half2 GEMV (the default) and the fp32 one it replaced
-    (tiles of 8-32 word rows, 2-4 warps), the tl.dot kernel at 16-32 rows, each split for several waves of
-    programs."""
+    (tiles of 8-32 word rows, 2-4 warps); at more rows the planes GEMM (the default to 64 rows: BLOCK_M the
+    rows rounded up to 16 / 32 / 64 and the next size, BLOCK_N 64 / 128, BLOCK_K 128 / 256, 4 / 8 warps, 2-4
+    stages) and the reshaping tl.dot kernel it replaced; each split for several waves of programs."""
     pack, dev = 32 // bits, torch.device("cuda")
     out = []
     if M == 1:
@@ -134,6 +135,13 @@ def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
         tiles = -(-N // bn) * -(-M // bm)
         out += [dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages,
                      SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (2, 4)]
+    fits = 16 if M <= 16 else 32 if M <= 32 else 64  # as matmul_config picks it
+    for bm in sorted({fits, min(2 * fits, 64)}):
+        for bn, bk, warps in ((64, 128, 4), (128, 128, 4), (128, 128, 8), (64, 256, 4), (128, 256, 8)):
+            tiles = -(-N // bn) * -(-M // bm)
+            for stages in (2, 3, 4):
+                out += [dict(kind="planes", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                             SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (4, 8)]
     return out
 
 
@@ -209,7 +217,8 @@ def sweep(models: list[str], deadline: float, ceiling: float, rows: list[int], p
     cases = sweep_cases(models, rows)
     verdicts = json.loads(checked.read_text()) if checked else check_cases(cases, procs)
     lines = ["| GEMM (K x N) | format | rows | bf16 us | default us (of copy ceiling) | best us (of copy ceiling) | "
-             "best config | best gemv us | best gemm us | wrong |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "best config | best gemv us | best gemm us | best planes us | wrong |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     bf16_us = {}
     for case, verdict in zip(cases, verdicts):
         if time.perf_counter() > deadline:
@@ -233,7 +242,8 @@ def sweep(models: list[str], deadline: float, ceiling: float, rows: list[int], p
         wrong = sum(v.startswith("wrong") for v in verdict)
         lines.append(f"| {K} x {N} | {fmt} | {rows} | {bf16_us[K, N, rows]:.1f} | {default_t * 1e6:.1f} "
                      f"({nbytes / default_t / ceiling:.0%}) | {best[0] * 1e6:.1f} ({nbytes / best[0] / ceiling:.0%}) | "
-                     f"{best[1]} | {by_kind.get('gemv', 0) * 1e6:.1f} | {by_kind.get('gemm', 0) * 1e6:.1f} | {wrong} |")
+                     f"{best[1]} | {by_kind.get('gemv', 0) * 1e6:.1f} | {by_kind.get('gemm', 0) * 1e6:.1f} | "
+                     f"{by_kind.get('planes', 0) * 1e6:.1f} | {wrong} |")
         print(lines[-1], flush=True)
         del copies
     return lines

@@ -17,15 +17,23 @@ Decoding streams the weights, so the kernels spend as few instructions per weigh
 - one row (decode at one sequence): a GEMV, no tensor cores; for weights of 2^24 codes and more, in half2 on
   CUDA (x gathered and paired in fp16 once per call, codes turned into fp16 by one lop3 on 1024 = 0x6400 two
   at a time, sub.f16x2 and fma.rn.f16x2: 1.5 instructions a weight where the fp32 GEMV, kind "gemv", spends
-  about 3; the fp32 GEMV also runs smaller weights and under the interpreter); several rows: tl.dot
-  on exact (q - z) tiles in the activation dtype, one dot per code position of the word (that position's
-  channels are every pack-th one: x is read strided, the weights as stored);
+  about 3; the fp32 GEMV also runs smaller weights and under the interpreter);
+- 2 to 64 rows (decode at several sequences): the "planes" GEMM, tl.dot on exact (q - z) tiles in the
+  activation dtype, one dot per code position j of the words ("plane" j: the channels pack r + j of word rows
+  r) on the words as loaded. x is gathered once per call (act-order's perm and this order in one launch) so
+  that each plane's channels are contiguous columns; Int4 with bf16 / fp16 x is dequantized on CUDA in
+  bf16x2 / f16x2, two words at a time (their halves paired by two prmt, then per plane a shift, one lop3
+  onto 128 = 0x4300 or 1024 = 0x6400 and one sub: about 1.5 instructions a weight, the pairs already as the
+  tensor cores read them), else each plane by the fp32 2^23 trick. From 65 rows: one dot per K tile on the
+  words split by shifts and reshaped into channel order;
 - split along K so that even one row keeps every SM streaming (kernels/split_k.py: one launch), and
   act-order's gather of x done inside the kernel.
 Long prefills dequantize each weight into a 16-bit scratch and use cuBLAS.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -292,9 +300,9 @@ def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr
                       K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr,
                       GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores (x already gathered by perm).
-    Each word is loaded once and split by shifts into a [BLOCK_K / pack, pack, BLOCK_N] tile (channels in
-    order). TILE_IN_GROUP: a K tile lies in one group, so the dot runs on exact q - z and the scale comes
+    """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores (x already gathered by perm),
+    from 65 rows on. Each word is loaded once and split by shifts into a [BLOCK_K / pack, pack, BLOCK_N] tile
+    (channels in order). TILE_IN_GROUP: a K tile lies in one group, so the dot runs on exact q - z and the scale comes
     after it; else each weight is scaled before the dot."""
     PACK: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = BLOCK_K // PACK
@@ -336,6 +344,127 @@ def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr
     store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K, HAS_BIAS, SPLIT)
 
 
+def gather_x_planes_ref(x: torch.Tensor, perm: torch.Tensor | None, bits: int, block_k: int) -> torch.Tensor:
+    """x [M, K] -> [M, K_pad] (K_pad: K rounded up to block_k, zeros past K): x[:, perm] (if perm) with the
+    columns of each block_k tile in plane order, as the planes GEMM reads them: tile column j rows + r
+    (rows = block_k / pack) holds channel pack r + j, the one that code position j of word row r multiplies,
+    so each plane's x is a contiguous slab."""
+    pack, M, K = 32 // bits, x.shape[0], x.shape[1]
+    tiles = -(-K // block_k)
+    xg = torch.nn.functional.pad(x[:, perm] if perm is not None else x, (0, tiles * block_k - K))
+    return xg.view(M, tiles, block_k // pack, pack).transpose(2, 3).reshape(M, tiles * block_k)
+
+
+@triton.jit
+def _gather_x_planes_kernel(x_ptr, perm_ptr, out_ptr, K, K_PAD, stride_xm, BITS: tl.constexpr,
+                            HAS_PERM: tl.constexpr, TILE_K: tl.constexpr, BLOCK: tl.constexpr):
+    """gather_x_planes_ref for BLOCK columns of row program_id(1) of the output (TILE_K: the GEMM's BLOCK_K)."""
+    PACK: tl.constexpr = 32 // BITS
+    ROWS: tl.constexpr = TILE_K // PACK
+    m = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = c % TILE_K
+    k = c - i + PACK * (i % ROWS) + i // ROWS  # the channel of tile column i = j rows + r: pack r + j
+    xk = tl.load(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, K, HAS_PERM), mask=k < K, other=0.0)
+    tl.store(out_ptr + m * K_PAD + c, xk, mask=c < K_PAD)
+
+
+def _int4_planes_asm(magic: int, sub: str) -> str:
+    """_int4_planes' PTX: $8 / $9 two words, $10 / $11 their magic + z pairs; out $0-$7 planes 0-7, each two 16-bit
+    values (one per word)."""
+    lines = ["prmt.b32 l, $8, $9, 0x5410;", "prmt.b32 h, $8, $9, 0x7632;", "prmt.b32 z, $10, $11, 0x5410;"]
+    for j in range(8):
+        src = "l" if j < 4 else "h"
+        if j % 4:
+            lines.append(f"shr.b32 {src}, {src}, 4;")
+        lines.append(f"lop3.b32 t, {src}, 0x000F000F, {magic:#010x}, 0xEA; {sub} ${j}, t, z;")
+    return "{ .reg .b32 l, h, z, t; " + " ".join(lines) + " }"
+
+
+INT4_PLANES_BF16 = tl.constexpr(_int4_planes_asm(0x43004300, "sub.rn.bf16x2"))
+INT4_PLANES_F16 = tl.constexpr(_int4_planes_asm(0x64006400, "sub.rn.f16x2"))
+
+
+@triton.jit
+def _int4_planes(words, magic_z, DTYPE: tl.constexpr):
+    """q - z of the 8 codes of every word, the 8 planes, exact in DTYPE (bf16 or fp16), as int16 bits: one lop3
+    puts a code into the mantissa of the 16-bit magic number (bf16 128 = 0x4300, fp16 1024 = 0x6400; the ulp
+    there is 1, so magic | q reads as magic + q), one sub.{bf16x2, f16x2} of magic_z (magic + z) leaves q - z.
+    Two words at a time: their low halves paired (one prmt), their high halves paired, then a shift, lop3 and
+    sub give a plane for both words (the pairs the tensor cores read when the two are neighbours along K, as
+    Triton packs them). CUDA only: inline PTX."""
+    asm: tl.constexpr = INT4_PLANES_BF16 if DTYPE == tl.bfloat16 else INT4_PLANES_F16
+    return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, magic_z],
+                                     dtype=(tl.int16,) * 8, is_pure=True, pack=2)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b on tensor cores; IEEE: fp32 inputs multiplied in full precision (not tf32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gptq_planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
+                        K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr,
+                        GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, PTX_DEQUANT: tl.constexpr,
+                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores, for 2 to 64 rows: x gathered in
+    plane order (gather_x_planes_ref), so plane j of a K tile, the codes at position j of its words
+    [BLOCK_K / pack, BLOCK_N], multiplies the contiguous x columns [j rows, (j + 1) rows) of the tile: one dot
+    per plane on the words as loaded, no reshape. TILE_IN_GROUP: a K tile lies in one group, so the dots run
+    on exact q - z and the scale comes after them; then PTX_DEQUANT (Int4, 16-bit x, CUDA) dequantizes the 8
+    planes in bf16x2 / f16x2 (_int4_planes), else each plane in fp32 (2^23 + q, exact). Without
+    TILE_IN_GROUP each weight is scaled (in fp32) before the dot."""
+    PACK: tl.constexpr = 32 // BITS
+    ROWS: tl.constexpr = BLOCK_K // PACK
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    mask_m, mask_n = offs_m < M, offs_n < N_W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(K_TILES):
+        k0 = (tl.program_id(2) * K_TILES + i) * BLOCK_K
+        rows = k0 // PACK + offs_r
+        words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
+                        mask=(rows < K // PACK)[:, None] & mask_n[None, :], other=0)
+        # x is zero past K up to the padded tile; the last split's last tiles can lie past that: not read
+        x_plane = x_ptr + offs_m[:, None] * stride_xm + k0 + offs_r[None, :]  # plane 0's slab
+        x_mask = mask_m[:, None] & (offs_r * 0 + k0 < K)[None, :]
+        if TILE_IN_GROUP:
+            g = tl.minimum(k0, K - 1) // GROUP
+            scale = tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if PTX_DEQUANT:  # pair p: planes p and p + 4, the codes at bits 4p and 16 + 4p
+                MAGIC_16: tl.constexpr = 0x4300 if DTYPE == tl.bfloat16 else 0x6400
+                magic_z = tl.broadcast_to(((MAGIC_16 + zero.to(tl.int32)) * 0x10001)[None, :], (ROWS, BLOCK_N))
+                planes = _int4_planes(words, magic_z, DTYPE)
+                for j in tl.static_range(PACK):
+                    part = tl.dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0),
+                                  planes[j].to(DTYPE, bitcast=True), part)
+            else:
+                zero_f = zero.to(tl.float32)[None, :] + TWO_23
+                for j in tl.static_range(PACK):
+                    code, _ = _code(words, words, j, BITS, False)
+                    part = _dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0), (code - zero_f).to(DTYPE),
+                                part, IEEE)
+            acc += part * scale[None, :]
+        else:  # a group holds whole words (group_size % pack == 0): one group per word row
+            g = tl.minimum(rows * PACK, K - 1) // GROUP
+            ptrs = g[:, None] * N_W + offs_n[None, :]
+            scale = tl.load(s_ptr + ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + ptrs, mask=mask_n[None, :], other=0).to(tl.float32) + TWO_23
+            for j in tl.static_range(PACK):
+                code, _ = _code(words, words, j, BITS, False)
+                acc = _dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0), ((code - zero) * scale).to(DTYPE),
+                           acc, IEEE)
+    store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K, HAS_BIAS, SPLIT)
+
+
 @triton.jit
 def _gptq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, K, N_W, BITS: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -359,6 +488,7 @@ def _tile_in_group(block_k: int, group_size: int, K: int) -> bool:
     return group_size >= K or group_size % block_k == 0
 
 
+PLANES_MAX_ROWS = 64  # 2 to 64 rows: the planes GEMM; more (to DEQUANT_MATMUL_MIN_ROWS): the reshaping one
 HALF2_MIN_WEIGHTS = 1 << 24  # one row of a weight from this size on: the half2 GEMV (below, its x gather costs more)
 
 
@@ -368,7 +498,9 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
     24576 21.7 against the fp32 GEMV's 29.3 us), the fp32 one below (3072 x 3072 8.4 against 8.4, 1536 x 3072
     6.3 against 7.3: the separate gather launch is the difference); 4 KB of Int4 words a tile, about 4
     programs per SM, 8 at N >= 8192; Int8 at N >= 8192 8 KB tiles, 4 warps, ~4 programs per SM (3072 x 8728
-    13.9 against 16.6 us with the fp32 GEMV's 128 x 64 tiles). GEMM: within a few % of the best at 16-32 rows."""
+    13.9 against 16.6 us with the fp32 GEMV's 128 x 64 tiles). 2 to 64 rows: the planes GEMM, BLOCK_N 64, BLOCK_K
+    128, 4 warps, 3 stages (the H200 sweep at 16 and 32 rows: best or within ~8% of it at every 7B and
+    FalconMamba shape; 4 stages 2-7% slower)."""
     if M == 1:
         wide = N >= 8192
         bn, bk, warps, waves = (64, 128, 4, 4) if bits == 8 and wide else (64, 128, 2, 8 if wide else 4)
@@ -379,14 +511,12 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
         half2 = device.type == "cuda" and K * N >= HALF2_MIN_WEIGHTS
         return dict(kind="gemv_half2" if half2 else "gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
                     num_stages=1)
-    if M <= 32:
-        bm, bn, bk, warps, stages = (16 if M <= 16 else 32), 64, 128, 4, 4
-    elif M <= 64:
-        bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
+    if M <= PLANES_MAX_ROWS:  # a plane's dot needs 16 word rows: BLOCK_K 128 (Int4) / 64 (Int8) at least
+        kind, bm, bn, bk, warps, stages = "planes", (16 if M <= 16 else 32 if M <= 32 else 64), 64, 128, 4, 3
     else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+        kind, bm, bn, bk, warps, stages = "gemm", 128, 128, 64, 8, 3
     split = split_for(triton.cdiv(N, bn) * triton.cdiv(M, bm), K, bk, 4, device)
-    return dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
+    return dict(kind=kind, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
 
 
 def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
@@ -408,6 +538,26 @@ def gather_x_half2(x: torch.Tensor, perm: torch.Tensor | None, bits: int) -> tor
     _gather_x_half2_kernel[(triton.cdiv(K // 2, block),)](x, perm if perm is not None else x, out, K, BITS=bits,
                                                            HAS_PERM=perm is not None, BLOCK=block)
     return out
+
+
+def gather_x_planes(x: torch.Tensor, perm: torch.Tensor | None, bits: int, block_k: int) -> torch.Tensor:
+    """Triton version of gather_x_planes_ref: one launch (in place of act-order's index_select)."""
+    M, K = x.shape
+    k_pad = triton.cdiv(K, block_k) * block_k
+    out = torch.empty(M, k_pad, device=x.device, dtype=x.dtype)
+    block = 1024
+    _gather_x_planes_kernel[(triton.cdiv(k_pad, block), M)](x, perm if perm is not None else x, out, K, k_pad,
+                                                             x.stride(0), BITS=bits, HAS_PERM=perm is not None,
+                                                             TILE_K=block_k, BLOCK=block)
+    return out
+
+
+@functools.lru_cache
+def _ptx_dequant(device: torch.device, dtype: torch.dtype, bits: int) -> bool:
+    """Whether the planes GEMM dequantizes Int4 in 16-bit pairs (inline PTX: CUDA; sub.bf16x2 needs sm_90)."""
+    if device.type != "cuda" or bits != 4:
+        return False
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -433,8 +583,14 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         args = (qweight, scales, zeros, perm if perm is not None else qweight, N_W)
         return split_k_launch(_gptq_gemv_kernel, x, args, bias, N, 1, cfg, BITS=bits, GROUP=group_size,
                               HAS_PERM=perm is not None)
+    tile_in_group = _tile_in_group(cfg["BLOCK_K"], group_size, K)
+    if kind == "planes":  # x gathered (by perm) into plane order once here, not in each of the N / BLOCK_N programs
+        assert tile_in_group or group_size % (32 // bits) == 0, "the planes GEMM needs groups of whole words"
+        ptx = tile_in_group and _ptx_dequant(x.device, x.dtype, bits)
+        return split_k_launch(_gptq_planes_kernel, x, (qweight, scales, zeros, N_W), bias, N, cfg["BLOCK_M"], cfg,
+                              x_arg=gather_x_planes(x, perm, bits, cfg["BLOCK_K"]), BITS=bits, GROUP=group_size,
+                              TILE_IN_GROUP=tile_in_group, PTX_DEQUANT=ptx, IEEE=x.dtype == torch.float32)
     if perm is not None:  # once here, not in each of the N / BLOCK_N programs that read the same rows
         x = x.index_select(1, perm)
     return split_k_launch(_gptq_gemm_kernel, x, (qweight, scales, zeros, N_W), bias, N, cfg["BLOCK_M"], cfg,
-                          BITS=bits, GROUP=group_size, TILE_IN_GROUP=_tile_in_group(cfg["BLOCK_K"], group_size, K),
-                          IEEE=x.dtype == torch.float32)
+                          BITS=bits, GROUP=group_size, TILE_IN_GROUP=tile_in_group, IEEE=x.dtype == torch.float32)

@@ -74,7 +74,8 @@ def split_k_launch(kernel, x: torch.Tensor, weight_args: tuple, bias: torch.Tens
     K_TILES, SPLIT_K, HAS_BIAS=, SPLIT=, **constexprs, **tiles), whose programs each cover `rows` rows
     and BLOCK_N columns of the output and K_TILES tiles of BLOCK_K along K. config: the tile constexprs,
     num_warps / num_stages and SPLIT_K (the splits wanted: fewer when K has fewer tiles). x_arg: what the
-    kernel reads in x's place (x already transformed, e.g. gathered and packed), if not x."""
+    kernel reads in x's place (x already transformed, e.g. gathered and packed), if not x; stride_xm is its
+    row stride."""
     M, K = x.shape
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
@@ -86,7 +87,8 @@ def split_k_launch(kernel, x: torch.Tensor, weight_args: tuple, bias: torch.Tens
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, rows), split)
     assert grid[0] * grid[1] <= MAX_TILES
     partials = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else out
-    kernel[grid](x if x_arg is None else x_arg, *weight_args, bias if bias is not None else x, out, partials,
-                 tile_counters(x.device), M, N, K, x.stride(0), k_tiles, split, HAS_BIAS=bias is not None,
+    x_in = x if x_arg is None else x_arg
+    kernel[grid](x_in, *weight_args, bias if bias is not None else x, out, partials,
+                 tile_counters(x.device), M, N, K, x_in.stride(0), k_tiles, split, HAS_BIAS=bias is not None,
                  SPLIT=split > 1, **constexprs, **cfg)
     return out

@@ -1,12 +1,13 @@
 """Triton GPTQ (W4A16 / W8A16) and FP8 weight-only GEMMs against their torch references.
 
 CPU: Triton's interpreter at small shapes, in float32 and float16 (the interpreter mishandles bf16 dots);
-every path is exercised: the one-row fp32 GEMV and the tensor-core kernel (the one-row half2 GEMV is inline PTX:
-GPU only; its packed input is checked on the CPU), split-K (reduced by the last split of
+every path is exercised: the one-row fp32 GEMV and both tensor-core kernels, the planes GEMM (2-64 rows) and the
+reshaping one (the one-row half2 GEMV and the planes GEMM's Int4 bf16 / fp16 dequantization are inline PTX: GPU
+only; their gathered inputs are checked on the CPU), split-K (reduced by the last split of
 each tile) and not, act-order gather, bias, group sizes 32 / 64 / 128 / one group, and the
 dequantize-then-cuBLAS path. GPU: the Falcon-H1-7B / FalconMamba-7B projection shapes in bf16 at decode
-(1, 16, 32 rows) and prefill (256, 4096 rows), group 128 with act-order, one group, group 32; the fp8
-tensor-core path.
+(1, 16, 32 rows) and prefill (256, 4096 rows), group 128 with act-order, one group, group 32; the planes GEMM
+in bf16 and fp16 at 2-64 rows and at its sweep's tiles; the fp8 tensor-core path.
 Tolerance: max |out - ref| / max |ref| < 1e-4 in fp32, 1e-2 in fp16 / bf16 (one rounding of the output
 and of each dequantized weight; the half2 GEMV rounds x to fp16 and each word's pack products' sum), 3e-2 for
 fp8 tensor cores (activations are quantized to fp8 too).
@@ -71,11 +72,12 @@ def test_gptq_kernel_small(shape, dtype):
     check_gptq(*shape, dtype)
 
 
+@pytest.mark.parametrize("kind", ["gemm", "planes"])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_gptq_kernel_split_k_and_bias(split_k):
+def test_gptq_kernel_split_k_and_bias(split_k, kind):
     """Split along K, the last split of each tile sums the partials (kernels/split_k.py): 3 row tiles, and
     again in the same launch sequence, so the tile counters must have been left at zero."""
-    config = dict(kind="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    config = dict(kind=kind, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=2)
     for _ in range(2):
         check_gptq(37, 512, 48, 4, 128, True, torch.float32, with_bias=split_k == 3, config=config)
     check_gptq(4, 256, 48, 8, 64, False, torch.float32, with_bias=split_k == 1, config=dict(config, BLOCK_K=64))
@@ -88,6 +90,7 @@ def test_gptq_kernel_split_k_and_bias(split_k):
 def test_gptq_kernel_padded_columns(split_k):
     config = dict(kind="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=2)
     check_gptq(3, 256, 72, 4, 128, True, torch.float32, config=config, padded_to=128)
+    check_gptq(3, 256, 72, 4, 128, True, torch.float32, config=dict(config, kind="planes"), padded_to=128)
     check_gptq(1, 256, 72, 8, 64, True, torch.float32, padded_to=128)
     check_gptq(1100, 128, 72, 4, 64, False, torch.float32, padded_to=128)  # dequantize + matmul
 
@@ -106,6 +109,43 @@ def test_gather_x_half2_kernel(bits, act_order):
     xg = (x[0, perm] if act_order else x[0]).view(K // pack, pack)
     factor = torch.tensor([2.0 ** -(bits + ql.half2_pair_shift(p % (pack // 2), bits)[1]) for p in range(pack)])
     assert torch.equal(pairs.transpose(1, 2).reshape(K // pack, pack), (xg * factor.to(DEVICE)).half())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("block_k", [128, 256])
+def test_gather_x_planes_kernel(bits, act_order, block_k):
+    """The planes GEMM's input: x gathered by perm, each block_k tile's columns in plane order (column
+    j rows + r holds channel pack r + j), zeros past K (320: the last tile partial). Checked against the
+    reference and, column by column, against x itself."""
+    M, K, pack = 3, 320, 32 // bits
+    rows = block_k // pack
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(bits)).to(DEVICE)
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.int32) if act_order else None
+    out = ql.gather_x_planes(x, perm, bits, block_k)
+    assert torch.equal(out, ql.gather_x_planes_ref(x, perm, bits, block_k))
+    xg = x[:, perm] if act_order else x
+    c = torch.arange(out.shape[1])
+    tile, i = c // block_k, c % block_k
+    k = tile * block_k + pack * (i % rows) + i // rows
+    assert out.shape[1] == -(-K // block_k) * block_k
+    assert torch.equal(out[:, k < K], xg[:, k[k < K]]) and not out[:, k >= K].any()
+
+
+PLANES_GROUPS = [(128, True), (32, False), (-1, True), (128, False)]  # group_size, act_order
+
+
+@pytest.mark.parametrize("M", [2, 17, 33])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size, act_order", PLANES_GROUPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gptq_planes_kernel_small(M, bits, group_size, act_order, dtype):
+    """The planes GEMM (the default from 2 to 64 rows) under the interpreter: 4 and 8 bits, act-order and not,
+    group 128 (a K tile in one group), 32 (weights scaled before the dots), one group; K = 320 (the last K
+    tile partial), 72 of 128 stored columns, the default split. fp16, not bf16: the interpreter's bf16 dots
+    are wrong (the inline-PTX bf16 / fp16 dequantization runs in the GPU tests)."""
+    assert ql.matmul_config(M, 72, 320, bits, group_size, torch.device(DEVICE))["kind"] == "planes"
+    check_gptq(M, 320, 72, bits, group_size, act_order, dtype, padded_to=128)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -183,6 +223,45 @@ def test_gptq_kernel_gpu(K, N, M, bits):
 def test_gptq_kernel_gpu_group_sizes(K, N, M, bits, group_size, act_order):
     """One group over all of K, and groups smaller than the tensor-core path's K tile (scaled before the dot)."""
     check_gptq(M, K, N, bits, group_size, act_order, torch.bfloat16, padded_to=-(-N // 64) * 64)
+
+
+# benchmarks/quant.py GEMM_SHAPES: Falcon-H1-7B's and FalconMamba-7B's projections
+PLANES_GPU_SHAPES = [(3072, 8728), (3072, 3072), (1536, 3072), (4608, 3072), (3072, 24576), (12288, 3072),
+                     (4096, 16384), (8192, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", PLANES_GPU_SHAPES)
+@pytest.mark.parametrize("M", [2, 17, 32, 64])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gptq_planes_kernel_gpu(K, N, M, bits, dtype):
+    """The planes GEMM at the 7B shapes with the default tiles, Int4 through the inline-PTX bf16x2 / f16x2
+    dequantization (group 128, act-order)."""
+    assert ql.matmul_config(M, N, K, bits, 128, torch.device("cuda"))["kind"] == "planes"
+    check_gptq(M, K, N, bits, 128, True, dtype, padded_to=-(-N // 64) * 64)
+
+
+PLANES_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
+                  dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=256, num_warps=8, num_stages=3),
+                  dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3)]  # 4 stages: Int8 over 227 KB
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", PLANES_CONFIGS)
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size, act_order", PLANES_GROUPS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gptq_planes_kernel_gpu_small(config, split_k, bits, group_size, act_order, dtype):
+    """The planes GEMM's sweep tiles at small shapes: K = 640 (the last K tile partial at BLOCK_K 256), 200 of
+    256 stored columns, 37 rows, split or not, each group layout; twice (the split counters reset). Int4 at
+    groups of whole tiles runs the inline-PTX dequantization (bf16 from sm_90)."""
+    ptx = bits == 4 and (dtype == torch.float16 or torch.cuda.get_device_capability() >= (9, 0))
+    assert ql._ptx_dequant(torch.device("cuda"), dtype, bits) == ptx
+    for _ in range(2):
+        check_gptq(37, 640, 200, bits, group_size, act_order, dtype, padded_to=256,
+                   config=dict(config, kind="planes", SPLIT_K=split_k))
 
 
 @pytest.mark.gpu
