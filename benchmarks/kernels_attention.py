@@ -142,7 +142,6 @@ def prefill_rows(sweep: bool) -> list[list[str]]:
     """Per case: the paged Triton kernel (its tile settings with --sweep) and torch SDPA on the same data made
     contiguous, per backend; every output checked against paged_attention_ref first."""
     rows = []
-    default_config = attention._prefill_config
     for num_seqs, n_new, seq_len in PREFILL_CASES:
         batch = paged_batch([(n_new, seq_len)] * num_seqs, 0)
         flops = num_seqs * causal_flops(n_new, seq_len)
@@ -170,7 +169,6 @@ def prefill_rows(sweep: bool) -> list[list[str]]:
             rows.append([name, shape, f"{t * 1e6:.1f}", f"{tg * 1e6:.1f}", f"{flops / 1e9:.1f} GFLOP",
                          f"{flops / tg / 1e12:.0f} TFLOP/s", f"{flops / tg / PEAK_FLOPS:.0%}"])
             print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr, flush=True)
-        attention._prefill_config = default_config
         del batch, ref, q, k, v
     return rows
 

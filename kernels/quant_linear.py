@@ -296,6 +296,14 @@ def _gptq_gemv_half2_kernel(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, p
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b on tensor cores; IEEE: fp32 inputs multiplied in full precision (not tf32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
                       K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr,
                       GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, IEEE: tl.constexpr,
@@ -333,10 +341,7 @@ def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr
             scale = tl.load(s_ptr + ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + ptrs, mask=mask_n[None, :], other=0).to(tl.float32) + TWO_23
             w = ((q - zero) * scale).to(DTYPE)
-        if IEEE:
-            part = tl.dot(a, w, input_precision="ieee")
-        else:
-            part = tl.dot(a, w)
+        part = _dot(a, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
         if TILE_IN_GROUP:
             acc += part * scale[None, :]
         else:
@@ -399,14 +404,6 @@ def _int4_planes(words, magic_z, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b on tensor cores; IEEE: fp32 inputs multiplied in full precision (not tf32)."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
 def _gptq_planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
                         K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr,
                         GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, PTX_DEQUANT: tl.constexpr,
@@ -439,7 +436,7 @@ def _gptq_planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_p
             scale = tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0)
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if PTX_DEQUANT:  # pair p: planes p and p + 4, the codes at bits 4p and 16 + 4p
+            if PTX_DEQUANT:  # each 32-bit result: one plane of two neighbouring words
                 MAGIC_16: tl.constexpr = 0x4300 if DTYPE == tl.bfloat16 else 0x6400
                 magic_z = tl.broadcast_to(((MAGIC_16 + zero.to(tl.int32)) * 0x10001)[None, :], (ROWS, BLOCK_N))
                 planes = _int4_planes(words, magic_z, DTYPE)
