@@ -26,12 +26,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.ceilings import measure_ceilings
+from benchmarks.ceilings import Ceilings, measure_ceilings
 from benchmarks.report import emit
 from kernels import attention, norm  # noqa: E402
 
-PEAK_BYTES_S = 3.0e12  # the device's copy ceiling and bf16 matmul rate: measured by main() before any timing
-PEAK_FLOPS = 800e12
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, HIDDEN = 12, 2, 128, 16, 3072
 DTYPE = torch.bfloat16
 SCALE = HEAD_DIM**-0.5
@@ -73,7 +71,7 @@ def attend(batch: dict) -> Callable[[], torch.Tensor]:
     return lambda: attention.paged_attention(**batch)
 
 
-def decode_rows(sweep: bool) -> list[list[str]]:
+def decode_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:
     rows = []
     for num_seqs, ctx in ((1, 4096), (32, 4096), (256, 4096), (1, 32768)):
         batch = paged_batch([(1, ctx)] * num_seqs, num_seqs)
@@ -93,7 +91,7 @@ def decode_rows(sweep: bool) -> list[list[str]]:
             name = "decode" if (bn, pps, w, st) == defaults else f"decode BLOCK_N={bn} per_SM={pps} w={w} st={st}"
             rows.append([name, f"{num_seqs} x {ctx} ({splits} splits)", f"{t * 1e6:.1f}",
                          f"{tg * 1e6:.1f} ({kv_bytes / tg / 1e9:.0f} GB/s)", f"{kv_bytes / 2**20:.0f} MiB",
-                         f"{kv_bytes / t / 1e9:.0f} GB/s", f"{kv_bytes / t / PEAK_BYTES_S:.0%}"])
+                         f"{kv_bytes / t / 1e9:.0f} GB/s", f"{kv_bytes / t / peaks.hbm_bytes_per_s:.0%}"])
         (attention.DECODE_BLOCK_N, attention.DECODE_PROGRAMS_PER_SM, attention.DECODE_NUM_WARPS,
          attention.DECODE_NUM_STAGES) = defaults
         del batch
@@ -138,7 +136,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tor
                                               scale=SCALE)
 
 
-def prefill_rows(sweep: bool) -> list[list[str]]:
+def prefill_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:
     """Per case: the paged Triton kernel (its tile settings with --sweep) and torch SDPA on the same data made
     contiguous, per backend; every output checked against paged_attention_ref first."""
     rows = []
@@ -167,7 +165,7 @@ def prefill_rows(sweep: bool) -> list[list[str]]:
                 rows.append([name, shape, "failed", str(e).splitlines()[0][:80], "", "", ""])
                 continue
             rows.append([name, shape, f"{t * 1e6:.1f}", f"{tg * 1e6:.1f}", f"{flops / 1e9:.1f} GFLOP",
-                         f"{flops / tg / 1e12:.0f} TFLOP/s", f"{flops / tg / PEAK_FLOPS:.0%}"])
+                         f"{flops / tg / 1e12:.0f} TFLOP/s", f"{flops / tg / peaks.bf16_flops:.0%}"])
             print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr, flush=True)
         del batch, ref, q, k, v
     return rows
@@ -183,7 +181,7 @@ def prefill_with(cfg: dict, batch: dict) -> torch.Tensor:
         attention._prefill_config = default
 
 
-def norm_rows(sweep: bool) -> list[list[str]]:
+def norm_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:
     rows = []
     default_launch = norm._row_launch
     launches = [None]
@@ -192,12 +190,12 @@ def norm_rows(sweep: bool) -> list[list[str]]:
     for launch in launches:
         if launch is not None:
             norm._row_launch = lambda n_rows, block_n, r=launch[0], w=launch[1]: (r, triton.cdiv(n_rows, r), w)
-        rows += norm_case_rows("" if launch is None else f" rows={launch[0]} w={launch[1]}")
+        rows += norm_case_rows("" if launch is None else f" rows={launch[0]} w={launch[1]}", peaks)
         norm._row_launch = default_launch
     return rows
 
 
-def norm_case_rows(suffix: str) -> list[list[str]]:
+def norm_case_rows(suffix: str, peaks: Ceilings) -> list[list[str]]:
     rows = []
     for num_rows in (256, 4096):
         x, residual = (torch.randn(num_rows, HIDDEN, device="cuda", dtype=DTYPE) for _ in range(2))
@@ -209,7 +207,7 @@ def norm_case_rows(suffix: str) -> list[list[str]]:
             t, t_ref = bench(functools.partial(fn, *fn_args)), bench(functools.partial(ref, *fn_args))
             rows.append([name + suffix, f"[{num_rows}, {HIDDEN}]", f"{t * 1e6:.1f}", f"torch ref {t_ref * 1e6:.1f}",
                          f"{nbytes / 2**20:.1f} MiB", f"{nbytes / t / 1e9:.0f} GB/s",
-                         f"{nbytes / t / PEAK_BYTES_S:.0%}"])
+                         f"{nbytes / t / peaks.hbm_bytes_per_s:.0%}"])
     return rows
 
 
@@ -220,18 +218,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=("decode", "prefill", "norm"),
                         default=("decode", "prefill", "norm"), help="kernel groups to time")
     args = parser.parse_args()
-    global PEAK_BYTES_S, PEAK_FLOPS
-    ceilings = measure_ceilings()
-    PEAK_BYTES_S, PEAK_FLOPS = ceilings.hbm_bytes_per_s, ceilings.bf16_flops
+    peaks = measure_ceilings()
     torch.manual_seed(0)
     header = ["kernel", "shape", "time (us)", "CUDA graph (us)", "bytes / work", "achieved", "of peak"]
     groups = {"decode": decode_rows, "prefill": prefill_rows, "norm": norm_rows}
-    rows = [row for name in args.only for row in groups[name](args.sweep)]
+    rows = [row for name in args.only for row in groups[name](args.sweep, peaks)]
     lines = [
         f"Falcon-H1-7B attention-path kernels, {datetime.date.today().isoformat()}, "
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}. "
-        f"Peaks measured in this run: copy {PEAK_BYTES_S / 1e12:.2f} TB/s, bf16 matmul {PEAK_FLOPS / 1e12:.0f} "
-        "TFLOP/s. Decode bytes = K + V read; norm bytes = reads + writes.",
+        f"Peaks measured in this run: copy {peaks.hbm_bytes_per_s / 1e12:.2f} TB/s, "
+        f"bf16 matmul {peaks.bf16_flops / 1e12:.0f} TFLOP/s. Decode bytes = K + V read; norm bytes = reads + writes.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
