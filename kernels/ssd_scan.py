@@ -48,11 +48,11 @@ def ssd_scan_varlen_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
 
 # The Triton path: the usual SSD decomposition in four launches. Chunks of chunk_size tokens restart at each
 # sequence start; within chunk c of a sequence, with a_t = cumsum(dt * A) over the chunk's tokens up to t:
-#   1. _ssd_dt_kernel:         dt_t (softplus, clamp) and a_t                                   [H, T] fp32
+#   1. _ssd_dt_kernel:         dt_t (softplus, clamp), a_t and w_t = exp(a_end - a_t) dt_t     [H, T] fp32
 #   2. _ssd_cb_kernel:         CB[t, s] = C_t . B_s                                             per chunk and group
 #   3. _ssd_states_kernel:     per sequence, walking its chunks in order from the slot's state (or zeros):
-#                              S_in(c) is stored for step 4, then S <- exp(a_end) S_in(c) + sum_s exp(a_end - a_s)
-#                              dt_s x_s (outer) B_s; the last S goes back to the slot
+#                              S_in(c) is stored for step 4, then S <- exp(a_end) S_in(c) + sum_s w_s x_s (outer)
+#                              B_s; the last S goes back to the slot
 #   4. _ssd_chunk_scan_kernel: y_t = exp(a_t) C_t S_in + sum_{s<=t} CB[t, s] exp(a_t - a_s) dt_s x_s + D x_t
 # kernels/ssd_minimal.py writes the same steps as one page of einsums. Steps 2-4 are tl.dot matmuls with fp32
 # accumulation. Step 3 keeps each chunk's own state in registers (mamba_ssm writes it out in fp32 and reads it
@@ -103,11 +103,13 @@ def _chunks_before(b, qsl_ptr, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_seqs"])
-def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, qsl_ptr, slots_ptr, dt_out_ptr, dA_ptr, T, H, num_seqs,
+def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, qsl_ptr, slots_ptr, dt_out_ptr, dA_ptr, w_ptr, T, H, num_seqs,
                    dt_min, dt_max, stride_dtt, stride_dth, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr,
                    CLAMP_DT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr):
     """dt_out[h, t] = clamp(softplus(dt + dt_bias)) and dA[h, t] = its running sum times A[h] within the chunk
-    (a_t above), for chunk program_id(0) and BLOCK_H heads; [H, T] so later kernels read heads contiguously."""
+    (a_t above), for chunk program_id(0) and BLOCK_H heads; [H, T] so later kernels read heads contiguously.
+    w[h, t] = exp(a_end - a_t) dt: token t's weight in its chunk's state, made here where a_end is at hand, so
+    each step of the sequential state walk loads it (one load) instead of deriving it (three, one scalar)."""
     live, start, end = _chunk_bounds(tl.program_id(0), qsl_ptr, slots_ptr, num_seqs, CHUNK, SEQ_BLOCK)
     if not live:
         return
@@ -123,6 +125,8 @@ def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, qsl_ptr, slots_ptr, dt_out_ptr, d
     out = h[None, :] * T + t[:, None]
     tl.store(dt_out_ptr + out, dt, mask=ok)
     tl.store(dA_ptr + out, dA, mask=ok)
+    a_end = tl.sum(tl.where((t == end - 1)[:, None], dA, 0.0), axis=0)
+    tl.store(w_ptr + out, tl.exp(a_end[None, :] - dA) * dt, mask=ok)
 
 
 @triton.jit(do_not_specialize=["num_seqs"])
@@ -156,7 +160,7 @@ def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, qsl_ptr, slots_ptr, num_seqs, N,
 
 
 @triton.jit(do_not_specialize=["num_seqs"])
-def _ssd_states_kernel(x_ptr, B_ptr, dt_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_ptr, slots_ptr, init_ptr,
+def _ssd_states_kernel(x_ptr, B_ptr, w_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_ptr, slots_ptr, init_ptr,
                        num_seqs, T, P, N, heads_per_group,
                        stride_xt, stride_xh, stride_xp, stride_Bt, stride_Bg, stride_Bn,
                        stride_sic, stride_sih, stride_sip, stride_ss, stride_sh, stride_sp, stride_sn,
@@ -164,8 +168,8 @@ def _ssd_states_kernel(x_ptr, B_ptr, dt_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl
                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One (P, N) tile of head program_id(1)'s state for sequence program_id(2), walked through the sequence
     BLOCK_K tokens at a time. At a chunk's first block the state entering the chunk goes to states_in and is
-    decayed to the chunk's end (exp(a_end) S); every block then adds x^T [P, K] @ (exp(a_end - a_s) dt_s B_s)
-    [K, N]. The slot is read (initial state) before it is written (final state), by the same program."""
+    decayed to the chunk's end (exp(a_end) S); every block then adds x^T [P, K] @ (w_s B_s) [K, N] (w from
+    _ssd_dt_kernel). The slot is read (initial state) before it is written (final state), by the same program."""
     pb = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
     nb = tl.program_id(0) % tl.cdiv(N, BLOCK_N)
     h = tl.program_id(1)
@@ -200,8 +204,7 @@ def _ssd_states_kernel(x_ptr, B_ptr, dt_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl
         s_ok = s < c_end
         xT = tl.load(x_ptr + s[None, :] * stride_xt + h * stride_xh + p[:, None] * stride_xp,
                      mask=s_ok[None, :] & (p < P)[:, None], other=0.0)
-        w = tl.exp(a_end - tl.load(dA_ptr + h * T + s, mask=s_ok, other=0.0))
-        w *= tl.load(dt_ptr + h * T + s, mask=s_ok, other=0.0)
+        w = tl.load(w_ptr + h * T + s, mask=s_ok, other=0.0)
         Bs = tl.load(B_ptr + s[:, None] * stride_Bt + g * stride_Bg + n[None, :] * stride_Bn,
                      mask=s_ok[:, None] & (n < N)[None, :], other=0.0)
         state = tl.dot(xT, (Bs.to(tl.float32) * w[:, None]).to(xT.dtype), state, input_precision=DOT_PRECISION)
@@ -384,13 +387,14 @@ def ssd_scan_launches(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: tor
     y = torch.empty_like(x)
     dt_proc = torch.empty(H, T, dtype=torch.float32, device=dev)
     dA = torch.empty(H, T, dtype=torch.float32, device=dev)
+    w_end = torch.empty(H, T, dtype=torch.float32, device=dev)
     cb = torch.empty(max_chunks, G, CHUNK, CHUNK, dtype=torch.float32, device=dev)
     states_in = torch.empty(max_chunks, H, P, N, dtype=x.dtype, device=dev)
     BLOCK_H = 8
 
     def dt_cumsum():
         _ssd_dt_kernel[(max_chunks, triton.cdiv(H, BLOCK_H))](
-            dt, dt_bias, A, *seqs, dt_proc, dA, T, H, num_seqs, float(dt_limit[0]), float(dt_limit[1]),
+            dt, dt_bias, A, *seqs, dt_proc, dA, w_end, T, H, num_seqs, float(dt_limit[0]), float(dt_limit[1]),
             *dt.stride(), CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, CLAMP_DT=tuple(dt_limit) != (0.0, math.inf),
             BLOCK_L=triton.next_power_of_2(CHUNK), BLOCK_H=BLOCK_H, num_warps=4)
 
@@ -407,7 +411,7 @@ def ssd_scan_launches(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: tor
 
     def walk():
         _ssd_states_kernel[(triton.cdiv(P, cfg.state_p) * triton.cdiv(N, state_n), H, num_seqs)](
-            x, B, dt_proc, dA, states_in, ssm_states, *seqs, has_initial_state, num_seqs, T, P, N, H // G,
+            x, B, w_end, dA, states_in, ssm_states, *seqs, has_initial_state, num_seqs, T, P, N, H // G,
             *x.stride(), *B.stride(), *states_in.stride()[:3], *ssm_states.stride(),
             CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, BLOCK_P=cfg.state_p, BLOCK_N=state_n, BLOCK_K=cfg.state_k,
             DOT_PRECISION=dot_precision, num_warps=cfg.state_warps, num_stages=cfg.state_stages)
