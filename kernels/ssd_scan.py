@@ -314,10 +314,11 @@ TUNED: dict[tuple[int, int, int, bool], dict[str, int]] = {
 def ssd_launch(dtype: torch.dtype, P: int, N: int, chunk: int, num_tokens: int, num_seqs: int) -> SsdLaunch:
     """The launch for a call: TUNED's entry for the shape (16-bit inputs). fp32 inputs (dots as tf32x3) keep
     one setting for every batch, so a sequence's rounding (and greedy output) does not depend on what it is
-    batched with: 8 warps, 64-token walk steps, three walk stages, the scan's defaults (untimed; fp32 tiles take
-    twice the shared memory)."""
+    batched with: 8 warps, 64-token walk steps, three stages (the settings their GPU tests ran with before
+    the table; untimed; fp32 tiles take twice the shared memory). The walk's N tile may still halve for few
+    programs: N tiles split no sum, so no rounding changes."""
     if dtype == torch.float32:
-        return SsdLaunch(state_warps=8, cb_warps=8, state_k=64, state_stages=3)
+        return SsdLaunch(scan_warps=8, state_warps=8, cb_warps=8, state_k=64, scan_stages=3, state_stages=3)
     long = num_tokens >= LONG_SEQUENCE * num_seqs
     return SsdLaunch(**TUNED.get((P, N, chunk, long), {}))
 
