@@ -57,8 +57,9 @@ def ssd_scan_varlen_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
 # kernels/ssd_minimal.py writes the same steps as one page of einsums. Steps 2-4 are tl.dot matmuls with fp32
 # accumulation. Step 3 keeps each chunk's own state in registers (mamba_ssm writes it out in fp32 and reads it
 # back in a separate state-passing pass); S_in is stored in x's dtype, the precision step 4's dot reads it in.
-# Every program finds its chunk's sequence from query_start_loc itself: no metadata launches, no host sync;
-# grids are sized by an upper bound on the number of chunks, extra programs return.
+# Step 1's programs find their chunk's sequence from query_start_loc and store the chunk's token range for steps
+# 2 and 4 (the walk reads query_start_loc per sequence): no metadata launches, no host sync. Grids are sized by an
+# upper bound on the number of chunks; extra programs return.
 
 
 @triton.jit
@@ -103,14 +104,19 @@ def _chunks_before(b, qsl_ptr, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_seqs"])
-def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, qsl_ptr, slots_ptr, dt_out_ptr, dA_ptr, w_ptr, T, H, num_seqs,
-                   dt_min, dt_max, stride_dtt, stride_dth, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr,
+def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, qsl_ptr, slots_ptr, dt_out_ptr, dA_ptr, w_ptr, bounds_ptr, T, H,
+                   num_seqs, dt_min, dt_max, stride_dtt, stride_dth, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr,
                    CLAMP_DT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr):
     """dt_out[h, t] = clamp(softplus(dt + dt_bias)) and dA[h, t] = its running sum times A[h] within the chunk
     (a_t above), for chunk program_id(0) and BLOCK_H heads; [H, T] so later kernels read heads contiguously.
     w[h, t] = exp(a_end - a_t) dt: token t's weight in its chunk's state, made here where a_end is at hand, so
-    each step of the sequential state walk loads it (one load) instead of deriving it (three, one scalar)."""
+    each step of the sequential state walk loads it (one load) instead of deriving it (three, one scalar).
+    bounds[chunk] = (first token, end token), (0, 0) for no chunk: the later kernels' programs read two ints
+    instead of each searching query_start_loc."""
     live, start, end = _chunk_bounds(tl.program_id(0), qsl_ptr, slots_ptr, num_seqs, CHUNK, SEQ_BLOCK)
+    if tl.program_id(1) == 0:
+        tl.store(bounds_ptr + 2 * tl.program_id(0), tl.where(live, start, 0))
+        tl.store(bounds_ptr + 2 * tl.program_id(0) + 1, tl.where(live, end, 0))
     if not live:
         return
     t = start + tl.arange(0, BLOCK_L)
@@ -129,10 +135,10 @@ def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, qsl_ptr, slots_ptr, dt_out_ptr, d
     tl.store(w_ptr + out, tl.exp(a_end[None, :] - dA) * dt, mask=ok)
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
-def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, qsl_ptr, slots_ptr, num_seqs, N,
+@triton.jit
+def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, bounds_ptr, N,
                    stride_Bt, stride_Bg, stride_Bn, stride_Ct, stride_Cg, stride_Cn,
-                   stride_cbc, stride_cbg, stride_cbm, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr,
+                   stride_cbc, stride_cbg, stride_cbm, CHUNK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """cb[chunk, g, m-tile, k-tile] = C[m] . B[k] over N, once per group (heads of a group share it) and only
     for tiles on or below the diagonal, the ones the causal chunk scan reads."""
@@ -142,8 +148,9 @@ def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, qsl_ptr, slots_ptr, num_seqs, N,
     i = tl.program_id(2)
     if kb * BLOCK_K >= (mb + 1) * BLOCK_M:
         return
-    live, start, end = _chunk_bounds(i, qsl_ptr, slots_ptr, num_seqs, CHUNK, SEQ_BLOCK)
-    if not live:
+    start = tl.load(bounds_ptr + 2 * i)
+    end = tl.load(bounds_ptr + 2 * i + 1)
+    if end == start:
         return
     m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -211,13 +218,13 @@ def _ssd_states_kernel(x_ptr, B_ptr, w_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_
     tl.store(s_ptrs, state.to(ssm_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
-def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_in_ptr, y_ptr, qsl_ptr, slots_ptr,
-                           num_seqs, T, P, N, heads_per_group,
+@triton.jit
+def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_in_ptr, y_ptr, bounds_ptr,
+                           T, P, N, heads_per_group,
                            stride_xt, stride_xh, stride_xp, stride_Ct, stride_Cg, stride_Cn,
                            stride_cbc, stride_cbg, stride_cbm, stride_sic, stride_sih, stride_sip,
                            stride_yt, stride_yh, stride_yp,
-                           CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                           CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """y[m-tile, h, p-tile] of chunk program_id(2): exp(a_m) C_m S_in (the state entering the chunk, K over N)
     plus the causal intra-chunk part (CB * decay * dt) @ x (K over the chunk's tokens up to the tile's last
@@ -227,10 +234,8 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
     pb = tl.program_id(0) % tl.cdiv(P, BLOCK_P)
     h = tl.program_id(1)
     i = tl.program_id(2)
-    live, start, end = _chunk_bounds(i, qsl_ptr, slots_ptr, num_seqs, CHUNK, SEQ_BLOCK)
-    if not live:
-        return
-    L = end - start
+    start = tl.load(bounds_ptr + 2 * i)
+    L = tl.load(bounds_ptr + 2 * i + 1) - start  # 0: no chunk
     if mb * BLOCK_M >= L:
         return
     g = h // heads_per_group
@@ -326,8 +331,9 @@ def ssd_launch(dtype: torch.dtype, P: int, N: int, chunk: int, num_tokens: int, 
 # Candidates for the sweep, as SsdLaunch fields; each is clipped to the shape (launch_candidates). The chunk
 # scan's cover mamba_ssm's autotune list for its own chunk scan (rows, head-dim tile, token step; warps,
 # stages; its C S_in step is the whole state up to 128 wide, else the token step: both are here) and the
-# settings ours ran before. The walk's: P and N tiles (more programs for long sequences against wider dots),
-# token steps, warps, stages, as exact tiles (no N halving).
+# settings ours ran before. The walk's: P and N tiles (more programs for long sequences against wider dots;
+# N 16 gives one 4,096-token sequence at P 64 / N 128 192 programs), token steps, warps, stages, as exact tiles
+# (no N halving).
 _SCAN_TILES = [  # (m, p, k, n, warps, stages)
     (64, 128, 32, 64, 4, 2), (64, 128, 32, 64, 4, 3), (64, 128, 64, 64, 4, 3), (64, 128, 32, 128, 4, 2),
     (64, 128, 32, 64, 8, 3), (64, 64, 32, 64, 4, 3), (64, 64, 32, 32, 2, 4), (32, 128, 32, 64, 4, 3),
@@ -344,7 +350,8 @@ WALK_CANDIDATES = [dict(state_p=p, state_n=n, state_k=k, state_warps=w, state_st
                        (64, 32, 128, 4, 2), (64, 64, 128, 4, 2), (64, 32, 128, 4, 3), (64, 64, 128, 4, 3),
                        (128, 32, 128, 4, 2), (128, 64, 128, 4, 2), (128, 64, 128, 8, 2), (128, 32, 128, 4, 3),
                        (32, 32, 128, 4, 2), (32, 64, 128, 4, 3), (64, 32, 64, 4, 3), (64, 64, 256, 4, 2),
-                       (64, 32, 256, 4, 2), (64, 128, 128, 8, 2), (128, 128, 64, 8, 3)]]
+                       (64, 32, 256, 4, 2), (64, 128, 128, 8, 2), (128, 128, 64, 8, 3), (64, 16, 128, 4, 3),
+                       (32, 32, 128, 4, 3)]]
 
 
 def _dot_block(n: int, cap: int) -> int:
@@ -389,21 +396,22 @@ def ssd_scan_launches(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: tor
     dt_proc = torch.empty(H, T, dtype=torch.float32, device=dev)
     dA = torch.empty(H, T, dtype=torch.float32, device=dev)
     w_end = torch.empty(H, T, dtype=torch.float32, device=dev)
+    bounds = torch.empty(max_chunks, 2, dtype=torch.int32, device=dev)
     cb = torch.empty(max_chunks, G, CHUNK, CHUNK, dtype=torch.float32, device=dev)
     states_in = torch.empty(max_chunks, H, P, N, dtype=x.dtype, device=dev)
     BLOCK_H = 8
 
     def dt_cumsum():
         _ssd_dt_kernel[(max_chunks, triton.cdiv(H, BLOCK_H))](
-            dt, dt_bias, A, *seqs, dt_proc, dA, w_end, T, H, num_seqs, float(dt_limit[0]), float(dt_limit[1]),
+            dt, dt_bias, A, *seqs, dt_proc, dA, w_end, bounds, T, H, num_seqs, float(dt_limit[0]), float(dt_limit[1]),
             *dt.stride(), CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, CLAMP_DT=tuple(dt_limit) != (0.0, math.inf),
             BLOCK_L=triton.next_power_of_2(CHUNK), BLOCK_H=BLOCK_H, num_warps=4)
 
     def chunk_cb():
         _ssd_cb_kernel[(triton.cdiv(CHUNK, cfg.cb_m) ** 2, G, max_chunks)](
-            B, C, cb, *seqs, num_seqs, N, *B.stride(), *C.stride(), *cb.stride()[:3], CHUNK=CHUNK,
-            SEQ_BLOCK=SEQ_BLOCK, BLOCK_M=cfg.cb_m, BLOCK_K=cfg.cb_m, BLOCK_N=cfg.cb_n, DOT_PRECISION=dot_precision,
-            num_warps=cfg.cb_warps, num_stages=cfg.cb_stages)
+            B, C, cb, bounds, N, *B.stride(), *C.stride(), *cb.stride()[:3], CHUNK=CHUNK, BLOCK_M=cfg.cb_m,
+            BLOCK_K=cfg.cb_m, BLOCK_N=cfg.cb_n, DOT_PRECISION=dot_precision, num_warps=cfg.cb_warps,
+            num_stages=cfg.cb_stages)
 
     state_n = cfg.state_n
     while state_n > 32 and (num_seqs * H * triton.cdiv(P, cfg.state_p) * triton.cdiv(N, state_n)
@@ -419,10 +427,10 @@ def ssd_scan_launches(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: tor
 
     def scan():  # a chunk's row tiles adjacent in the grid, so they share S_in and CB through L2
         _ssd_chunk_scan_kernel[(triton.cdiv(CHUNK, cfg.scan_m) * triton.cdiv(P, cfg.scan_p), H, max_chunks)](
-            x, C, D, cb, dt_proc, dA, states_in, y, *seqs, num_seqs, T, P, N, H // G, *x.stride(), *C.stride(),
-            *cb.stride()[:3], *states_in.stride()[:3], *y.stride(), CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK,
-            BLOCK_M=cfg.scan_m, BLOCK_P=cfg.scan_p, BLOCK_K=cfg.scan_k, BLOCK_N=cfg.scan_n,
-            DOT_PRECISION=dot_precision, num_warps=cfg.scan_warps, num_stages=cfg.scan_stages)
+            x, C, D, cb, dt_proc, dA, states_in, y, bounds, T, P, N, H // G, *x.stride(), *C.stride(),
+            *cb.stride()[:3], *states_in.stride()[:3], *y.stride(), CHUNK=CHUNK, BLOCK_M=cfg.scan_m,
+            BLOCK_P=cfg.scan_p, BLOCK_K=cfg.scan_k, BLOCK_N=cfg.scan_n, DOT_PRECISION=dot_precision,
+            num_warps=cfg.scan_warps, num_stages=cfg.scan_stages)
 
     return y, dict(dt=dt_cumsum, cb=chunk_cb, walk=walk, scan=scan)
 
