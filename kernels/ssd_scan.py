@@ -332,7 +332,7 @@ def ssd_launch(dtype: torch.dtype, P: int, N: int, chunk: int, num_tokens: int, 
 # scan's cover mamba_ssm's autotune list for its own chunk scan (rows, head-dim tile, token step; warps,
 # stages; its C S_in step is the whole state up to 128 wide, else the token step: both are here) and the
 # settings ours ran before. The walk's: P and N tiles (more programs for long sequences against wider dots;
-# N 16 gives one 4,096-token sequence at P 64 / N 128 192 programs), token steps, warps, stages, as exact tiles
+# N 16: 192 programs for one sequence of 24 heads at P 64 / N 128), token steps, warps, stages, as exact tiles
 # (no N halving).
 _SCAN_TILES = [  # (m, p, k, n, warps, stages)
     (64, 128, 32, 64, 4, 2), (64, 128, 32, 64, 4, 3), (64, 128, 64, 64, 4, 3), (64, 128, 32, 128, 4, 2),
