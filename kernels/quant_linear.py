@@ -24,8 +24,9 @@ Decoding streams the weights, so the kernels spend as few instructions per weigh
   that each plane's channels are contiguous columns; Int4 with bf16 / fp16 x is dequantized on CUDA in
   bf16x2 / f16x2, two words at a time (their halves paired by two prmt, then per plane a shift, one lop3
   onto 128 = 0x4300 or 1024 = 0x6400 and one sub: about 1.5 instructions a weight, the pairs already as the
-  tensor cores read them), else each plane by the fp32 2^23 trick. From 65 rows: one dot per K tile on the
-  words split by shifts and reshaped into channel order;
+  tensor cores read them), else each plane by the fp32 2^23 trick. Kind "planes_t" runs it transposed (the
+  dequantized plane as the first operand, which Hopper's wgmma reads from registers), to 256 rows. From 65
+  rows: one dot per K tile on the words split by shifts and reshaped into channel order;
 - split along K so that even one row keeps every SM streaming (kernels/split_k.py: one launch), and
   act-order's gather of x done inside the kernel.
 Long prefills dequantize each weight into a 16-bit scratch and use cuBLAS.
