@@ -150,15 +150,16 @@ def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
 
 def planes_t_candidates(M: int, N: int, K: int) -> list[dict]:
     """The transposed planes GEMM: BLOCK_M the rows' power of two (at least 16), from 65 rows 64 and 128 (256
-    spill: two fp32 accumulators of 128 x 256); BLOCK_N 64 / 128, BLOCK_K 128 / 256, 4 / 8 warps, 2-4 stages;
-    split for 4 and 8 waves."""
+    spill: two fp32 accumulators of 128 x 256; so do 128 x 128 a warpgroup); BLOCK_N 64 / 128, 4 / 8 warps,
+    2-4 stages; BLOCK_K 128 only (256 spans two groups of 128: each weight scaled in fp32, no bf16x2
+    dequantization); split for 4 and 8 waves."""
     dev = torch.device("cuda")
     fits = max(16, 1 << (M - 1).bit_length())
-    tiles_mnk = ((64, 128, 4, 3), (128, 128, 4, 3), (64, 128, 4, 4), (128, 256, 8, 2)) if fits <= 64 else \
-        ((64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 2))
+    tiles_nk = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 128, 4, 2)) if fits <= 64 else \
+        ((64, 128, 4, 3), (128, 128, 8, 3), (64, 128, 4, 2), (64, 128, 4, 4))
     out = []
     for bm in ((fits,) if fits <= 64 else (64, 128)):
-        for bn, bk, warps, stages in tiles_mnk:
+        for bn, bk, warps, stages in tiles_nk:
             tiles = -(-N // bn) * -(-M // bm)
             out += [dict(kind="planes_t", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
                          SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (4, 8)]

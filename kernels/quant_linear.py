@@ -481,10 +481,10 @@ def _gptq_planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_p
                                       (code - zero_f).to(DTYPE), part, SWAP, IEEE)
             acc += part * scale
         else:  # a group holds whole words (group_size % pack == 0): one group per word row
-            g = tl.minimum(r_w * PACK, K - 1) // GROUP
+            g, in_n = _rn(tl.minimum(rows * PACK, K - 1) // GROUP, mask_n, SWAP)
             ptrs = g * N_W + n_w
-            scale = tl.load(s_ptr + ptrs, mask=n_w < N_W, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + ptrs, mask=n_w < N_W, other=0).to(tl.float32) + TWO_23
+            scale = tl.load(s_ptr + ptrs, mask=in_n, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + ptrs, mask=in_n, other=0).to(tl.float32) + TWO_23
             for j in tl.static_range(PACK):
                 code, _ = _code(words, words, j, BITS, False)
                 acc = _plane_dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0),
