@@ -118,8 +118,8 @@ def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
     """The tile configs the sweep tries: at one row the half2 GEMV (the default) and the fp32 one it replaced
     (tiles of 8-32 word rows, 2-4 warps); at more rows the planes GEMM (the default to 64 rows: BLOCK_M the
     rows rounded up to 16 / 32 / 64 and the next size, BLOCK_N 64 / 128, BLOCK_K 128 / 256, 4 / 8 warps, 2-4
-    stages), the transposed planes GEMM (planes_t_candidates) and the reshaping tl.dot kernel; each split for
-    several waves of programs."""
+    stages), the transposed planes GEMM (planes_t_candidates), the reshaping tl.dot kernel, each split for
+    several waves of programs, and the weights dequantized to bf16 then cuBLAS (kind dequant)."""
     pack, dev = 32 // bits, torch.device("cuda")
     out = []
     if M == 1:
@@ -137,7 +137,7 @@ def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
         tiles = -(-N // bn) * -(-M // bm)
         out += [dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages,
                      SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (2, 4)]
-    out += planes_t_candidates(M, N, K)
+    out += planes_t_candidates(M, N, K) + [dict(kind="dequant")]
     fits = 16 if M <= 16 else 32 if M <= 32 else 64  # as matmul_config picks it
     for bm in sorted({fits, min(2 * fits, 64)}):
         for bn, bk, warps in ((64, 128, 4), (128, 128, 4), (128, 128, 8), (64, 256, 4), (128, 256, 8)):
@@ -242,8 +242,8 @@ def sweep(cases: list[tuple], deadline: float, ceiling: float, procs: int, check
     that agree are timed."""
     verdicts = json.loads(checked.read_text()) if checked else check_cases(cases, procs)
     lines = ["| GEMM (K x N) | format | rows | bf16 us | default us (of copy ceiling) | best us (of copy ceiling) | "
-             "best config | best gemv us | best gemm us | best planes us | best planes_t us | wrong |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "best config | best gemv us | best gemm us | best planes us | best planes_t us | dequant + cuBLAS us | "
+             "wrong |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     bf16_us = {}
     for case, verdict in zip(cases, verdicts):
         if time.perf_counter() > deadline:
@@ -268,7 +268,8 @@ def sweep(cases: list[tuple], deadline: float, ceiling: float, procs: int, check
         lines.append(f"| {K} x {N} | {fmt} | {rows} | {bf16_us[K, N, rows]:.1f} | {default_t * 1e6:.1f} "
                      f"({nbytes / default_t / ceiling:.0%}) | {best[0] * 1e6:.1f} ({nbytes / best[0] / ceiling:.0%}) | "
                      f"{best[1]} | {by_kind.get('gemv', 0) * 1e6:.1f} | {by_kind.get('gemm', 0) * 1e6:.1f} | "
-                     f"{by_kind.get('planes', 0) * 1e6:.1f} | {by_kind.get('planes_t', 0) * 1e6:.1f} | {wrong} |")
+                     f"{by_kind.get('planes', 0) * 1e6:.1f} | {by_kind.get('planes_t', 0) * 1e6:.1f} | "
+                     f"{by_kind.get('dequant', 0) * 1e6:.1f} | {wrong} |")
         print(lines[-1], flush=True)
         del copies
     return lines

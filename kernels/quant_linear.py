@@ -42,7 +42,7 @@ import triton.language as tl
 
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
-DEQUANT_MATMUL_MIN_ROWS = 1024  # from here on: dequantize to 16 bits, then cuBLAS
+DEQUANT_MATMUL_MIN_ROWS = 1024  # from here on (kind "dequant"): dequantize to 16 bits, then cuBLAS
 MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2^23: ORing an integer below 2^23 into it gives 2^23 + that integer
 TWO_23 = tl.constexpr(8388608.0)
 
@@ -517,10 +517,7 @@ def _tile_in_group(block_k: int, group_size: int, K: int) -> bool:
     return group_size >= K or group_size % block_k == 0
 
 
-PLANES_MAX_ROWS = 64  # 2 to 64 rows: the planes GEMM; more (to DEQUANT_MATMUL_MIN_ROWS): the reshaping one
-# "planes_t": the same GEMM transposed (wgmma takes the dequantized weights from registers); both kinds run
-# 2 to 256 rows (BLOCK_M up to 256 in planes_t: wgmma's N). Not yet measured against "planes" (issue 13)
-PLANES_KIND = "planes"
+PLANES_MAX_ROWS = 256  # 2 to 256 rows: a planes GEMM; more (to DEQUANT_MATMUL_MIN_ROWS): the reshaping one
 HALF2_MIN_WEIGHTS = 1 << 24  # one row of a weight from this size on: the half2 GEMV (below, its x gather costs more)
 
 
@@ -532,7 +529,12 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
     programs per SM, 8 at N >= 8192; Int8 at N >= 8192 8 KB tiles, 4 warps, ~4 programs per SM (3072 x 8728
     13.9 against 16.6 us with the fp32 GEMV's 128 x 64 tiles). 2 to 64 rows: the planes GEMM, BLOCK_N 64, BLOCK_K
     128, 4 warps, 3 stages (the H200 sweep at 16 and 32 rows: best or within ~8% of it at every 7B and
-    FalconMamba shape; 4 stages 2-7% slower)."""
+    FalconMamba shape; 4 stages 2-7% slower) to 16 rows; from 17 rows its transposed kind planes_t (session 9's
+    sweep, 7B and FalconMamba shapes: 0.76-0.97x the planes time at 32 rows, 0.67-0.86x at 64; to 256 rows
+    0.48-0.65x the reshaping GEMM's), BLOCK_N 64, 4 warps, 3 stages to 32 rows, 2 to 64; then Int4 64 x 128
+    tiles with 8 warps, Int8 128 x 64 with 4 (the best at most shapes of 128 and 256 rows)."""
+    if M >= DEQUANT_MATMUL_MIN_ROWS:
+        return dict(kind="dequant")
     if M == 1:
         wide = N >= 8192
         bn, bk, warps, waves = (64, 128, 4, 4) if bits == 8 and wide else (64, 128, 2, 8 if wide else 4)
@@ -543,8 +545,13 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
         half2 = device.type == "cuda" and K * N >= HALF2_MIN_WEIGHTS
         return dict(kind="gemv_half2" if half2 else "gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
                     num_stages=1)
-    if M <= PLANES_MAX_ROWS:  # a plane's dot needs 16 word rows: BLOCK_K 128 (Int4) / 64 (Int8) at least
-        kind, bm, bn, bk, warps, stages = PLANES_KIND, max(16, triton.next_power_of_2(M)), 64, 128, 4, 3
+    if M <= 16:  # a plane's dot needs 16 word rows: BLOCK_K 128 (Int4) / 64 (Int8) at least
+        kind, bm, bn, bk, warps, stages = "planes", 16, 64, 128, 4, 3
+    elif M <= 64:
+        kind, bm, bn, bk, warps, stages = "planes_t", triton.next_power_of_2(M), 64, 128, 4, 3 if M <= 32 else 2
+    elif M <= PLANES_MAX_ROWS:
+        kind, bk, stages = "planes_t", 128, 3
+        bm, bn, warps = (64, 128, 8) if bits == 4 else (128, 64, 4)
     else:
         kind, bm, bn, bk, warps, stages = "gemm", 128, 128, 64, 8, 3
     split = split_for(triton.cdiv(N, bn) * triton.cdiv(M, bm), K, bk, 4, device)
@@ -600,13 +607,13 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     M, K = x.shape
     N_W = qweight.shape[1]
     N = out_features or N_W
-    if M >= DEQUANT_MATMUL_MIN_ROWS and config is None:
+    cfg = dict(config or matmul_config(M, N, K, bits, group_size, x.device))
+    kind = cfg.pop("kind")
+    if kind == "dequant":
         if perm is not None:
             x = x.index_select(1, perm)
         w = gptq_dequantize(qweight, scales, zeros, bits, group_size, x.dtype)[:, :N]
         return torch.addmm(bias, x, w) if bias is not None else x @ w
-    cfg = dict(config or matmul_config(M, N, K, bits, group_size, x.device))
-    kind = cfg.pop("kind")
     if kind == "gemv_half2":
         assert M == 1, "the half2 GEMV takes one row"
         return split_k_launch(_gptq_gemv_half2_kernel, x, (qweight, scales, zeros, N_W), bias, N, 1, cfg,

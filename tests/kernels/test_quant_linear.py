@@ -140,11 +140,12 @@ PLANES_GROUPS = [(128, True), (32, False), (-1, True), (128, False)]  # group_si
 @pytest.mark.parametrize("group_size, act_order", PLANES_GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gptq_planes_kernel_small(M, bits, group_size, act_order, dtype):
-    """The planes GEMM (the default from 2 to 64 rows) under the interpreter: 4 and 8 bits, act-order and not,
-    group 128 (a K tile in one group), 32 (weights scaled before the dots), one group; K = 320 (the last K
-    tile partial), 72 of 128 stored columns, the default split. fp16, not bf16: the interpreter's bf16 dots
-    are wrong (the inline-PTX bf16 / fp16 dequantization runs in the GPU tests)."""
-    assert ql.matmul_config(M, 72, 320, bits, group_size, torch.device(DEVICE))["kind"] == ql.PLANES_KIND
+    """The planes GEMMs' defaults (planes to 16 rows, planes_t to 256) under the interpreter: 4 and 8 bits,
+    act-order and not, group 128 (a K tile in one group), 32 (weights scaled before the dots), one group;
+    K = 320 (the last K tile partial), 72 of 128 stored columns, the default split. fp16, not bf16: the
+    interpreter's bf16 dots are wrong (the inline-PTX bf16 / fp16 dequantization runs in the GPU tests)."""
+    assert ql.matmul_config(M, 72, 320, bits, group_size, torch.device(DEVICE))["kind"] == \
+        ("planes" if M <= 16 else "planes_t")
     check_gptq(M, 320, 72, bits, group_size, act_order, dtype, padded_to=128)
 
 
@@ -174,6 +175,7 @@ def test_gptq_dequantize_kernel(bits):
 
 def test_gptq_long_inputs_use_the_dequantized_matmul(monkeypatch):
     monkeypatch.setattr(ql, "DEQUANT_MATMUL_MIN_ROWS", 8)
+    assert ql.matmul_config(9, 64, 128, 4, 32, torch.device(DEVICE)) == dict(kind="dequant")
     check_gptq(9, 128, 64, 4, 32, True, torch.float32)
 
 
@@ -249,13 +251,13 @@ PLANES_GPU_SHAPES = [(3072, 8728), (3072, 3072), (1536, 3072), (4608, 3072), (30
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K, N", PLANES_GPU_SHAPES)
-@pytest.mark.parametrize("M", [2, 17, 32, 64])
+@pytest.mark.parametrize("M", [2, 17, 32, 64, 65, 256])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gptq_planes_kernel_gpu(K, N, M, bits, dtype):
-    """The planes GEMM at the 7B shapes with the default tiles, Int4 through the inline-PTX bf16x2 / f16x2
-    dequantization (group 128, act-order)."""
-    assert ql.matmul_config(M, N, K, bits, 128, torch.device("cuda"))["kind"] == "planes"
+    """The planes GEMMs at the 7B shapes with the default kinds and tiles, Int4 through the inline-PTX bf16x2 /
+    f16x2 dequantization (group 128, act-order)."""
+    assert ql.matmul_config(M, N, K, bits, 128, torch.device("cuda"))["kind"] == ("planes" if M <= 16 else "planes_t")
     check_gptq(M, K, N, bits, 128, True, dtype, padded_to=-(-N // 64) * 64)
 
 
