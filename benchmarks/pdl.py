@@ -8,11 +8,17 @@ conv / SSM states (restored before each; the KV write of the step's one token is
 their logits are compared: PDL changes no arithmetic, so they should be equal.
 
     python -m benchmarks.pdl --models falcon-h1-7b falcon-mamba-7b --out $OUT/pdl
+
+--lock FILE: the timed part runs holding an exclusive lock on FILE, so that processes started together
+(their engine builds and Triton compiles overlapping) time one at a time. Each engine takes a fixed small KV
+pool and 40% of the GPU at most, so two fit side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import gc
 import json
 import tempfile
@@ -65,6 +71,22 @@ def replay_logits(graph: torch.cuda.CUDAGraph, logits: torch.Tensor, states: lis
     return logits.float().clone()
 
 
+def time_both(engine: LLMEngine, on: tuple, off: tuple, reps: int, steps: int) -> tuple[dict, dict]:
+    """Replay ms of each (graph, logits) pair, two rounds alternating; then ms of whole engine steps with each
+    as the engine's batch-1 graph."""
+    graphs = engine.runner.graphs
+    rounds = {"on": [], "off": []}
+    for _ in range(2):
+        rounds["on"].append(replay_ms(on[0], reps))
+        rounds["off"].append(replay_ms(off[0], reps))
+    step = {}
+    for name, (graph, logits) in {"on": on, "off": off}.items():
+        graphs.graphs[1], graphs.logits[1] = graph, logits
+        step[name] = engine_step_ms(engine, steps)
+    graphs.graphs[1], graphs.logits[1] = on
+    return rounds, step
+
+
 def capture_without_pdl(engine: LLMEngine) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """The batch-1 decode graph captured again, PDL off, over the same static inputs (a pool of its own)."""
     runner = engine.runner
@@ -78,11 +100,12 @@ def capture_without_pdl(engine: LLMEngine) -> tuple[torch.cuda.CUDAGraph, torch.
         pdl.ENABLED = True
 
 
-def measure(model: str, reps: int, steps: int) -> dict:
+def measure(model: str, reps: int, steps: int, lock: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as root:
         engine = LLMEngine(EngineArgs(model=str(model_dir(model, Path(root))), device="cuda", dtype="bfloat16",
                                       load_format="dummy", max_model_len=2048, max_num_seqs=1,
-                                      max_num_batched_tokens=256, enable_prefix_caching=False))
+                                      max_num_batched_tokens=256, num_kv_blocks=256, gpu_memory_utilization=0.4,
+                                      enable_prefix_caching=False))
     graphs = engine.runner.graphs
     engine.add_request("0", list(range(5, 133)), SamplingParams(max_tokens=100 * steps, temperature=0,
                                                                 ignore_eos=True))
@@ -90,21 +113,16 @@ def measure(model: str, reps: int, steps: int) -> dict:
         engine.step()
     on_graph, on_logits = graphs.graphs[1], graphs.logits[1]
     off_graph, off_logits = capture_without_pdl(engine)
-    rounds = {"on": [], "off": []}
-    for _ in range(2):
-        rounds["on"].append(replay_ms(on_graph, reps))
-        rounds["off"].append(replay_ms(off_graph, reps))
-    step = {}
-    for name, (graph, logits) in {"on": (on_graph, on_logits), "off": (off_graph, off_logits)}.items():
-        graphs.graphs[1], graphs.logits[1] = graph, logits
-        step[name] = engine_step_ms(engine, steps)
-    graphs.graphs[1], graphs.logits[1] = on_graph, on_logits
+    with contextlib.ExitStack() as held:
+        if lock is not None:
+            fcntl.flock(held.enter_context(open(lock, "w")), fcntl.LOCK_EX)  # released when the file closes
+        rounds, step = time_both(engine, (on_graph, on_logits), (off_graph, off_logits), reps, steps)
     states = state_tensors(engine)
     with torch.inference_mode():
         saved = [t.clone() for t in states]
     a = replay_logits(on_graph, on_logits, states, saved)
     b = replay_logits(off_graph, off_logits, states, saved)
-    result = dict(model=model, pdl_supported=pdl.supported(torch.device("cuda")),
+    result = dict(model=model, pdl_enabled=pdl.enabled(torch.device("cuda")),
                   replay_ms={k: min(v) for k, v in rounds.items()}, replay_rounds_ms=rounds, engine_step_ms=step,
                   logits_max_abs_diff=(a - b).abs().max().item(),
                   same_argmax=bool((a.argmax(-1) == b.argmax(-1)).all()))
@@ -122,12 +140,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--lock", type=Path, default=None)
     args = parser.parse_args()
     results = []
     for model in args.models:
-        r = measure(model, args.reps, args.steps)
+        r = measure(model, args.reps, args.steps, args.lock)
         results.append(r)
-        print(f"{model} batch 1, PDL supported {r['pdl_supported']}: graph replay on {r['replay_ms']['on']:.3f} ms "
+        print(f"{model} batch 1, PDL enabled {r['pdl_enabled']}: graph replay on {r['replay_ms']['on']:.3f} ms "
               f"({r['replay_tok_s']['on']:.1f} tok/s), off {r['replay_ms']['off']:.3f} ms "
               f"({r['replay_tok_s']['off']:.1f} tok/s), rounds {r['replay_rounds_ms']}; engine step on "
               f"{r['engine_step_ms']['on']:.3f} ms ({r['engine_tok_s']['on']:.1f} tok/s), off "
@@ -135,7 +154,7 @@ def main() -> None:
               f"max |diff| {r['logits_max_abs_diff']:.3g}, same argmax {r['same_argmax']}", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "pdl.json").write_text(json.dumps(results, indent=2))
+        (args.out / f"pdl_{'_'.join(args.models)}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

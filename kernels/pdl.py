@@ -2,16 +2,17 @@
 in the stream still runs, so its launch latency and prologue hide behind that kernel's tail.
 
 The rule every kernel here that takes USE_PDL follows, and what makes it safe:
-  - before `wait_for_predecessor`, a program reads only what no kernel of the step writes (weights, biases,
-    constants) and writes nothing;
+  - before `wait_for_predecessor`, a program reads only what no kernel of the step writes (weights and
+    norm weights as stored, not a tensor a torch op of the step made) and writes nothing;
   - every program calls it, before any early return.
 griddepcontrol.wait blocks until the preceding grid has completed and its writes are visible; it waits on
 that grid only. But no program of that grid could finish before its own wait returned, i.e. before the grid
 before it completed, and so on down the chain: by induction a kernel past its wait sees every earlier
 kernel complete, two or more launches back included. So no dependent's write can race a predecessor's read
 of the same buffer (residual stream, state slots, KV cache, split-K counters and partials, reused pool
-memory) and no read sees a stale value. Kernels launched without PDL (cuBLAS, torch ops) wait for the full
-completion of the previous kernel as usual.
+memory) and no read sees a stale value. Kernels launched without PDL (torch ops; cuBLAS, unless it sets
+the attribute itself, and then its kernels wait likewise) start after the full completion of the previous
+kernel as usual, and a PDL kernel after one of them waits for its completion.
 
 `wait_for_predecessor` also lets the next kernel launch (griddepcontrol.launch_dependents): the next grid is
 scheduled once every program of this one has issued it or exited, so only when this grid's last programs
