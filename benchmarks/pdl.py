@@ -107,7 +107,7 @@ def measure(model: str, reps: int, steps: int, lock: Path | None) -> dict:
                                       max_num_batched_tokens=256, num_kv_blocks=256, gpu_memory_utilization=0.4,
                                       enable_prefix_caching=False))
     graphs = engine.runner.graphs
-    engine.add_request("0", list(range(5, 133)), SamplingParams(max_tokens=100 * steps, temperature=0,
+    engine.add_request("0", list(range(5, 133)), SamplingParams(max_tokens=2048 - 128, temperature=0,
                                                                 ignore_eos=True))
     for _ in range(4):  # prefill, then decodes through the bucket-1 graph: its inputs now hold a real row
         engine.step()
