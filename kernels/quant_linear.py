@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
 DEQUANT_MATMUL_MIN_ROWS = 1024  # from here on (kind "dequant"): dequantize to 16 bits, then cuBLAS
@@ -138,29 +140,37 @@ def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, 
                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr):
     """The fp32 GEMV's loads for the K tile at k0: _word_tile's, zero points in fp32, and x [BLOCK_K / pack,
     pack]; nothing at or past k_end."""
-    PACK: tl.constexpr = 32 // BITS
     rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
+    return words, scale, zero.to(tl.float32), _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, k_end, BITS, HAS_PERM)
+
+
+@triton.jit
+def _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, k_end, BITS: tl.constexpr, HAS_PERM: tl.constexpr):
+    """x [BLOCK_K / pack, pack] of the word rows `rows` (gathered by perm); nothing at or past k_end."""
+    PACK: tl.constexpr = 32 // BITS
     k = rows[:, None] * PACK + tl.arange(0, PACK)[None, :]
-    xt = tl.load(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, k_end, HAS_PERM), mask=k < k_end, other=0.0)
-    return words, scale, zero.to(tl.float32), xt
+    return tl.load(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, k_end, HAS_PERM), mask=k < k_end, other=0.0)
 
 
 @triton.jit
 def _gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
                       stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """One row of x (program_id(1)) times BLOCK_N columns of W^T over K_TILES tiles of K, in fp32 multiply-adds.
     A K tile lies in one group. The next tile's loads are issued before this tile's arithmetic, so each
-    program keeps two tiles in flight (at one row the kernel waits on memory latency more than on bandwidth)."""
+    program keeps two tiles in flight (at one row the kernel waits on memory latency more than on bandwidth);
+    the first tile's weights before waiting on the kernel that wrote x (kernels/pdl.py)."""
     PACK: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = BLOCK_K // PACK
     m = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(2) * K_TILES * BLOCK_K
     k_end = tl.minimum(k0 + K_TILES * BLOCK_K, K)
-    words, scale, zero, xt = _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, k_end,
-                                        offs_n, BITS, GROUP, HAS_PERM, BLOCK_K)
+    rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
+    zero = zero.to(tl.float32)
+    wait_for_predecessor(USE_PDL)
+    xt = _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, k_end, BITS, HAS_PERM)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for _ in range(K_TILES):
         k0 += BLOCK_K
@@ -202,7 +212,7 @@ def gather_x_half2_ref(x: torch.Tensor, perm: torch.Tensor | None, bits: int) ->
 
 @triton.jit
 def _gather_x_half2_kernel(x_ptr, perm_ptr, out_ptr, K, BITS: tl.constexpr, HAS_PERM: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """gather_x_half2_ref for BLOCK words of the output."""
     HALF_PACK: tl.constexpr = 16 // BITS
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -213,6 +223,7 @@ def _gather_x_half2_kernel(x_ptr, perm_ptr, out_ptr, K, BITS: tl.constexpr, HAS_
         factor = tl.where(p % 2 == 1, 1.0 / 256, 1.0 / 16)
     else:
         factor = 1.0 / 256
+    wait_for_predecessor(USE_PDL)
     lo = tl.load(x_ptr + _input_channels(perm_ptr, k_lo, K, HAS_PERM), mask=mask, other=0.0).to(tl.float32)
     hi = tl.load(x_ptr + _input_channels(perm_ptr, k_lo + HALF_PACK, K, HAS_PERM), mask=mask, other=0.0)
     lo = (lo * factor).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -246,23 +257,31 @@ def _half2_gemv_tile(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BI
     """The half2 GEMV's loads for the K tile at k0: _word_tile's, zero points in int32, and x pairs
     [BLOCK_K / pack, 1], one load per pair position p with offsets from rows[:, None] as the words', so each
     lands in the words' layout (no shared-memory conversion); nothing at or past k_end."""
+    rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
+    return words, scale, zero.to(tl.int32), _half2_x(xh_ptr, rows, k_end, BITS)
+
+
+@triton.jit
+def _half2_x(xh_ptr, rows, k_end, BITS: tl.constexpr):
+    """The x pairs of the word rows `rows`, [BLOCK_K / pack, 1] per pair position; nothing at or past k_end."""
     PACK: tl.constexpr = 32 // BITS
     HALF_PACK: tl.constexpr = PACK // 2
-    rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
     x2 = ()
     for p in tl.static_range(HALF_PACK):
         x2 = x2 + (tl.load(xh_ptr + rows[:, None] * HALF_PACK + p, mask=(rows < k_end // PACK)[:, None], other=0),)
-    return words, scale, zero.to(tl.int32), x2
+    return x2
 
 
 @triton.jit
 def _gptq_gemv_half2_kernel(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
                             stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            USE_PDL: tl.constexpr):
     """One row: x (gathered, 2^-bits, paired: gather_x_half2_ref) times BLOCK_N columns of W^T over K_TILES
     tiles of K. Each word's pack / 2 code pairs go through _half2_dot_pair into one half2 sum per word (pack
     products of x 2^-bits (q - z): |sum| <= pack |x|, far from fp16's 65504), which is added in fp32 and scaled
-    once per tile (a tile lies in one group). The next tile's loads are issued before this tile's arithmetic.
+    once per tile (a tile lies in one group). The next tile's loads are issued before this tile's arithmetic,
+    the first tile's weights before waiting on the kernel that wrote x (kernels/pdl.py).
     stride_xm: unused (the packed x is one row), in split_k_launch's common signature."""
     PACK: tl.constexpr = 32 // BITS
     HALF_PACK: tl.constexpr = PACK // 2
@@ -271,8 +290,10 @@ def _gptq_gemv_half2_kernel(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, p
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(2) * K_TILES * BLOCK_K
     k_end = tl.minimum(k0 + K_TILES * BLOCK_K, K)
-    words, scale, zero, x2 = _half2_gemv_tile(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP,
-                                            BLOCK_K)
+    rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
+    zero = zero.to(tl.int32)
+    wait_for_predecessor(USE_PDL)
+    x2 = _half2_x(xh_ptr, rows, k_end, BITS)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for _ in range(K_TILES):
         k0 += BLOCK_K
@@ -308,7 +329,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
                       K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr,
                       GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores (x already gathered by perm),
     from 65 rows on. Each word is loaded once and split by shifts into a [BLOCK_K / pack, pack, BLOCK_N] tile
     (channels in order). TILE_IN_GROUP: a K tile lies in one group, so the dot runs on exact q - z and the scale comes
@@ -320,6 +341,7 @@ def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N_W
     shifts = tl.arange(0, PACK) * BITS
+    wait_for_predecessor(USE_PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(K_TILES):
         k0 = (tl.program_id(2) * K_TILES + i) * BLOCK_K
@@ -429,7 +451,7 @@ def _gptq_planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_p
                         K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr,
                         GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, PTX_DEQUANT: tl.constexpr,
                         IEEE: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores: x gathered in plane order
     (gather_x_planes_ref), so plane j of a K tile, the codes at position j of its words [BLOCK_K / pack,
     BLOCK_N], multiplies the contiguous x columns [j rows, (j + 1) rows) of the tile: one dot per plane on the
@@ -448,6 +470,7 @@ def _gptq_planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_p
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
     mask_n = offs_n < N_W
+    wait_for_predecessor(USE_PDL)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -575,7 +598,8 @@ def gather_x_half2(x: torch.Tensor, perm: torch.Tensor | None, bits: int) -> tor
     out = torch.empty(K // 2, device=x.device, dtype=torch.int32)
     block = 1024
     _gather_x_half2_kernel[(triton.cdiv(K // 2, block),)](x, perm if perm is not None else x, out, K, BITS=bits,
-                                                           HAS_PERM=perm is not None, BLOCK=block)
+                                                           HAS_PERM=perm is not None, BLOCK=block,
+                                                           **pdl.launch_kwargs(x.device))
     return out
 
 

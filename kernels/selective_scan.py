@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from kernels import pdl
 from kernels.norm import rms_norm_ref
+from kernels.pdl import wait_for_predecessor
 from kernels.triton_math import softplus
 
 
@@ -412,7 +414,7 @@ def _selective_scan_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_
                                   stride_Bb, stride_Bn, stride_Cb, stride_Cn, stride_zb, stride_zc,
                                   stride_ss, stride_sc, stride_sn, stride_yb, stride_yc, stride_dlb,
                                   NORM_BCDT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_R: tl.constexpr):
+                                  BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr):
     """One decode step of sequence program_id(1) over BLOCK_C channels x all N states, in place by slot:
     one read and one write of the state tile; full N per program so y = h C reduces in registers.
     NORM_BCDT (FalconMamba): B and C are RMS-normalised here (rounded to their dtype, as the norm kernel
@@ -421,6 +423,7 @@ def _selective_scan_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < CH
     y_ptrs = y_ptr + b * stride_yb + c * stride_yc
+    wait_for_predecessor(USE_PDL)  # before the early return too: every program waits (kernels/pdl.py)
     slot = tl.load(slots_ptr + b)
     if slot < 0:
         tl.store(y_ptrs, tl.zeros((BLOCK_C,), y_ptr.dtype.element_ty), mask=c_ok)
@@ -475,7 +478,7 @@ def _update(x, dt, A, B, C, D, dt_bias, z, ssm_states, state_slots, dl: torch.Te
         x, dt, A, B, C, D, dt_bias, z, ssm_states, state_slots, y, x if dl is None else dl, CH, N, R, eps,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z.stride(), *ssm_states.stride(),
         *y.stride(), 0 if dl is None else dl.stride(0), NORM_BCDT=dl is not None, BLOCK_C=BLOCK_C,
-        BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(max(R, 1)), num_warps=4)
+        BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(max(R, 1)), num_warps=4, **pdl.launch_kwargs(x.device))
     return y
 
 
