@@ -13,13 +13,23 @@ reference, the mean of the same calls replayed back to back from one CUDA graph 
 server; no launch gaps, but states under ~1 MB a call can stay in L2 across the cycle).
 
     python -m benchmarks.kernels_mamba --out bench.md [--only mamba1-prefill,mamba1-step]
+
+--mamba1-sweep instead times a few blockings of the Mamba1 prefill scan (tokens a tile, warps, channels a
+thread, chains) at FalconMamba-7B shapes, each checked against the reference first, as CUDA-graph replay
+medians; --before-src DIR also times DIR/kernels/selective_scan.py (e.g. a checkout of main) in the same run.
+
+    python -m benchmarks.kernels_mamba --mamba1-sweep [--before-src .dev_s9/main] [--out sweep.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import importlib.util
 import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +38,9 @@ import triton
 from triton.testing import do_bench
 
 from benchmarks.ceilings import Ceilings, measure_ceilings
+from kernels import selective_scan
 from kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
-from kernels.selective_scan import selective_scan_update, selective_scan_varlen
+from kernels.selective_scan import selective_scan_update, selective_scan_varlen, selective_scan_varlen_ref
 from kernels.ssd_scan import ssd_scan_varlen
 from kernels.ssm_state_update import ssm_state_update
 
@@ -202,6 +213,97 @@ def bench_selective_scan(lengths: list[int]) -> Row:
     return Row("Mamba1 scan prefill (FalconMamba-7B)", size, *timed([call], graph_calls=8), nbytes)
 
 
+def graph_median_us(call: Callable[[], object], calls_per_graph: int = 8, replays: int = 25) -> float:
+    """Median over replays of one CUDA graph holding calls_per_graph back-to-back calls, per call (us)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            call()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls_per_graph)
+    return statistics.median(times)
+
+
+# (PREFILL_TILE, PREFILL_WARPS, PREFILL_CHANNELS_PER_THREAD, PREFILL_CHAINS); the first is the default.
+MAMBA1_BLOCKINGS = [(8, 4, 1, 98304), (4, 4, 1, 98304), (8, 4, 1, 65536), (8, 2, 1, 98304), (4, 4, 2, 131072)]
+
+
+def load_module(path: str):
+    spec = importlib.util.spec_from_file_location("selective_scan_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sweep_selective_scan(before_src: str | None) -> str:
+    """Markdown table: each blocking (and `before`) at 4,096 x 1 and 16 x 256 tokens, first checked against
+    the reference (max error relative to max |ref| of y and of the final states), then timed."""
+    C, N = MAMBA_7B["C"], MAMBA_7B["N"]
+    cases = []
+    for lengths in ([4096], [256] * 16):
+        T = sum(lengths)
+        x, dt, z = (torch.randn(T, C, device=DEV, dtype=DTYPE) for _ in range(3))
+        B, Cm = (torch.randn(T, N, device=DEV, dtype=DTYPE) for _ in range(2))
+        A, D, dt_bias = mamba1_params(C, N)
+        states = torch.randn(len(lengths), C, N, device=DEV)
+        qsl, slots, init = varlen_batch(lengths)
+        init[::2] = False  # half the sequences from zeros
+        args = (x, dt, A, B, Cm, D, dt_bias, z)
+        ref_states = states.clone()
+        ref = selective_scan_varlen_ref(*args, ref_states, qsl, slots, init)
+        cases.append((f"{len(lengths)} x {lengths[0]}", args, states, qsl, slots, init, ref, ref_states))
+    variants: list[tuple[str, Callable[..., torch.Tensor]]] = []
+    if before_src:
+        before = load_module(f"{before_src}/kernels/selective_scan.py")
+        variants.append(("before (main)", before.selective_scan_varlen))
+    for blocking in MAMBA1_BLOCKINGS:
+        variants.append((f"tile {blocking[0]}, {blocking[1]} warps, {blocking[2]} ch/thread, chains {blocking[3]}",
+                         lambda *a, blocking=blocking: run_blocking(blocking, *a)))
+    lines = ["| kernel | size | compile+first call (s) | max rel err y / states | CUDA graph median (us) |",
+             "|---|---|---:|---:|---:|"]
+    for name, fn in variants:
+        for size, args, states, qsl, slots, init, ref, ref_states in cases:
+            out_states = states.clone()
+            torch.cuda.synchronize()
+            t0 = time.time()
+            out = fn(*args, out_states, qsl, slots, init)
+            torch.cuda.synchronize()
+            first = time.time() - t0
+            err_y = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            err_s = ((out_states - ref_states).abs().max() / ref_states.abs().max()).item()
+            ok = err_y < 1e-2 and err_s < 1e-2
+            us = graph_median_us(functools.partial(fn, *args, out_states, qsl, slots, init)) if ok else float("nan")
+            lines.append(f"| {name} | {size} | {first:.1f} | {err_y:.1e} / {err_s:.1e}{'' if ok else ' FAIL'} "
+                         f"| {us:.1f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def run_blocking(blocking: tuple[int, int, int, int], *args) -> torch.Tensor:
+    """selective_scan_varlen with the module's prefill blocking set to `blocking` for this call."""
+    names = ("PREFILL_TILE", "PREFILL_WARPS", "PREFILL_CHANNELS_PER_THREAD", "PREFILL_CHAINS")
+    saved = [getattr(selective_scan, n) for n in names]
+    for n, v in zip(names, blocking):
+        setattr(selective_scan, n, v)
+    try:
+        return selective_scan_varlen(*args)
+    finally:
+        for n, v in zip(names, saved):
+            setattr(selective_scan, n, v)
+
+
 # conv prefill layouts: label -> (conv channels, x's (first column, row width) in the in_proj output; None: contiguous)
 CONV_LAYOUTS = {
     "H1-7B, contiguous x": (H1_7B["H"] * H1_7B["P"] + 2 * H1_7B["G"] * H1_7B["N"], None),
@@ -262,7 +364,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--only", help="comma-separated kernel groups to run: " + ", ".join(GROUPS))
+    parser.add_argument("--mamba1-sweep", action="store_true", help="time the Mamba1 prefill blockings only")
+    parser.add_argument("--before-src", help="with --mamba1-sweep: a tree whose kernels/selective_scan.py to time too")
     args = parser.parse_args()
+    if args.mamba1_sweep:
+        torch.manual_seed(0)
+        text = (f"Mamba1 prefill blockings, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                f"triton {triton.__version__}, bf16 activations\n\n" + sweep_selective_scan(args.before_src) + "\n")
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return
     groups = args.only.split(",") if args.only else list(GROUPS)
     unknown = set(groups) - set(GROUPS)
     if unknown:

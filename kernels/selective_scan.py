@@ -106,12 +106,12 @@ def _store_rows(base, stride_n, tile, n2, mask, N: tl.constexpr):
 
 
 @triton.jit
-def _load_column(p, n2, ok, N: tl.constexpr, BLOCK_N: tl.constexpr):
+def _load_column(p, n2, N: tl.constexpr, BLOCK_N: tl.constexpr):
     """One token's B or C (fp32, contiguous) as a [BLOCK_N, 1] column: N scalar loads at constant offsets from p
-    (every thread holds all N); zeros where not ok."""
+    (every thread holds all N)."""
     v = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
     for i in tl.static_range(N):
-        v = tl.where(n2 == i, tl.load(p + i, mask=ok, other=0.0), v)
+        v = tl.where(n2 == i, tl.load(p + i), v)
     return v
 
 
@@ -140,7 +140,8 @@ def _scan_tile(h, S, A2, dt_bias, D, x, dt, z, Bp, Cp, yp, stride_yt, n_ok, c_ok
     """Advance h over the first n_ok tokens of a tile (x, dt, z [TILE, BLOCK_C]; B, C rows from Bp, Cp).
     softplus, delta x and the SiLU gate are worked for the whole tile at once, off the state's dependency
     chain; per token only h <- exp2(delta A2) h + delta x B and y = h C. Rows past n_ok get delta = 0 and
-    delta x = 0, which leaves h exactly as it is. OUTPUT: store y; else S += the tile's deltas."""
+    delta x = 0, which leaves h exactly as it is whatever their (finite) B: B and C have TILE zero rows past
+    the last token, so their loads need no mask. OUTPUT: store y; else S += the tile's deltas."""
     x = x.to(tl.float32)
     delta = tl.where(ti < n_ok, _softplus_series(dt.to(tl.float32) + dt_bias[None, :], FAST), 0.0)
     dx = delta * x
@@ -154,13 +155,12 @@ def _scan_tile(h, S, A2, dt_bias, D, x, dt, z, Bp, Cp, yp, stride_yt, n_ok, c_ok
     else:
         S += tl.sum(delta, axis=0)
     for i in tl.static_range(TILE):
-        ok = i < n_ok
-        Bv = _load_column(Bp + i * N, n2, ok, N, BLOCK_N)
+        Bv = _load_column(Bp + i * N, n2, N, BLOCK_N)
         h = tl.exp2(_row(delta, ti, i)[None, :] * A2) * h + _row(dx, ti, i)[None, :] * Bv
         if OUTPUT:
-            Cv = _load_column(Cp + i * N, n2, ok, N, BLOCK_N)
+            Cv = _load_column(Cp + i * N, n2, N, BLOCK_N)
             y = tl.sum(h * Cv, axis=0) * _row(gate, ti, i) + _row(dxg, ti, i)
-            tl.store(yp + i * stride_yt, y.to(yp.dtype.element_ty), mask=tl.where(ok, c_ok, False))
+            tl.store(yp + i * stride_yt, y.to(yp.dtype.element_ty), mask=tl.where(i < n_ok, c_ok, False))
     return h, S
 
 
@@ -413,8 +413,9 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     n_chunks = triton.cdiv(T, L)
     c_blocks = triton.cdiv(CH, BLOCK_C)
     # B and C are read by every thread for every token: converted once here ([T, N], microseconds), the
-    # token loop loads them ready, contiguous (a token's N values at constant offsets from one address).
-    B, C = B.float().contiguous(), C.float().contiguous()
+    # token loop loads them ready, contiguous (a token's N values at constant offsets from one address), with
+    # PREFILL_TILE zero rows after the last token (a last tile's loads past it need no mask).
+    B, C = (F.pad(v.float(), (0, 0, 0, PREFILL_TILE)) for v in (B, C))
     if n_chunks > 1:
         hbuf = torch.empty(2, n_chunks, N, CH, device=x.device, dtype=torch.float32)  # hend, hinit
         dsum = torch.empty(n_chunks, CH, device=x.device, dtype=torch.float32)
