@@ -28,7 +28,6 @@ import datetime
 import functools
 import importlib.util
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from benchmarks.ceilings import Ceilings, measure_ceilings
+from benchmarks.ceilings import Ceilings, capture_graph, measure_ceilings, sustained_seconds
 from kernels import selective_scan
 from kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
 from kernels.selective_scan import selective_scan_update, selective_scan_varlen, selective_scan_varlen_ref
@@ -199,45 +198,37 @@ def bench_ssd(lengths: list[int]) -> Row:
                ssd_flops(lengths, H, P, G, N, chunk))
 
 
-def bench_selective_scan(lengths: list[int]) -> Row:
+def mamba1_prefill_inputs(lengths: list[int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, torch.Tensor]:
+    """FalconMamba-7B scan inputs ((x, dt, A, B, C, D, dt_bias, z), states, qsl, slots, init) for `lengths`."""
     C, N = MAMBA_7B["C"], MAMBA_7B["N"]
     T = sum(lengths)
     x, dt, z = (torch.randn(T, C, device=DEV, dtype=DTYPE) for _ in range(3))
     B, Cm = (torch.randn(T, N, device=DEV, dtype=DTYPE) for _ in range(2))
     A, D, dt_bias = mamba1_params(C, N)
     states = torch.randn(len(lengths), C, N, device=DEV)
-    qsl, slots, init = varlen_batch(lengths)
+    return (x, dt, A, B, Cm, D, dt_bias, z), states, *varlen_batch(lengths)
+
+
+def bench_selective_scan(lengths: list[int]) -> Row:
+    C, N = MAMBA_7B["C"], MAMBA_7B["N"]
+    T = sum(lengths)
+    args, states, qsl, slots, init = mamba1_prefill_inputs(lengths)
     nbytes = T * (4 * C + 2 * N) * DTYPE.itemsize + 2 * len(lengths) * C * N * 4
-    call = lambda: selective_scan_varlen(x, dt, A, B, Cm, D, dt_bias, z, states, qsl, slots, init)  # noqa: E731
+    call = lambda: selective_scan_varlen(*args, states, qsl, slots, init)  # noqa: E731
     size = f"{len(lengths)} x {lengths[0]} tokens" if len(lengths) > 1 else f"{T} tokens"
     return Row("Mamba1 scan prefill (FalconMamba-7B)", size, *timed([call], graph_calls=8), nbytes)
 
 
-def graph_median_us(call: Callable[[], object], calls_per_graph: int = 8, replays: int = 25) -> float:
-    """Median over replays of one CUDA graph holding calls_per_graph back-to-back calls, per call (us)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            call()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls_per_graph)
-    return statistics.median(times)
+def graph_median_us(call: Callable[[], object], calls_per_graph: int = 8) -> float:
+    """One call's time (us) from replays of a CUDA graph of calls_per_graph back-to-back calls: the median over
+    9 repeats of the mean of 5 replays."""
+    graph = capture_graph(lambda: [call() for _ in range(calls_per_graph)])
+    return sustained_seconds(graph.replay, calls=5, repeats=9) * 1e6 / calls_per_graph
 
 
 # (PREFILL_TILE, PREFILL_WARPS, PREFILL_CHANNELS_PER_THREAD, PREFILL_CHAINS); the first is the default.
-MAMBA1_BLOCKINGS = [(8, 4, 1, 98304), (4, 4, 1, 98304), (8, 4, 1, 65536), (8, 2, 1, 98304), (4, 4, 2, 131072)]
+MAMBA1_BLOCKINGS = [(8, 4, 1, 98304), (4, 4, 1, 98304), (8, 4, 1, 65536), (8, 2, 1, 98304), (2, 4, 2, 131072)]
 
 
 def load_module(path: str):
@@ -250,17 +241,10 @@ def load_module(path: str):
 def sweep_selective_scan(before_src: str | None) -> str:
     """Markdown table: each blocking (and `before`) at 4,096 x 1 and 16 x 256 tokens, first checked against
     the reference (max error relative to max |ref| of y and of the final states), then timed."""
-    C, N = MAMBA_7B["C"], MAMBA_7B["N"]
     cases = []
     for lengths in ([4096], [256] * 16):
-        T = sum(lengths)
-        x, dt, z = (torch.randn(T, C, device=DEV, dtype=DTYPE) for _ in range(3))
-        B, Cm = (torch.randn(T, N, device=DEV, dtype=DTYPE) for _ in range(2))
-        A, D, dt_bias = mamba1_params(C, N)
-        states = torch.randn(len(lengths), C, N, device=DEV)
-        qsl, slots, init = varlen_batch(lengths)
+        args, states, qsl, slots, init = mamba1_prefill_inputs(lengths)
         init[::2] = False  # half the sequences from zeros
-        args = (x, dt, A, B, Cm, D, dt_bias, z)
         ref_states = states.clone()
         ref = selective_scan_varlen_ref(*args, ref_states, qsl, slots, init)
         cases.append((f"{len(lengths)} x {lengths[0]}", args, states, qsl, slots, init, ref, ref_states))
