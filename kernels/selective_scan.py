@@ -363,6 +363,8 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
 #   channels a thread 2, chains  65536  (8 chunks):  990 / 720
 #   channels a thread 2, chains 131072 (16 chunks): 1007 / 718
 # Chunk boundaries inside a sequence cost pass-1 work (16 x 256 with 512-token chunks has none).
+# Those were of the per-token loop; the tiled loop keeps that blocking until the sweep
+# (benchmarks/kernels_mamba.py --mamba1-sweep) is run. TILE 8: 168 registers in pass 3, no spills (sm_90 ptxas).
 PREFILL_WARPS = 4
 PREFILL_CHANNELS_PER_THREAD = 1
 PREFILL_CHAINS = 98304  # chunk the token axis until chunks x channels reaches this many independent scans
