@@ -258,11 +258,11 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
     for k0 in range(0, tl.minimum((mb + 1) * BLOCK_M, L), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < L
-        causal = (k[None, :] <= m[:, None]) & k_ok[None, :] & m_ok[:, None]
-        cb = tl.load(cb_base + m[:, None] * stride_cbm + k[None, :], mask=causal, other=0.0)
+        cb = tl.load(cb_base + m[:, None] * stride_cbm + k[None, :], mask=(m < CHUNK)[:, None] & (k < CHUNK)[None, :])
         a_k = tl.load(dA_ptr + h * T + start + k, mask=k_ok, other=0.0)
         dt_k = tl.load(dt_ptr + h * T + start + k, mask=k_ok, other=0.0)
-        w = cb * tl.exp(tl.where(causal, a_m[:, None] - a_k[None, :], float("-inf"))) * dt_k[None, :]
+        decay = tl.exp(tl.minimum(a_m[:, None] - a_k[None, :], 0.0))  # the min: no inf above the diagonal
+        w = tl.where(k[None, :] <= m[:, None], cb * decay * dt_k[None, :], 0.0)
         xk = tl.load(x_ptr + (start + k)[:, None] * stride_xt + h * stride_xh + p[None, :] * stride_xp,
                      mask=k_ok[:, None] & p_ok[None, :], other=0.0)
         acc += tl.dot(w.to(xk.dtype), xk, input_precision=DOT_PRECISION)
