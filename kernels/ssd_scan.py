@@ -258,6 +258,8 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
     for k0 in range(0, tl.minimum((mb + 1) * BLOCK_M, L), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < L
+        # Rows whole, so the copies are 16 bytes wide (a causal mask splits them into 4-byte ones); entries above
+        # the diagonal may be unwritten (the CB kernel skips tiles above it) and fall to the select below.
         cb = tl.load(cb_base + m[:, None] * stride_cbm + k[None, :], mask=(m < CHUNK)[:, None] & (k < CHUNK)[None, :])
         a_k = tl.load(dA_ptr + h * T + start + k, mask=k_ok, other=0.0)
         dt_k = tl.load(dt_ptr + h * T + start + k, mask=k_ok, other=0.0)

@@ -136,6 +136,22 @@ def test_scan_several_token_blocks_per_chunk_interpreted():
            dtype=torch.float32, launch=small)
 
 
+def test_scan_ignores_unwritten_scratch_interpreted(monkeypatch):
+    # The chunk scan reads whole CB rows, entries above the diagonal included, which the CB kernel leaves
+    # unwritten when the scan's row tiles are taller than CB's (32 vs 16 here): scratch filled with NaN must
+    # not reach the output.
+    empty = torch.empty
+
+    def nan_empty(*shape, dtype=None, **kw):
+        t = empty(*shape, dtype=dtype, **kw)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(ssd_scan.torch, "empty", nan_empty)
+    tall = ssd_scan.SsdLaunch(state_k=16, cb_m=16, scan_m=32, scan_p=16, scan_k=16, scan_n=16)
+    _check([70, 5, 32], [True, False, True], [1, 0, 2], H=2, P=16, G=1, N=16, chunk=32, dtype=torch.float32,
+           launch=tall)
+
+
 def test_launch_per_shape():
     base = ssd_scan.SsdLaunch()
     for (P, N, chunk, long), fields in ssd_scan.TUNED.items():  # the table's entry, by sequence length
