@@ -218,6 +218,9 @@ def _ssd_states_kernel(x_ptr, B_ptr, w_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_
     tl.store(s_ptrs, state.to(ssm_ptr.dtype.element_ty), mask=tile_ok)
 
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
 def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_in_ptr, y_ptr, bounds_ptr,
                            T, P, N, heads_per_group,
@@ -244,7 +247,8 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < P
     n = tl.arange(0, BLOCK_N)
-    a_m = tl.load(dA_ptr + h * T + start + m, mask=m_ok, other=0.0)
+    # a in log2 units: the exps below are exp2, one MUFU op each (tl.exp multiplies by log2(e) first)
+    a_m = tl.load(dA_ptr + h * T + start + m, mask=m_ok, other=0.0) * LOG2E
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     si_base = states_in_ptr + i.to(tl.int64) * stride_sic + h * stride_sih
     for n0 in range(0, N, BLOCK_N):
@@ -253,18 +257,19 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
         sT = tl.load(si_base + p[None, :] * stride_sip + (n0 + n)[:, None],
                      mask=p_ok[None, :] & (n0 + n < N)[:, None], other=0.0)
         acc += tl.dot(c, sT.to(c.dtype), input_precision=DOT_PRECISION)
-    acc *= tl.exp(a_m)[:, None]
+    acc *= tl.exp2(a_m)[:, None]
     cb_base = cb_ptr + i.to(tl.int64) * stride_cbc + g * stride_cbg
+    row_minus_col = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_K)[None, :]  # k <= m: one compare
     for k0 in range(0, tl.minimum((mb + 1) * BLOCK_M, L), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < L
         # Rows whole, so the copies are 16 bytes wide (a causal mask splits them into 4-byte ones); entries above
         # the diagonal may be unwritten (the CB kernel skips tiles above it) and fall to the select below.
         cb = tl.load(cb_base + m[:, None] * stride_cbm + k[None, :], mask=(m < CHUNK)[:, None] & (k < CHUNK)[None, :])
-        a_k = tl.load(dA_ptr + h * T + start + k, mask=k_ok, other=0.0)
+        a_k = tl.load(dA_ptr + h * T + start + k, mask=k_ok, other=0.0) * LOG2E
         dt_k = tl.load(dt_ptr + h * T + start + k, mask=k_ok, other=0.0)
-        decay = tl.exp(tl.minimum(a_m[:, None] - a_k[None, :], 0.0))  # the min: no inf above the diagonal
-        w = tl.where(k[None, :] <= m[:, None], cb * decay * dt_k[None, :], 0.0)
+        decay = tl.exp2(tl.minimum(a_m[:, None] - a_k[None, :], 0.0))  # the min: no inf above the diagonal
+        w = tl.where(row_minus_col >= k0 - mb * BLOCK_M, cb * decay * dt_k[None, :], 0.0)
         xk = tl.load(x_ptr + (start + k)[:, None] * stride_xt + h * stride_xh + p[None, :] * stride_xp,
                      mask=k_ok[:, None] & p_ok[None, :], other=0.0)
         acc += tl.dot(w.to(xk.dtype), xk, input_precision=DOT_PRECISION)
