@@ -199,10 +199,14 @@ def _ssd_states_kernel(x_ptr, B_ptr, w_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_
     BLOCKS_PER_CHUNK: tl.constexpr = (CHUNK + BLOCK_K - 1) // BLOCK_K
     length = seq_end - seq_start
     n_blocks = (length // CHUNK) * BLOCKS_PER_CHUNK + tl.cdiv(length % CHUNK, BLOCK_K)
+    # a_end of block j's chunk, loaded one block ahead: a load issued where it is used would put its latency
+    # on the walk's serial path (the decay feeds the next dot) at every step
+    a_end = tl.load(dA_ptr + h * T + tl.minimum(seq_start + CHUNK, seq_end) - 1, mask=length > 0, other=0.0)
     for j in range(0, n_blocks):
         c_start = seq_start + (j // BLOCKS_PER_CHUNK) * CHUNK
         c_end = tl.minimum(c_start + CHUNK, seq_end)
-        a_end = tl.load(dA_ptr + h * T + c_end - 1)
+        a_end_next = tl.load(dA_ptr + h * T + tl.minimum(seq_start + ((j + 1) // BLOCKS_PER_CHUNK + 1) * CHUNK,
+                                                         seq_end) - 1)
         first = j % BLOCKS_PER_CHUNK == 0
         chunk = tl.zeros([], tl.int64) + j // BLOCKS_PER_CHUNK
         tl.store(in_ptrs + chunk * stride_sic, state.to(states_in_ptr.dtype.element_ty), mask=tile_ok & first)
@@ -215,6 +219,7 @@ def _ssd_states_kernel(x_ptr, B_ptr, w_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_
         Bs = tl.load(B_ptr + s[:, None] * stride_Bt + g * stride_Bg + n[None, :] * stride_Bn,
                      mask=s_ok[:, None] & (n < N)[None, :], other=0.0)
         state = tl.dot(xT, (Bs.to(tl.float32) * w[:, None]).to(xT.dtype), state, input_precision=DOT_PRECISION)
+        a_end = a_end_next
     tl.store(s_ptrs, state.to(ssm_ptr.dtype.element_ty), mask=tile_ok)
 
 

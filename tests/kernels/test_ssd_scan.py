@@ -75,6 +75,12 @@ def test_scan_chunk16_one_group_dt_limit_interpreted():
            dt_limit=(0.05, 0.8))
 
 
+def test_scan_empty_sequence_interpreted():
+    # A sequence of no tokens keeps its initial state (or gets zeros without one); the walk reads no decay for it.
+    _check([0, 5, 9, 0], [True, True, False, False], [0, 1, 2, 3], H=2, P=16, G=1, N=16, chunk=8,
+           dtype=torch.float32)
+
+
 def test_scan_head_dim_under_a_tile_interpreted():
     # tests/tiny_models.py's Falcon-H1: H 8, P 8 (below the 16-wide dot tiles), G 2, N 16, chunk 8.
     _check([11, 1, 24], [False, True, True], [2, 0, 3], H=8, P=8, G=2, N=16, chunk=8, dtype=torch.float32)
