@@ -141,7 +141,8 @@ def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, bounds_ptr, N,
                    stride_cbc, stride_cbg, stride_cbm, CHUNK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """cb[chunk, g, m-tile, k-tile] = C[m] . B[k] over N, once per group (heads of a group share it) and only
-    for tiles on or below the diagonal, the ones the causal chunk scan reads."""
+    for tiles on or below the diagonal, the ones the causal chunk scan uses (it reads whole rows of its tiles,
+    unwritten entries included, and drops those above the diagonal)."""
     mb = tl.program_id(0) // tl.cdiv(CHUNK, BLOCK_K)
     kb = tl.program_id(0) % tl.cdiv(CHUNK, BLOCK_K)
     g = tl.program_id(1)
@@ -273,7 +274,7 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
         cb = tl.load(cb_base + m[:, None] * stride_cbm + k[None, :], mask=(m < CHUNK)[:, None] & (k < CHUNK)[None, :])
         a_k = tl.load(dA_ptr + h * T + start + k, mask=k_ok, other=0.0) * LOG2E
         dt_k = tl.load(dt_ptr + h * T + start + k, mask=k_ok, other=0.0)
-        decay = tl.exp2(tl.minimum(a_m[:, None] - a_k[None, :], 0.0))  # the min: no inf above the diagonal
+        decay = tl.exp2(tl.minimum(a_m[:, None] - a_k[None, :], 0.0))  # min: entries above the diagonal stay finite
         w = tl.where(row_minus_col >= k0 - mb * BLOCK_M, cb * decay * dt_k[None, :], 0.0)
         xk = tl.load(x_ptr + (start + k)[:, None] * stride_xt + h * stride_xh + p[None, :] * stride_xp,
                      mask=k_ok[:, None] & p_ok[None, :], other=0.0)
