@@ -224,7 +224,7 @@ def _ssd_states_kernel(x_ptr, B_ptr, w_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_
     tl.store(s_ptrs, state.to(ssm_ptr.dtype.element_ty), mask=tile_ok)
 
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
