@@ -141,7 +141,8 @@ def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, bounds_ptr, N,
                    stride_cbc, stride_cbg, stride_cbm, CHUNK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """cb[chunk, g, m-tile, k-tile] = C[m] . B[k] over N, once per group (heads of a group share it) and only
-    for tiles on or below the diagonal, the ones the causal chunk scan reads."""
+    for tiles on or below the diagonal, the ones the causal chunk scan uses (it reads whole rows of its tiles,
+    unwritten entries included, and drops those above the diagonal)."""
     mb = tl.program_id(0) // tl.cdiv(CHUNK, BLOCK_K)
     kb = tl.program_id(0) % tl.cdiv(CHUNK, BLOCK_K)
     g = tl.program_id(1)
@@ -199,10 +200,14 @@ def _ssd_states_kernel(x_ptr, B_ptr, w_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_
     BLOCKS_PER_CHUNK: tl.constexpr = (CHUNK + BLOCK_K - 1) // BLOCK_K
     length = seq_end - seq_start
     n_blocks = (length // CHUNK) * BLOCKS_PER_CHUNK + tl.cdiv(length % CHUNK, BLOCK_K)
+    # a_end of block j's chunk, loaded one block ahead: a load issued where it is used would put its latency
+    # on the walk's serial path (the decay feeds the next dot) at every step
+    a_end = tl.load(dA_ptr + h * T + tl.minimum(seq_start + CHUNK, seq_end) - 1, mask=length > 0, other=0.0)
     for j in range(0, n_blocks):
         c_start = seq_start + (j // BLOCKS_PER_CHUNK) * CHUNK
         c_end = tl.minimum(c_start + CHUNK, seq_end)
-        a_end = tl.load(dA_ptr + h * T + c_end - 1)
+        a_end_next = tl.load(dA_ptr + h * T + tl.minimum(seq_start + ((j + 1) // BLOCKS_PER_CHUNK + 1) * CHUNK,
+                                                         seq_end) - 1)
         first = j % BLOCKS_PER_CHUNK == 0
         chunk = tl.zeros([], tl.int64) + j // BLOCKS_PER_CHUNK
         tl.store(in_ptrs + chunk * stride_sic, state.to(states_in_ptr.dtype.element_ty), mask=tile_ok & first)
@@ -215,7 +220,11 @@ def _ssd_states_kernel(x_ptr, B_ptr, w_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_
         Bs = tl.load(B_ptr + s[:, None] * stride_Bt + g * stride_Bg + n[None, :] * stride_Bn,
                      mask=s_ok[:, None] & (n < N)[None, :], other=0.0)
         state = tl.dot(xT, (Bs.to(tl.float32) * w[:, None]).to(xT.dtype), state, input_precision=DOT_PRECISION)
+        a_end = a_end_next
     tl.store(s_ptrs, state.to(ssm_ptr.dtype.element_ty), mask=tile_ok)
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -244,7 +253,8 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < P
     n = tl.arange(0, BLOCK_N)
-    a_m = tl.load(dA_ptr + h * T + start + m, mask=m_ok, other=0.0)
+    # a in log2 units: the exps below are exp2, one MUFU op each (tl.exp multiplies by log2(e) first)
+    a_m = tl.load(dA_ptr + h * T + start + m, mask=m_ok, other=0.0) * LOG2E
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     si_base = states_in_ptr + i.to(tl.int64) * stride_sic + h * stride_sih
     for n0 in range(0, N, BLOCK_N):
@@ -253,16 +263,19 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
         sT = tl.load(si_base + p[None, :] * stride_sip + (n0 + n)[:, None],
                      mask=p_ok[None, :] & (n0 + n < N)[:, None], other=0.0)
         acc += tl.dot(c, sT.to(c.dtype), input_precision=DOT_PRECISION)
-    acc *= tl.exp(a_m)[:, None]
+    acc *= tl.exp2(a_m)[:, None]
     cb_base = cb_ptr + i.to(tl.int64) * stride_cbc + g * stride_cbg
+    row_minus_col = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_K)[None, :]  # k <= m: one compare
     for k0 in range(0, tl.minimum((mb + 1) * BLOCK_M, L), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < L
-        causal = (k[None, :] <= m[:, None]) & k_ok[None, :] & m_ok[:, None]
-        cb = tl.load(cb_base + m[:, None] * stride_cbm + k[None, :], mask=causal, other=0.0)
-        a_k = tl.load(dA_ptr + h * T + start + k, mask=k_ok, other=0.0)
+        # Rows whole, so the copies are 16 bytes wide (a causal mask splits them into 4-byte ones); entries above
+        # the diagonal may be unwritten (the CB kernel skips tiles above it) and fall to the select below.
+        cb = tl.load(cb_base + m[:, None] * stride_cbm + k[None, :], mask=(m < CHUNK)[:, None] & (k < CHUNK)[None, :])
+        a_k = tl.load(dA_ptr + h * T + start + k, mask=k_ok, other=0.0) * LOG2E
         dt_k = tl.load(dt_ptr + h * T + start + k, mask=k_ok, other=0.0)
-        w = cb * tl.exp(tl.where(causal, a_m[:, None] - a_k[None, :], float("-inf"))) * dt_k[None, :]
+        decay = tl.exp2(tl.minimum(a_m[:, None] - a_k[None, :], 0.0))  # min: entries above the diagonal stay finite
+        w = tl.where(row_minus_col >= k0 - mb * BLOCK_M, cb * decay * dt_k[None, :], 0.0)
         xk = tl.load(x_ptr + (start + k)[:, None] * stride_xt + h * stride_xh + p[None, :] * stride_xp,
                      mask=k_ok[:, None] & p_ok[None, :], other=0.0)
         acc += tl.dot(w.to(xk.dtype), xk, input_precision=DOT_PRECISION)

@@ -75,6 +75,12 @@ def test_scan_chunk16_one_group_dt_limit_interpreted():
            dt_limit=(0.05, 0.8))
 
 
+def test_scan_empty_sequence_interpreted():
+    # A sequence of no tokens keeps its initial state (or gets zeros without one); the walk reads no decay for it.
+    _check([0, 5, 9, 0], [True, True, False, False], [0, 1, 2, 3], H=2, P=16, G=1, N=16, chunk=8,
+           dtype=torch.float32)
+
+
 def test_scan_head_dim_under_a_tile_interpreted():
     # tests/tiny_models.py's Falcon-H1: H 8, P 8 (below the 16-wide dot tiles), G 2, N 16, chunk 8.
     _check([11, 1, 24], [False, True, True], [2, 0, 3], H=8, P=8, G=2, N=16, chunk=8, dtype=torch.float32)
@@ -134,6 +140,22 @@ def test_scan_several_token_blocks_per_chunk_interpreted():
     small = ssd_scan.SsdLaunch(state_k=16, cb_m=16, seq_block=2, scan_m=16, scan_p=16, scan_k=16, scan_n=16)
     _check([70, 33, 5, 32], [True, False, True, True], [1, 3, 0, 2], H=2, P=16, G=1, N=16, chunk=32,
            dtype=torch.float32, launch=small)
+
+
+def test_scan_ignores_unwritten_scratch_interpreted(monkeypatch):
+    # The chunk scan reads whole CB rows, entries above the diagonal included, which the CB kernel leaves
+    # unwritten when the scan's row tiles are taller than CB's (32 vs 16 here): scratch filled with NaN must
+    # not reach the output.
+    empty = torch.empty
+
+    def nan_empty(*shape, dtype=None, **kw):
+        t = empty(*shape, dtype=dtype, **kw)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(ssd_scan.torch, "empty", nan_empty)
+    tall = ssd_scan.SsdLaunch(state_k=16, cb_m=16, scan_m=32, scan_p=16, scan_k=16, scan_n=16)
+    _check([70, 5, 32], [True, False, True], [1, 0, 2], H=2, P=16, G=1, N=16, chunk=32, dtype=torch.float32,
+           launch=tall)
 
 
 def test_launch_per_shape():
