@@ -116,10 +116,10 @@ def _copies(w: tuple, nbytes: int) -> list[tuple]:
 
 def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
     """The tile configs the sweep tries: at one row the half2 GEMV (the default) and the fp32 one it replaced
-    (tiles of 8-32 word rows, 2-4 warps); at more rows the planes GEMM (the default to 64 rows: BLOCK_M the
+    (tiles of 8-32 word rows, 2-4 warps); at more rows the planes GEMM (the default to 16 rows: BLOCK_M the
     rows rounded up to 16 / 32 / 64 and the next size, BLOCK_N 64 / 128, BLOCK_K 128 / 256, 4 / 8 warps, 2-4
-    stages), the transposed planes GEMM (planes_t_candidates), the reshaping tl.dot kernel, each split for
-    several waves of programs, and the weights dequantized to bf16 then cuBLAS (kind dequant)."""
+    stages) and the transposed one (planes_t_candidates), each split for several waves of programs, and the
+    weights dequantized to bf16 then cuBLAS (kind dequant)."""
     pack, dev = 32 // bits, torch.device("cuda")
     out = []
     if M == 1:
@@ -132,11 +132,6 @@ def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
                 out += [dict(kind="gemv_half2", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
                              SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev)) for waves in (4, 8)]
         return out
-    bm = 16 if M <= 16 else 32
-    for bn, bk, stages in ((64, 128, 4), (64, 128, 2), (32, 128, 4), (64, 256, 2)):
-        tiles = -(-N // bn) * -(-M // bm)
-        out += [dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages,
-                     SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (2, 4)]
     out += planes_t_candidates(M, N, K) + [dict(kind="dequant")]
     fits = 16 if M <= 16 else 32 if M <= 32 else 64  # as matmul_config picks it
     for bm in sorted({fits, min(2 * fits, 64)}):

@@ -24,12 +24,12 @@ Decoding streams the weights, so the kernels spend as few instructions per weigh
   that each plane's channels are contiguous columns; Int4 with bf16 / fp16 x is dequantized on CUDA in
   bf16x2 / f16x2, two words at a time (their halves paired by two prmt, then per plane a shift, one lop3
   onto 128 = 0x4300 or 1024 = 0x6400 and one sub: about 1.5 instructions a weight, the pairs already as the
-  tensor cores read them), else each plane by the fp32 2^23 trick. Kind "planes_t" runs it transposed (the
-  dequantized plane as the first operand, which Hopper's wgmma reads from registers), to 256 rows. From 65
-  rows: one dot per K tile on the words split by shifts and reshaped into channel order;
+  tensor cores read them), else each plane by the fp32 2^23 trick. From 17 rows the same GEMM runs transposed
+  (kind "planes_t": the dequantized plane the first operand, which Hopper's wgmma reads from registers);
 - split along K so that even one row keeps every SM streaming (kernels/split_k.py: one launch), and
   act-order's gather of x done inside the kernel.
-Long prefills dequantize each weight into a 16-bit scratch and use cuBLAS.
+From 129 rows (kind "dequant": larger batches, prefills) each weight is dequantized into a 16-bit scratch
+and multiplied by cuBLAS.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from kernels import pdl
 from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
-DEQUANT_MATMUL_MIN_ROWS = 1024  # from here on (kind "dequant"): dequantize to 16 bits, then cuBLAS
+DEQUANT_MATMUL_MIN_ROWS = 129  # from here on (kind "dequant"): dequantize to 16 bits, then cuBLAS
 MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2^23: ORing an integer below 2^23 into it gives 2^23 + that integer
 TWO_23 = tl.constexpr(8388608.0)
 
@@ -325,53 +325,6 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.jit
-def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
-                      K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr,
-                      GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores (x already gathered by perm),
-    from 65 rows on. Each word is loaded once and split by shifts into a [BLOCK_K / pack, pack, BLOCK_N] tile
-    (channels in order). TILE_IN_GROUP: a K tile lies in one group, so the dot runs on exact q - z and the scale comes
-    after it; else each weight is scaled before the dot."""
-    PACK: tl.constexpr = 32 // BITS
-    ROWS: tl.constexpr = BLOCK_K // PACK
-    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N_W
-    shifts = tl.arange(0, PACK) * BITS
-    wait_for_predecessor(USE_PDL)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(K_TILES):
-        k0 = (tl.program_id(2) * K_TILES + i) * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
-                    other=0.0)
-        rows = k0 // PACK + tl.arange(0, ROWS)
-        words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
-                        mask=(rows < K // PACK)[:, None] & mask_n[None, :], other=0)
-        codes = ((words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)) | MAGIC
-        q = tl.reshape(codes.to(tl.float32, bitcast=True), (BLOCK_K, BLOCK_N))  # 2^23 + q, channel k0 + row
-        if TILE_IN_GROUP:
-            g = tl.minimum(k0, K - 1) // GROUP  # the last split's last tiles can lie past K (and read x = 0)
-            scale = tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0).to(tl.float32) + TWO_23
-            w = (q - zero[None, :]).to(DTYPE)  # q - z: exact
-        else:
-            g = tl.minimum(offs_k, K - 1) // GROUP
-            ptrs = g[:, None] * N_W + offs_n[None, :]
-            scale = tl.load(s_ptr + ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + ptrs, mask=mask_n[None, :], other=0).to(tl.float32) + TWO_23
-            w = ((q - zero) * scale).to(DTYPE)
-        part = _dot(a, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
-        if TILE_IN_GROUP:
-            acc += part * scale[None, :]
-        else:
-            acc += part
-    store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K, HAS_BIAS, SPLIT)
-
-
 def gather_x_planes_ref(x: torch.Tensor, perm: torch.Tensor | None, bits: int, block_k: int) -> torch.Tensor:
     """x [M, K] -> [M, K_pad] (K_pad: K rounded up to block_k, zeros past K): x[:, perm] (if perm) with the
     columns of each block_k tile in plane order, as the planes GEMM reads them: tile column j rows + r
@@ -540,7 +493,6 @@ def _tile_in_group(block_k: int, group_size: int, K: int) -> bool:
     return group_size >= K or group_size % block_k == 0
 
 
-PLANES_MAX_ROWS = 256  # 2 to 256 rows: a planes GEMM; more (to DEQUANT_MATMUL_MIN_ROWS): the reshaping one
 HALF2_MIN_WEIGHTS = 1 << 24  # one row of a weight from this size on: the half2 GEMV (below, its x gather costs more)
 
 
@@ -553,9 +505,11 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
     13.9 against 16.6 us with the fp32 GEMV's 128 x 64 tiles). 2 to 64 rows: the planes GEMM, BLOCK_N 64, BLOCK_K
     128, 4 warps, 3 stages (the H200 sweep at 16 and 32 rows: best or within ~8% of it at every 7B and
     FalconMamba shape; 4 stages 2-7% slower) to 16 rows; from 17 rows its transposed kind planes_t (session 9's
-    sweep, 7B and FalconMamba shapes: 0.76-0.97x the planes time at 32 rows, 0.67-0.86x at 64; to 256 rows
-    0.48-0.65x the reshaping GEMM's), BLOCK_N 64, 4 warps, 3 stages to 32 rows, 2 to 64; then Int4 64 x 128
-    tiles with 8 warps, Int8 128 x 64 with 4 (the best at most shapes of 128 and 256 rows)."""
+    sweep, 7B and FalconMamba shapes: 0.76-0.97x the planes time at 32 rows, 0.67-0.86x at 64), BLOCK_N 64, 4
+    warps, 3 stages to 32 rows, 2 to 64; to 128 rows Int4 64 x 128 tiles with 8 warps, Int8 128 x 64 with 4
+    (the best at most shapes of 128 rows; 0.48-0.56x the time of the reshaping GEMM it replaced there). From
+    129 rows the weight dequantized, then cuBLAS (at 256 rows faster than planes_t at 10 of 12 shapes, at 512
+    at all; at 128 rows faster at the small projections only)."""
     if M >= DEQUANT_MATMUL_MIN_ROWS:
         return dict(kind="dequant")
     if M == 1:
@@ -572,11 +526,9 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
         kind, bm, bn, bk, warps, stages = "planes", 16, 64, 128, 4, 3
     elif M <= 64:
         kind, bm, bn, bk, warps, stages = "planes_t", triton.next_power_of_2(M), 64, 128, 4, 3 if M <= 32 else 2
-    elif M <= PLANES_MAX_ROWS:
+    else:
         kind, bk, stages = "planes_t", 128, 3
         bm, bn, warps = (64, 128, 8) if bits == 4 else (128, 64, 4)
-    else:
-        kind, bm, bn, bk, warps, stages = "gemm", 128, 128, 64, 8, 3
     split = split_for(triton.cdiv(N, bn) * triton.cdiv(M, bm), K, bk, 4, device)
     return dict(kind=kind, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
 
@@ -654,7 +606,4 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                               x_arg=gather_x_planes(x, perm, bits, cfg["BLOCK_K"]), BITS=bits, GROUP=group_size,
                               TILE_IN_GROUP=tile_in_group, PTX_DEQUANT=ptx, IEEE=x.dtype == torch.float32,
                               SWAP=kind == "planes_t")
-    if perm is not None:  # once here, not in each of the N / BLOCK_N programs that read the same rows
-        x = x.index_select(1, perm)
-    return split_k_launch(_gptq_gemm_kernel, x, (qweight, scales, zeros, N_W), bias, N, cfg["BLOCK_M"], cfg,
-                          BITS=bits, GROUP=group_size, TILE_IN_GROUP=tile_in_group, IEEE=x.dtype == torch.float32)
+    raise ValueError(f"unknown GPTQ kernel kind {kind!r}")

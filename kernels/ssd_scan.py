@@ -318,14 +318,15 @@ class SsdLaunch:
 # a shape missing here runs the defaults. Measured in the c2 sweep (benchmarks/RESULTS.md): three walk stages
 # at P 64 / N 128 / chunk 128 for one 4,096-token sequence (81.3 vs 93.6 us), 128-wide walk P tiles at
 # P 128 / N 256 / chunk 128 for 16 x 256 (213.0 vs 234.5 us). Session 9's sweep at P 128 / N 256 / chunk 256:
-# 32-wide walk N tiles at 3 stages for long sequences (whole call 136.0 us at 4,096 tokens, 885.3 at 32,768),
-# 128-wide walk P tiles for 16 x 256 (153.6 us); no chunk-scan candidate beat the default there.
+# 32-wide walk N tiles at 3 stages for long sequences, 128-wide walk P tiles for 16 x 256; after the chunk scan's
+# whole-row CB loads (ssd2), 3 scan stages at P 64 and P 128 (whole call against mamba_ssm: 0.5B 4,096 1.17x,
+# 16 x 256 1.40x; 7B 4,096 1.15x, 16 x 256 1.15x, 32,768 1.20x; 2 stages 1.05-1.36x).
 LONG_SEQUENCE = 1024
 TUNED: dict[tuple[int, int, int, bool], dict[str, int]] = {
-    (64, 128, 128, True): dict(state_stages=3),
-    (64, 128, 128, False): dict(),
-    (128, 256, 256, True): dict(state_n=32, state_stages=3, state_min_programs=0),
-    (128, 256, 256, False): dict(state_p=128, state_min_programs=0),
+    (64, 128, 128, True): dict(scan_stages=3, state_stages=3),
+    (64, 128, 128, False): dict(scan_stages=3, state_min_programs=0),
+    (128, 256, 256, True): dict(scan_stages=3, state_n=32, state_stages=3, state_min_programs=0),
+    (128, 256, 256, False): dict(scan_stages=3, state_p=128, state_min_programs=0),
     (128, 256, 128, True): dict(),
     (128, 256, 128, False): dict(state_p=128),
 }
