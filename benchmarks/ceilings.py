@@ -43,9 +43,9 @@ def sustained_seconds(fn, calls: int = 20, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def graph_replay_seconds(fn, reps: int) -> float:
-    """Mean seconds of one replay of a CUDA graph holding fn() (a sequence of launches), warmed up (compiled)
-    on a side stream before the capture."""
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """A CUDA graph holding fn() (a sequence of launches), warmed up (compiled) on a side stream before the
+    capture and replayed once."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -56,6 +56,12 @@ def graph_replay_seconds(fn, reps: int) -> float:
         fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def graph_replay_seconds(fn, reps: int) -> float:
+    """Mean seconds of one replay of a CUDA graph holding fn() (see capture_graph)."""
+    graph = capture_graph(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):

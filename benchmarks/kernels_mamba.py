@@ -13,13 +13,22 @@ reference, the mean of the same calls replayed back to back from one CUDA graph 
 server; no launch gaps, but states under ~1 MB a call can stay in L2 across the cycle).
 
     python -m benchmarks.kernels_mamba --out bench.md [--only mamba1-prefill,mamba1-step]
+
+--mamba1-sweep instead times a few blockings of the Mamba1 prefill scan (tokens a tile, warps, channels a
+thread, chains) at FalconMamba-7B shapes, each checked against the reference first, as CUDA-graph replay
+medians; --before-src DIR also times DIR/kernels/selective_scan.py (e.g. a checkout of main) in the same run.
+
+    python -m benchmarks.kernels_mamba --mamba1-sweep [--before-src .dev_s9/main] [--out sweep.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import importlib.util
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,9 +36,10 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from benchmarks.ceilings import Ceilings, measure_ceilings
+from benchmarks.ceilings import Ceilings, capture_graph, measure_ceilings, sustained_seconds
+from kernels import selective_scan
 from kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
-from kernels.selective_scan import selective_scan_update, selective_scan_varlen
+from kernels.selective_scan import selective_scan_update, selective_scan_varlen, selective_scan_varlen_ref
 from kernels.ssd_scan import ssd_scan_varlen
 from kernels.ssm_state_update import ssm_state_update
 
@@ -188,18 +198,94 @@ def bench_ssd(lengths: list[int]) -> Row:
                ssd_flops(lengths, H, P, G, N, chunk))
 
 
-def bench_selective_scan(lengths: list[int]) -> Row:
+def mamba1_prefill_inputs(lengths: list[int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, torch.Tensor]:
+    """FalconMamba-7B scan inputs ((x, dt, A, B, C, D, dt_bias, z), states, qsl, slots, init) for `lengths`."""
     C, N = MAMBA_7B["C"], MAMBA_7B["N"]
     T = sum(lengths)
     x, dt, z = (torch.randn(T, C, device=DEV, dtype=DTYPE) for _ in range(3))
     B, Cm = (torch.randn(T, N, device=DEV, dtype=DTYPE) for _ in range(2))
     A, D, dt_bias = mamba1_params(C, N)
     states = torch.randn(len(lengths), C, N, device=DEV)
-    qsl, slots, init = varlen_batch(lengths)
+    return (x, dt, A, B, Cm, D, dt_bias, z), states, *varlen_batch(lengths)
+
+
+def bench_selective_scan(lengths: list[int]) -> Row:
+    C, N = MAMBA_7B["C"], MAMBA_7B["N"]
+    T = sum(lengths)
+    args, states, qsl, slots, init = mamba1_prefill_inputs(lengths)
     nbytes = T * (4 * C + 2 * N) * DTYPE.itemsize + 2 * len(lengths) * C * N * 4
-    call = lambda: selective_scan_varlen(x, dt, A, B, Cm, D, dt_bias, z, states, qsl, slots, init)  # noqa: E731
+    call = lambda: selective_scan_varlen(*args, states, qsl, slots, init)  # noqa: E731
     size = f"{len(lengths)} x {lengths[0]} tokens" if len(lengths) > 1 else f"{T} tokens"
     return Row("Mamba1 scan prefill (FalconMamba-7B)", size, *timed([call], graph_calls=8), nbytes)
+
+
+def graph_median_us(call: Callable[[], object], calls_per_graph: int = 8) -> float:
+    """One call's time (us) from replays of a CUDA graph of calls_per_graph back-to-back calls: the median over
+    9 repeats of the mean of 5 replays."""
+    graph = capture_graph(lambda: [call() for _ in range(calls_per_graph)])
+    return sustained_seconds(graph.replay, calls=5, repeats=9) * 1e6 / calls_per_graph
+
+
+# (PREFILL_TILE, PREFILL_WARPS, PREFILL_CHANNELS_PER_THREAD, PREFILL_CHAINS); the first is the default.
+MAMBA1_BLOCKINGS = [(8, 4, 1, 98304), (4, 4, 1, 98304), (8, 4, 1, 65536), (8, 2, 1, 98304), (2, 4, 2, 131072)]
+
+
+def load_module(path: str):
+    spec = importlib.util.spec_from_file_location("selective_scan_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sweep_selective_scan(before_src: str | None) -> str:
+    """Markdown table: each blocking (and `before`) at 4,096 x 1 and 16 x 256 tokens, first checked against
+    the reference (max error relative to max |ref| of y and of the final states), then timed."""
+    cases = []
+    for lengths in ([4096], [256] * 16):
+        args, states, qsl, slots, init = mamba1_prefill_inputs(lengths)
+        init[::2] = False  # half the sequences from zeros
+        ref_states = states.clone()
+        ref = selective_scan_varlen_ref(*args, ref_states, qsl, slots, init)
+        cases.append((f"{len(lengths)} x {lengths[0]}", args, states, qsl, slots, init, ref, ref_states))
+    variants: list[tuple[str, Callable[..., torch.Tensor]]] = []
+    if before_src:
+        before = load_module(f"{before_src}/kernels/selective_scan.py")
+        variants.append(("before (main)", before.selective_scan_varlen))
+    for blocking in MAMBA1_BLOCKINGS:
+        variants.append((f"tile {blocking[0]}, {blocking[1]} warps, {blocking[2]} ch/thread, chains {blocking[3]}",
+                         lambda *a, blocking=blocking: run_blocking(blocking, *a)))
+    lines = ["| kernel | size | compile+first call (s) | max rel err y / states | CUDA graph median (us) |",
+             "|---|---|---:|---:|---:|"]
+    for name, fn in variants:
+        for size, args, states, qsl, slots, init, ref, ref_states in cases:
+            out_states = states.clone()
+            torch.cuda.synchronize()
+            t0 = time.time()
+            out = fn(*args, out_states, qsl, slots, init)
+            torch.cuda.synchronize()
+            first = time.time() - t0
+            err_y = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            err_s = ((out_states - ref_states).abs().max() / ref_states.abs().max()).item()
+            ok = err_y < 1e-2 and err_s < 1e-2
+            us = graph_median_us(functools.partial(fn, *args, out_states, qsl, slots, init)) if ok else float("nan")
+            lines.append(f"| {name} | {size} | {first:.1f} | {err_y:.1e} / {err_s:.1e}{'' if ok else ' FAIL'} "
+                         f"| {us:.1f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def run_blocking(blocking: tuple[int, int, int, int], *args) -> torch.Tensor:
+    """selective_scan_varlen with the module's prefill blocking set to `blocking` for this call."""
+    names = ("PREFILL_TILE", "PREFILL_WARPS", "PREFILL_CHANNELS_PER_THREAD", "PREFILL_CHAINS")
+    saved = [getattr(selective_scan, n) for n in names]
+    for n, v in zip(names, blocking):
+        setattr(selective_scan, n, v)
+    try:
+        return selective_scan_varlen(*args)
+    finally:
+        for n, v in zip(names, saved):
+            setattr(selective_scan, n, v)
 
 
 # conv prefill layouts: label -> (conv channels, x's (first column, row width) in the in_proj output; None: contiguous)
@@ -262,7 +348,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--only", help="comma-separated kernel groups to run: " + ", ".join(GROUPS))
+    parser.add_argument("--mamba1-sweep", action="store_true", help="time the Mamba1 prefill blockings only")
+    parser.add_argument("--before-src", help="with --mamba1-sweep: a tree whose kernels/selective_scan.py to time too")
     args = parser.parse_args()
+    if args.mamba1_sweep:
+        torch.manual_seed(0)
+        text = (f"Mamba1 prefill blockings, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                f"triton {triton.__version__}, bf16 activations\n\n" + sweep_selective_scan(args.before_src) + "\n")
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return
     groups = args.only.split(",") if args.only else list(GROUPS)
     unknown = set(groups) - set(GROUPS)
     if unknown:

@@ -13,10 +13,13 @@ mamba_ssm is imported from its Python sources (its Triton kernels only; no CUDA 
 
     python -m benchmarks.kernels_ssd_vs_mamba --mamba-src PATH/TO/mamba [--models h1-7b] [--sweep] [--out OUT]
 
---sweep also times alternative SsdLaunch settings (kernels/ssd_scan.py; the chunk scan autotunes instead) to
-pick the defaults; --profile prints each implementation's kernel times (torch.profiler, eager calls) and
-autotuned settings to stderr. --warm only
-compiles and autotunes (several processes can fill the Triton cache in parallel before a timed run).
+--sweep also times every launch candidate of the chunk scan and of the state walk (kernels/ssd_scan.py:
+SCAN_CANDIDATES, WALK_CANDIDATES, clipped to the shape), each kernel alone as a CUDA-graph replay after the whole
+call with that candidate was checked against the reference, and then the whole call with the fastest of each;
+each candidate is printed as the dict of SsdLaunch fields that ssd_scan.TUNED takes for the shape. --profile
+prints each implementation's kernel times (torch.profiler, eager calls) and mamba_ssm's autotuned settings to
+stderr. --warm only compiles and autotunes; with --shard I/N it compiles every N-th candidate from the I-th,
+so N processes can fill the Triton cache in parallel before a timed run (mamba_ssm's only at shard 0).
 """
 
 from __future__ import annotations
@@ -43,8 +46,7 @@ from kernels.ssd_minimal import ssd_chunked  # noqa: E402
 MODELS = {"h1-0.5b": (24, 64, 1, 128, 128), "h1-7b": (24, 128, 1, 256, 256), "h1-34b": (32, 128, 2, 256, 128)}
 CASES = {"h1-0.5b": ([4096], [256] * 16), "h1-7b": ([4096], [256] * 16, [32768]), "h1-34b": ([4096], [256] * 16)}
 NO_LIMIT = (0.0, math.inf)
-SWEEP = [dict(state_k=64), dict(state_k=256), dict(state_stages=3), dict(state_min_programs=0),
-         dict(state_min_programs=1), dict(state_p=32), dict(state_p=128), dict(state_warps=8)]
+MAX_ERROR = 1e-2  # a candidate further than this from the reference (or mamba_ssm's output) is wrong
 
 
 @dataclasses.dataclass
@@ -75,7 +77,7 @@ def make_inputs(model: str, lengths: list[int], dtype: torch.dtype = torch.bfloa
                   states=torch.randn(len(lengths), H, P, N, device="cuda"), qsl=qsl, lengths=lengths, chunk=chunk)
 
 
-def ours(inp: Inputs) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+def ours(inp: Inputs, launch: ssd_scan.SsdLaunch | None = None) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     """The engine's call: initial states read from slots 0..seqs-1 of a copy, final states written there."""
     slots = torch.arange(len(inp.lengths), dtype=torch.int32, device="cuda")
     init = torch.ones(len(inp.lengths), dtype=torch.bool, device="cuda")
@@ -83,9 +85,29 @@ def ours(inp: Inputs) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
 
     def call():
         y = ssd_scan.ssd_scan_varlen(inp.x, inp.dt, inp.A, inp.B, inp.C, inp.D, inp.dt_bias, NO_LIMIT, states,
-                                     inp.qsl, slots, init, inp.chunk)
+                                     inp.qsl, slots, init, inp.chunk, launch)
         return y, states
     return call
+
+
+def our_launches(inp: Inputs, launch: ssd_scan.SsdLaunch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One call's four kernel launches with `launch`, run once: (y, final states, the launches)."""
+    slots = torch.arange(len(inp.lengths), dtype=torch.int32, device="cuda")
+    init = torch.ones(len(inp.lengths), dtype=torch.bool, device="cuda")
+    states = inp.states.clone()
+    y, launches = ssd_scan.ssd_scan_launches(inp.x, inp.dt, inp.A, inp.B, inp.C, inp.D, inp.dt_bias, NO_LIMIT,
+                                             states, inp.qsl, slots, init, inp.chunk, launch)
+    for run in launches.values():
+        run()
+    torch.cuda.synchronize()
+    return y.clone(), states.clone(), launches
+
+
+def launch_fields(launch: ssd_scan.SsdLaunch, prefix: str = "") -> dict[str, int]:
+    """launch's fields that differ from SsdLaunch's defaults (those starting with prefix): a TUNED entry."""
+    default = ssd_scan.SsdLaunch()
+    return {f.name: getattr(launch, f.name) for f in dataclasses.fields(launch)
+            if f.name.startswith(prefix) and getattr(launch, f.name) != getattr(default, f.name)}
 
 
 def mamba(inp: Inputs) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
@@ -129,8 +151,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def graph_us(fn: Callable[[], object]) -> float:
-    return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+def graph_us(fn: Callable[[], object], rep: int = 20) -> float:
+    return do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
 
 
 def kernel_times(fn: Callable[[], object], calls: int = 5) -> list[tuple[str, float]]:
@@ -146,47 +168,68 @@ def kernel_times(fn: Callable[[], object], calls: int = 5) -> list[tuple[str, fl
 
 
 def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs], Callable]], sweep: bool,
-             warm: bool, profile: bool = False) -> list[list[str]]:
+             warm: bool, profile: bool = False, shard: tuple[int, int] = (0, 1)) -> list[list[str]]:
     torch.manual_seed(0)
     inp = make_inputs(model, lengths)
     size = f"{len(lengths)} x {lengths[0]}" if len(lengths) > 1 else f"{lengths[0]}"
     ref_y, ref_s = reference(inp) if not warm and sum(lengths) <= 8192 else (None, None)
-    variants: list[tuple[str, Callable[[Inputs], Callable], dict | None]] = [(n, f, None) for n, f in impls.items()]
-    if sweep:
-        variants += [("ours " + " ".join(f"{k}={v}" for k, v in s.items()), ours, s) for s in SWEEP]
     outs, rows = {}, []
-    default_launch = ssd_scan._launch
-    for name, make, overrides in variants:
-        if overrides is not None:
-            ssd_scan._launch = lambda dtype, o=overrides: dataclasses.replace(default_launch(dtype), **o)
-        try:
-            fn = make(inp)
-            y, s = fn()  # compiles / autotunes outside the graph
-            torch.cuda.synchronize()
-            if warm:
-                continue
-            y, s = y.clone(), s.clone()
-            us = graph_us(fn)
-        except Exception as e:  # a sweep setting that does not compile or fit is reported, not fatal
-            rows.append([model, size, name, "failed", type(e).__name__ + ": " + str(e).splitlines()[0][:80], "", ""])
+
+    def errors(name: str, y: torch.Tensor, s: torch.Tensor) -> tuple[str, str, bool]:
+        """(vs reference, vs the first implementation, within MAX_ERROR of both)."""
+        checks = [(y, s, ref_y, ref_s), *((y, s, *outs[first]) for first in list(outs)[:1] if first != name)]
+        errs = [(rel(a, ra), rel(b, rb)) if ra is not None else None for a, b, ra, rb in checks]
+        text = [f"{e[0]:.1e} / {e[1]:.1e}" if e else "-" for e in errs] + ["-"] * (2 - len(errs))
+        return text[0], text[1], all(max(e) < MAX_ERROR for e in errs if e)
+
+    for name, make in impls.items() if shard[0] == 0 else ():
+        fn = make(inp)
+        y, s = fn()  # compiles / autotunes outside the graph
+        torch.cuda.synchronize()
+        if warm:
             continue
-        finally:
-            ssd_scan._launch = default_launch
-        outs[name] = (y, s)
-        if profile and overrides is None:
+        outs[name] = (y.clone(), s.clone())
+        us = graph_us(fn)
+        if profile:
             for kernel, k_us in kernel_times(fn):
                 print(f"  profile {model} {size} {name}: {k_us:8.1f} us  {kernel[:90]}", file=sys.stderr, flush=True)
             if name == "mamba_ssm":
                 for line in mamba_configs():
                     print(f"  autotuned {model} {size}: {line}", file=sys.stderr, flush=True)
-            else:
-                print(f"  autotuned {model} {size} {name}: _ssd_chunk_scan_kernel: "
-                      f"{ssd_scan._ssd_chunk_scan_tuned.best_config}", file=sys.stderr, flush=True)
-        vs_ref = f"{rel(y, ref_y):.1e} / {rel(s, ref_s):.1e}" if ref_y is not None else "-"
-        first = next(iter(outs))
-        vs_first = f"{rel(y, outs[first][0]):.1e} / {rel(s, outs[first][1]):.1e}" if name != first else "-"
-        rows.append([model, size, name, f"{us:.1f}", vs_ref, vs_first, ""])
-    times = {r[2]: float(r[3]) for r in rows if r[3] != "failed"}
+        rows.append([model, size, name, f"{us:.1f}", *errors(name, *outs[name])[:2], ""])
+
+    if sweep:
+        H, P, G, N, chunk = MODELS[model]
+        default = ssd_scan.ssd_launch(inp.x.dtype, P, N, chunk, sum(lengths), len(lengths))
+        best = {}
+        for kernel, prefix, candidates in (("scan", "scan_", ssd_scan.SCAN_CANDIDATES),
+                                           ("walk", "state_", ssd_scan.WALK_CANDIDATES)):
+            for j, launch in enumerate(ssd_scan.launch_candidates(default, [{}] + candidates, P, N, chunk)):
+                if j % shard[1] != shard[0]:
+                    continue
+                name = f"{kernel} {launch_fields(launch, prefix)}" + (" (default)" if j == 0 else "")
+                try:
+                    y, s, launches = our_launches(inp, launch)
+                    if warm:
+                        continue
+                    vs_ref, vs_first, ok = errors(name, y, s)
+                    us = graph_us(launches[kernel], rep=10) if ok else math.inf
+                except Exception as e:  # a candidate that does not compile or fit is reported, not fatal
+                    rows.append([model, size, name, "failed", type(e).__name__ + ": " + str(e).splitlines()[0][:80],
+                                 "", ""])
+                    continue
+                rows.append([model, size, name, f"{us:.1f}" if ok else "wrong", vs_ref, vs_first, "kernel alone"])
+                if us < best.get(kernel, (math.inf, None))[0]:
+                    best[kernel] = (us, launch)
+        if not warm and len(best) == 2:
+            fields = {**launch_fields(best["scan"][1], "scan_"), **launch_fields(best["walk"][1], "state_")}
+            fn = ours(inp, dataclasses.replace(ssd_scan.SsdLaunch(), **launch_fields(default, "cb_"), **fields))
+            y, s = fn()
+            torch.cuda.synchronize()
+            name = f"ours best {fields}"
+            outs[name] = (y.clone(), s.clone())
+            rows.append([model, size, name, f"{graph_us(fn):.1f}", *errors(name, *outs[name])[:2], ""])
+    times = {r[2]: float(r[3]) for r in rows if r[6] == "" and r[3] not in ("failed", "wrong")}
     if "mamba_ssm" in times:
         for r in rows:
             if r[2] in times:
@@ -200,15 +243,17 @@ def main(extra_impls: dict[str, Callable[[Inputs], Callable]] | None = None) -> 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mamba-src", type=Path, required=True, help="a checkout of state-spaces/mamba")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--sweep", action="store_true", help="also time alternative SsdLaunch settings")
+    parser.add_argument("--sweep", action="store_true", help="also time every scan and walk launch candidate")
+    parser.add_argument("--shard", default="0/1", help="I/N: with --warm, compile every N-th candidate from the I-th")
     parser.add_argument("--warm", action="store_true", help="compile and autotune only, time nothing")
     parser.add_argument("--profile", action="store_true", help="also print each implementation's kernel times")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     args = parser.parse_args()
     sys.path.insert(0, str(args.mamba_src))
     impls = {"mamba_ssm": mamba, "ours": ours, **(extra_impls or {})}
+    shard = tuple(int(v) for v in args.shard.split("/"))
     rows = [row for model in args.models for lengths in CASES[model]
-            for row in run_case(model, lengths, impls, args.sweep, args.warm, args.profile)]
+            for row in run_case(model, lengths, impls, args.sweep, args.warm, args.profile, shard)]
     if args.warm:
         return
     header = ["model", "tokens", "implementation", "CUDA graph (us)", "rel. err. vs fp32 einsum (y / final state)",

@@ -4,7 +4,8 @@ GPTQ-Int4, GPTQ-Int8 (group 128, act-order) and FP8.
 
     python -m benchmarks.quant --out OUT_DIR [--models falcon-h1-7b falcon-mamba-7b] [--budget-s 420]
         [--seqs 1 32 256] [--max-num-seqs 256] [--order gemms e2e sweep] [--skip gemms sweep e2e]
-        [--sweep-rows 1 16 32] [--check-procs 8] [--checked OUT/checked.json]
+        [--sweep-rows 1 16 32] [--sweep-formats gptq-int4 ...] [--sweep-kinds planes_t ...] [--check-procs 8]
+        [--checked OUT/checked.json]
     (benchmarks/quant_gpu.sh runs issue 13's whole GPU set in one device call)
 
 GEMMs: weights bf16 (torch.nn.functional.linear, cuBLAS), GPTQ 4/8-bit (kernels/quant_linear.py), FP8
@@ -115,9 +116,10 @@ def _copies(w: tuple, nbytes: int) -> list[tuple]:
 
 def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
     """The tile configs the sweep tries: at one row the half2 GEMV (the default) and the fp32 one it replaced
-    (tiles of 8-32 word rows, 2-4 warps); at more rows the planes GEMM (the default to 64 rows: BLOCK_M the
+    (tiles of 8-32 word rows, 2-4 warps); at more rows the planes GEMM (the default to 16 rows: BLOCK_M the
     rows rounded up to 16 / 32 / 64 and the next size, BLOCK_N 64 / 128, BLOCK_K 128 / 256, 4 / 8 warps, 2-4
-    stages) and the reshaping tl.dot kernel it replaced; each split for several waves of programs."""
+    stages) and the transposed one (planes_t_candidates), each split for several waves of programs, and the
+    weights dequantized to bf16 then cuBLAS (kind dequant)."""
     pack, dev = 32 // bits, torch.device("cuda")
     out = []
     if M == 1:
@@ -130,11 +132,7 @@ def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
                 out += [dict(kind="gemv_half2", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
                              SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev)) for waves in (4, 8)]
         return out
-    bm = 16 if M <= 16 else 32
-    for bn, bk, stages in ((64, 128, 4), (64, 128, 2), (32, 128, 4), (64, 256, 2)):
-        tiles = -(-N // bn) * -(-M // bm)
-        out += [dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=stages,
-                     SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (2, 4)]
+    out += planes_t_candidates(M, N, K) + [dict(kind="dequant")]
     fits = 16 if M <= 16 else 32 if M <= 32 else 64  # as matmul_config picks it
     for bm in sorted({fits, min(2 * fits, 64)}):
         for bn, bk, warps in ((64, 128, 4), (128, 128, 4), (128, 128, 8), (64, 256, 4), (128, 256, 8)):
@@ -142,6 +140,24 @@ def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
             for stages in (2, 3, 4):
                 out += [dict(kind="planes", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
                              SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (4, 8)]
+    return out
+
+
+def planes_t_candidates(M: int, N: int, K: int) -> list[dict]:
+    """The transposed planes GEMM: BLOCK_M the rows' power of two (at least 16), from 65 rows 64 and 128 (256
+    spill: two fp32 accumulators of 128 x 256; so do 128 x 128 a warpgroup); BLOCK_N 64 / 128, 4 / 8 warps,
+    2-4 stages; BLOCK_K 128 only (256 spans two groups of 128: each weight scaled in fp32, no bf16x2
+    dequantization); split for 4 and 8 waves."""
+    dev = torch.device("cuda")
+    fits = max(16, 1 << (M - 1).bit_length())
+    tiles_nk = ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 128, 4, 2)) if fits <= 64 else \
+        ((64, 128, 4, 3), (128, 128, 8, 3), (64, 128, 4, 2), (64, 128, 4, 4))
+    out = []
+    for bm in ((fits,) if fits <= 64 else (64, 128)):
+        for bn, bk, warps, stages in tiles_nk:
+            tiles = -(-N // bn) * -(-M // bm)
+            out += [dict(kind="planes_t", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                         SPLIT_K=split_for(tiles, K, bk, waves, dev)) for waves in (4, 8)]
     return out
 
 
@@ -160,15 +176,20 @@ def fp8_candidates(M: int, N: int, K: int) -> list[dict]:
     return out
 
 
-def sweep_cases(models: list[str], rows: list[int]) -> list[tuple]:
-    """(K, N, format, rows), the first of `rows` for every shape first."""
-    return [(K, N, fmt, m) for m in rows for model in models for K, N in GEMM_SHAPES[model].values()
-            for fmt in ("gptq-int4", "gptq-int8", "fp8 weight-only")]
+SWEEP_FORMATS = ("gptq-int4", "gptq-int8", "fp8 weight-only")
+
+
+def sweep_cases(models: list[str], rows: list[int], formats: list[str], kinds: list[str] | None) -> list[tuple]:
+    """(K, N, format, rows, kinds), the first of `rows` for every shape first; kinds: the candidates' kinds
+    kept (None: all)."""
+    kept = tuple(kinds) if kinds else None
+    return [(K, N, fmt, m, kept) for m in rows for model in models for K, N in GEMM_SHAPES[model].values()
+            for fmt in formats]
 
 
 def _case_inputs(case: tuple) -> tuple:
     """(fn, weights, bytes, x, candidates, reference) of a sweep case, the same in every process (seeded)."""
-    K, N, fmt, rows = case
+    K, N, fmt, rows, kinds = case
     gen = torch.Generator(device="cuda").manual_seed(K * 7 + N + rows)
     fn, w, nbytes = make_weights(fmt, K, N, gen)
     x = torch.randn(rows, K, device="cuda", generator=gen).to(torch.bfloat16)
@@ -177,6 +198,7 @@ def _case_inputs(case: tuple) -> tuple:
     else:
         bits = 4 if fmt == "gptq-int4" else 8
         cands, ref = gptq_candidates(rows, N, K, bits), ql.gptq_linear_ref(x, *w[:4], None, bits, 128, N)
+    cands = [c for c in cands if kinds is None or c["kind"] in kinds]
     unique = [dict(c) for c in dict.fromkeys(tuple(c.items()) for c in cands)]  # waves that give the same split
     return fn, w, nbytes, x, unique, ref
 
@@ -208,22 +230,20 @@ def check_cases(cases: list[tuple], procs: int) -> list[list[str]]:
     return verdicts
 
 
-def sweep(models: list[str], deadline: float, ceiling: float, rows: list[int], procs: int,
-          checked: Path | None) -> list[str]:
+def sweep(cases: list[tuple], deadline: float, ceiling: float, procs: int, checked: Path | None) -> list[str]:
     """bf16 (cuBLAS), the default heuristic and every candidate config side by side, GPTQ 4 / 8 bits and FP8
     weight-only at `rows`; the best per kernel kind. The candidates are first checked against the reference
     (and compiled) in `procs` processes at once, or were, by `--order check` into `checked`; only the ones
     that agree are timed."""
-    cases = sweep_cases(models, rows)
     verdicts = json.loads(checked.read_text()) if checked else check_cases(cases, procs)
     lines = ["| GEMM (K x N) | format | rows | bf16 us | default us (of copy ceiling) | best us (of copy ceiling) | "
-             "best config | best gemv us | best gemm us | best planes us | wrong |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "best config | best gemv us | best gemm us | best planes us | best planes_t us | dequant + cuBLAS us | "
+             "wrong |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     bf16_us = {}
     for case, verdict in zip(cases, verdicts):
         if time.perf_counter() > deadline:
             return lines + ["", "(time budget reached)"]
-        K, N, fmt, rows = case
+        K, N, fmt, rows, _ = case
         fn, w, nbytes, x, cands, _ = _case_inputs(case)
         if (K, N, rows) not in bf16_us:
             bf16_fn, bf16_w, bf16_bytes = make_weights("bf16", K, N, torch.Generator(device="cuda").manual_seed(0))
@@ -243,7 +263,8 @@ def sweep(models: list[str], deadline: float, ceiling: float, rows: list[int], p
         lines.append(f"| {K} x {N} | {fmt} | {rows} | {bf16_us[K, N, rows]:.1f} | {default_t * 1e6:.1f} "
                      f"({nbytes / default_t / ceiling:.0%}) | {best[0] * 1e6:.1f} ({nbytes / best[0] / ceiling:.0%}) | "
                      f"{best[1]} | {by_kind.get('gemv', 0) * 1e6:.1f} | {by_kind.get('gemm', 0) * 1e6:.1f} | "
-                     f"{by_kind.get('planes', 0) * 1e6:.1f} | {wrong} |")
+                     f"{by_kind.get('planes', 0) * 1e6:.1f} | {by_kind.get('planes_t', 0) * 1e6:.1f} | "
+                     f"{by_kind.get('dequant', 0) * 1e6:.1f} | {wrong} |")
         print(lines[-1], flush=True)
         del copies
     return lines
@@ -319,6 +340,9 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256, help="end to end: the engine's (graphs captured "
                         "up to it; state slots, so it caps '4k seqs that fit')")
     parser.add_argument("--sweep-rows", nargs="+", type=int, default=[1, 16, 32])
+    parser.add_argument("--sweep-formats", nargs="+", default=list(SWEEP_FORMATS), choices=SWEEP_FORMATS)
+    parser.add_argument("--sweep-kinds", nargs="+", help="only these kinds' candidate configs (default: all; "
+                        "the default heuristic and bf16 are timed anyway)")
     parser.add_argument("--check-procs", type=int, default=8, help="processes that check (and compile) the sweep's "
                         "candidates at once")
     parser.add_argument("--order", nargs="+", default=["gemms", "e2e", "sweep"],
@@ -335,6 +359,7 @@ def main() -> None:
               f"{ceiling / 1e12:.2f} TB/s (read + written)", ""]
     print(header[0], flush=True)
     sections = []
+    cases = sweep_cases(args.models, args.sweep_rows, args.sweep_formats, args.sweep_kinds)
     for part in args.order:
         if part in args.skip:
             continue
@@ -345,11 +370,10 @@ def main() -> None:
                 e2e = bench_end_to_end(args.models, ceiling, deadline, Path(root), args.seqs, args.max_num_seqs)
             sections += ["## End to end", ""] + e2e + [""]
         elif part == "check":
-            verdicts = check_cases(sweep_cases(args.models, args.sweep_rows), args.check_procs)
+            verdicts = check_cases(cases, args.check_procs)
             (args.out / "checked.json").write_text(json.dumps(verdicts))
         else:
-            sections += ["## Tile sweep", ""] + sweep(args.models, deadline, ceiling, args.sweep_rows,
-                                                      args.check_procs, args.checked) + [""]
+            sections += ["## Tile sweep", ""] + sweep(cases, deadline, ceiling, args.check_procs, args.checked) + [""]
         (args.out / "quant.md").write_text("\n".join(header + sections) + "\n")  # what is done so far
     text = "\n".join(header + sections) + "\n"
     (args.out / "quant.md").write_text(text)

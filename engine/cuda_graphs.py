@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 def capture_graph(forward, pool, tp_size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """forward() captured in a CUDA graph (after two warm-up runs on a side stream, which compile and
-    autotune its kernels), and the graph's output tensor."""
+    """forward() captured in a CUDA graph (after two warm-up runs on a side stream, which compile its
+    kernels), and the graph's output tensor."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

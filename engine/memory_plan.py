@@ -131,8 +131,8 @@ def _profile_activation_peak(model, cfg, device, dtype, state_dtype, num_tokens:
         score_rows(model.compute_logits, model(batch, caches), tokens, k=20)
         torch.cuda.synchronize(device)
 
-    # The first forward compiles and autotunes the Triton kernels for the model's shapes (the SSD chunk scan)
-    # before serving, outside the measured peak (autotuning allocates benchmark buffers of its own).
+    # The first forward compiles the Triton kernels for the model's shapes before serving, outside the
+    # measured peak.
     forward(caches)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)

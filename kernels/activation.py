@@ -7,6 +7,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import pdl
+from kernels.pdl import wait_for_predecessor
+
 
 def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up, elementwise, in the inputs' dtype."""
@@ -14,10 +17,12 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < cols
+    wait_for_predecessor(USE_PDL)
     g = tl.load(gate_ptr + row * stride_g + offs, mask=mask).to(tl.float32)
     u = tl.load(up_ptr + row * stride_u + offs, mask=mask).to(tl.float32)
     # Rounded to the input dtype between the two products, as the two-kernel reference does.
@@ -33,5 +38,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(cols))
     if rows:
         _silu_mul_kernel[(rows, triton.cdiv(cols, block))](gate, up, out, cols, gate.stride(0), up.stride(0),
-                                                          out.stride(0), BLOCK=block)
+                                                          out.stride(0), BLOCK=block, **pdl.launch_kwargs(gate.device))
     return out

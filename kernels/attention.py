@@ -13,6 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+from kernels.pdl import wait_for_predecessor
+
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -113,7 +116,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                    stride_ot, stride_oh, stride_bt,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     """Program (sequence b, kv head, split): the GROUP query heads of b's single query over the split's slice
     of the context, [split * partition_size, +partition_size) clipped to seq_len.
 
@@ -124,6 +128,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    wait_for_predecessor(USE_PDL)  # before the early return too: every program waits (kernels/pdl.py)
     seq_len = tl.load(seq_lens_ptr + b)
     start = split * partition_size
     if SPLIT:
@@ -161,11 +166,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
 @triton.jit
 def _decode_reduce_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
                           partition_size, num_splits, stride_ot, stride_oh,
-                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+                          USE_PDL: tl.constexpr):
     """Program (sequence, query head): merges the partial softmax results of the splits that held tokens,
     SPLIT_CHUNK at a time. Sequences of length 0 get zeros."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    wait_for_predecessor(USE_PDL)
     seq_len = tl.load(seq_lens_ptr + b)
     n_active = tl.cdiv(seq_len, partition_size)
     base = (b * tl.num_programs(1) + h) * num_splits
@@ -307,12 +314,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             qk_scale, partition, num_splits, q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1),
             block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
             HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, SPLIT=split,
-            PRECISION=precision, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
+            PRECISION=precision, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+            **pdl.launch_kwargs(q.device))
         if split:
             _decode_reduce_kernel[(num_decodes, num_heads)](
                 part_acc, part_m, part_l, out, query_start_loc, seq_lens, partition, num_splits,
                 out.stride(0), out.stride(1), HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_CHUNK=DECODE_SPLIT_CHUNK,
-                num_warps=4)
+                num_warps=4, **pdl.launch_kwargs(q.device))
 
     num_prefills = num_seqs - num_decodes
     if num_prefills > 0:

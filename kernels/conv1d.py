@@ -12,6 +12,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import pdl
+from kernels.pdl import wait_for_predecessor
+
 
 def causal_conv1d_varlen_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              conv_states: torch.Tensor, query_start_loc: torch.Tensor,
@@ -254,24 +257,27 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def _conv1d_update_kernel(x_ptr, w_ptr, bias_ptr, states_ptr, slots_ptr, out_ptr, C,
                           stride_xb, stride_xc, stride_wc, stride_wk, stride_ss, stride_sc, stride_sk,
                           stride_ob, stride_oc,
-                          K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+                          K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                          USE_PDL: tl.constexpr):
     """One decode token of sequence program_id(0) over BLOCK_C channels: the window is the K-1 state
-    columns then x; the state shifts left by one in place (loaded in full before the store)."""
+    columns then x; the state shifts left by one in place (loaded in full before the store). The weights
+    are loaded before waiting on the kernel that wrote x (kernels/pdl.py)."""
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    j = tl.arange(0, BLOCK_K)
+    ok = c_ok[:, None] & (j < K - 1)[None, :]
+    w_old = tl.load(w_ptr + c[:, None] * stride_wc + j[None, :] * stride_wk, mask=ok, other=0.0).to(tl.float32)
+    w_new = tl.load(w_ptr + c * stride_wc + (K - 1) * stride_wk, mask=c_ok, other=0.0).to(tl.float32)
+    wait_for_predecessor(USE_PDL)
     slot = tl.load(slots_ptr + b)
     if slot < 0:
         tl.store(out_ptr + b * stride_ob + c * stride_oc, tl.zeros((BLOCK_C,), out_ptr.dtype.element_ty), mask=c_ok)
         return
-    j = tl.arange(0, BLOCK_K)
-    ok = c_ok[:, None] & (j < K - 1)[None, :]
     row = states_ptr + slot.to(tl.int64) * stride_ss + c[:, None] * stride_sc
     old = tl.load(row + j[None, :] * stride_sk, mask=ok, other=0.0)
     shifted = tl.load(row + (j + 1)[None, :] * stride_sk, mask=ok & (j < K - 2)[None, :], other=0.0)
     xv = tl.load(x_ptr + b * stride_xb + c * stride_xc, mask=c_ok, other=0.0)
-    w_old = tl.load(w_ptr + c[:, None] * stride_wc + j[None, :] * stride_wk, mask=ok, other=0.0).to(tl.float32)
-    w_new = tl.load(w_ptr + c * stride_wc + (K - 1) * stride_wk, mask=c_ok, other=0.0).to(tl.float32)
     acc = tl.sum(old.to(tl.float32) * w_old, axis=1) + xv.to(tl.float32) * w_new
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
@@ -293,5 +299,5 @@ def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     _conv1d_update_kernel[(Bt, triton.cdiv(C, BLOCK_C))](
         x, weight, bias, conv_states, state_slots, out, C, *x.stride(), *weight.stride(), *conv_states.stride(),
         *out.stride(), K=K, HAS_BIAS=bias is not None, BLOCK_K=triton.next_power_of_2(K - 1), BLOCK_C=BLOCK_C,
-        num_warps=4)
+        num_warps=4, **pdl.launch_kwargs(x.device))
     return out

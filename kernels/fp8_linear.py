@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -41,12 +42,13 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, b
 @triton.jit
 def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES, SPLIT_K,
                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Weight-only fp8: a [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K, W^T tiles read from the
     row-major [N, K] fp8 weight and widened to x's dtype (exact), the row scales applied to the fp32 sum."""
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
+    wait_for_predecessor(USE_PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(K_TILES):
         offs_k = (tl.program_id(2) * K_TILES + i) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -64,15 +66,19 @@ def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
 
 
 @triton.jit
-def _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC: tl.constexpr):
-    """The K tile at k0: W [BLOCK_N, BLOCK_K // VEC, VEC // 4] as stored, in 32-bit words of 4 codes (VEC
-    contiguous bytes a thread), and x [BLOCK_K // VEC, VEC]; masked at K only (splits start at tile bounds)."""
+def _fp8_w_tile(w_ptr, K, k0, offs_n, mask_n, offs_v, VEC: tl.constexpr):
+    """W of the K tile at k0, [BLOCK_N, BLOCK_K // VEC, VEC // 4] as stored, in 32-bit words of 4 codes (VEC
+    contiguous bytes a thread); masked at K only (splits start at tile bounds)."""
     offs_w = k0 // 4 + offs_v[:, None] * (VEC // 4) + tl.arange(0, VEC // 4)[None, :]
-    w = tl.load(w_ptr + offs_n[:, None, None] * (K // 4) + offs_w[None, :, :],
-                mask=mask_n[:, None, None] & (offs_w < K // 4)[None], other=0)
+    return tl.load(w_ptr + offs_n[:, None, None] * (K // 4) + offs_w[None, :, :],
+                   mask=mask_n[:, None, None] & (offs_w < K // 4)[None], other=0)
+
+
+@triton.jit
+def _fp8_x_tile(x_ptr, m, stride_xm, K, k0, offs_v, VEC: tl.constexpr):
+    """x [BLOCK_K // VEC, VEC] of the K tile at k0, masked at K."""
     offs_k = k0 + offs_v[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
-    return w, x
+    return tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
 
 
 @triton.jit
@@ -115,7 +121,7 @@ def _fp8_gemv_mac(acc, w, x, PACKED_CVT: tl.constexpr):
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES,
                      SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, PACKED_CVT: tl.constexpr):
+                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, PACKED_CVT: tl.constexpr, USE_PDL: tl.constexpr):
     """Weight-only fp8, one row of x (program_id(1)), W read as int32 words [N, K / 4] (K % 4 == 0): each
     thread streams VEC contiguous bytes of each of the tile's W rows (8: its 8 x are one 16-byte load of
     bf16); BLOCK_K = VEC x 32 x num_warps spreads every warp along K, so each thread holds all BLOCK_N rows
@@ -128,11 +134,14 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M
     offs_v = tl.arange(0, BLOCK_K // VEC)
     k0 = tl.program_id(2) * K_TILES * BLOCK_K
     n_tiles = tl.minimum(K_TILES, tl.cdiv(K - k0, BLOCK_K))  # the last split may have fewer
-    w, x = _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC)
+    w = _fp8_w_tile(w_ptr, K, k0, offs_n, mask_n, offs_v, VEC)
+    wait_for_predecessor(USE_PDL)  # the first W tile is in flight before x's writer has finished
+    x = _fp8_x_tile(x_ptr, m, stride_xm, K, k0, offs_v, VEC)
     acc = tl.zeros((BLOCK_N, BLOCK_K // VEC, VEC // 4), dtype=tl.float32)
     for _ in range(1, n_tiles):
         k0 += BLOCK_K
-        next_w, next_x = _fp8_gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, offs_v, VEC)
+        next_w = _fp8_w_tile(w_ptr, K, k0, offs_n, mask_n, offs_v, VEC)
+        next_x = _fp8_x_tile(x_ptr, m, stride_xm, K, k0, offs_v, VEC)
         acc = _fp8_gemv_mac(acc, w, x, PACKED_CVT)
         w, x = next_w, next_x
     acc = _fp8_gemv_mac(acc, w, x, PACKED_CVT)

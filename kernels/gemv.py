@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
 
@@ -26,28 +27,39 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 @triton.jit
-def _gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, BLOCK_K: tl.constexpr):
-    """W [BLOCK_N, BLOCK_K] and x [BLOCK_K] of the K tile at k0, zero past K."""
+def _w_tile(w_ptr, K, k0, offs_n, mask_n, BLOCK_K: tl.constexpr):
+    """W [BLOCK_N, BLOCK_K] of the K tile at k0, zero past K."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
-    x = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
-    return w, x
+    return tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _x_tile(x_ptr, m, stride_xm, K, k0, BLOCK_K: tl.constexpr):
+    """x [BLOCK_K] of the K tile at k0, zero past K."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES, SPLIT_K,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Row program_id(1) of x times BLOCK_N rows of W over this split's K tiles (none past K)."""
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    """Row program_id(1) of x times BLOCK_N rows of W over this split's K tiles (none past K). The first W
+    tile is loaded before waiting on the kernel that wrote x (kernels/pdl.py)."""
     m = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     k0 = tl.program_id(2) * K_TILES * BLOCK_K
     n_tiles = tl.minimum(K_TILES, tl.cdiv(K - k0, BLOCK_K))  # the last split may have fewer
-    w, x = _gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, BLOCK_K)
+    w = _w_tile(w_ptr, K, k0, offs_n, mask_n, BLOCK_K)
+    wait_for_predecessor(USE_PDL)
+    x = _x_tile(x_ptr, m, stride_xm, K, k0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for _ in range(1, n_tiles):
         k0 += BLOCK_K
-        next_w, next_x = _gemv_tile(x_ptr, w_ptr, m, stride_xm, K, k0, offs_n, mask_n, BLOCK_K)
+        next_w = _w_tile(w_ptr, K, k0, offs_n, mask_n, BLOCK_K)
+        next_x = _x_tile(x_ptr, m, stride_xm, K, k0, BLOCK_K)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w, x = next_w, next_x
     acc += w.to(tl.float32) * x.to(tl.float32)[None, :]

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import pdl
+from kernels.pdl import wait_for_predecessor
+
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """w * cast_back(x * rsqrt(mean(x^2) + eps)), statistics in fp32; weight None = weightless."""
@@ -71,15 +74,17 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out, eps,
-                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
     """out = w * cast_x(x * rsqrt(mean(x^2) + eps)) for ROWS rows, statistics in fp32."""
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    wait_for_predecessor(USE_PDL)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, 1) / n_cols + eps)
     y = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    y = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :] * y
+    y = w[None, :] * y
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -93,18 +98,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         block_n = triton.next_power_of_2(n_cols)
         rows, grid, num_warps = _row_launch(n_rows, block_n)
         _rms_norm_kernel[(grid,)](x2, weight, out, n_rows, n_cols, x2.stride(0), out.stride(0), eps, ROWS=rows,
-                                  BLOCK_N=block_n, num_warps=num_warps)
+                                  BLOCK_N=block_n, num_warps=num_warps, **pdl.launch_kwargs(x.device))
     return out.view(x.shape)
 
 
 @triton.jit
 def _split_rms_norm_kernel(x_ptr, out_ptr, n_rows, n_cols, end0, end1, stride_x, eps,
-                           ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                           ROWS: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
     """Columns [0, end0), [end0, end1), [end1, n_cols) of ROWS rows, each normalised alone, statistics in fp32:
     one load of the row, three masked sums of squares, each element scaled by its own segment's rsqrt."""
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    wait_for_predecessor(USE_PDL)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sq = x * x
     first, second = (cols < end0)[None, :], ((cols >= end0) & (cols < end1))[None, :]
@@ -125,13 +131,15 @@ def split_rms_norm(x: torch.Tensor, sizes: list[int], eps: float) -> torch.Tenso
         block_n = triton.next_power_of_2(n_cols)
         rows, grid, num_warps = _row_launch(n_rows, block_n)
         _split_rms_norm_kernel[(grid,)](x2, out, n_rows, n_cols, sizes[0], sizes[0] + sizes[1], x2.stride(0), eps,
-                                        ROWS=rows, BLOCK_N=block_n, num_warps=num_warps)
+                                        ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+                                        **pdl.launch_kwargs(x.device))
     return out.view(x.shape)
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, x2_ptr, res_ptr, w_ptr, out_ptr, h_ptr, n_rows, n_cols, stride_x, stride_x2,
-                         stride_res, eps, HAS_X2: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                         stride_res, eps, HAS_X2: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     """h = residual + x rounded to the residual's dtype (stored); out = w * cast_w(hw * rsqrt(mean(hw^2) + eps))
     with hw = h cast to the weight's dtype. HAS_X2: x is x + x2 rounded to x's dtype (as torch adds them).
     Outputs are contiguous."""
@@ -140,6 +148,8 @@ def _add_rms_norm_kernel(x_ptr, x2_ptr, res_ptr, w_ptr, out_ptr, h_ptr, n_rows, 
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     res_dtype = h_ptr.dtype.element_ty
     w_dtype = out_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    wait_for_predecessor(USE_PDL)
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_X2:
         x2 = tl.load(x2_ptr + rows[:, None] * stride_x2 + cols[None, :], mask=mask, other=0.0)
@@ -149,7 +159,6 @@ def _add_rms_norm_kernel(x_ptr, x2_ptr, res_ptr, w_ptr, out_ptr, h_ptr, n_rows, 
     tl.store(h_ptr + rows[:, None] * n_cols + cols[None, :], h, mask=mask)
     hw = h.to(w_dtype).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(hw * hw, 1) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     y = w[None, :] * (hw * rstd[:, None]).to(w_dtype).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], y.to(w_dtype), mask=mask)
 
@@ -167,25 +176,27 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         rows, grid, num_warps = _row_launch(n_rows, block_n)
         _add_rms_norm_kernel[(grid,)](xr, x2r, r2, weight, out, h, n_rows, n_cols, xr.stride(0), x2r.stride(0),
                                       r2.stride(0), eps, HAS_X2=x2 is not None, ROWS=rows, BLOCK_N=block_n,
-                                      num_warps=num_warps)
+                                      num_warps=num_warps, **pdl.launch_kwargs(x.device))
     return out.view(residual.shape), h.view(residual.shape)
 
 
 @triton.jit
 def _gated_rms_norm_kernel(y_ptr, z_ptr, w_ptr, out_ptr, n_rows, group_size, stride_y, stride_z, eps,
-                           NORM_BEFORE_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                           NORM_BEFORE_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                           USE_PDL: tl.constexpr):
     """Program (row block, group): RMS-normalises one contiguous group of ROWS rows, with the SiLU(z) gate
     applied after (NORM_BEFORE_GATE) or before the normalisation; all in fp32."""
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.program_id(1) * group_size + tl.arange(0, BLOCK_N)
     col_mask = tl.arange(0, BLOCK_N) < group_size
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    wait_for_predecessor(USE_PDL)
     y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     gate = z * tl.sigmoid(z)
     h = y if NORM_BEFORE_GATE else y * gate
     rstd = tl.rsqrt(tl.sum(h * h, 1) / group_size + eps)
-    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     h = h * rstd[:, None] * w[None, :]
     if NORM_BEFORE_GATE:
         h = h * gate
@@ -205,5 +216,5 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
         rows, grid, num_warps = _row_launch(n_rows, block_n)
         _gated_rms_norm_kernel[(grid, n_groups)](y2, z2, weight, out, n_rows, group_size, y2.stride(0),
                                                  z2.stride(0), eps, NORM_BEFORE_GATE=norm_before_gate, ROWS=rows,
-                                                 BLOCK_N=block_n, num_warps=num_warps)
+                                                 BLOCK_N=block_n, num_warps=num_warps, **pdl.launch_kwargs(y.device))
     return out.view(y.shape)

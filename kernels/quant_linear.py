@@ -24,11 +24,12 @@ Decoding streams the weights, so the kernels spend as few instructions per weigh
   that each plane's channels are contiguous columns; Int4 with bf16 / fp16 x is dequantized on CUDA in
   bf16x2 / f16x2, two words at a time (their halves paired by two prmt, then per plane a shift, one lop3
   onto 128 = 0x4300 or 1024 = 0x6400 and one sub: about 1.5 instructions a weight, the pairs already as the
-  tensor cores read them), else each plane by the fp32 2^23 trick. From 65 rows: one dot per K tile on the
-  words split by shifts and reshaped into channel order;
+  tensor cores read them), else each plane by the fp32 2^23 trick. From 17 rows the same GEMM runs transposed
+  (kind "planes_t": the dequantized plane the first operand, which Hopper's wgmma reads from registers);
 - split along K so that even one row keeps every SM streaming (kernels/split_k.py: one launch), and
   act-order's gather of x done inside the kernel.
-Long prefills dequantize each weight into a 16-bit scratch and use cuBLAS.
+From 129 rows (kind "dequant": larger batches, prefills) each weight is dequantized into a 16-bit scratch
+and multiplied by cuBLAS.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
-DEQUANT_MATMUL_MIN_ROWS = 1024  # from here on: dequantize to 16 bits, then cuBLAS
+DEQUANT_MATMUL_MIN_ROWS = 129  # from here on (kind "dequant"): dequantize to 16 bits, then cuBLAS
 MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2^23: ORing an integer below 2^23 into it gives 2^23 + that integer
 TWO_23 = tl.constexpr(8388608.0)
 
@@ -137,29 +140,37 @@ def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, 
                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr):
     """The fp32 GEMV's loads for the K tile at k0: _word_tile's, zero points in fp32, and x [BLOCK_K / pack,
     pack]; nothing at or past k_end."""
-    PACK: tl.constexpr = 32 // BITS
     rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
+    return words, scale, zero.to(tl.float32), _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, k_end, BITS, HAS_PERM)
+
+
+@triton.jit
+def _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, k_end, BITS: tl.constexpr, HAS_PERM: tl.constexpr):
+    """x [BLOCK_K / pack, pack] of the word rows `rows` (gathered by perm); nothing at or past k_end."""
+    PACK: tl.constexpr = 32 // BITS
     k = rows[:, None] * PACK + tl.arange(0, PACK)[None, :]
-    xt = tl.load(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, k_end, HAS_PERM), mask=k < k_end, other=0.0)
-    return words, scale, zero.to(tl.float32), xt
+    return tl.load(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, k_end, HAS_PERM), mask=k < k_end, other=0.0)
 
 
 @triton.jit
 def _gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
                       stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """One row of x (program_id(1)) times BLOCK_N columns of W^T over K_TILES tiles of K, in fp32 multiply-adds.
     A K tile lies in one group. The next tile's loads are issued before this tile's arithmetic, so each
-    program keeps two tiles in flight (at one row the kernel waits on memory latency more than on bandwidth)."""
+    program keeps two tiles in flight (at one row the kernel waits on memory latency more than on bandwidth);
+    the first tile's weights before waiting on the kernel that wrote x (kernels/pdl.py)."""
     PACK: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = BLOCK_K // PACK
     m = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(2) * K_TILES * BLOCK_K
     k_end = tl.minimum(k0 + K_TILES * BLOCK_K, K)
-    words, scale, zero, xt = _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, k_end,
-                                        offs_n, BITS, GROUP, HAS_PERM, BLOCK_K)
+    rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
+    zero = zero.to(tl.float32)
+    wait_for_predecessor(USE_PDL)
+    xt = _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, k_end, BITS, HAS_PERM)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for _ in range(K_TILES):
         k0 += BLOCK_K
@@ -201,7 +212,7 @@ def gather_x_half2_ref(x: torch.Tensor, perm: torch.Tensor | None, bits: int) ->
 
 @triton.jit
 def _gather_x_half2_kernel(x_ptr, perm_ptr, out_ptr, K, BITS: tl.constexpr, HAS_PERM: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """gather_x_half2_ref for BLOCK words of the output."""
     HALF_PACK: tl.constexpr = 16 // BITS
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -212,6 +223,7 @@ def _gather_x_half2_kernel(x_ptr, perm_ptr, out_ptr, K, BITS: tl.constexpr, HAS_
         factor = tl.where(p % 2 == 1, 1.0 / 256, 1.0 / 16)
     else:
         factor = 1.0 / 256
+    wait_for_predecessor(USE_PDL)
     lo = tl.load(x_ptr + _input_channels(perm_ptr, k_lo, K, HAS_PERM), mask=mask, other=0.0).to(tl.float32)
     hi = tl.load(x_ptr + _input_channels(perm_ptr, k_lo + HALF_PACK, K, HAS_PERM), mask=mask, other=0.0)
     lo = (lo * factor).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -245,23 +257,31 @@ def _half2_gemv_tile(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BI
     """The half2 GEMV's loads for the K tile at k0: _word_tile's, zero points in int32, and x pairs
     [BLOCK_K / pack, 1], one load per pair position p with offsets from rows[:, None] as the words', so each
     lands in the words' layout (no shared-memory conversion); nothing at or past k_end."""
+    rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
+    return words, scale, zero.to(tl.int32), _half2_x(xh_ptr, rows, k_end, BITS)
+
+
+@triton.jit
+def _half2_x(xh_ptr, rows, k_end, BITS: tl.constexpr):
+    """The x pairs of the word rows `rows`, [BLOCK_K / pack, 1] per pair position; nothing at or past k_end."""
     PACK: tl.constexpr = 32 // BITS
     HALF_PACK: tl.constexpr = PACK // 2
-    rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
     x2 = ()
     for p in tl.static_range(HALF_PACK):
         x2 = x2 + (tl.load(xh_ptr + rows[:, None] * HALF_PACK + p, mask=(rows < k_end // PACK)[:, None], other=0),)
-    return words, scale, zero.to(tl.int32), x2
+    return x2
 
 
 @triton.jit
 def _gptq_gemv_half2_kernel(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
                             stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            USE_PDL: tl.constexpr):
     """One row: x (gathered, 2^-bits, paired: gather_x_half2_ref) times BLOCK_N columns of W^T over K_TILES
     tiles of K. Each word's pack / 2 code pairs go through _half2_dot_pair into one half2 sum per word (pack
     products of x 2^-bits (q - z): |sum| <= pack |x|, far from fp16's 65504), which is added in fp32 and scaled
-    once per tile (a tile lies in one group). The next tile's loads are issued before this tile's arithmetic.
+    once per tile (a tile lies in one group). The next tile's loads are issued before this tile's arithmetic,
+    the first tile's weights before waiting on the kernel that wrote x (kernels/pdl.py).
     stride_xm: unused (the packed x is one row), in split_k_launch's common signature."""
     PACK: tl.constexpr = 32 // BITS
     HALF_PACK: tl.constexpr = PACK // 2
@@ -270,8 +290,10 @@ def _gptq_gemv_half2_kernel(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, p
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(2) * K_TILES * BLOCK_K
     k_end = tl.minimum(k0 + K_TILES * BLOCK_K, K)
-    words, scale, zero, x2 = _half2_gemv_tile(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP,
-                                            BLOCK_K)
+    rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
+    zero = zero.to(tl.int32)
+    wait_for_predecessor(USE_PDL)
+    x2 = _half2_x(xh_ptr, rows, k_end, BITS)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for _ in range(K_TILES):
         k0 += BLOCK_K
@@ -301,52 +323,6 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _gptq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
-                      K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr,
-                      GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores (x already gathered by perm),
-    from 65 rows on. Each word is loaded once and split by shifts into a [BLOCK_K / pack, pack, BLOCK_N] tile
-    (channels in order). TILE_IN_GROUP: a K tile lies in one group, so the dot runs on exact q - z and the scale comes
-    after it; else each weight is scaled before the dot."""
-    PACK: tl.constexpr = 32 // BITS
-    ROWS: tl.constexpr = BLOCK_K // PACK
-    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N_W
-    shifts = tl.arange(0, PACK) * BITS
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(K_TILES):
-        k0 = (tl.program_id(2) * K_TILES + i) * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
-                    other=0.0)
-        rows = k0 // PACK + tl.arange(0, ROWS)
-        words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
-                        mask=(rows < K // PACK)[:, None] & mask_n[None, :], other=0)
-        codes = ((words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)) | MAGIC
-        q = tl.reshape(codes.to(tl.float32, bitcast=True), (BLOCK_K, BLOCK_N))  # 2^23 + q, channel k0 + row
-        if TILE_IN_GROUP:
-            g = tl.minimum(k0, K - 1) // GROUP  # the last split's last tiles can lie past K (and read x = 0)
-            scale = tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0).to(tl.float32) + TWO_23
-            w = (q - zero[None, :]).to(DTYPE)  # q - z: exact
-        else:
-            g = tl.minimum(offs_k, K - 1) // GROUP
-            ptrs = g[:, None] * N_W + offs_n[None, :]
-            scale = tl.load(s_ptr + ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + ptrs, mask=mask_n[None, :], other=0).to(tl.float32) + TWO_23
-            w = ((q - zero) * scale).to(DTYPE)
-        part = _dot(a, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
-        if TILE_IN_GROUP:
-            acc += part * scale[None, :]
-        else:
-            acc += part
-    store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K, HAS_BIAS, SPLIT)
 
 
 def gather_x_planes_ref(x: torch.Tensor, perm: torch.Tensor | None, bits: int, block_k: int) -> torch.Tensor:
@@ -404,61 +380,93 @@ def _int4_planes(words, magic_z, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _rn(r, n, SWAP: tl.constexpr):
+    """r and n offsets as the two axes of a planes tile: (r down, n across), or SWAP (n down, r across)."""
+    if SWAP:  # one return: Triton wants every return of a function to have the same type
+        r2, n2 = r[None, :], n[:, None]
+    else:
+        r2, n2 = r[:, None], n[None, :]
+    return r2, n2
+
+
+@triton.jit
+def _plane_dot(x_plane, w_plane, acc, SWAP: tl.constexpr, IEEE: tl.constexpr):
+    """acc + x_plane @ w_plane, or SWAP: acc^T + w_plane^T @ x_plane^T (the operands as loaded, transposed)."""
+    if SWAP:
+        acc = _dot(w_plane, x_plane, acc, IEEE)
+    else:
+        acc = _dot(x_plane, w_plane, acc, IEEE)
+    return acc
+
+
+@triton.jit
 def _gptq_planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm,
                         K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BITS: tl.constexpr,
                         GROUP: tl.constexpr, TILE_IN_GROUP: tl.constexpr, PTX_DEQUANT: tl.constexpr,
-                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores, for 2 to 64 rows: x gathered in
-    plane order (gather_x_planes_ref), so plane j of a K tile, the codes at position j of its words
-    [BLOCK_K / pack, BLOCK_N], multiplies the contiguous x columns [j rows, (j + 1) rows) of the tile: one dot
-    per plane on the words as loaded, no reshape. TILE_IN_GROUP: a K tile lies in one group, so the dots run
-    on exact q - z and the scale comes after them; then PTX_DEQUANT (Int4, 16-bit x, CUDA) dequantizes the 8
-    planes in bf16x2 / f16x2 (_int4_planes), else each plane in fp32 (2^23 + q, exact). Without
-    TILE_IN_GROUP each weight is scaled (in fp32) before the dot."""
+                        IEEE: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K on tensor cores: x gathered in plane order
+    (gather_x_planes_ref), so plane j of a K tile, the codes at position j of its words [BLOCK_K / pack,
+    BLOCK_N], multiplies the contiguous x columns [j rows, (j + 1) rows) of the tile: one dot per plane on the
+    words as loaded, no reshape. TILE_IN_GROUP: a K tile lies in one group, so the dots run on exact q - z and
+    the scale comes after them; then PTX_DEQUANT (Int4, 16-bit x, CUDA) dequantizes the 8 planes in bf16x2 /
+    f16x2 (_int4_planes), else each plane in fp32 (2^23 + q, exact). Without TILE_IN_GROUP each weight is
+    scaled (in fp32) before the dot.
+    SWAP (kind "planes_t"): every tile transposed, out^T = W_plane^T @ x_plane^T, so the dequantized plane is
+    the dot's first operand, which Hopper's wgmma reads from registers (the second only from shared memory):
+    the plane need not be stored to shared memory first; x^T is the small second operand and the rows are
+    wgmma's N (8 to 256), so BLOCK_M may be 16 to 256. The tile is transposed back once, at the store."""
     PACK: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = BLOCK_K // PACK
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
-    mask_m, mask_n = offs_m < M, offs_n < N_W
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    mask_n = offs_n < N_W
+    wait_for_predecessor(USE_PDL)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    m_x, r_x = _rn(offs_m, offs_r, SWAP)  # x's tile: [BLOCK_M, ROWS], or SWAP [ROWS, BLOCK_M]
     for i in range(K_TILES):
         k0 = (tl.program_id(2) * K_TILES + i) * BLOCK_K
         rows = k0 // PACK + offs_r
-        words = tl.load(qw_ptr + rows[:, None] * N_W + offs_n[None, :],
-                        mask=(rows < K // PACK)[:, None] & mask_n[None, :], other=0)
+        r_w, n_w = _rn(rows, offs_n, SWAP)  # the words' tile: [ROWS, BLOCK_N], or SWAP [BLOCK_N, ROWS]
+        words = tl.load(qw_ptr + r_w * N_W + n_w, mask=(r_w < K // PACK) & (n_w < N_W), other=0)
         # x is zero past K up to the padded tile; the last split's last tiles can lie past that: not read
-        x_plane = x_ptr + offs_m[:, None] * stride_xm + k0 + offs_r[None, :]  # plane 0's slab
-        x_mask = mask_m[:, None] & (offs_r * 0 + k0 < K)[None, :]
+        x_plane = x_ptr + m_x * stride_xm + k0 + r_x  # plane 0's slab
+        x_mask = (m_x < M) & (r_x * 0 + k0 < K)
         if TILE_IN_GROUP:
             g = tl.minimum(k0, K - 1) // GROUP
-            scale = tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0)
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            _, scale = _rn(offs_r, tl.load(s_ptr + g * N_W + offs_n, mask=mask_n, other=0.0).to(tl.float32), SWAP)
+            _, zero = _rn(offs_r, tl.load(z_ptr + g * N_W + offs_n, mask=mask_n, other=0), SWAP)
+            part = tl.zeros_like(acc)
             if PTX_DEQUANT:  # each 32-bit result: one plane of two neighbouring words
                 MAGIC_16: tl.constexpr = 0x4300 if DTYPE == tl.bfloat16 else 0x6400
-                magic_z = tl.broadcast_to(((MAGIC_16 + zero.to(tl.int32)) * 0x10001)[None, :], (ROWS, BLOCK_N))
+                magic_z = tl.broadcast_to((MAGIC_16 + zero.to(tl.int32)) * 0x10001, words.shape)
                 planes = _int4_planes(words, magic_z, DTYPE)
                 for j in tl.static_range(PACK):
-                    part = tl.dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0),
-                                  planes[j].to(DTYPE, bitcast=True), part)
+                    part = _plane_dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0),
+                                      planes[j].to(DTYPE, bitcast=True), part, SWAP, False)
             else:
-                zero_f = zero.to(tl.float32)[None, :] + TWO_23
+                zero_f = zero.to(tl.float32) + TWO_23
                 for j in tl.static_range(PACK):
                     code, _ = _code(words, words, j, BITS, False)
-                    part = _dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0), (code - zero_f).to(DTYPE),
-                                part, IEEE)
-            acc += part * scale[None, :]
+                    part = _plane_dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0),
+                                      (code - zero_f).to(DTYPE), part, SWAP, IEEE)
+            acc += part * scale
         else:  # a group holds whole words (group_size % pack == 0): one group per word row
-            g = tl.minimum(rows * PACK, K - 1) // GROUP
-            ptrs = g[:, None] * N_W + offs_n[None, :]
-            scale = tl.load(s_ptr + ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + ptrs, mask=mask_n[None, :], other=0).to(tl.float32) + TWO_23
+            g, in_n = _rn(tl.minimum(rows * PACK, K - 1) // GROUP, mask_n, SWAP)
+            ptrs = g * N_W + n_w
+            scale = tl.load(s_ptr + ptrs, mask=in_n, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + ptrs, mask=in_n, other=0).to(tl.float32) + TWO_23
             for j in tl.static_range(PACK):
                 code, _ = _code(words, words, j, BITS, False)
-                acc = _dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0), ((code - zero) * scale).to(DTYPE),
-                           acc, IEEE)
+                acc = _plane_dot(tl.load(x_plane + j * ROWS, mask=x_mask, other=0.0),
+                                 ((code - zero) * scale).to(DTYPE), acc, SWAP, IEEE)
+    if SWAP:
+        acc = tl.trans(acc)
     store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M, N, SPLIT_K, HAS_BIAS, SPLIT)
 
 
@@ -485,7 +493,6 @@ def _tile_in_group(block_k: int, group_size: int, K: int) -> bool:
     return group_size >= K or group_size % block_k == 0
 
 
-PLANES_MAX_ROWS = 64  # 2 to 64 rows: the planes GEMM; more (to DEQUANT_MATMUL_MIN_ROWS): the reshaping one
 HALF2_MIN_WEIGHTS = 1 << 24  # one row of a weight from this size on: the half2 GEMV (below, its x gather costs more)
 
 
@@ -497,7 +504,14 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
     programs per SM, 8 at N >= 8192; Int8 at N >= 8192 8 KB tiles, 4 warps, ~4 programs per SM (3072 x 8728
     13.9 against 16.6 us with the fp32 GEMV's 128 x 64 tiles). 2 to 64 rows: the planes GEMM, BLOCK_N 64, BLOCK_K
     128, 4 warps, 3 stages (the H200 sweep at 16 and 32 rows: best or within ~8% of it at every 7B and
-    FalconMamba shape; 4 stages 2-7% slower)."""
+    FalconMamba shape; 4 stages 2-7% slower) to 16 rows; from 17 rows its transposed kind planes_t (session 9's
+    sweep, 7B and FalconMamba shapes: 0.76-0.97x the planes time at 32 rows, 0.67-0.86x at 64), BLOCK_N 64, 4
+    warps, 3 stages to 32 rows, 2 to 64; to 128 rows Int4 64 x 128 tiles with 8 warps, Int8 128 x 64 with 4
+    (the best at most shapes of 128 rows; 0.48-0.56x the time of the reshaping GEMM it replaced there). From
+    129 rows the weight dequantized, then cuBLAS (at 256 rows faster than planes_t at 10 of 12 shapes, at 512
+    at all; at 128 rows faster at the small projections only)."""
+    if M >= DEQUANT_MATMUL_MIN_ROWS:
+        return dict(kind="dequant")
     if M == 1:
         wide = N >= 8192
         bn, bk, warps, waves = (64, 128, 4, 4) if bits == 8 and wide else (64, 128, 2, 8 if wide else 4)
@@ -508,10 +522,13 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
         half2 = device.type == "cuda" and K * N >= HALF2_MIN_WEIGHTS
         return dict(kind="gemv_half2" if half2 else "gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
                     num_stages=1)
-    if M <= PLANES_MAX_ROWS:  # a plane's dot needs 16 word rows: BLOCK_K 128 (Int4) / 64 (Int8) at least
-        kind, bm, bn, bk, warps, stages = "planes", (16 if M <= 16 else 32 if M <= 32 else 64), 64, 128, 4, 3
+    if M <= 16:  # a plane's dot needs 16 word rows: BLOCK_K 128 (Int4) / 64 (Int8) at least
+        kind, bm, bn, bk, warps, stages = "planes", 16, 64, 128, 4, 3
+    elif M <= 64:
+        kind, bm, bn, bk, warps, stages = "planes_t", triton.next_power_of_2(M), 64, 128, 4, 3 if M <= 32 else 2
     else:
-        kind, bm, bn, bk, warps, stages = "gemm", 128, 128, 64, 8, 3
+        kind, bk, stages = "planes_t", 128, 3
+        bm, bn, warps = (64, 128, 8) if bits == 4 else (128, 64, 4)
     split = split_for(triton.cdiv(N, bn) * triton.cdiv(M, bm), K, bk, 4, device)
     return dict(kind=kind, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
 
@@ -533,7 +550,8 @@ def gather_x_half2(x: torch.Tensor, perm: torch.Tensor | None, bits: int) -> tor
     out = torch.empty(K // 2, device=x.device, dtype=torch.int32)
     block = 1024
     _gather_x_half2_kernel[(triton.cdiv(K // 2, block),)](x, perm if perm is not None else x, out, K, BITS=bits,
-                                                           HAS_PERM=perm is not None, BLOCK=block)
+                                                           HAS_PERM=perm is not None, BLOCK=block,
+                                                           **pdl.launch_kwargs(x.device))
     return out
 
 
@@ -565,13 +583,13 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     M, K = x.shape
     N_W = qweight.shape[1]
     N = out_features or N_W
-    if M >= DEQUANT_MATMUL_MIN_ROWS and config is None:
+    cfg = dict(config or matmul_config(M, N, K, bits, group_size, x.device))
+    kind = cfg.pop("kind")
+    if kind == "dequant":
         if perm is not None:
             x = x.index_select(1, perm)
         w = gptq_dequantize(qweight, scales, zeros, bits, group_size, x.dtype)[:, :N]
         return torch.addmm(bias, x, w) if bias is not None else x @ w
-    cfg = dict(config or matmul_config(M, N, K, bits, group_size, x.device))
-    kind = cfg.pop("kind")
     if kind == "gemv_half2":
         assert M == 1, "the half2 GEMV takes one row"
         return split_k_launch(_gptq_gemv_half2_kernel, x, (qweight, scales, zeros, N_W), bias, N, 1, cfg,
@@ -581,13 +599,11 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         return split_k_launch(_gptq_gemv_kernel, x, args, bias, N, 1, cfg, BITS=bits, GROUP=group_size,
                               HAS_PERM=perm is not None)
     tile_in_group = _tile_in_group(cfg["BLOCK_K"], group_size, K)
-    if kind == "planes":  # x gathered (by perm) into plane order once here, not in each of the N / BLOCK_N programs
+    if kind in ("planes", "planes_t"):  # x gathered (by perm) into plane order once here, not in each N tile's program
         assert tile_in_group or group_size % (32 // bits) == 0, "the planes GEMM needs groups of whole words"
         ptx = tile_in_group and _ptx_dequant(x.device, x.dtype, bits)
         return split_k_launch(_gptq_planes_kernel, x, (qweight, scales, zeros, N_W), bias, N, cfg["BLOCK_M"], cfg,
                               x_arg=gather_x_planes(x, perm, bits, cfg["BLOCK_K"]), BITS=bits, GROUP=group_size,
-                              TILE_IN_GROUP=tile_in_group, PTX_DEQUANT=ptx, IEEE=x.dtype == torch.float32)
-    if perm is not None:  # once here, not in each of the N / BLOCK_N programs that read the same rows
-        x = x.index_select(1, perm)
-    return split_k_launch(_gptq_gemm_kernel, x, (qweight, scales, zeros, N_W), bias, N, cfg["BLOCK_M"], cfg,
-                          BITS=bits, GROUP=group_size, TILE_IN_GROUP=tile_in_group, IEEE=x.dtype == torch.float32)
+                              TILE_IN_GROUP=tile_in_group, PTX_DEQUANT=ptx, IEEE=x.dtype == torch.float32,
+                              SWAP=kind == "planes_t")
+    raise ValueError(f"unknown GPTQ kernel kind {kind!r}")

@@ -7,7 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.attention import write_kv_ref
+from kernels.pdl import wait_for_predecessor
 
 
 def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
@@ -69,11 +71,13 @@ def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_p
                           slot_mapping_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
                           Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, QH_PAD: tl.constexpr, KH_PAD: tl.constexpr,
-                          HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                          HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          USE_PDL: tl.constexpr):
     """Token t: angle = fp32(position) * inv_freq (one fp32 product, like the reference); q to q_out, and
     unless slot_mapping[t] < 0 (padding), rotated k and v to cache slot = page * BLOCK_SIZE + offset."""
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, HALF_PAD)
+    wait_for_predecessor(USE_PDL)  # inv_freq too may be new: the wrapper's .float() can be a copy kernel
     pos = tl.load(positions_ptr + t).to(tl.float32)
     angle = pos * tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
     cos = tl.cos(angle)
@@ -111,5 +115,6 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
             Q_HEADS=q_heads, K_HEADS=k_heads, QH_PAD=triton.next_power_of_2(q_heads),
             KH_PAD=triton.next_power_of_2(k_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
-            BLOCK_SIZE=k_cache.shape[1], num_warps=4 if q_heads * head_dim >= 1024 else 1)
+            BLOCK_SIZE=k_cache.shape[1], num_warps=4 if q_heads * head_dim >= 1024 else 1,
+            **pdl.launch_kwargs(q.device))
     return q_out

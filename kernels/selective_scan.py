@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from kernels import pdl
 from kernels.norm import rms_norm_ref
+from kernels.pdl import wait_for_predecessor
 from kernels.triton_math import softplus
 
 
@@ -106,80 +108,111 @@ def _store_rows(base, stride_n, tile, n2, mask, N: tl.constexpr):
 
 
 @triton.jit
-def _load_column(p, stride_n, n2, N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One token's B or C as a [BLOCK_N, 1] fp32 column: N scalar loads (every thread holds all N)."""
+def _load_column(p, n2, N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One token's B or C (fp32, contiguous) as a [BLOCK_N, 1] column: N scalar loads at constant offsets from p
+    (every thread holds all N)."""
     v = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
     for i in tl.static_range(N):
-        v = tl.where(n2 == i, tl.load(p + i * stride_n).to(tl.float32), v)
+        v = tl.where(n2 == i, tl.load(p + i), v)
     return v
 
 
 @triton.jit
-def _load_token(xp, dtp, zp, Bp, Cp, stride_Bn, stride_Cn, c_ok, n2, N: tl.constexpr, BLOCK_N: tl.constexpr,
-                OUTPUT: tl.constexpr):
-    """One token's x, dt, z [BLOCK_C] as stored and B, C [BLOCK_N, 1] in fp32 (z and C only if OUTPUT)."""
-    x = tl.load(xp, mask=c_ok, other=0.0)
-    dt = tl.load(dtp, mask=c_ok, other=0.0)
-    Bv = _load_column(Bp, stride_Bn, n2, N, BLOCK_N)
-    if OUTPUT:
-        z = tl.load(zp, mask=c_ok, other=0.0)
-        Cv = _load_column(Cp, stride_Cn, n2, N, BLOCK_N)
-    else:
-        z = x
-        Cv = Bv
-    return x, dt, z, Bv, Cv
+def _load_tile(p, stride_t, n_ok, c_ok, ti, TILE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[TILE, BLOCK_C] tile, as stored, whose row i is token p + i * stride_t ([BLOCK_C] pointers), zeros for
+    rows i >= n_ok. 1D loads a row (the layout of the arithmetic, as _load_rows); kept in the stored dtype so the
+    conversion waits for the next tile, not the load."""
+    tile = tl.zeros((TILE, BLOCK_C), dtype=p.dtype.element_ty)
+    for i in tl.static_range(TILE):
+        row = tl.load(p + i * stride_t, mask=tl.where(i < n_ok, c_ok, False), other=0.0)
+        tile = tl.where(ti == i, row[None, :], tile)
+    return tile
 
 
 @triton.jit
-def _scan_step(h, S, A2, dt_bias, D, x, dt, z, Bv, Cv, yp, c_ok, OUTPUT: tl.constexpr, FAST: tl.constexpr):
-    """One token: h <- exp2(delta A2) h + delta x B; if OUTPUT, y = (h C + D x) SiLU(z) stored at yp,
-    else S += delta."""
+def _row(tile, ti, i: tl.constexpr):
+    """Row i of a [TILE, BLOCK_C] tile: the TILE rows are a thread's registers, so this is a register pick."""
+    return tl.sum(tl.where(ti == i, tile, -0.0), axis=0)
+
+
+@triton.jit
+def _scan_tile(h, S, A2, dt_bias, D, x, dt, z, Bp, Cp, yp, stride_yt, n_ok, c_ok, ti, n2,
+               N: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr, OUTPUT: tl.constexpr,
+               FAST: tl.constexpr):
+    """Advance h over the first n_ok tokens of a tile (x, dt, z [TILE, BLOCK_C]; B, C rows from Bp, Cp).
+    softplus, delta x and the SiLU gate are worked for the whole tile at once, off the state's dependency
+    chain; per token only h <- exp2(delta A2) h + delta x B and y = h C. Rows past n_ok get delta = 0 and
+    delta x = 0, which leaves h exactly as it is whatever their (finite) B: B and C have TILE zero rows past
+    the last token, so their loads need no mask. OUTPUT: store y; else S += the tile's deltas."""
     x = x.to(tl.float32)
-    delta = _softplus_series(dt.to(tl.float32) + dt_bias, FAST)
-    h = tl.exp2(delta[None, :] * A2) * h + (delta * x)[None, :] * Bv
+    delta = tl.where(ti < n_ok, _softplus_series(dt.to(tl.float32) + dt_bias[None, :], FAST), 0.0)
+    dx = delta * x
     if OUTPUT:
         z = z.to(tl.float32)
-        y = tl.sum(h * Cv, axis=0) + D * x
         if FAST:
-            y = y * libdevice.fast_dividef(z, 1.0 + tl.exp2(z * -1.4426950408889634))
+            gate = libdevice.fast_dividef(z, 1.0 + tl.exp2(z * -1.4426950408889634))
         else:
-            y = y * z / (1.0 + tl.exp(-z))
-        tl.store(yp, y.to(yp.dtype.element_ty), mask=c_ok)
+            gate = z / (1.0 + tl.exp(-z))
+        dxg = D[None, :] * x * gate  # y = (h C) gate + D x gate
     else:
-        S += delta
+        S += tl.sum(delta, axis=0)
+    for i in tl.static_range(TILE):
+        Bv = _load_column(Bp + i * N, n2, N, BLOCK_N)
+        h = tl.exp2(_row(delta, ti, i)[None, :] * A2) * h + _row(dx, ti, i)[None, :] * Bv
+        if OUTPUT:
+            Cv = _load_column(Cp + i * N, n2, N, BLOCK_N)
+            y = tl.sum(h * Cv, axis=0) * _row(gate, ti, i) + _row(dxg, ti, i)
+            tl.store(yp + i * stride_yt, y.to(yp.dtype.element_ty), mask=tl.where(i < n_ok, c_ok, False))
     return h, S
 
 
 @triton.jit
+def _load_inputs(xp, dtp, zp, stride_xt, stride_dtt, stride_zt, n_ok, c_ok, ti, TILE: tl.constexpr,
+                 BLOCK_C: tl.constexpr, OUTPUT: tl.constexpr):
+    """A tile's x, dt and (if OUTPUT) z, as _load_tile; z is x otherwise (unused)."""
+    x = _load_tile(xp, stride_xt, n_ok, c_ok, ti, TILE, BLOCK_C)
+    dt = _load_tile(dtp, stride_dtt, n_ok, c_ok, ti, TILE, BLOCK_C)
+    if OUTPUT:
+        z = _load_tile(zp, stride_zt, n_ok, c_ok, ti, TILE, BLOCK_C)
+    else:
+        z = x
+    return x, dt, z
+
+
+@triton.jit
 def _scan_tokens(h, A2, dt_bias, D, x_cp, dt_cp, z_cp, B_ptr, C_ptr, y_cp, t_lo, t_hi, c_ok, n2,
-                 stride_xt, stride_dtt, stride_zt, stride_Bt, stride_Bn, stride_Ct, stride_Cn, stride_yt,
-                 N: tl.constexpr, BLOCK_N: tl.constexpr, OUTPUT: tl.constexpr, FAST: tl.constexpr):
-    """Advance the state h [BLOCK_N, BLOCK_C] over tokens t_lo..t_hi-1 (t_lo < t_hi) of one sequence, one
-    token at a time. Each token's loads (x, dt, z of BLOCK_C channels, coalesced; B, C scalars) are issued a
-    step ahead into loop-carried registers, the pointers advance by the strides (no per-token 64-bit index
-    math), and the last token is peeled so no load needs a mask. A2 = A * log2(e).
+                 stride_xt, stride_dtt, stride_zt, stride_yt, N: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_C: tl.constexpr, TILE: tl.constexpr, OUTPUT: tl.constexpr, FAST: tl.constexpr):
+    """Advance the state h [BLOCK_N, BLOCK_C] over tokens t_lo..t_hi-1 (t_lo < t_hi) of one sequence, TILE
+    tokens a step (a loop that is not unrolled; the last tile masked). The next tile's x, dt, z (BLOCK_C
+    channels a token, coalesced) are loaded while the current one is worked, into loop-carried registers, so a
+    token's DRAM latency is hidden behind a tile of work; B and C ([T, N] fp32) are L1/L2-resident scalars,
+    loaded in the tile's body. Pointers advance by the strides (no per-token 64-bit index math). A2 = A log2(e).
     OUTPUT: write y_t = (h_t C_t + D x_t) SiLU(z_t); else return the sum of delta over the tokens too."""
     S = tl.zeros_like(dt_bias)
-    t_lo = t_lo.to(tl.int64)  # int64 token offsets: T x stride can pass 2^31
-    xp = x_cp + t_lo * stride_xt
-    dtp = dt_cp + t_lo * stride_dtt
-    zp = z_cp + t_lo * stride_zt
-    Bp = B_ptr + t_lo * stride_Bt
-    Cp = C_ptr + t_lo * stride_Ct
-    yp = y_cp + t_lo * stride_yt
-    x, dt, z, Bv, Cv = _load_token(xp, dtp, zp, Bp, Cp, stride_Bn, stride_Cn, c_ok, n2, N, BLOCK_N, OUTPUT)
-    # Unrolled by 2: the loop-carried prefetch then needs (almost) no register copies.
-    for _ in tl.range(t_lo, t_hi.to(tl.int64) - 1, loop_unroll_factor=2):
-        xp += stride_xt
-        dtp += stride_dtt
-        zp += stride_zt
-        Bp += stride_Bt
-        Cp += stride_Ct
-        x1, dt1, z1, B1, C1 = _load_token(xp, dtp, zp, Bp, Cp, stride_Bn, stride_Cn, c_ok, n2, N, BLOCK_N, OUTPUT)
-        h, S = _scan_step(h, S, A2, dt_bias, D, x, dt, z, Bv, Cv, yp, c_ok, OUTPUT, FAST)
-        yp += stride_yt
-        x, dt, z, Bv, Cv = x1, dt1, z1, B1, C1
-    return _scan_step(h, S, A2, dt_bias, D, x, dt, z, Bv, Cv, yp, c_ok, OUTPUT, FAST)
+    ti = tl.arange(0, TILE)[:, None]
+    t64 = t_lo.to(tl.int64)  # int64 token offsets: T x stride can pass 2^31
+    xp = x_cp + t64 * stride_xt
+    dtp = dt_cp + t64 * stride_dtt
+    zp = z_cp + t64 * stride_zt
+    Bp = B_ptr + t64 * N
+    Cp = C_ptr + t64 * N
+    yp = y_cp + t64 * stride_yt
+    x, dt, z = _load_inputs(xp, dtp, zp, stride_xt, stride_dtt, stride_zt, t_hi - t_lo, c_ok, ti, TILE, BLOCK_C,
+                            OUTPUT)
+    for t0 in tl.range(t_lo, t_hi, TILE):
+        xp += TILE * stride_xt
+        dtp += TILE * stride_dtt
+        zp += TILE * stride_zt
+        x1, dt1, z1 = _load_inputs(xp, dtp, zp, stride_xt, stride_dtt, stride_zt, t_hi - t0 - TILE, c_ok, ti, TILE,
+                                   BLOCK_C, OUTPUT)
+        h, S = _scan_tile(h, S, A2, dt_bias, D, x, dt, z, Bp, Cp, yp, stride_yt, t_hi - t0, c_ok, ti, n2, N, BLOCK_N,
+                          TILE, OUTPUT, FAST)
+        Bp += TILE * N
+        Cp += TILE * N
+        yp += TILE * stride_yt
+        x, dt, z = x1, dt1, z1
+    return h, S
 
 
 @triton.jit
@@ -201,8 +234,9 @@ def _count_below(qsl_ptr, NSEQ, v_lo, v_hi, BLOCK_S: tl.constexpr):
 def _scan_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, qsl_ptr, slots_ptr, hend_ptr, dsum_ptr,
                              T, NSEQ, L, CH: tl.constexpr, N: tl.constexpr,
                              stride_xt, stride_xc, stride_dtt, stride_dtc, stride_Ac, stride_An,
-                             stride_Bt, stride_Bn, stride_dtb, stride_hk, stride_hn, stride_hc, stride_dk, stride_dc,
-                             BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FAST: tl.constexpr):
+                             stride_dtb, stride_hk, stride_hn, stride_hc, stride_dk, stride_dc,
+                             BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
+                             FAST: tl.constexpr):
     """Pass 1, chunk program_id(0) x channels program_id(1)*BLOCK_C...: if the sequence holding the chunk's
     last token goes on past the chunk, scan its tokens in this chunk from a zero state; write that local end
     state to hend[chunk] ([N, CH]) and the sum of its deltas to dsum[chunk] ([CH])."""
@@ -225,8 +259,8 @@ def _scan_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, qsl_ptr, 
     dt_bias = tl.load(dt_bias_ptr + c * stride_dtb, mask=c_ok, other=0.0)
     h = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     h, S = _scan_tokens(h, A2, dt_bias, dt_bias, x_ptr + c * stride_xc, dt_ptr + c * stride_dtc, x_ptr + c,
-                        B_ptr, B_ptr, x_ptr + c, t_lo, e0, c_ok, n2, stride_xt, stride_dtt, 0, stride_Bt, stride_Bn,
-                        0, 0, 0, N, BLOCK_N, OUTPUT=False, FAST=FAST)
+                        B_ptr, B_ptr, x_ptr + c, t_lo, e0, c_ok, n2, stride_xt, stride_dtt, 0, 0, N, BLOCK_N, BLOCK_C,
+                        TILE, OUTPUT=False, FAST=FAST)
     k64 = k.to(tl.int64)
     _store_rows(hend_ptr + k64 * stride_hk + c * stride_hc, stride_hn, h, n2, c_ok, N)
     tl.store(dsum_ptr + k64 * stride_dk + c * stride_dc, S, mask=c_ok)
@@ -272,10 +306,10 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
                               qsl_ptr, slots_ptr, init_ptr, y_ptr, hend_ptr, hinit_ptr, T, NSEQ, L,
                               CH: tl.constexpr, N: tl.constexpr,
                               stride_xt, stride_xc, stride_dtt, stride_dtc, stride_Ac, stride_An,
-                              stride_Bt, stride_Bn, stride_Ct, stride_Cn, stride_zt, stride_zc,
+                              stride_zt, stride_zc,
                               stride_D, stride_dtb, stride_ss, stride_sc, stride_sn, stride_yt, stride_yc,
                               stride_hk, stride_hn, stride_hc, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_S: tl.constexpr, FAST: tl.constexpr):
+                              BLOCK_S: tl.constexpr, TILE: tl.constexpr, FAST: tl.constexpr):
     """Pass 3, chunk program_id(0) x channels: for each sequence with tokens in the chunk (or empty and
     starting in it), scan its tokens here from the state it enters the chunk with (hend[chunk - 1] from
     pass 2 if it started in an earlier chunk; hinit[chunk] if it starts here and goes on past the chunk;
@@ -317,8 +351,8 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
             if t_lo < t_hi:  # else an empty sequence: its state goes back as it came
                 h, _ = _scan_tokens(h, A2, dt_bias, D, x_ptr + c * stride_xc, dt_ptr + c * stride_dtc,
                                     z_ptr + c * stride_zc, B_ptr, C_ptr, y_ptr + c * stride_yc, t_lo, t_hi, c_ok, n2,
-                                    stride_xt, stride_dtt, stride_zt, stride_Bt, stride_Bn, stride_Ct, stride_Cn,
-                                    stride_yt, N, BLOCK_N, OUTPUT=True, FAST=FAST)
+                                    stride_xt, stride_dtt, stride_zt, stride_yt, N, BLOCK_N, BLOCK_C, TILE,
+                                    OUTPUT=True, FAST=FAST)
             if q1 <= e0:
                 _store_rows(states_ptr + slot.to(tl.int64) * stride_ss + c * stride_sc, stride_sn, h, n2, c_ok, N)
 
@@ -331,10 +365,13 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
 #   channels a thread 2, chains  65536  (8 chunks):  990 / 720
 #   channels a thread 2, chains 131072 (16 chunks): 1007 / 718
 # Chunk boundaries inside a sequence cost pass-1 work (16 x 256 with 512-token chunks has none).
+# Those were of the per-token loop; the tiled loop keeps that blocking until the sweep
+# (benchmarks/kernels_mamba.py --mamba1-sweep) is run. TILE 8: 168 registers in pass 3, no spills (sm_90 ptxas).
 PREFILL_WARPS = 4
 PREFILL_CHANNELS_PER_THREAD = 1
 PREFILL_CHAINS = 98304  # chunk the token axis until chunks x channels reaches this many independent scans
 PREFILL_MIN_CHUNK = 64
+PREFILL_TILE = 8  # tokens a step of the token loop: the next tile's inputs load while this one is worked
 
 
 def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -361,10 +398,11 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     touched by 1D [BLOCK_C] accesses and scalars, so the [N, BLOCK_C] arithmetic keeps that layout (a 2D load
     could give it another, with shared-memory shuffles and warp shuffles every token).
 
-    Where it stands (H100): ~0.84 ms for 4,096 tokens against ~0.3 ms of exp2 throughput (2 x 16 exp2 per
-    channel-token: passes 1 and 3). The token loop is latency-bound: the loads issued one token ahead are
-    consumed ~100 instructions later (ptxas packs the prefetched bf16 pairs), so every token waits on DRAM.
-    Next: prefetch several tokens ahead, or stage [tokens, channels] tiles through shared memory."""
+    Where it stands: the per-token loop before this one took ~0.84 ms for 4,096 tokens on an H100 (~0.81 on
+    an H200) against ~0.3 ms of exp2 throughput (2 x 16 exp2 per channel-token: passes 1 and 3), latency-bound:
+    every token waited on DRAM. The token loop now works PREFILL_TILE tokens a step with the next tile's
+    inputs in flight (sm_90 SASS at the default blocking: ~171 instructions a token in pass 3, no spills);
+    predicted from that, not yet measured: 0.35-0.5 ms."""
     T, CH = x.shape
     N = A.shape[1]
     num_seqs = state_slots.shape[0]
@@ -380,15 +418,17 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     n_chunks = triton.cdiv(T, L)
     c_blocks = triton.cdiv(CH, BLOCK_C)
     # B and C are read by every thread for every token: converted once here ([T, N], microseconds), the
-    # token loop loads them ready.
-    B, C = B.float(), C.float()
+    # token loop loads them ready, contiguous (a token's N values at constant offsets from one address), with
+    # PREFILL_TILE zero rows after the last token (a last tile's loads past it need no mask).
+    B, C = (F.pad(v.float(), (0, 0, 0, PREFILL_TILE)) for v in (B, C))
     if n_chunks > 1:
         hbuf = torch.empty(2, n_chunks, N, CH, device=x.device, dtype=torch.float32)  # hend, hinit
         dsum = torch.empty(n_chunks, CH, device=x.device, dtype=torch.float32)
         _scan_chunk_state_kernel[(n_chunks, c_blocks)](
             x, dt, A, B, dt_bias, query_start_loc, state_slots, hbuf[0], dsum, T, num_seqs, L, CH, N,
-            *x.stride(), *dt.stride(), *A.stride(), *B.stride(), dt_bias.stride(0), *hbuf[0].stride(),
-            *dsum.stride(), BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, FAST=fast, num_warps=PREFILL_WARPS)
+            *x.stride(), *dt.stride(), *A.stride(), dt_bias.stride(0), *hbuf[0].stride(), *dsum.stride(),
+            BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, TILE=PREFILL_TILE, FAST=fast,
+            num_warps=PREFILL_WARPS)
         _scan_chunk_carry_kernel[(num_seqs, triton.cdiv(CH, 128))](
             A, ssm_states, query_start_loc, state_slots, has_initial_state, hbuf[0], hbuf[1], dsum, L, CH, N,
             *A.stride(), *ssm_states.stride(), *hbuf[0].stride(), *dsum.stride(), BLOCK_C=128, BLOCK_N=BLOCK_N,
@@ -399,9 +439,9 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     _scan_chunk_output_kernel[(n_chunks, c_blocks)](
         x, dt, A, B, C, D, dt_bias, z, ssm_states, query_start_loc, state_slots, has_initial_state, y, hend, hinit,
         T, num_seqs, L, CH, N,
-        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z.stride(), D.stride(0),
-        dt_bias.stride(0), *ssm_states.stride(), *y.stride(), *h_strides, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N,
-        BLOCK_S=BLOCK_S, FAST=fast, num_warps=PREFILL_WARPS)
+        *x.stride(), *dt.stride(), *A.stride(), *z.stride(), D.stride(0), dt_bias.stride(0), *ssm_states.stride(),
+        *y.stride(), *h_strides, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, TILE=PREFILL_TILE, FAST=fast,
+        num_warps=PREFILL_WARPS)
     return y
 
 
@@ -412,7 +452,7 @@ def _selective_scan_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_
                                   stride_Bb, stride_Bn, stride_Cb, stride_Cn, stride_zb, stride_zc,
                                   stride_ss, stride_sc, stride_sn, stride_yb, stride_yc, stride_dlb,
                                   NORM_BCDT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_R: tl.constexpr):
+                                  BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr):
     """One decode step of sequence program_id(1) over BLOCK_C channels x all N states, in place by slot:
     one read and one write of the state tile; full N per program so y = h C reduces in registers.
     NORM_BCDT (FalconMamba): B and C are RMS-normalised here (rounded to their dtype, as the norm kernel
@@ -421,6 +461,7 @@ def _selective_scan_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < CH
     y_ptrs = y_ptr + b * stride_yb + c * stride_yc
+    wait_for_predecessor(USE_PDL)  # before the early return too: every program waits (kernels/pdl.py)
     slot = tl.load(slots_ptr + b)
     if slot < 0:
         tl.store(y_ptrs, tl.zeros((BLOCK_C,), y_ptr.dtype.element_ty), mask=c_ok)
@@ -475,7 +516,7 @@ def _update(x, dt, A, B, C, D, dt_bias, z, ssm_states, state_slots, dl: torch.Te
         x, dt, A, B, C, D, dt_bias, z, ssm_states, state_slots, y, x if dl is None else dl, CH, N, R, eps,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *z.stride(), *ssm_states.stride(),
         *y.stride(), 0 if dl is None else dl.stride(0), NORM_BCDT=dl is not None, BLOCK_C=BLOCK_C,
-        BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(max(R, 1)), num_warps=4)
+        BLOCK_N=BLOCK_N, BLOCK_R=triton.next_power_of_2(max(R, 1)), num_warps=4, **pdl.launch_kwargs(x.device))
     return y
 
 

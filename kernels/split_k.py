@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 MAX_TILES = 1 << 16  # output tiles per launch that have a counter
 _counters: dict[torch.device, torch.Tensor] = {}
 
@@ -71,11 +73,11 @@ def store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M
 def split_k_launch(kernel, x: torch.Tensor, weight_args: tuple, bias: torch.Tensor | None, N: int, rows: int,
                    config: dict, x_arg: torch.Tensor | None = None, **constexprs) -> torch.Tensor:
     """out [M, N] in x's dtype from kernel(x, *weight_args, bias, out, partials, counters, M, N, K, stride_xm,
-    K_TILES, SPLIT_K, HAS_BIAS=, SPLIT=, **constexprs, **tiles), whose programs each cover `rows` rows
-    and BLOCK_N columns of the output and K_TILES tiles of BLOCK_K along K. config: the tile constexprs,
-    num_warps / num_stages and SPLIT_K (the splits wanted: fewer when K has fewer tiles). x_arg: what the
-    kernel reads in x's place (x already transformed, e.g. gathered and packed), if not x; stride_xm is its
-    row stride."""
+    K_TILES, SPLIT_K, HAS_BIAS=, SPLIT=, USE_PDL= (kernels/pdl.py), **constexprs, **tiles), whose programs
+    each cover `rows` rows and BLOCK_N columns of the output and K_TILES tiles of BLOCK_K along K. config: the
+    tile constexprs, num_warps / num_stages and SPLIT_K (the splits wanted: fewer when K has fewer tiles).
+    x_arg: what the kernel reads in x's place (x already transformed, e.g. gathered and packed), if not x;
+    stride_xm is its row stride."""
     M, K = x.shape
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0:
@@ -90,5 +92,5 @@ def split_k_launch(kernel, x: torch.Tensor, weight_args: tuple, bias: torch.Tens
     x_in = x if x_arg is None else x_arg
     kernel[grid](x_in, *weight_args, bias if bias is not None else x, out, partials,
                  tile_counters(x.device), M, N, K, x_in.stride(0), k_tiles, split, HAS_BIAS=bias is not None,
-                 SPLIT=split > 1, **constexprs, **cfg)
+                 SPLIT=split > 1, **constexprs, **cfg, **pdl.launch_kwargs(x.device))
     return out

@@ -11,7 +11,8 @@ The Triton kernel computes the same thing chunk by chunk (SSD); chunk_size chang
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -47,17 +48,18 @@ def ssd_scan_varlen_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
 
 # The Triton path: the usual SSD decomposition in four launches. Chunks of chunk_size tokens restart at each
 # sequence start; within chunk c of a sequence, with a_t = cumsum(dt * A) over the chunk's tokens up to t:
-#   1. _ssd_dt_kernel:         dt_t (softplus, clamp) and a_t                                   [H, T] fp32
+#   1. _ssd_dt_kernel:         dt_t (softplus, clamp), a_t and w_t = exp(a_end - a_t) dt_t     [H, T] fp32
 #   2. _ssd_cb_kernel:         CB[t, s] = C_t . B_s                                             per chunk and group
 #   3. _ssd_states_kernel:     per sequence, walking its chunks in order from the slot's state (or zeros):
-#                              S_in(c) is stored for step 4, then S <- exp(a_end) S_in(c) + sum_s exp(a_end - a_s)
-#                              dt_s x_s (outer) B_s; the last S goes back to the slot
+#                              S_in(c) is stored for step 4, then S <- exp(a_end) S_in(c) + sum_s w_s x_s (outer)
+#                              B_s; the last S goes back to the slot
 #   4. _ssd_chunk_scan_kernel: y_t = exp(a_t) C_t S_in + sum_{s<=t} CB[t, s] exp(a_t - a_s) dt_s x_s + D x_t
 # kernels/ssd_minimal.py writes the same steps as one page of einsums. Steps 2-4 are tl.dot matmuls with fp32
 # accumulation. Step 3 keeps each chunk's own state in registers (mamba_ssm writes it out in fp32 and reads it
 # back in a separate state-passing pass); S_in is stored in x's dtype, the precision step 4's dot reads it in.
-# Every program finds its chunk's sequence from query_start_loc itself: no metadata launches, no host sync;
-# grids are sized by an upper bound on the number of chunks, extra programs return.
+# Step 1's programs find their chunk's sequence from query_start_loc and store the chunk's token range for steps
+# 2 and 4 (the walk reads query_start_loc per sequence): no metadata launches, no host sync. Grids are sized by an
+# upper bound on the number of chunks; extra programs return.
 
 
 @triton.jit
@@ -101,13 +103,20 @@ def _chunks_before(b, qsl_ptr, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr):
     return total
 
 
-@triton.jit
-def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, qsl_ptr, slots_ptr, dt_out_ptr, dA_ptr, T, H, num_seqs,
-                   dt_min, dt_max, stride_dtt, stride_dth, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["num_seqs"])
+def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, qsl_ptr, slots_ptr, dt_out_ptr, dA_ptr, w_ptr, bounds_ptr, T, H,
+                   num_seqs, dt_min, dt_max, stride_dtt, stride_dth, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr,
                    CLAMP_DT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr):
     """dt_out[h, t] = clamp(softplus(dt + dt_bias)) and dA[h, t] = its running sum times A[h] within the chunk
-    (a_t above), for chunk program_id(0) and BLOCK_H heads; [H, T] so later kernels read heads contiguously."""
+    (a_t above), for chunk program_id(0) and BLOCK_H heads; [H, T] so later kernels read heads contiguously.
+    w[h, t] = exp(a_end - a_t) dt: token t's weight in its chunk's state, made here where a_end is at hand, so
+    each step of the sequential state walk loads it (one load) instead of deriving it (three, one scalar).
+    bounds[chunk] = (first token, end token), (0, 0) for no chunk: the later kernels' programs read two ints
+    instead of each searching query_start_loc."""
     live, start, end = _chunk_bounds(tl.program_id(0), qsl_ptr, slots_ptr, num_seqs, CHUNK, SEQ_BLOCK)
+    if tl.program_id(1) == 0:
+        tl.store(bounds_ptr + 2 * tl.program_id(0), tl.where(live, start, 0))
+        tl.store(bounds_ptr + 2 * tl.program_id(0) + 1, tl.where(live, end, 0))
     if not live:
         return
     t = start + tl.arange(0, BLOCK_L)
@@ -122,23 +131,27 @@ def _ssd_dt_kernel(dt_ptr, dt_bias_ptr, A_ptr, qsl_ptr, slots_ptr, dt_out_ptr, d
     out = h[None, :] * T + t[:, None]
     tl.store(dt_out_ptr + out, dt, mask=ok)
     tl.store(dA_ptr + out, dA, mask=ok)
+    a_end = tl.sum(tl.where((t == end - 1)[:, None], dA, 0.0), axis=0)
+    tl.store(w_ptr + out, tl.exp(a_end[None, :] - dA) * dt, mask=ok)
 
 
 @triton.jit
-def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, qsl_ptr, slots_ptr, num_seqs, N,
+def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, bounds_ptr, N,
                    stride_Bt, stride_Bg, stride_Bn, stride_Ct, stride_Cg, stride_Cn,
-                   stride_cbc, stride_cbg, stride_cbm, CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr,
+                   stride_cbc, stride_cbg, stride_cbm, CHUNK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """cb[chunk, g, m-tile, k-tile] = C[m] . B[k] over N, once per group (heads of a group share it) and only
-    for tiles on or below the diagonal, the ones the causal chunk scan reads."""
+    for tiles on or below the diagonal, the ones the causal chunk scan uses (it reads whole rows of its tiles,
+    unwritten entries included, and drops those above the diagonal)."""
     mb = tl.program_id(0) // tl.cdiv(CHUNK, BLOCK_K)
     kb = tl.program_id(0) % tl.cdiv(CHUNK, BLOCK_K)
     g = tl.program_id(1)
     i = tl.program_id(2)
     if kb * BLOCK_K >= (mb + 1) * BLOCK_M:
         return
-    live, start, end = _chunk_bounds(i, qsl_ptr, slots_ptr, num_seqs, CHUNK, SEQ_BLOCK)
-    if not live:
+    start = tl.load(bounds_ptr + 2 * i)
+    end = tl.load(bounds_ptr + 2 * i + 1)
+    if end == start:
         return
     m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -154,8 +167,8 @@ def _ssd_cb_kernel(B_ptr, C_ptr, cb_ptr, qsl_ptr, slots_ptr, num_seqs, N,
              mask=(m < CHUNK)[:, None] & (k < CHUNK)[None, :])
 
 
-@triton.jit
-def _ssd_states_kernel(x_ptr, B_ptr, dt_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_ptr, slots_ptr, init_ptr,
+@triton.jit(do_not_specialize=["num_seqs"])
+def _ssd_states_kernel(x_ptr, B_ptr, w_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl_ptr, slots_ptr, init_ptr,
                        num_seqs, T, P, N, heads_per_group,
                        stride_xt, stride_xh, stride_xp, stride_Bt, stride_Bg, stride_Bn,
                        stride_sic, stride_sih, stride_sip, stride_ss, stride_sh, stride_sp, stride_sn,
@@ -163,8 +176,8 @@ def _ssd_states_kernel(x_ptr, B_ptr, dt_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl
                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One (P, N) tile of head program_id(1)'s state for sequence program_id(2), walked through the sequence
     BLOCK_K tokens at a time. At a chunk's first block the state entering the chunk goes to states_in and is
-    decayed to the chunk's end (exp(a_end) S); every block then adds x^T [P, K] @ (exp(a_end - a_s) dt_s B_s)
-    [K, N]. The slot is read (initial state) before it is written (final state), by the same program."""
+    decayed to the chunk's end (exp(a_end) S); every block then adds x^T [P, K] @ (w_s B_s) [K, N] (w from
+    _ssd_dt_kernel). The slot is read (initial state) before it is written (final state), by the same program."""
     pb = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
     nb = tl.program_id(0) % tl.cdiv(N, BLOCK_N)
     h = tl.program_id(1)
@@ -187,10 +200,14 @@ def _ssd_states_kernel(x_ptr, B_ptr, dt_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl
     BLOCKS_PER_CHUNK: tl.constexpr = (CHUNK + BLOCK_K - 1) // BLOCK_K
     length = seq_end - seq_start
     n_blocks = (length // CHUNK) * BLOCKS_PER_CHUNK + tl.cdiv(length % CHUNK, BLOCK_K)
+    # a_end of block j's chunk, loaded one block ahead: a load issued where it is used would put its latency
+    # on the walk's serial path (the decay feeds the next dot) at every step
+    a_end = tl.load(dA_ptr + h * T + tl.minimum(seq_start + CHUNK, seq_end) - 1, mask=length > 0, other=0.0)
     for j in range(0, n_blocks):
         c_start = seq_start + (j // BLOCKS_PER_CHUNK) * CHUNK
         c_end = tl.minimum(c_start + CHUNK, seq_end)
-        a_end = tl.load(dA_ptr + h * T + c_end - 1)
+        a_end_next = tl.load(dA_ptr + h * T + tl.minimum(seq_start + ((j + 1) // BLOCKS_PER_CHUNK + 1) * CHUNK,
+                                                         seq_end) - 1)
         first = j % BLOCKS_PER_CHUNK == 0
         chunk = tl.zeros([], tl.int64) + j // BLOCKS_PER_CHUNK
         tl.store(in_ptrs + chunk * stride_sic, state.to(states_in_ptr.dtype.element_ty), mask=tile_ok & first)
@@ -199,21 +216,24 @@ def _ssd_states_kernel(x_ptr, B_ptr, dt_ptr, dA_ptr, states_in_ptr, ssm_ptr, qsl
         s_ok = s < c_end
         xT = tl.load(x_ptr + s[None, :] * stride_xt + h * stride_xh + p[:, None] * stride_xp,
                      mask=s_ok[None, :] & (p < P)[:, None], other=0.0)
-        w = tl.exp(a_end - tl.load(dA_ptr + h * T + s, mask=s_ok, other=0.0))
-        w *= tl.load(dt_ptr + h * T + s, mask=s_ok, other=0.0)
+        w = tl.load(w_ptr + h * T + s, mask=s_ok, other=0.0)
         Bs = tl.load(B_ptr + s[:, None] * stride_Bt + g * stride_Bg + n[None, :] * stride_Bn,
                      mask=s_ok[:, None] & (n < N)[None, :], other=0.0)
         state = tl.dot(xT, (Bs.to(tl.float32) * w[:, None]).to(xT.dtype), state, input_precision=DOT_PRECISION)
+        a_end = a_end_next
     tl.store(s_ptrs, state.to(ssm_ptr.dtype.element_ty), mask=tile_ok)
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
-def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_in_ptr, y_ptr, qsl_ptr, slots_ptr,
-                           num_seqs, T, P, N, heads_per_group,
+def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_in_ptr, y_ptr, bounds_ptr,
+                           T, P, N, heads_per_group,
                            stride_xt, stride_xh, stride_xp, stride_Ct, stride_Cg, stride_Cn,
                            stride_cbc, stride_cbg, stride_cbm, stride_sic, stride_sih, stride_sip,
                            stride_yt, stride_yh, stride_yp,
-                           CHUNK: tl.constexpr, SEQ_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                           CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """y[m-tile, h, p-tile] of chunk program_id(2): exp(a_m) C_m S_in (the state entering the chunk, K over N)
     plus the causal intra-chunk part (CB * decay * dt) @ x (K over the chunk's tokens up to the tile's last
@@ -223,10 +243,8 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
     pb = tl.program_id(0) % tl.cdiv(P, BLOCK_P)
     h = tl.program_id(1)
     i = tl.program_id(2)
-    live, start, end = _chunk_bounds(i, qsl_ptr, slots_ptr, num_seqs, CHUNK, SEQ_BLOCK)
-    if not live:
-        return
-    L = end - start
+    start = tl.load(bounds_ptr + 2 * i)
+    L = tl.load(bounds_ptr + 2 * i + 1) - start  # 0: no chunk
     if mb * BLOCK_M >= L:
         return
     g = h // heads_per_group
@@ -235,7 +253,8 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < P
     n = tl.arange(0, BLOCK_N)
-    a_m = tl.load(dA_ptr + h * T + start + m, mask=m_ok, other=0.0)
+    # a in log2 units: the exps below are exp2, one MUFU op each (tl.exp multiplies by log2(e) first)
+    a_m = tl.load(dA_ptr + h * T + start + m, mask=m_ok, other=0.0) * LOG2E
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     si_base = states_in_ptr + i.to(tl.int64) * stride_sic + h * stride_sih
     for n0 in range(0, N, BLOCK_N):
@@ -244,16 +263,19 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
         sT = tl.load(si_base + p[None, :] * stride_sip + (n0 + n)[:, None],
                      mask=p_ok[None, :] & (n0 + n < N)[:, None], other=0.0)
         acc += tl.dot(c, sT.to(c.dtype), input_precision=DOT_PRECISION)
-    acc *= tl.exp(a_m)[:, None]
+    acc *= tl.exp2(a_m)[:, None]
     cb_base = cb_ptr + i.to(tl.int64) * stride_cbc + g * stride_cbg
+    row_minus_col = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_K)[None, :]  # k <= m: one compare
     for k0 in range(0, tl.minimum((mb + 1) * BLOCK_M, L), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < L
-        causal = (k[None, :] <= m[:, None]) & k_ok[None, :] & m_ok[:, None]
-        cb = tl.load(cb_base + m[:, None] * stride_cbm + k[None, :], mask=causal, other=0.0)
-        a_k = tl.load(dA_ptr + h * T + start + k, mask=k_ok, other=0.0)
+        # Rows whole, so the copies are 16 bytes wide (a causal mask splits them into 4-byte ones); entries above
+        # the diagonal may be unwritten (the CB kernel skips tiles above it) and fall to the select below.
+        cb = tl.load(cb_base + m[:, None] * stride_cbm + k[None, :], mask=(m < CHUNK)[:, None] & (k < CHUNK)[None, :])
+        a_k = tl.load(dA_ptr + h * T + start + k, mask=k_ok, other=0.0) * LOG2E
         dt_k = tl.load(dt_ptr + h * T + start + k, mask=k_ok, other=0.0)
-        w = cb * tl.exp(tl.where(causal, a_m[:, None] - a_k[None, :], float("-inf"))) * dt_k[None, :]
+        decay = tl.exp2(tl.minimum(a_m[:, None] - a_k[None, :], 0.0))  # min: entries above the diagonal stay finite
+        w = tl.where(row_minus_col >= k0 - mb * BLOCK_M, cb * decay * dt_k[None, :], 0.0)
         xk = tl.load(x_ptr + (start + k)[:, None] * stride_xt + h * stride_xh + p[None, :] * stride_xp,
                      mask=k_ok[:, None] & p_ok[None, :], other=0.0)
         acc += tl.dot(w.to(xk.dtype), xk, input_precision=DOT_PRECISION)
@@ -264,61 +286,19 @@ def _ssd_chunk_scan_kernel(x_ptr, C_ptr, D_ptr, cb_ptr, dt_ptr, dA_ptr, states_i
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & p_ok[None, :])
 
 
-# The chunk scan's tiles (BLOCK_M rows x BLOCK_P of the head dim, BLOCK_K chunk tokens and BLOCK_N state columns
-# a step), warps and stages are chosen per shape by measurement, as mamba_ssm does for its scan: with one fixed
-# setting ours was its largest gap at every Falcon-H1 shape (H200 profile in benchmarks/RESULTS.md; the shapes
-# differ: 0.5B P 64, N 128, chunk 128; 7B 128, 256, 256; 34B 128, 256, 128). The first candidate is that
-# former (bf16) setting; the others combine what one-at-a-time sweeps could not (more stages, larger row and
-# token tiles, narrower P tiles for more programs, whole-state N steps, fewer or more warps).
-SCAN_CONFIGS = [
-    triton.Config(dict(BLOCK_M=m, BLOCK_P=p, BLOCK_K=k, BLOCK_N=n), num_warps=w, num_stages=st)
-    for m, p, k, n, w, st in [
-        (64, 128, 32, 64, 4, 2),
-        (64, 128, 32, 64, 4, 3),
-        (64, 128, 64, 64, 4, 3),
-        (64, 128, 32, 128, 4, 2),
-        (64, 128, 32, 64, 8, 3),
-        (64, 64, 32, 64, 4, 3),
-        (64, 64, 32, 32, 2, 4),
-        (32, 128, 32, 64, 4, 3),
-        (128, 128, 32, 64, 8, 2),
-        (128, 128, 64, 64, 8, 3),
-        (128, 64, 32, 64, 4, 3),
-    ]
-]
-
-
-def scan_configs_for(P: int, N: int, chunk: int, configs: list[triton.Config] = SCAN_CONFIGS) -> list[triton.Config]:
-    """The candidates with tiles clipped to the shape (no tile wider than its padded dimension), duplicates
-    dropped, in order."""
-    fitted = {}
-    for c in configs:
-        tiles = dict(BLOCK_M=_dot_block(chunk, c.kwargs["BLOCK_M"]), BLOCK_P=_dot_block(P, c.kwargs["BLOCK_P"]),
-                     BLOCK_K=_dot_block(chunk, c.kwargs["BLOCK_K"]), BLOCK_N=_dot_block(N, c.kwargs["BLOCK_N"]))
-        fitted.setdefault((*tiles.values(), c.num_warps, c.num_stages),
-                          triton.Config(tiles, num_warps=c.num_warps, num_stages=c.num_stages))
-    return list(fitted.values())
-
-
-# Tuned once per (P, N, chunk) and dtypes, the first time a shape runs: the engine's start-up profile forward
-# (engine/memory_plan.py) does it before serving. The token count is no part of the key (no re-tuning per
-# batch). The kernel only writes y, from inputs it does not change, so timing candidates on the real buffers
-# is safe: nothing to reset or restore.
-_ssd_chunk_scan_tuned = triton.autotune(
-    configs=SCAN_CONFIGS, key=["P", "N", "CHUNK"],
-    prune_configs_by=dict(early_config_prune=lambda configs, nargs, **kw: scan_configs_for(
-        nargs["P"], nargs["N"], kw["CHUNK"], configs)),
-)(_ssd_chunk_scan_kernel)
-
-
 @dataclass(frozen=True)
 class SsdLaunch:
-    """Tile sides (upper bounds, clipped to the shapes), warps and pipeline stages of the CB and state-walk
-    kernels (the chunk scan's are SCAN_CONFIGS, tuned per shape). The state walk is sequential over a
-    sequence's chunks, so a long sequence gives it few programs: its N tile halves (down to 32) until there
-    are state_min_programs per SM. It takes 128 tokens a step: each step waits for the previous one's dot, so
-    64-token steps were slower for long sequences, and 256-token ones (128 KB of shared memory a program) for
-    batches of short ones (H200 sweeps in benchmarks/RESULTS.md)."""
+    """Tile sides (upper bounds, clipped to the shapes), warps and pipeline stages of the CB, state-walk and
+    chunk-scan kernels. The state walk is sequential over a sequence's chunks, so a long sequence gives it few
+    programs: its N tile halves (down to 32) until there are state_min_programs per SM (0: the tiles as given).
+    The defaults are the settings measured before the per-shape table (H200, benchmarks/RESULTS.md): 128-token
+    walk steps (64 were slower for long sequences, 256 for batches of short ones), the scan's 64 x 128 tiles."""
+    scan_m: int = 64  # chunk rows
+    scan_p: int = 128  # head dim
+    scan_k: int = 32  # chunk tokens per step of the causal part
+    scan_n: int = 64  # state columns per step of the C S_in part
+    scan_warps: int = 4
+    scan_stages: int = 2
     state_p: int = 64
     state_n: int = 64
     state_k: int = 128
@@ -332,13 +312,62 @@ class SsdLaunch:
     seq_block: int = 32  # sequences read at a time to find a chunk's sequence
 
 
-def _launch(dtype: torch.dtype) -> SsdLaunch:
-    """bf16 / fp16: measured on an H200 at the Falcon-H1 shapes (benchmarks/kernels_ssd_vs_mamba.py --sweep).
-    fp32 inputs (dots as tf32x3) keep the settings their GPU tests ran with: 8 warps, 64-token state steps,
-    three stages (untimed; fp32 tiles take twice the shared memory)."""
+# Per-shape settings for 16-bit inputs: (P, N, chunk, long sequences) -> SsdLaunch fields that differ from the
+# defaults. Long: at least LONG_SEQUENCE tokens per sequence on average, where the walk has few programs.
+# Filled from H200 sweeps (benchmarks/kernels_ssd_vs_mamba.py --sweep prints each candidate as such a dict);
+# a shape missing here runs the defaults. Measured in the c2 sweep (benchmarks/RESULTS.md): three walk stages
+# at P 64 / N 128 / chunk 128 for one 4,096-token sequence (81.3 vs 93.6 us), 128-wide walk P tiles at
+# P 128 / N 256 / chunk 128 for 16 x 256 (213.0 vs 234.5 us). Session 9's sweep at P 128 / N 256 / chunk 256:
+# 32-wide walk N tiles at 3 stages for long sequences, 128-wide walk P tiles for 16 x 256; after the chunk scan's
+# whole-row CB loads (ssd2), 3 scan stages at P 64 and P 128 (whole call against mamba_ssm: 0.5B 4,096 1.17x,
+# 16 x 256 1.40x; 7B 4,096 1.15x, 16 x 256 1.15x, 32,768 1.20x; 2 stages 1.05-1.36x).
+LONG_SEQUENCE = 1024
+TUNED: dict[tuple[int, int, int, bool], dict[str, int]] = {
+    (64, 128, 128, True): dict(scan_stages=3, state_stages=3),
+    (64, 128, 128, False): dict(scan_stages=3, state_min_programs=0),
+    (128, 256, 256, True): dict(scan_stages=3, state_n=32, state_stages=3, state_min_programs=0),
+    (128, 256, 256, False): dict(scan_stages=3, state_p=128, state_min_programs=0),
+    (128, 256, 128, True): dict(),
+    (128, 256, 128, False): dict(state_p=128),
+}
+
+
+def ssd_launch(dtype: torch.dtype, P: int, N: int, chunk: int, num_tokens: int, num_seqs: int) -> SsdLaunch:
+    """The launch for a call: TUNED's entry for the shape (16-bit inputs). fp32 inputs (dots as tf32x3) keep
+    one setting for every batch, so a sequence's rounding (and greedy output) does not depend on what it is
+    batched with: 8 warps, 64-token walk steps, three stages (the settings their GPU tests ran with before
+    the table; untimed; fp32 tiles take twice the shared memory). The walk's N tile may still halve for few
+    programs: N tiles split no sum, so no rounding changes."""
     if dtype == torch.float32:
-        return SsdLaunch(state_warps=8, cb_warps=8, state_k=64, state_stages=3)
-    return SsdLaunch()
+        return SsdLaunch(scan_warps=8, state_warps=8, cb_warps=8, state_k=64, scan_stages=3, state_stages=3)
+    long = num_tokens >= LONG_SEQUENCE * num_seqs
+    return SsdLaunch(**TUNED.get((P, N, chunk, long), {}))
+
+
+# Candidates for the sweep, as SsdLaunch fields; each is clipped to the shape (launch_candidates). The chunk
+# scan's cover mamba_ssm's autotune list for its own chunk scan (rows, head-dim tile, token step; warps,
+# stages; its C S_in step is the whole state up to 128 wide, else the token step: both are here) and the
+# settings ours ran before. The walk's: P and N tiles (more programs for long sequences against wider dots;
+# N 16: 192 programs for one sequence of 24 heads at P 64 / N 128), token steps, warps, stages, as exact tiles
+# (no N halving).
+_SCAN_TILES = [  # (m, p, k, n, warps, stages)
+    (64, 128, 32, 64, 4, 2), (64, 128, 32, 64, 4, 3), (64, 128, 64, 64, 4, 3), (64, 128, 32, 128, 4, 2),
+    (64, 128, 32, 64, 8, 3), (64, 64, 32, 64, 4, 3), (64, 64, 32, 32, 2, 4), (32, 128, 32, 64, 4, 3),
+    (128, 128, 32, 64, 8, 2), (128, 128, 64, 64, 8, 3), (128, 64, 32, 64, 4, 3),
+    *((m, p, k, n, w, st) for m, p, k, w, st in [  # mamba_ssm's list
+        (128, 256, 64, 8, 3), (64, 256, 32, 4, 4), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 2, 5), (32, 64, 32, 2, 5),
+        (64, 64, 32, 2, 4)] for n in (k, 128)),
+]
+SCAN_CANDIDATES = [dict(scan_m=m, scan_p=p, scan_k=k, scan_n=n, scan_warps=w, scan_stages=st)
+                   for m, p, k, n, w, st in _SCAN_TILES]
+WALK_CANDIDATES = [dict(state_p=p, state_n=n, state_k=k, state_warps=w, state_stages=st, state_min_programs=0)
+                   for p, n, k, w, st in [  # (p, n, k, warps, stages)
+                       (64, 32, 128, 4, 2), (64, 64, 128, 4, 2), (64, 32, 128, 4, 3), (64, 64, 128, 4, 3),
+                       (128, 32, 128, 4, 2), (128, 64, 128, 4, 2), (128, 64, 128, 8, 2), (128, 32, 128, 4, 3),
+                       (32, 32, 128, 4, 2), (32, 64, 128, 4, 3), (64, 32, 64, 4, 3), (64, 64, 256, 4, 2),
+                       (64, 32, 256, 4, 2), (64, 128, 128, 8, 2), (128, 128, 64, 8, 3), (64, 16, 128, 4, 3),
+                       (32, 32, 128, 4, 3)]]
 
 
 def _dot_block(n: int, cap: int) -> int:
@@ -346,65 +375,93 @@ def _dot_block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
+def _clipped(launch: SsdLaunch, P: int, N: int, chunk: int) -> SsdLaunch:
+    """launch with no tile wider than its padded dimension."""
+    return replace(launch, scan_m=_dot_block(chunk, launch.scan_m), scan_p=_dot_block(P, launch.scan_p),
+                   scan_k=_dot_block(chunk, launch.scan_k), scan_n=_dot_block(N, launch.scan_n),
+                   state_p=_dot_block(P, launch.state_p), state_n=_dot_block(N, launch.state_n),
+                   state_k=_dot_block(chunk, launch.state_k), cb_m=_dot_block(chunk, launch.cb_m),
+                   cb_n=_dot_block(N, launch.cb_n))
+
+
+def launch_candidates(base: SsdLaunch, candidates: list[dict[str, int]], P: int, N: int,
+                      chunk: int) -> list[SsdLaunch]:
+    """base with each candidate's fields, clipped to the shape, duplicates dropped, in order."""
+    return list(dict.fromkeys(_clipped(replace(base, **c), P, N, chunk) for c in candidates))
+
+
+def ssd_scan_launches(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float],
+                      ssm_states: torch.Tensor, query_start_loc: torch.Tensor, state_slots: torch.Tensor,
+                      has_initial_state: torch.Tensor, chunk_size: int = 256, launch: SsdLaunch | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, Callable[[], None]]]:
+    """y (unwritten) and the four kernel launches that fill it, in order ("dt", "cb", "walk", "scan"), over
+    scratch allocated here: S_in [chunks, H, P, N] in x's dtype, CB [chunks, G, chunk, chunk] fp32; chunks <=
+    T/chunk + seqs. Separate so a benchmark can time one kernel; ssd_scan_varlen runs them all."""
+    T, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    num_seqs = state_slots.shape[0]
+    dev = x.device
+    CHUNK = chunk_size
+    cfg = _clipped(launch or ssd_launch(x.dtype, P, N, CHUNK, T, num_seqs), P, N, CHUNK)
+    max_chunks = min(T, T // CHUNK + num_seqs)  # each sequence adds at most one partial chunk
+    seqs = (query_start_loc, state_slots)
+    SEQ_BLOCK = cfg.seq_block
+    dot_precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: ~fp32-accurate dots
+    y = torch.empty_like(x)
+    dt_proc = torch.empty(H, T, dtype=torch.float32, device=dev)
+    dA = torch.empty(H, T, dtype=torch.float32, device=dev)
+    w_end = torch.empty(H, T, dtype=torch.float32, device=dev)
+    bounds = torch.empty(max_chunks, 2, dtype=torch.int32, device=dev)
+    cb = torch.empty(max_chunks, G, CHUNK, CHUNK, dtype=torch.float32, device=dev)
+    states_in = torch.empty(max_chunks, H, P, N, dtype=x.dtype, device=dev)
+    BLOCK_H = 8
+
+    def dt_cumsum():
+        _ssd_dt_kernel[(max_chunks, triton.cdiv(H, BLOCK_H))](
+            dt, dt_bias, A, *seqs, dt_proc, dA, w_end, bounds, T, H, num_seqs, float(dt_limit[0]), float(dt_limit[1]),
+            *dt.stride(), CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, CLAMP_DT=tuple(dt_limit) != (0.0, math.inf),
+            BLOCK_L=triton.next_power_of_2(CHUNK), BLOCK_H=BLOCK_H, num_warps=4)
+
+    def chunk_cb():
+        _ssd_cb_kernel[(triton.cdiv(CHUNK, cfg.cb_m) ** 2, G, max_chunks)](
+            B, C, cb, bounds, N, *B.stride(), *C.stride(), *cb.stride()[:3], CHUNK=CHUNK, BLOCK_M=cfg.cb_m,
+            BLOCK_K=cfg.cb_m, BLOCK_N=cfg.cb_n, DOT_PRECISION=dot_precision, num_warps=cfg.cb_warps,
+            num_stages=cfg.cb_stages)
+
+    state_n = cfg.state_n
+    while state_n > 32 and (num_seqs * H * triton.cdiv(P, cfg.state_p) * triton.cdiv(N, state_n)
+                            < cfg.state_min_programs * num_sms(dev)):
+        state_n //= 2
+
+    def walk():
+        _ssd_states_kernel[(triton.cdiv(P, cfg.state_p) * triton.cdiv(N, state_n), H, num_seqs)](
+            x, B, w_end, dA, states_in, ssm_states, *seqs, has_initial_state, num_seqs, T, P, N, H // G,
+            *x.stride(), *B.stride(), *states_in.stride()[:3], *ssm_states.stride(),
+            CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, BLOCK_P=cfg.state_p, BLOCK_N=state_n, BLOCK_K=cfg.state_k,
+            DOT_PRECISION=dot_precision, num_warps=cfg.state_warps, num_stages=cfg.state_stages)
+
+    def scan():  # a chunk's row tiles adjacent in the grid, so they share S_in and CB through L2
+        _ssd_chunk_scan_kernel[(triton.cdiv(CHUNK, cfg.scan_m) * triton.cdiv(P, cfg.scan_p), H, max_chunks)](
+            x, C, D, cb, dt_proc, dA, states_in, y, bounds, T, P, N, H // G, *x.stride(), *C.stride(),
+            *cb.stride()[:3], *states_in.stride()[:3], *y.stride(), CHUNK=CHUNK, BLOCK_M=cfg.scan_m,
+            BLOCK_P=cfg.scan_p, BLOCK_K=cfg.scan_k, BLOCK_N=cfg.scan_n, DOT_PRECISION=dot_precision,
+            num_warps=cfg.scan_warps, num_stages=cfg.scan_stages)
+
+    return y, dict(dt=dt_cumsum, cb=chunk_cb, walk=walk, scan=scan)
+
+
 def ssd_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     D: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float],
                     ssm_states: torch.Tensor, query_start_loc: torch.Tensor, state_slots: torch.Tensor,
                     has_initial_state: torch.Tensor, chunk_size: int = 256,
-                    scan_config: triton.Config | None = None) -> torch.Tensor:
-    """Triton version of ssd_scan_varlen_ref (same arguments and result; no host sync, CUDA-graph capturable
-    once its shape is tuned). Scratch: S_in [chunks, H, P, N] in x's dtype, CB [chunks, G, chunk, chunk] fp32;
-    chunks <= T/chunk + seqs. scan_config: the chunk scan's launch (one of scan_configs_for's); None: autotuned
-    on a GPU, the first candidate when interpreted (timing there means nothing)."""
-    T, H, P = x.shape
-    G, N = B.shape[1], B.shape[2]
-    num_seqs = state_slots.shape[0]
-    y = torch.empty_like(x)
-    if T == 0 or num_seqs == 0:
-        return y
-    dev = x.device
-    CHUNK = chunk_size
-    max_chunks = min(T, T // CHUNK + num_seqs)  # each sequence adds at most one partial chunk
-    seqs = (query_start_loc, state_slots)
-    cfg = _launch(x.dtype)
-    SEQ_BLOCK = cfg.seq_block
-    block = _dot_block
-    dot_precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: ~fp32-accurate dots
-
-    dt_proc = torch.empty(H, T, dtype=torch.float32, device=dev)
-    dA = torch.empty(H, T, dtype=torch.float32, device=dev)
-    BLOCK_H = 8
-    _ssd_dt_kernel[(max_chunks, triton.cdiv(H, BLOCK_H))](
-        dt, dt_bias, A, *seqs, dt_proc, dA, T, H, num_seqs, float(dt_limit[0]), float(dt_limit[1]), *dt.stride(),
-        CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, CLAMP_DT=tuple(dt_limit) != (0.0, math.inf),
-        BLOCK_L=triton.next_power_of_2(CHUNK), BLOCK_H=BLOCK_H, num_warps=4)
-
-    cb_m = block(CHUNK, cfg.cb_m)
-    cb = torch.empty(max_chunks, G, CHUNK, CHUNK, dtype=torch.float32, device=dev)
-    _ssd_cb_kernel[(triton.cdiv(CHUNK, cb_m) ** 2, G, max_chunks)](
-        B, C, cb, *seqs, num_seqs, N, *B.stride(), *C.stride(), *cb.stride()[:3], CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK,
-        BLOCK_M=cb_m, BLOCK_K=cb_m, BLOCK_N=block(N, cfg.cb_n), DOT_PRECISION=dot_precision,
-        num_warps=cfg.cb_warps, num_stages=cfg.cb_stages)
-
-    states_in = torch.empty(max_chunks, H, P, N, dtype=x.dtype, device=dev)
-    state_p, state_n = block(P, cfg.state_p), block(N, cfg.state_n)
-    while state_n > 32 and (num_seqs * H * triton.cdiv(P, state_p) * triton.cdiv(N, state_n)
-                            < cfg.state_min_programs * num_sms(dev)):
-        state_n //= 2
-    _ssd_states_kernel[(triton.cdiv(P, state_p) * triton.cdiv(N, state_n), H, num_seqs)](
-        x, B, dt_proc, dA, states_in, ssm_states, *seqs, has_initial_state, num_seqs, T, P, N, H // G,
-        *x.stride(), *B.stride(), *states_in.stride()[:3], *ssm_states.stride(),
-        CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, BLOCK_P=state_p, BLOCK_N=state_n, BLOCK_K=block(CHUNK, cfg.state_k),
-        DOT_PRECISION=dot_precision, num_warps=cfg.state_warps, num_stages=cfg.state_stages)
-
-    def scan_grid(meta):  # a chunk's row tiles adjacent, so they share S_in and CB through L2
-        return triton.cdiv(CHUNK, meta["BLOCK_M"]) * triton.cdiv(P, meta["BLOCK_P"]), H, max_chunks
-
-    scan_args = (x, C, D, cb, dt_proc, dA, states_in, y, *seqs, num_seqs, T, P, N, H // G, *x.stride(), *C.stride(),
-                 *cb.stride()[:3], *states_in.stride()[:3], *y.stride())
-    scan_meta = dict(CHUNK=CHUNK, SEQ_BLOCK=SEQ_BLOCK, DOT_PRECISION=dot_precision)
-    if scan_config is None and dev.type == "cuda":
-        _ssd_chunk_scan_tuned[scan_grid](*scan_args, **scan_meta)
-    else:
-        scan_config = scan_config or scan_configs_for(P, N, CHUNK)[0]
-        _ssd_chunk_scan_kernel[scan_grid](*scan_args, **scan_meta, **scan_config.all_kwargs())
+                    launch: SsdLaunch | None = None) -> torch.Tensor:
+    """Triton version of ssd_scan_varlen_ref (same arguments and result; no host sync, CUDA-graph capturable).
+    launch: None for ssd_launch's choice for the shape."""
+    if x.shape[0] == 0 or state_slots.shape[0] == 0:
+        return torch.empty_like(x)
+    y, launches = ssd_scan_launches(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_states, query_start_loc, state_slots,
+                                    has_initial_state, chunk_size, launch)
+    for run in launches.values():
+        run()
     return y

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import pdl
+from kernels.pdl import wait_for_predecessor
 from kernels.triton_math import softplus
 
 
@@ -42,7 +44,8 @@ def _ssm_state_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_
                              stride_xb, stride_xh, stride_xp, stride_dtb, stride_dth,
                              stride_Bb, stride_Bg, stride_Bn, stride_Cb, stride_Cg, stride_Cn,
                              stride_ss, stride_sh, stride_sp, stride_sn, stride_yb, stride_yh, stride_yp,
-                             CLAMP_DT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                             CLAMP_DT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                             USE_PDL: tl.constexpr):
     """S[p-tile, :] of sequence program_id(2), head program_id(1): one read and one write of its state rows.
     A program owns BLOCK_P full rows of N so that y = S C reduces in registers; the wrapper picks BLOCK_P
     small enough that even one sequence spreads its heads x P rows over all SMs."""
@@ -51,6 +54,7 @@ def _ssm_state_update_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < P
     y_ptrs = y_ptr + b * stride_yb + h * stride_yh + p * stride_yp
+    wait_for_predecessor(USE_PDL)  # before the early return too: every program waits (kernels/pdl.py)
     slot = tl.load(slots_ptr + b)
     if slot < 0:
         tl.store(y_ptrs, tl.zeros((BLOCK_P,), y_ptr.dtype.element_ty), mask=p_ok)
@@ -95,5 +99,5 @@ def ssm_state_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torc
         P, N, H // G, float(dt_limit[0]), float(dt_limit[1]), *x.stride(), *dt.stride(), *B.stride(), *C.stride(),
         *ssm_states.stride(), *y.stride(),
         CLAMP_DT=tuple(dt_limit) != (0.0, math.inf), BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-        num_warps=4 if BLOCK_P * BLOCK_N >= 2048 else 2)
+        num_warps=4 if BLOCK_P * BLOCK_N >= 2048 else 2, **pdl.launch_kwargs(x.device))
     return y

@@ -1,13 +1,13 @@
 """Triton GPTQ (W4A16 / W8A16) and FP8 weight-only GEMMs against their torch references.
 
 CPU: Triton's interpreter at small shapes, in float32 and float16 (the interpreter mishandles bf16 dots);
-every path is exercised: the one-row fp32 GEMV and both tensor-core kernels, the planes GEMM (2-64 rows) and the
-reshaping one (the one-row half2 GEMV and the planes GEMM's Int4 bf16 / fp16 dequantization are inline PTX: GPU
-only; their gathered inputs are checked on the CPU), split-K (reduced by the last split of
+every path is exercised: the one-row fp32 GEMV and the tensor-core planes GEMM in both orientations (planes to
+16 rows, planes_t to 128; the one-row half2 GEMV and the planes GEMM's Int4 bf16 / fp16 dequantization are inline
+PTX: GPU only; their gathered inputs are checked on the CPU), split-K (reduced by the last split of
 each tile) and not, act-order gather, bias, group sizes 32 / 64 / 128 / one group, and the
-dequantize-then-cuBLAS path. GPU: the Falcon-H1-7B / FalconMamba-7B projection shapes in bf16 at decode
-(1, 16, 32 rows) and prefill (256, 4096 rows), group 128 with act-order, one group, group 32; the planes GEMM
-in bf16 and fp16 at 2-64 rows and at its sweep's tiles; the fp8 tensor-core path.
+dequantize-then-cuBLAS path (from 129 rows). GPU: the Falcon-H1-7B / FalconMamba-7B projection shapes in bf16
+at decode (1, 16, 32 rows) and prefill (256, 4096 rows), group 128 with act-order, one group, group 32; the planes
+GEMMs in bf16 and fp16 at 2-128 rows and at their sweep's tiles; the fp8 tensor-core path.
 Tolerance: max |out - ref| / max |ref| < 1e-4 in fp32, 1e-2 in fp16 / bf16 (one rounding of the output
 and of each dequantized weight; the half2 GEMV rounds x to fp16 and each word's pack products' sum), 3e-2 for
 fp8 tensor cores (activations are quantized to fp8 too).
@@ -72,7 +72,7 @@ def test_gptq_kernel_small(shape, dtype):
     check_gptq(*shape, dtype)
 
 
-@pytest.mark.parametrize("kind", ["gemm", "planes"])
+@pytest.mark.parametrize("kind", ["planes", "planes_t"])
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_gptq_kernel_split_k_and_bias(split_k, kind):
     """Split along K, the last split of each tile sums the partials (kernels/split_k.py): 3 row tiles, and
@@ -88,11 +88,11 @@ def test_gptq_kernel_split_k_and_bias(split_k, kind):
 
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_gptq_kernel_padded_columns(split_k):
-    config = dict(kind="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    config = dict(kind="planes", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=2)
     check_gptq(3, 256, 72, 4, 128, True, torch.float32, config=config, padded_to=128)
-    check_gptq(3, 256, 72, 4, 128, True, torch.float32, config=dict(config, kind="planes"), padded_to=128)
+    check_gptq(3, 256, 72, 4, 128, True, torch.float32, config=dict(config, kind="planes_t"), padded_to=128)
     check_gptq(1, 256, 72, 8, 64, True, torch.float32, padded_to=128)
-    check_gptq(1100, 128, 72, 4, 64, False, torch.float32, padded_to=128)  # dequantize + matmul
+    check_gptq(130, 128, 72, 4, 64, False, torch.float32, padded_to=128)  # dequantize + matmul
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -140,12 +140,30 @@ PLANES_GROUPS = [(128, True), (32, False), (-1, True), (128, False)]  # group_si
 @pytest.mark.parametrize("group_size, act_order", PLANES_GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gptq_planes_kernel_small(M, bits, group_size, act_order, dtype):
-    """The planes GEMM (the default from 2 to 64 rows) under the interpreter: 4 and 8 bits, act-order and not,
-    group 128 (a K tile in one group), 32 (weights scaled before the dots), one group; K = 320 (the last K
-    tile partial), 72 of 128 stored columns, the default split. fp16, not bf16: the interpreter's bf16 dots
-    are wrong (the inline-PTX bf16 / fp16 dequantization runs in the GPU tests)."""
-    assert ql.matmul_config(M, 72, 320, bits, group_size, torch.device(DEVICE))["kind"] == "planes"
+    """The planes GEMMs' defaults (planes to 16 rows, planes_t to 128) under the interpreter: 4 and 8 bits,
+    act-order and not, group 128 (a K tile in one group), 32 (weights scaled before the dots), one group;
+    K = 320 (the last K tile partial), 72 of 128 stored columns, the default split. fp16, not bf16: the
+    interpreter's bf16 dots are wrong (the inline-PTX bf16 / fp16 dequantization runs in the GPU tests)."""
+    assert ql.matmul_config(M, 72, 320, bits, group_size, torch.device(DEVICE))["kind"] == \
+        ("planes" if M <= 16 else "planes_t")
     check_gptq(M, 320, 72, bits, group_size, act_order, dtype, padded_to=128)
+
+
+def planes_t_config(M: int, **tiles) -> dict:
+    """The default planes tiles (BLOCK_M: the rows' power of two, at least 16) as kind planes_t."""
+    return dict(ql.matmul_config(min(M, ql.DEQUANT_MATMUL_MIN_ROWS - 1), 200, 640, 4, 128, torch.device(DEVICE)),
+                kind="planes_t", BLOCK_M=max(16, 1 << (M - 1).bit_length()), **tiles)
+
+
+@pytest.mark.parametrize("M, block_m", [(2, 16), (33, 64), (70, 128), (130, 64)])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size, act_order", PLANES_GROUPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gptq_planes_t_kernel_small(M, block_m, bits, group_size, act_order, dtype):
+    """The transposed planes GEMM (kind planes_t: out^T = W^T @ x^T per plane) under the interpreter: as
+    test_gptq_planes_kernel_small, and past 64 rows (one tile of 128 rows; 3 tiles of 64 along M)."""
+    config = dict(planes_t_config(M), BLOCK_M=block_m, SPLIT_K=2)
+    check_gptq(M, 320, 72, bits, group_size, act_order, dtype, padded_to=128, config=config)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -157,6 +175,7 @@ def test_gptq_dequantize_kernel(bits):
 
 def test_gptq_long_inputs_use_the_dequantized_matmul(monkeypatch):
     monkeypatch.setattr(ql, "DEQUANT_MATMUL_MIN_ROWS", 8)
+    assert ql.matmul_config(9, 64, 128, 4, 32, torch.device(DEVICE)) == dict(kind="dequant")
     check_gptq(9, 128, 64, 4, 32, True, torch.float32)
 
 
@@ -232,14 +251,25 @@ PLANES_GPU_SHAPES = [(3072, 8728), (3072, 3072), (1536, 3072), (4608, 3072), (30
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K, N", PLANES_GPU_SHAPES)
-@pytest.mark.parametrize("M", [2, 17, 32, 64])
+@pytest.mark.parametrize("M", [2, 17, 32, 64, 65, 128])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gptq_planes_kernel_gpu(K, N, M, bits, dtype):
-    """The planes GEMM at the 7B shapes with the default tiles, Int4 through the inline-PTX bf16x2 / f16x2
-    dequantization (group 128, act-order)."""
-    assert ql.matmul_config(M, N, K, bits, 128, torch.device("cuda"))["kind"] == "planes"
+    """The planes GEMMs at the 7B shapes with the default kinds and tiles, Int4 through the inline-PTX bf16x2 /
+    f16x2 dequantization (group 128, act-order)."""
+    assert ql.matmul_config(M, N, K, bits, 128, torch.device("cuda"))["kind"] == ("planes" if M <= 16 else "planes_t")
     check_gptq(M, K, N, bits, 128, True, dtype, padded_to=-(-N // 64) * 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", PLANES_GPU_SHAPES)
+@pytest.mark.parametrize("M", [2, 17, 32, 64, 128, 256])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_planes_t_kernel_gpu(K, N, M, bits):
+    """The transposed planes GEMM at the 7B shapes, default tiles but BLOCK_M (to 128 rows a tile: 256 spill
+    the two fp32 accumulators), bf16, group 128, act-order; Int4 through the inline-PTX dequantization."""
+    check_gptq(M, K, N, bits, 128, True, torch.bfloat16, padded_to=-(-N // 64) * 64,
+               config=dict(planes_t_config(min(M, 128)), SPLIT_K=4))
 
 
 PLANES_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
@@ -253,15 +283,17 @@ PLANES_CONFIGS = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_sta
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size, act_order", PLANES_GROUPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gptq_planes_kernel_gpu_small(config, split_k, bits, group_size, act_order, dtype):
-    """The planes GEMM's sweep tiles at small shapes: K = 640 (the last K tile partial at BLOCK_K 256), 200 of
-    256 stored columns, 37 rows, split or not, each group layout; twice (the split counters reset). Int4 at
-    groups of whole tiles runs the inline-PTX dequantization (bf16 from sm_90)."""
+@pytest.mark.parametrize("kind", ["planes", "planes_t"])
+def test_gptq_planes_kernel_gpu_small(config, split_k, bits, group_size, act_order, dtype, kind):
+    """Both planes GEMMs (kinds planes, planes_t) at the sweep's tiles at small shapes: K = 640 (the last K
+    tile partial at BLOCK_K 256), 200 of 256 stored columns, 37 rows, split or not, each group layout; twice
+    (the split counters reset). Int4 at groups of whole tiles runs the inline-PTX dequantization (bf16 from
+    sm_90)."""
     ptx = bits == 4 and (dtype == torch.float16 or torch.cuda.get_device_capability() >= (9, 0))
     assert ql._ptx_dequant(torch.device("cuda"), dtype, bits) == ptx
     for _ in range(2):
         check_gptq(37, 640, 200, bits, group_size, act_order, dtype, padded_to=256,
-                   config=dict(config, kind="planes", SPLIT_K=split_k))
+                   config=dict(config, kind=kind, SPLIT_K=split_k))
 
 
 @pytest.mark.gpu

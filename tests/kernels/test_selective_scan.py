@@ -118,6 +118,23 @@ def test_varlen_chunked_interpreted(chunk16, lengths, init, slots):
     _check_varlen(lengths, init, slots, CH=24, N=16, dtype=torch.float32)
 
 
+# Tiles of 1, 4 and 8 tokens (the default 8 runs above) against chunks of 16: lengths of no multiple of the tile
+# within and across chunks, remainders on either side of a boundary, empty and padded sequences.
+TILE_LAYOUT = ([3, 21, 0, 7, 35, 1], [True, False, True, True, False, True], [2, 0, 5, PAD, 1, 3])
+
+
+@pytest.mark.parametrize("tile", [1, 4])
+def test_varlen_tiles_interpreted(chunk16, monkeypatch, tile):
+    monkeypatch.setattr(ss, "PREFILL_TILE", tile)
+    _check_varlen(*TILE_LAYOUT, CH=24, N=16, dtype=torch.float32)
+
+
+def test_varlen_tile_past_last_token_interpreted(chunk16):
+    """The last sequence is 1 token, the token axis ending 1 token into its tile (B/C reads past T land in the
+    zero padding); bf16 inputs."""
+    _check_varlen([9, 16, 8, 1], [False, True, True, True], [1, 2, 0, 3], CH=40, N=16, dtype=torch.bfloat16)
+
+
 def test_varlen_chunked_bf16_channel_blocks_interpreted(chunk16):
     """bf16 inputs, N below its block, channels over two blocks (the second one partly masked)."""
     _check_varlen([7, 26, 3], [True, False, True], [2, 0, 1], CH=160, N=12, dtype=torch.bfloat16)
@@ -154,6 +171,14 @@ def test_varlen_gpu(dtype):
 def test_varlen_long_gpu():
     """One 4,096-token sequence (the token axis in several chunks) after a short one, from a saved state."""
     _check_varlen([5, 4096], [False, True], [1, 0], CH=8192, N=16, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[4096], [256] * 16], ids=["4096x1", "16x256"])
+def test_varlen_falcon_mamba_prefill_gpu(lengths):
+    """The two prefill shapes the blockings are tuned at, half the sequences from saved states."""
+    init = [i % 2 == 1 for i in range(len(lengths))]
+    _check_varlen(lengths, init, list(range(len(lengths))), CH=8192, N=16, dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import torch
 
@@ -12,7 +13,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import triton  # noqa: E402
 
 from kernels import ssd_scan  # noqa: E402
 
@@ -37,7 +37,7 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _check(lengths, init, slots, H, P, G, N, chunk, dtype, state_dtype=torch.float32, dt_limit=NO_LIMIT,
-           scan_config=None):
+           launch=None):
     T = sum(lengths)
     num_slots = max(slots) + 2
     # x, B and C as slices of one wider row, like the model's split of the conv output.
@@ -56,7 +56,7 @@ def _check(lengths, init, slots, H, P, G, N, chunk, dtype, state_dtype=torch.flo
     ref_states, out_states = states.clone(), states.clone()
     args = (x, dt, A, B, C, D, dt_bias, dt_limit)
     ref = ssd_scan.ssd_scan_varlen_ref(*args, ref_states, qsl, slots_t, init_t, chunk)
-    out = ssd_scan.ssd_scan_varlen(*args, out_states, qsl, slots_t, init_t, chunk, scan_config=scan_config)
+    out = ssd_scan.ssd_scan_varlen(*args, out_states, qsl, slots_t, init_t, chunk, launch=launch)
     live = torch.cat([torch.full((n,), s >= 0, dtype=torch.bool) for n, s in zip(lengths, slots)]).to(DEVICE)
     tol = 1e-3 if dtype == torch.float32 and state_dtype == torch.float32 else 1e-2
     assert _rel_err(out[live], ref[live]) < tol
@@ -73,6 +73,12 @@ def test_scan_interpreted(lengths, init, slots):
 def test_scan_chunk16_one_group_dt_limit_interpreted():
     _check([33, 2, 16], [True, False, True], [1, 0, 2], H=2, P=16, G=1, N=16, chunk=16, dtype=torch.float32,
            dt_limit=(0.05, 0.8))
+
+
+def test_scan_empty_sequence_interpreted():
+    # A sequence of no tokens keeps its initial state (or gets zeros without one); the walk reads no decay for it.
+    _check([0, 5, 9, 0], [True, True, False, False], [0, 1, 2, 3], H=2, P=16, G=1, N=16, chunk=8,
+           dtype=torch.float32)
 
 
 def test_scan_head_dim_under_a_tile_interpreted():
@@ -127,35 +133,63 @@ def test_scan_cuda_graph():
     assert _rel_err(states, ref_states) < 1e-2
 
 
-def test_scan_several_token_blocks_per_chunk_interpreted(monkeypatch):
+def test_scan_several_token_blocks_per_chunk_interpreted():
     # The GPU tiles split a chunk into several token blocks (chunk 256, 128-token blocks); here chunk 32 in
     # 16-token blocks: the state walk crosses blocks inside a chunk and the scan reads CB in 16-row tiles.
     # Chunks find their sequence reading query_start_loc a block of sequences at a time: 2 here, 32 there.
-    small = ssd_scan.SsdLaunch(state_k=16, cb_m=16, seq_block=2)  # and sequences 2 at a time
-    monkeypatch.setattr(ssd_scan, "_launch", lambda dtype: small)
-    scan = triton.Config(dict(BLOCK_M=16, BLOCK_P=16, BLOCK_K=16, BLOCK_N=16))
+    small = ssd_scan.SsdLaunch(state_k=16, cb_m=16, seq_block=2, scan_m=16, scan_p=16, scan_k=16, scan_n=16)
     _check([70, 33, 5, 32], [True, False, True, True], [1, 3, 0, 2], H=2, P=16, G=1, N=16, chunk=32,
-           dtype=torch.float32, scan_config=scan)
+           dtype=torch.float32, launch=small)
 
 
-def test_scan_fits_candidates_to_the_shape():
-    # Falcon-H1-0.5B's shape: P 64 clips the 128-wide P tiles, so (64, 128, 32, 64, 4, 3) and (64, 64, ...) merge.
-    keys = [(*c.kwargs.values(), c.num_warps, c.num_stages) for c in ssd_scan.scan_configs_for(P=64, N=128, chunk=128)]
-    expected = {(c.kwargs["BLOCK_M"], 64, c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                for c in ssd_scan.SCAN_CONFIGS}
-    assert keys[0] == (64, 64, 32, 64, 4, 2)  # the first candidate stays first
-    assert len(keys) == len(set(keys)) and set(keys) == expected
-    assert len(keys) < len(ssd_scan.SCAN_CONFIGS)
-    assert {c.kwargs["BLOCK_N"] for c in ssd_scan.scan_configs_for(P=8, N=16, chunk=8)} == {16}
+def test_scan_ignores_unwritten_scratch_interpreted(monkeypatch):
+    # The chunk scan reads whole CB rows, entries above the diagonal included, which the CB kernel leaves
+    # unwritten when the scan's row tiles are taller than CB's (32 vs 16 here): scratch filled with NaN must
+    # not reach the output.
+    empty = torch.empty
+
+    def nan_empty(*shape, dtype=None, **kw):
+        t = empty(*shape, dtype=dtype, **kw)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(ssd_scan.torch, "empty", nan_empty)
+    tall = ssd_scan.SsdLaunch(state_k=16, cb_m=16, scan_m=32, scan_p=16, scan_k=16, scan_n=16)
+    _check([70, 5, 32], [True, False, True], [1, 0, 2], H=2, P=16, G=1, N=16, chunk=32, dtype=torch.float32,
+           launch=tall)
 
 
-def _config_id(c) -> str:
-    return "-".join(map(str, (*c.kwargs.values(), c.num_warps, c.num_stages)))
+def test_launch_per_shape():
+    base = ssd_scan.SsdLaunch()
+    for (P, N, chunk, long), fields in ssd_scan.TUNED.items():  # the table's entry, by sequence length
+        T = 4096 if long else 16 * 256
+        assert ssd_scan.ssd_launch(torch.bfloat16, P, N, chunk, T, 1 if long else 16) == replace(base, **fields)
+    assert ssd_scan.ssd_launch(torch.bfloat16, 8, 16, 8, 100, 3) == base  # a shape not in the table
+    # fp32: one launch for every batch, so a sequence's rounding does not depend on its neighbours.
+    assert len({ssd_scan.ssd_launch(torch.float32, 128, 256, 256, T, s) for T, s in [(4096, 1), (4096, 16)]}) == 1
 
 
-@pytest.mark.parametrize("config", ssd_scan.SCAN_CONFIGS, ids=_config_id)
-def test_scan_every_candidate_config_interpreted(config):
-    # Every tiling autotuning may pick, unclipped, at a shape as wide as its widest tiles (P 128, N 128, chunk
-    # 128), so no two candidates run the same tiles; the CB tiles (64) differ from most candidates' rows.
-    _check([140, 9], [True, False], [0, 1], H=1, P=128, G=1, N=128, chunk=128, dtype=torch.float32,
-           scan_config=config)
+def test_candidates_fit_the_shape():
+    # Falcon-H1-0.5B's shape: P 64 clips the 128- and 256-wide P tiles, so candidates merge; the merged go.
+    base = ssd_scan.SsdLaunch()
+    scans = ssd_scan.launch_candidates(base, ssd_scan.SCAN_CANDIDATES, P=64, N=128, chunk=128)
+    assert scans[0] == ssd_scan.launch_candidates(base, [{}], P=64, N=128, chunk=128)[0]  # the defaults, first
+    assert len(set(scans)) == len(scans) < len(ssd_scan.SCAN_CANDIDATES)
+    assert all(c.scan_p <= 64 and c.scan_n <= 128 and c.scan_m <= 128 for c in scans)
+    walks = ssd_scan.launch_candidates(base, ssd_scan.WALK_CANDIDATES, P=8, N=16, chunk=8)
+    assert {(c.state_p, c.state_n, c.state_k) for c in walks} == {(16, 16, 16)}
+
+
+def _launch_id(c: ssd_scan.SsdLaunch) -> str:
+    return (f"scan{c.scan_m}-{c.scan_p}-{c.scan_k}-{c.scan_n}-{c.scan_warps}-{c.scan_stages}"
+            f"_walk{c.state_p}-{c.state_n}-{c.state_k}-{c.state_warps}-{c.state_stages}")
+
+
+# Every candidate the sweep may pick (scan and walk), at a shape as wide as the widest tiles but 256: P 128,
+# N 128, chunk 128 (256-wide P tiles and 256-token walk steps run clipped to 128, merged with their twins).
+WIDE_CANDIDATES = ssd_scan.launch_candidates(ssd_scan.SsdLaunch(), ssd_scan.SCAN_CANDIDATES + ssd_scan.WALK_CANDIDATES,
+                                             P=128, N=128, chunk=128)
+
+
+@pytest.mark.parametrize("launch", WIDE_CANDIDATES, ids=_launch_id)
+def test_scan_every_candidate_interpreted(launch):
+    _check([140, 9], [True, False], [0, 1], H=1, P=128, G=1, N=128, chunk=128, dtype=torch.float32, launch=launch)
