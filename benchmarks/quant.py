@@ -13,9 +13,9 @@ weight-only (Triton) and FP8 as the engine runs it (kernels/fp8_linear.py: weigh
 torch._scaled_mm with activations quantized per row from there). Each timing is a CUDA
 graph of calls that cycle through enough weight copies to miss the 50-60 MB L2, replayed; "achieved" is
 weight bytes (codes, scales and zero points included) per call over the time, against a device-to-device
-copy (bytes read + written, benchmarks/ceilings.py). The sweep tries GPTQ (GEMV, planes and reshaping tl.dot
-kernels) and FP8 weight-only tile configs at 1 / 16 / 32 rows, each checked against the reference, against the
-default heuristic. End to end: decode tok/s at --seqs
+copy (bytes read + written, benchmarks/ceilings.py). The sweep tries GPTQ (GEMVs, the planes GEMM in both
+orientations, dequantize + cuBLAS) and FP8 weight-only tile configs at --sweep-rows rows, each checked against the
+reference, against the default heuristic. End to end: decode tok/s at --seqs
 sequences, a 4k prefill, the weight bytes and how many 4k-context sequences fit. Stops starting new
 measurements after --budget-s.
 """
