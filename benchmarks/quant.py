@@ -3,7 +3,8 @@ then end to end (benchmarks/offline.py's machinery, random weights with the publ
 GPTQ-Int4, GPTQ-Int8 (group 128, act-order) and FP8.
 
     python -m benchmarks.quant --out OUT_DIR [--models falcon-h1-7b falcon-mamba-7b] [--budget-s 420]
-        [--seqs 1 32 256] [--max-num-seqs 256] [--order gemms e2e sweep] [--skip gemms sweep e2e]
+        [--seqs 1 32 256] [--variants bf16 gptq-int4 fp8 gptq-int8] [--max-num-seqs 256]
+        [--order gemms e2e sweep] [--skip gemms sweep e2e]
         [--sweep-rows 1 16 32] [--sweep-formats gptq-int4 ...] [--sweep-kinds planes_t ...] [--check-procs 8]
         [--checked OUT/checked.json]
     (benchmarks/quant_gpu.sh runs issue 13's whole GPU set in one device call)
@@ -283,14 +284,15 @@ def model_dir(name: str, variant: str, root: Path) -> Path:
 
 
 def bench_end_to_end(models: list[str], ceiling: float, deadline: float, root: Path, seqs: list[int],
-                     max_num_seqs: int) -> list[str]:
+                     max_num_seqs: int, variants: list[str]) -> list[str]:
+    """Each model in bf16 (always, first: what the bytes column compares with) and in `variants`."""
     decode = " | ".join(f"decode {n} seq" for n in seqs)
     lines = [f"| model | weights | projections' bytes vs bf16 | {decode} | prefill 4,096 | 4k seqs that fit | "
              "start-up |",
              "|---|---|---|" + "---|" * len(seqs) + "---|---|---|"]
     for name in models:
         bf16_projection_bytes = None
-        for variant in VARIANTS:
+        for variant in dict.fromkeys(["bf16", *variants]):
             if time.perf_counter() > deadline:
                 return lines + ["", "(time budget reached: remaining models not measured)"]
             start = time.perf_counter()
@@ -337,6 +339,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["gemms", "sweep", "e2e"])
     parser.add_argument("--seqs", nargs="+", type=int, default=[1, 32, 256], help="decode batch sizes end to end")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="end to end: the weight formats (bf16 is always measured, first)")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="end to end: the engine's (graphs captured "
                         "up to it; state slots, so it caps '4k seqs that fit')")
     parser.add_argument("--sweep-rows", nargs="+", type=int, default=[1, 16, 32])
@@ -367,7 +371,8 @@ def main() -> None:
             sections += ["## GEMMs at decode shapes", ""] + bench_gemms(args.models, ceiling, deadline) + [""]
         elif part == "e2e":
             with tempfile.TemporaryDirectory() as root:
-                e2e = bench_end_to_end(args.models, ceiling, deadline, Path(root), args.seqs, args.max_num_seqs)
+                e2e = bench_end_to_end(args.models, ceiling, deadline, Path(root), args.seqs, args.max_num_seqs,
+                                       args.variants)
             sections += ["## End to end", ""] + e2e + [""]
         elif part == "check":
             verdicts = check_cases(cases, args.check_procs)
