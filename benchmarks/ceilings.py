@@ -61,7 +61,12 @@ def capture_graph(fn) -> torch.cuda.CUDAGraph:
 
 def graph_replay_seconds(fn, reps: int) -> float:
     """Mean seconds of one replay of a CUDA graph holding fn() (see capture_graph)."""
-    graph = capture_graph(fn)
+    return replay_seconds(capture_graph(fn), reps)
+
+
+def replay_seconds(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """Mean seconds of one of `reps` back-to-back replays of graph, after one untimed replay."""
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):

@@ -36,7 +36,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from benchmarks.ceilings import Ceilings, capture_graph, measure_ceilings, sustained_seconds
+from benchmarks.ceilings import Ceilings, capture_graph, graph_replay_seconds, measure_ceilings, sustained_seconds
 from kernels import selective_scan
 from kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
 from kernels.selective_scan import selective_scan_update, selective_scan_varlen, selective_scan_varlen_ref
@@ -69,26 +69,8 @@ def timed(calls: list[Callable[[], object]], graph_calls: int = 64) -> tuple[flo
         state["i"] += 1
 
     eager = do_bench(next_call, warmup=25, rep=200, return_mode="median") * 1e3
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(graph_calls):
-            next_call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 10
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return eager, start.elapsed_time(end) * 1e3 / (reps * graph_calls)
+    graph_s = graph_replay_seconds(lambda: [next_call() for _ in range(graph_calls)], reps=10)
+    return eager, graph_s * 1e6 / graph_calls
 
 
 def rotations(bytes_per_call: float) -> int:

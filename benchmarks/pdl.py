@@ -27,23 +27,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.ceilings import replay_seconds
 from benchmarks.offline import model_dir
 from engine.config import EngineArgs
 from engine.cuda_graphs import capture_graph
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kernels import pdl
-
-
-def replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    begin.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) / reps
 
 
 def engine_step_ms(engine: LLMEngine, steps: int) -> float:
@@ -77,8 +67,8 @@ def time_both(engine: LLMEngine, on: tuple, off: tuple, reps: int, steps: int) -
     graphs = engine.runner.graphs
     rounds = {"on": [], "off": []}
     for _ in range(2):
-        rounds["on"].append(replay_ms(on[0], reps))
-        rounds["off"].append(replay_ms(off[0], reps))
+        rounds["on"].append(replay_seconds(on[0], reps) * 1e3)
+        rounds["off"].append(replay_seconds(off[0], reps) * 1e3)
     step = {}
     for name, (graph, logits) in {"on": on, "off": off}.items():
         graphs.graphs[1], graphs.logits[1] = graph, logits
