@@ -37,9 +37,13 @@ import triton
 from triton.testing import do_bench
 
 from benchmarks.ceilings import Ceilings, capture_graph, graph_replay_seconds, measure_ceilings, sustained_seconds
-from kernels import selective_scan
 from kernels.conv1d import causal_conv1d_update, causal_conv1d_varlen
-from kernels.selective_scan import selective_scan_update, selective_scan_varlen, selective_scan_varlen_ref
+from kernels.selective_scan import (
+    PrefillBlocking,
+    selective_scan_update,
+    selective_scan_varlen,
+    selective_scan_varlen_ref,
+)
 from kernels.ssd_scan import ssd_scan_varlen
 from kernels.ssm_state_update import ssm_state_update
 
@@ -209,8 +213,9 @@ def graph_median_us(call: Callable[[], object], calls_per_graph: int = 8) -> flo
     return sustained_seconds(graph.replay, calls=5, repeats=9) * 1e6 / calls_per_graph
 
 
-# (PREFILL_TILE, PREFILL_WARPS, PREFILL_CHANNELS_PER_THREAD, PREFILL_CHAINS); the first is the default.
-MAMBA1_BLOCKINGS = [(8, 4, 1, 98304), (4, 4, 1, 98304), (8, 4, 1, 65536), (8, 2, 1, 98304), (2, 4, 2, 131072)]
+# The prefill blockings the sweep times; the first is the default.
+MAMBA1_BLOCKINGS = [PrefillBlocking(), PrefillBlocking(tile=4), PrefillBlocking(chains=65536),
+                    PrefillBlocking(warps=2), PrefillBlocking(tile=2, channels_per_thread=2, chains=131072)]
 
 
 def load_module(path: str):
@@ -235,8 +240,8 @@ def sweep_selective_scan(before_src: str | None) -> str:
         before = load_module(f"{before_src}/kernels/selective_scan.py")
         variants.append(("before (main)", before.selective_scan_varlen))
     for blocking in MAMBA1_BLOCKINGS:
-        variants.append((f"tile {blocking[0]}, {blocking[1]} warps, {blocking[2]} ch/thread, chains {blocking[3]}",
-                         lambda *a, blocking=blocking: run_blocking(blocking, *a)))
+        variants.append((f"tile {blocking.tile}, {blocking.warps} warps, {blocking.channels_per_thread} ch/thread, "
+                         f"chains {blocking.chains}", functools.partial(selective_scan_varlen, blocking=blocking)))
     lines = ["| kernel | size | compile+first call (s) | max rel err y / states | CUDA graph median (us) |",
              "|---|---|---:|---:|---:|"]
     for name, fn in variants:
@@ -255,19 +260,6 @@ def sweep_selective_scan(before_src: str | None) -> str:
                          f"| {us:.1f} |")
             print(lines[-1], flush=True)
     return "\n".join(lines)
-
-
-def run_blocking(blocking: tuple[int, int, int, int], *args) -> torch.Tensor:
-    """selective_scan_varlen with the module's prefill blocking set to `blocking` for this call."""
-    names = ("PREFILL_TILE", "PREFILL_WARPS", "PREFILL_CHANNELS_PER_THREAD", "PREFILL_CHAINS")
-    saved = [getattr(selective_scan, n) for n in names]
-    for n, v in zip(names, blocking):
-        setattr(selective_scan, n, v)
-    try:
-        return selective_scan_varlen(*args)
-    finally:
-        for n, v in zip(names, saved):
-            setattr(selective_scan, n, v)
 
 
 # conv prefill layouts: label -> (conv channels, x's (first column, row width) in the in_proj output; None: contiguous)

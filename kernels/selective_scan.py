@@ -10,6 +10,8 @@ written back. Slots < 0 are skipped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -370,19 +372,30 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
 # Chunk boundaries inside a sequence cost pass-1 work (16 x 256 with 512-token chunks has none).
 # Those were of the per-token loop; the tiled loop keeps that blocking until the sweep
 # (benchmarks/kernels_mamba.py --mamba1-sweep) is run. TILE 8: 168 registers in pass 3, no spills (sm_90 ptxas).
-PREFILL_WARPS = 4
-PREFILL_CHANNELS_PER_THREAD = 1
-PREFILL_CHAINS = 98304  # chunk the token axis until chunks x channels reaches this many independent scans
-PREFILL_MIN_CHUNK = 64
-PREFILL_TILE = 8  # tokens a step of the token loop: the next tile's inputs load while this one is worked
+@dataclass(frozen=True)
+class PrefillBlocking:
+    """How selective_scan_varlen cuts its work (the measured choices above)."""
+    tile: int = 8  # tokens a step of the token loop: the next tile's inputs load while this one is worked
+    warps: int = 4
+    channels_per_thread: int = 1
+    chains: int = 98304  # chunk the token axis until chunks x channels reaches this many independent scans
+    min_chunk: int = 64
+
+    @property
+    def block_c(self) -> int:
+        return self.channels_per_thread * 32 * self.warps
+
+
+PREFILL_BLOCKING = PrefillBlocking()
 SEQ_BLOCK = 64  # sequence starts a step of _count_below: fixed, so no batch size compiles a kernel variant
 
 
 def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                           C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, z: torch.Tensor,
                           ssm_states: torch.Tensor, query_start_loc: torch.Tensor, state_slots: torch.Tensor,
-                          has_initial_state: torch.Tensor) -> torch.Tensor:
-    """Triton version of selective_scan_varlen_ref (same arguments and result; no host sync).
+                          has_initial_state: torch.Tensor, blocking: PrefillBlocking | None = None) -> torch.Tensor:
+    """Triton version of selective_scan_varlen_ref (same arguments and result; no host sync); `blocking`:
+    PREFILL_BLOCKING unless given.
 
     The recurrence is sequential in time, and one sequence alone has only d_inner x N independent scans
     (131K at FalconMamba-7B, one channel's N states a thread: 8K threads, too few for a GPU), so the flat token
@@ -395,7 +408,7 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
       3. per chunk, every sequence segment in it rescanned from its true incoming state, writing y and, where
          the sequence ends, its final state.
     Passes 1 and 2 are skipped when one chunk holds all tokens; pass 1 does nothing for chunks whose last
-    sequence ends in them. Blocking: BLOCK_C channels a program, PREFILL_CHANNELS_PER_THREAD a thread with
+    sequence ends in them. Blocking: BLOCK_C channels a program, blocking.channels_per_thread a thread with
     their N states and A * log2(e) in registers, so the per-channel math (softplus, SiLU) is not replicated,
     the y = h C reduction stays in the thread, and the x/dt/z/y accesses of one token are coalesced across
     the warp; the per-token cost is N exp2 + 4N FMA-pipe ops + ~30 per-channel ops a channel. Memory is only
@@ -404,7 +417,7 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
 
     Where it stands: the per-token loop before this one took ~0.84 ms for 4,096 tokens on an H100 (~0.81 on
     an H200) against ~0.3 ms of exp2 throughput (2 x 16 exp2 per channel-token: passes 1 and 3), latency-bound:
-    every token waited on DRAM. The token loop now works PREFILL_TILE tokens a step with the next tile's
+    every token waited on DRAM. The token loop now works blocking.tile tokens a step with the next tile's
     inputs in flight (sm_90 SASS at the default blocking: ~171 instructions a token in pass 3, no spills);
     predicted from that, not yet measured: 0.35-0.5 ms."""
     T, CH = x.shape
@@ -413,25 +426,26 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     y = torch.empty_like(x)
     if T == 0 or num_seqs == 0:
         return y
-    BLOCK_C = PREFILL_CHANNELS_PER_THREAD * 32 * PREFILL_WARPS
+    blocking = blocking or PREFILL_BLOCKING
+    BLOCK_C, TILE = blocking.block_c, blocking.tile
     fast = x.device.type == "cuda"
     BLOCK_N = triton.next_power_of_2(N)
-    n_chunks = max(1, min(triton.cdiv(PREFILL_CHAINS, CH), triton.cdiv(T, PREFILL_MIN_CHUNK)))
+    n_chunks = max(1, min(triton.cdiv(blocking.chains, CH), triton.cdiv(T, blocking.min_chunk)))
     L = triton.cdiv(triton.cdiv(T, n_chunks), 16) * 16
     n_chunks = triton.cdiv(T, L)
     c_blocks = triton.cdiv(CH, BLOCK_C)
     # B and C are read by every thread for every token: converted once here ([T, N], microseconds), the
     # token loop loads them ready, contiguous (a token's N values at constant offsets from one address), with
-    # PREFILL_TILE zero rows after the last token (a last tile's loads past it need no mask).
-    B, C = (F.pad(v.float(), (0, 0, 0, PREFILL_TILE)) for v in (B, C))
+    # TILE zero rows after the last token (a last tile's loads past it need no mask).
+    B, C = (F.pad(v.float(), (0, 0, 0, TILE)) for v in (B, C))
     if n_chunks > 1:
         hbuf = torch.empty(2, n_chunks, N, CH, device=x.device, dtype=torch.float32)  # hend, hinit
         dsum = torch.empty(n_chunks, CH, device=x.device, dtype=torch.float32)
         _scan_chunk_state_kernel[(n_chunks, c_blocks)](
             x, dt, A, B, dt_bias, query_start_loc, state_slots, hbuf[0], dsum, T, num_seqs, L, CH, N,
             *x.stride(), *dt.stride(), *A.stride(), dt_bias.stride(0), *hbuf[0].stride(), *dsum.stride(),
-            BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=SEQ_BLOCK, TILE=PREFILL_TILE, FAST=fast,
-            num_warps=PREFILL_WARPS)
+            BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=SEQ_BLOCK, TILE=TILE, FAST=fast,
+            num_warps=blocking.warps)
         _scan_chunk_carry_kernel[(num_seqs, triton.cdiv(CH, 128))](
             A, ssm_states, query_start_loc, state_slots, has_initial_state, hbuf[0], hbuf[1], dsum, L, CH, N,
             *A.stride(), *ssm_states.stride(), *hbuf[0].stride(), *dsum.stride(), BLOCK_C=128, BLOCK_N=BLOCK_N,
@@ -443,8 +457,8 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
         x, dt, A, B, C, D, dt_bias, z, ssm_states, query_start_loc, state_slots, has_initial_state, y, hend, hinit,
         T, num_seqs, L, CH, N,
         *x.stride(), *dt.stride(), *A.stride(), *z.stride(), D.stride(0), dt_bias.stride(0), *ssm_states.stride(),
-        *y.stride(), *h_strides, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=SEQ_BLOCK, TILE=PREFILL_TILE, FAST=fast,
-        num_warps=PREFILL_WARPS)
+        *y.stride(), *h_strides, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=SEQ_BLOCK, TILE=TILE, FAST=fast,
+        num_warps=blocking.warps)
     return y
 
 

@@ -3,6 +3,7 @@ interpreted on CPU at small shapes (TRITON_INTERPRET=1), compiled on a GPU at Fa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -108,9 +109,8 @@ def test_varlen_interpreted(lengths, init, slots):
 
 @pytest.fixture
 def chunk16(monkeypatch):
-    """Chunks of 16 tokens whatever the size (normally L keeps chunks x channels near PREFILL_CHAINS)."""
-    monkeypatch.setattr(ss, "PREFILL_MIN_CHUNK", 16)
-    monkeypatch.setattr(ss, "PREFILL_CHAINS", 1 << 30)
+    """Chunks of 16 tokens whatever the size (normally L keeps chunks x channels near blocking.chains)."""
+    monkeypatch.setattr(ss, "PREFILL_BLOCKING", dataclasses.replace(ss.PREFILL_BLOCKING, min_chunk=16, chains=1 << 30))
 
 
 @pytest.mark.parametrize("lengths,init,slots", CHUNKED_LAYOUTS)
@@ -125,7 +125,7 @@ TILE_LAYOUT = ([3, 21, 0, 7, 35, 1], [True, False, True, True, False, True], [2,
 
 @pytest.mark.parametrize("tile", [1, 4])
 def test_varlen_tiles_interpreted(chunk16, monkeypatch, tile):
-    monkeypatch.setattr(ss, "PREFILL_TILE", tile)
+    monkeypatch.setattr(ss, "PREFILL_BLOCKING", dataclasses.replace(ss.PREFILL_BLOCKING, tile=tile))
     _check_varlen(*TILE_LAYOUT, CH=24, N=16, dtype=torch.float32)
 
 
@@ -142,7 +142,7 @@ def test_varlen_chunked_bf16_channel_blocks_interpreted(chunk16):
 
 def test_varlen_chunked_full_blocks_interpreted(chunk16):
     """Channel blocks that tile the channels exactly (the unmasked loads the model shapes take)."""
-    block = ss.PREFILL_CHANNELS_PER_THREAD * 32 * ss.PREFILL_WARPS
+    block = ss.PREFILL_BLOCKING.block_c
     _check_varlen([21, 12], [True, False], [1, 0], CH=block, N=16, dtype=torch.float32)
 
 
