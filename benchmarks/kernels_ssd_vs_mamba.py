@@ -167,28 +167,35 @@ def kernel_times(fn: Callable[[], object], calls: int = 5) -> list[tuple[str, fl
     return sorted(rows, key=lambda r: -r[1])
 
 
-def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs], Callable]], sweep: bool,
-             warm: bool, profile: bool = False, shard: tuple[int, int] = (0, 1)) -> list[list[str]]:
-    torch.manual_seed(0)
-    inp = make_inputs(model, lengths)
-    size = f"{len(lengths)} x {lengths[0]}" if len(lengths) > 1 else f"{lengths[0]}"
-    ref_y, ref_s = reference(inp) if not warm and sum(lengths) <= 8192 else (None, None)
-    outs, rows = {}, []
+class Checker:
+    """Each output's relative error against the fp32 reference and against the first implementation checked."""
 
-    def errors(name: str, y: torch.Tensor, s: torch.Tensor) -> tuple[str, str, bool]:
+    def __init__(self, ref: tuple[torch.Tensor | None, torch.Tensor | None]):
+        self.ref, self.first = ref, None
+
+    def __call__(self, y: torch.Tensor, s: torch.Tensor) -> tuple[str, str, bool]:
         """(vs reference, vs the first implementation, within MAX_ERROR of both)."""
-        checks = [(y, s, ref_y, ref_s), *((y, s, *outs[first]) for first in list(outs)[:1] if first != name)]
+        if self.first is None:
+            self.first = (y.clone(), s.clone())
+            checks = [(y, s, *self.ref)]
+        else:
+            checks = [(y, s, *self.ref), (y, s, *self.first)]
         errs = [(rel(a, ra), rel(b, rb)) if ra is not None else None for a, b, ra, rb in checks]
         text = [f"{e[0]:.1e} / {e[1]:.1e}" if e else "-" for e in errs] + ["-"] * (2 - len(errs))
         return text[0], text[1], all(max(e) < MAX_ERROR for e in errs if e)
 
-    for name, make in impls.items() if shard[0] == 0 else ():
+
+def time_implementations(inp: Inputs, model: str, size: str, impls: dict[str, Callable[[Inputs], Callable]],
+                         check: Checker, warm: bool, profile: bool) -> list[list[str]]:
+    """One row per implementation: its whole call as a CUDA-graph replay, and its errors."""
+    rows = []
+    for name, make in impls.items():
         fn = make(inp)
         y, s = fn()  # compiles / autotunes outside the graph
         torch.cuda.synchronize()
         if warm:
             continue
-        outs[name] = (y.clone(), s.clone())
+        errors = check(y, s)
         us = graph_us(fn)
         if profile:
             for kernel, k_us in kernel_times(fn):
@@ -196,39 +203,54 @@ def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs],
             if name == "mamba_ssm":
                 for line in mamba_configs():
                     print(f"  autotuned {model} {size}: {line}", file=sys.stderr, flush=True)
-        rows.append([model, size, name, f"{us:.1f}", *errors(name, *outs[name])[:2], ""])
+        rows.append([model, size, name, f"{us:.1f}", *errors[:2], ""])
+    return rows
 
+
+def sweep_launches(inp: Inputs, model: str, size: str, lengths: list[int], check: Checker, warm: bool,
+                   shard: tuple[int, int]) -> list[list[str]]:
+    """Every chunk-scan and walk candidate timed alone (this shard's share), then the whole call with the best
+    of each."""
+    H, P, G, N, chunk = MODELS[model]
+    default = ssd_scan.ssd_launch(inp.x.dtype, P, N, chunk, sum(lengths), len(lengths))
+    rows, best = [], {}
+    for kernel, prefix, candidates in (("scan", "scan_", ssd_scan.SCAN_CANDIDATES),
+                                       ("walk", "state_", ssd_scan.WALK_CANDIDATES)):
+        for j, launch in enumerate(ssd_scan.launch_candidates(default, [{}] + candidates, P, N, chunk)):
+            if j % shard[1] != shard[0]:
+                continue
+            name = f"{kernel} {launch_fields(launch, prefix)}" + (" (default)" if j == 0 else "")
+            try:
+                y, s, launches = our_launches(inp, launch)
+                if warm:
+                    continue
+                vs_ref, vs_first, ok = check(y, s)
+                us = graph_us(launches[kernel], rep=10) if ok else math.inf
+            except Exception as e:  # a candidate that does not compile or fit is reported, not fatal
+                rows.append([model, size, name, "failed", type(e).__name__ + ": " + str(e).splitlines()[0][:80],
+                             "", ""])
+                continue
+            rows.append([model, size, name, f"{us:.1f}" if ok else "wrong", vs_ref, vs_first, "kernel alone"])
+            if us < best.get(kernel, (math.inf, None))[0]:
+                best[kernel] = (us, launch)
+    if not warm and len(best) == 2:
+        fields = {**launch_fields(best["scan"][1], "scan_"), **launch_fields(best["walk"][1], "state_")}
+        fn = ours(inp, dataclasses.replace(ssd_scan.SsdLaunch(), **launch_fields(default, "cb_"), **fields))
+        y, s = fn()
+        torch.cuda.synchronize()
+        rows.append([model, size, f"ours best {fields}", f"{graph_us(fn):.1f}", *check(y, s)[:2], ""])
+    return rows
+
+
+def run_case(model: str, lengths: list[int], impls: dict[str, Callable[[Inputs], Callable]], sweep: bool,
+             warm: bool, profile: bool = False, shard: tuple[int, int] = (0, 1)) -> list[list[str]]:
+    torch.manual_seed(0)
+    inp = make_inputs(model, lengths)
+    size = f"{len(lengths)} x {lengths[0]}" if len(lengths) > 1 else f"{lengths[0]}"
+    check = Checker(reference(inp) if not warm and sum(lengths) <= 8192 else (None, None))
+    rows = time_implementations(inp, model, size, impls if shard[0] == 0 else {}, check, warm, profile)
     if sweep:
-        H, P, G, N, chunk = MODELS[model]
-        default = ssd_scan.ssd_launch(inp.x.dtype, P, N, chunk, sum(lengths), len(lengths))
-        best = {}
-        for kernel, prefix, candidates in (("scan", "scan_", ssd_scan.SCAN_CANDIDATES),
-                                           ("walk", "state_", ssd_scan.WALK_CANDIDATES)):
-            for j, launch in enumerate(ssd_scan.launch_candidates(default, [{}] + candidates, P, N, chunk)):
-                if j % shard[1] != shard[0]:
-                    continue
-                name = f"{kernel} {launch_fields(launch, prefix)}" + (" (default)" if j == 0 else "")
-                try:
-                    y, s, launches = our_launches(inp, launch)
-                    if warm:
-                        continue
-                    vs_ref, vs_first, ok = errors(name, y, s)
-                    us = graph_us(launches[kernel], rep=10) if ok else math.inf
-                except Exception as e:  # a candidate that does not compile or fit is reported, not fatal
-                    rows.append([model, size, name, "failed", type(e).__name__ + ": " + str(e).splitlines()[0][:80],
-                                 "", ""])
-                    continue
-                rows.append([model, size, name, f"{us:.1f}" if ok else "wrong", vs_ref, vs_first, "kernel alone"])
-                if us < best.get(kernel, (math.inf, None))[0]:
-                    best[kernel] = (us, launch)
-        if not warm and len(best) == 2:
-            fields = {**launch_fields(best["scan"][1], "scan_"), **launch_fields(best["walk"][1], "state_")}
-            fn = ours(inp, dataclasses.replace(ssd_scan.SsdLaunch(), **launch_fields(default, "cb_"), **fields))
-            y, s = fn()
-            torch.cuda.synchronize()
-            name = f"ours best {fields}"
-            outs[name] = (y.clone(), s.clone())
-            rows.append([model, size, name, f"{graph_us(fn):.1f}", *errors(name, *outs[name])[:2], ""])
+        rows += sweep_launches(inp, model, size, lengths, check, warm, shard)
     times = {r[2]: float(r[3]) for r in rows if r[6] == "" and r[3] not in ("failed", "wrong")}
     if "mamba_ssm" in times:
         for r in rows:
