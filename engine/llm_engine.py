@@ -373,10 +373,10 @@ class LLMEngine:
         self._in_flight = InFlightStep(samplers, sampled)
         return True
 
-    def _complete(self, in_flight: InFlightStep, failed: dict[str, Exception],
-                  request_id: str | None = None) -> list[StepOutput]:
-        """Waits for the in-flight tokens (of request_id's rows only, if given) and reports them as the
-        step that sampled them would have."""
+    def _complete(self, in_flight: InFlightStep, failed: dict[str, Exception], request_id: str | None = None,
+                  defer: bool = False) -> list[StepOutput]:
+        """Waits for the in-flight tokens (of request_id's rows only, if given) and appends them; returns
+        their outputs (defer: as the step that sampled them would have, deferring going-on ones')."""
         try:
             result = in_flight.sampled.result()
         except Exception as e:
@@ -388,15 +388,15 @@ class LLMEngine:
             seq.token_ids.pop()  # its PENDING_TOKEN
             in_flight.seqs[row] = None
             emitted.append((seq, result.token_ids[row], result.logprobs[row]))
-        return self._emit(emitted, failed, defer=False)
+        return self._emit(emitted, failed, defer)
 
     def _complete_request(self, request_id: str) -> list[StepOutput]:
-        """Reports request_id's in-flight tokens now (before an abort)."""
+        """Appends request_id's in-flight tokens now (before an abort, which reports a deferred one)."""
         in_flight = self._in_flight
         if in_flight is None or not any(seq is not None and seq.request_id == request_id for seq in in_flight.seqs):
             return []
         failed: dict[str, Exception] = {}
-        outputs = self._complete(in_flight, failed, request_id)
+        outputs = self._complete(in_flight, failed, request_id, defer=True)
         if all(seq is None for seq in in_flight.seqs):
             self._in_flight = None
         return outputs + self._fail_requests(failed)
