@@ -20,18 +20,19 @@ class SampledTokens:
         """tokens: the previous step's sampled tokens [M] (device); rows[i]: row i's token in them;
         stop_ids[i]: the tokens that end row i's sequence if sampled."""
         self.tokens = tokens
-        width = max(map(len, stop_ids), default=0)
-        # One host-to-device copy: each row's token row, then its stop ids padded with -1 (never a token).
-        table = [[row] + ids + [-1] * (width - len(ids)) for row, ids in zip(rows, stop_ids)]
-        self.table = small_tensor(table, torch.long, tokens.device)
+        n, width = len(rows), max(map(len, stop_ids), default=0)
+        # One host-to-device copy: the rows, then each row's stop ids padded with -1 (never a token).
+        flat = small_tensor(rows + [t for ids in stop_ids for t in ids + [-1] * (width - len(ids))], torch.long,
+                            tokens.device)
+        self.rows, self.stop_ids = flat[:n], flat[n:].view(n, width)
 
     def write_inputs(self, input_ids: torch.Tensor, state_slots: torch.Tensor, slot_mapping: torch.Tensor,
                      seq_lens: torch.Tensor) -> None:
         """Fills the rows' input tokens in place and turns rows whose token ends them into padding."""
-        tokens = self.tokens.index_select(0, self.table[:, 0])
+        tokens = self.tokens.index_select(0, self.rows)
         input_ids.copy_(tokens)
-        if self.table.shape[1] > 1:
-            done = (tokens[:, None] == self.table[:, 1:]).any(1)
+        if self.stop_ids.shape[1]:
+            done = (tokens[:, None] == self.stop_ids).any(1)
             state_slots.masked_fill_(done, PAD_SLOT)
             slot_mapping.masked_fill_(done, -1)
             seq_lens.masked_fill_(done, 0)
