@@ -14,6 +14,7 @@ from engine import LLM, SamplingParams
 from engine.sampled_tokens import SampledTokens
 from kernels import PAD_SLOT
 from tests.test_engine import TEN_PROMPTS, assert_pools_full, greedy
+from tests.test_step_inputs import _graphs
 
 
 def test_sampled_tokens_fill_inputs_and_pad_the_rows_they_end():
@@ -24,6 +25,20 @@ def test_sampled_tokens_fill_inputs_and_pad_the_rows_they_end():
     assert input_ids.tolist() == [9, 7, 2]
     assert state_slots.tolist() == [3, 4, PAD_SLOT]  # row 2's token 2 ends it: padding from here
     assert slot_mapping.tolist() == [40, 41, -1] and seq_lens.tolist() == [8, 9, 0]
+
+
+def test_decode_graphs_read_the_sampled_tokens_and_pad_the_rows_they_end():
+    """What the captured graph reads (a stand-in records it): gathered tokens, the done row as padding,
+    the other rows and the bucket's padding rows as the host staged them."""
+    graphs = _graphs(max_num_seqs=8, block_size=4)
+    sampled = SampledTokens(torch.tensor([50, 2, 60, 70]), rows=[3, 1, 0], stop_ids=[[2], [2, 9], [2]])
+    graphs.run([-1] * 3, [5, 9, 2], [4, 6, 7], [[10, 11], [12, 13, 14], [15]], [PAD_SLOT] * 3, sampled)
+    seen = graphs.graphs[4].seen[-1]
+    assert seen["input_ids"].tolist() == [70, 2, 50, 0]
+    assert seen["state_slots"].tolist() == [4, PAD_SLOT, 7, PAD_SLOT]
+    assert seen["slot_mapping"].tolist() == [11 * 4 + 1, -1, 15 * 4 + 2, -1]
+    assert seen["seq_lens"].tolist() == [6, 0, 3, 0]
+    assert seen["positions"].tolist() == [5, 9, 2, 0]
 
 
 def reference_outputs(h1_dir, prompts, max_tokens, device="cpu"):
