@@ -46,12 +46,13 @@ def check(T: int, q_heads: int, kv_heads: int, head_dim: int, theta: float, max_
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     freqs = inv_freq(head_dim, theta)
     before = qkv.clone()
-    k_out = torch.full_like(k, float("nan"), memory_format=torch.contiguous_format)
-    q_out = rope.rope_write_kv(q, k, v, positions, freqs, k_cache, v_cache, slots, k_out=k_out)
+    kv_out = torch.full((2, *k.shape), float("nan"), dtype=dtype, device=DEVICE)
+    q_out = rope.rope_write_kv(q, k, v, positions, freqs, k_cache, v_cache, slots, kv_out=kv_out)
+    k_out, v_out = kv_out
     q_ref = rope.rope_write_kv_ref(q, k, v, positions, freqs, k_ref, v_ref, slots)
     assert torch.equal(qkv, before), "inputs must be left untouched"
     _, k_rotated = rope.rope_ref(q, k, positions, freqs)
-    assert torch.isfinite(k_out).all(), "every row of k_out, padding included, is written"
+    assert torch.equal(v_out, v), "every row of kv_out, padding included, is written"
     kept = slots >= 0  # attention reads these rows instead of the cache's: they must be the same bits
     assert torch.equal(k_out[kept].to(k_cache.dtype), k_cache.flatten(0, 1)[slots[kept]])
     assert torch.equal(v_cache, v_ref)  # v is copied, untouched slots keep their values
