@@ -324,3 +324,87 @@ def test_decode_cuda_graph():
                                             static["query_start_loc"], static["seq_lens"], static["block_tables"],
                                             head_dim**-0.5, 8, 1, max_model_len)
         assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["0.5B", "7B"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_new_kv_gpu(model: str, dtype: torch.dtype):
+    """The default tile settings (bf16: TMA descriptors, 64- and 128-row blocks by chunk length)."""
+    q_heads, kv_heads, head_dim = MODELS[model]
+    seqs, num_decodes = GPU_SEQS
+    batch = make_batch(seqs, num_decodes, q_heads, kv_heads, head_dim, 16, dtype, seed=8)
+    check_new_kv(batch, 16, tma_readable=True)
+    short = make_batch([(300, 300), (1, 40), (256, 1000), (77, 77)], 0, q_heads, kv_heads, head_dim, 16, dtype, seed=9)
+    check_new_kv(short, 16, tma_readable=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m,block_n,num_warps,num_stages,descriptors",
+                         [(128, 128, 8, 3, True), (128, 64, 8, 3, True), (64, 64, 4, 3, True), (128, 128, 8, 3, False)])
+def test_prefill_new_kv_configs_gpu(monkeypatch, block_m: int, block_n: int, num_warps: int, num_stages: int,
+                                    descriptors: bool):
+    """Tile settings of the sweep at the 0.5B head shape (the sweep itself checks them at 7B's)."""
+    monkeypatch.setattr(attention, "_prefill_config", lambda dtype, max_query_len: dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, DESCRIPTORS=descriptors))
+    q_heads, kv_heads, head_dim = MODELS["0.5B"]
+    seqs, num_decodes = GPU_SEQS
+    check_new_kv(make_batch(seqs, num_decodes, q_heads, kv_heads, head_dim, 16, torch.bfloat16, seed=10), 16, True)
+
+
+@pytest.mark.gpu
+def test_prefill_new_kv_cuda_graph():
+    """A prefill (TMA descriptors over static new_k / new_v) captured once at a bucket's max_query_len, replayed
+    after the lengths, tables and data change, as engine/prefill_graphs.py does."""
+    q_heads, kv_heads, head_dim = MODELS["7B"]
+    block_size, T, width = 16, 2048, 160
+    layouts = ([(1000, 1000), (700, 2500), (300, 300)], [(2048, 2048), (0, 0), (0, 0)])
+    batches = [make_batch(seqs, 0, q_heads, kv_heads, head_dim, block_size, torch.bfloat16, seed=12 + i)
+               for i, seqs in enumerate(layouts)]
+    num_blocks = max(b["k_cache"].shape[0] for b in batches)
+    static = {
+        "q": torch.zeros(T, q_heads, head_dim, device=DEVICE, dtype=torch.bfloat16),
+        "k_cache": torch.zeros(num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16),
+        "v_cache": torch.zeros(num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16),
+        "query_start_loc": torch.zeros(4, dtype=torch.int32, device=DEVICE),
+        "seq_lens": torch.zeros(3, dtype=torch.int32, device=DEVICE),
+        "block_tables": torch.full((3, width), -1, dtype=torch.int32, device=DEVICE),
+        "new_kv": torch.zeros(2, T, kv_heads, head_dim, device=DEVICE, dtype=torch.bfloat16),
+    }
+
+    def load(batch: dict) -> torch.Tensor:
+        """batch into the static buffers; returns the reference output of its rows."""
+        rows = batch["q"].shape[0]
+        static["q"][:rows].copy_(batch["q"])
+        for name in ("k_cache", "v_cache"):
+            static[name][: batch[name].shape[0]].copy_(batch[name])
+        for name in ("query_start_loc", "seq_lens"):
+            static[name].copy_(batch[name])
+        static["block_tables"].fill_(-1)
+        static["block_tables"][:, : batch["block_tables"].shape[1]].copy_(batch["block_tables"])
+        new_k, new_v = new_kv(batch, block_size)
+        static["new_kv"][0, :rows].copy_(new_k)
+        static["new_kv"][1, :rows].copy_(new_v)
+        ref = attention.paged_attention_ref(static["q"], static["k_cache"], static["v_cache"],
+                                            static["query_start_loc"], static["seq_lens"], static["block_tables"],
+                                            head_dim**-0.5)
+        poison_prefill_slots({**static, "num_decodes": 0}, block_size)
+        return ref[:rows]
+
+    def run() -> torch.Tensor:
+        return attention.paged_attention(static["q"], static["k_cache"], static["v_cache"], static["query_start_loc"],
+                                         static["seq_lens"], static["block_tables"], head_dim**-0.5, 0, T,
+                                         width * block_size, new_k=static["new_kv"][0], new_v=static["new_kv"][1])
+
+    load(batches[0])
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for batch in batches:
+        ref = load(batch)
+        graph.replay()
+        rows = ref.shape[0]
+        assert torch.isfinite(out[:rows]).all()
+        assert rel_err(out[:rows], ref) < 1e-2
