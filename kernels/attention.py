@@ -283,7 +283,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, new_k, new_v, out_ptr, quer
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
                     NEW_KV: tl.constexpr, DESCRIPTORS: tl.constexpr):
-    """Program (query block, query head, prefill sequence): BLOCK_M new queries of one head against the
+    """Program (query head, prefill sequence, query block): BLOCK_M new queries of one head against the
     sequence's cached + new keys, with an fp32 online softmax.
 
     Query i of the chunk sits at position ctx + i (ctx = seq_len - n_new tokens were cached before).
@@ -292,11 +292,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, new_k, new_v, out_ptr, quer
     blocks: new key tiles below the block are visible to all its rows, only the BLOCK_M / BLOCK_N tiles of the
     diagonal apply the causal mask. Without NEW_KV every key comes through the block table, tiles aligned to
     positions: those wholly below the block's first position unmasked, the rest up to its last one masked.
-    Query blocks are taken last-first so the longest programs start first.
+    The grid runs heads fastest and query blocks slowest, last-first: programs start longest first across all
+    heads and sequences (their causal work grows with the block index), and the GROUP heads of one KV head run
+    side by side, sharing its K/V tiles in L2.
     """
-    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
-    head = tl.program_id(1)
-    b = num_decodes + tl.program_id(2)
+    head = tl.program_id(0)
+    b = num_decodes + tl.program_id(1)
+    m_block = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + b)
     n_new = tl.load(query_start_loc_ptr + b + 1) - q_start
     if m_block * BLOCK_M >= n_new:
@@ -480,7 +482,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                 new_k, new_v = descriptors
         else:  # unread placeholders
             new_k, new_v, new_strides, descriptors = k_cache, v_cache, (0, 0, 0, 0), None
-        grid = (triton.cdiv(max_query_len, cfg["BLOCK_M"]), num_heads, num_prefills)
+        grid = (num_heads, num_prefills, triton.cdiv(max_query_len, cfg["BLOCK_M"]))
         _prefill_kernel[grid](
             q, k_cache, v_cache, new_k, new_v, out, query_start_loc, seq_lens, block_tables, qk_scale, num_decodes,
             q.stride(0), q.stride(1), *cache_strides, *new_strides, out.stride(0), out.stride(1),
