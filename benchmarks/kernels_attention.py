@@ -121,18 +121,20 @@ def name_of(cfg: dict | None) -> str:
 
 
 # Prefill tile settings the sweep times (bf16; BLOCK_M a multiple of BLOCK_N; DESCRIPTORS: the new keys through
-# TMA). The shared memory (KiB) and registers per thread of each, from its sm_90a compile at the 7B shapes
-# (triton 3.9 on a CPU), in the comments: 227 KiB and 255 registers are the limits.
+# TMA). Shared memory and registers per thread of each from its sm_90a compile at the 7B shapes (triton 3.9 on
+# a CPU, ptxas -v), and the CTAs an H200 SM then holds (228 KiB, 64K registers): no spills unless noted.
 PREFILL_CANDIDATES = [
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=True),  # 225 KiB, 255 regs
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, DESCRIPTORS=True),  # 161 KiB, 255 + 20 B spills
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, DESCRIPTORS=True),  # 129 KiB, 190
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=True),  # 113 KiB, 193
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4, DESCRIPTORS=True),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=False),  # 224 KiB, 255
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=False),  # 112 KiB, 228
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=True),  # 225 KiB, 255 regs: 1 CTA
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, DESCRIPTORS=True),  # 161 KiB, 255 + 20 B spills: 1
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, DESCRIPTORS=True),  # 129 KiB, 191: 1
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, DESCRIPTORS=True),  # 81 KiB, 188: 2
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=True),  # 113 KiB, 193: 2 if it fits
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, DESCRIPTORS=True),  # 65 KiB, 166: 3
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=False),  # 161 KiB, 244: 1
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=False),  # 112 KiB, 228: 2 if it fits
 ]
-PAGES_ONLY_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=False)  # the old default
+# the old default: 81 KiB, 188 regs, 2 CTAs
+PAGES_ONLY_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=False)
 
 # (sequences, new tokens, context) of the prefill cases: every sequence of a case has the same lengths, so SDPA
 # can take the case as one dense batch.

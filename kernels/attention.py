@@ -384,20 +384,21 @@ def _decode_partition(num_decodes: int, kv_heads: int, max_seq_len: int, device:
     return triton.cdiv(max(max_seq_len, 1), partition), partition
 
 
+PREFILL_SHORT_QUERY_LEN = 512  # chunks up to this long take the short-chunk tiles of _prefill_config
+
+
 def _prefill_config(dtype: torch.dtype, max_query_len: int) -> dict:
-    """Tile settings of the prefill kernel (the candidates benchmarks/kernels_attention.py --sweep times).
-    DESCRIPTORS: the new keys through TMA descriptors where possible (_new_kv_descriptors), else pointers.
-    Short chunks take 64-row blocks, for twice the programs; long ones 128 x 128 tiles over two warpgroups, the
-    shape that keeps Hopper's tensor cores fed (each wgmma 64 rows; one group's softmax overlaps the other's
-    dots). fp32 dots run on FMA units: small tiles, no pipelining."""
+    """Tile settings of the prefill kernel (benchmarks/kernels_attention.py --sweep times the candidates; these
+    are predictions from sm_90a compiles, not yet measured). DESCRIPTORS: the new keys through TMA descriptors
+    where possible (_new_kv_descriptors), else pointers. Long chunks: 128 x 128 tiles over two warpgroups (each
+    wgmma 64 rows; one group's softmax can run under the other's dots), 3 stages, one CTA per SM (225 KiB,
+    255 registers). Short chunks: 64 x 64, 2 stages, two CTAs per SM (81 KiB, 188 registers), for programs
+    enough to fill the GPU. fp32 dots run on FMA units: small tiles, no pipelining."""
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, DESCRIPTORS=False)
     if max_query_len <= PREFILL_SHORT_QUERY_LEN:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=True)
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, DESCRIPTORS=True)
-
-
-PREFILL_SHORT_QUERY_LEN = 512
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, DESCRIPTORS=True)
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=True)
 
 
 @functools.cache
