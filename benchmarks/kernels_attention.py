@@ -121,19 +121,19 @@ def name_of(cfg: dict | None) -> str:
 
 
 # Prefill tile settings the sweep times (bf16; BLOCK_M a multiple of BLOCK_N; DESCRIPTORS: the new keys through
-# TMA). Shared memory and registers per thread of each from its sm_90a compile at the 7B shapes (triton 3.9 on
+# TMA). Shared memory and registers per thread of each from its sm_90a compile at the 7B shapes (triton 3.6 on
 # a CPU, ptxas -v), and the CTAs an H200 SM then holds (228 KiB, 64K registers): no spills unless noted.
 PREFILL_CANDIDATES = [
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=True),  # 225 KiB, 255 regs: 1 CTA
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, DESCRIPTORS=True),  # 161 KiB, 255 + 20 B spills: 1
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, DESCRIPTORS=True),  # 161 KiB, 255 regs: 1 CTA
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=True),  # 225 KiB, 255 + 20 B spills: 1
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, DESCRIPTORS=True),  # 129 KiB, 191: 1
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, DESCRIPTORS=True),  # 81 KiB, 188: 2
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=True),  # 113 KiB, 193: 2 if it fits
-    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, DESCRIPTORS=True),  # 65 KiB, 166: 3
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=False),  # 161 KiB, 244: 1
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=False),  # 112 KiB, 228: 2 if it fits
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, DESCRIPTORS=True),  # 81 KiB, 195: 2
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=True),  # 113 KiB, 194: 2 if it fits
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, DESCRIPTORS=True),  # 65 KiB, 148: 3
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=False),  # 224 KiB, 255 + 144 B spills: 1
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=False),  # 112 KiB, 250: 2 if it fits
 ]
-# the old default: 81 KiB, 188 regs, 2 CTAs
+# the old default, every key through the pages: 81 KiB, 204 regs, 2 CTAs
 PAGES_ONLY_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=False)
 
 # (sequences, new tokens, context) of the prefill cases: every sequence of a case has the same lengths, so SDPA

@@ -292,9 +292,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, new_k, new_v, out_ptr, quer
     blocks: new key tiles below the block are visible to all its rows, only the BLOCK_M / BLOCK_N tiles of the
     diagonal apply the causal mask. Without NEW_KV every key comes through the block table, tiles aligned to
     positions: those wholly below the block's first position unmasked, the rest up to its last one masked.
-    The grid runs heads fastest and query blocks slowest, last-first: programs start longest first across all
-    heads and sequences (their causal work grows with the block index), and the GROUP heads of one KV head run
-    side by side, sharing its K/V tiles in L2.
+    The grid runs heads fastest and query blocks slowest, last-first: the programs of the last blocks, whose
+    causal work is the largest, start first across all heads and sequences (before, only within one head), and
+    the GROUP heads of one KV head run side by side, sharing its K/V tiles in L2.
     """
     head = tl.program_id(0)
     b = num_decodes + tl.program_id(1)
@@ -389,16 +389,16 @@ PREFILL_SHORT_QUERY_LEN = 512  # chunks up to this long take the short-chunk til
 
 def _prefill_config(dtype: torch.dtype, max_query_len: int) -> dict:
     """Tile settings of the prefill kernel (benchmarks/kernels_attention.py --sweep times the candidates; these
-    are predictions from sm_90a compiles, not yet measured). DESCRIPTORS: the new keys through TMA descriptors
-    where possible (_new_kv_descriptors), else pointers. Long chunks: 128 x 128 tiles over two warpgroups (each
-    wgmma 64 rows; one group's softmax can run under the other's dots), 3 stages, one CTA per SM (225 KiB,
-    255 registers). Short chunks: 64 x 64, 2 stages, two CTAs per SM (81 KiB, 188 registers), for programs
-    enough to fill the GPU. fp32 dots run on FMA units: small tiles, no pipelining."""
+    are predictions from sm_90a compiles under triton 3.6, not yet measured). DESCRIPTORS: the new keys through
+    TMA descriptors where possible (_new_kv_descriptors), else pointers. Long chunks: 128 x 128 tiles over two
+    warpgroups (each wgmma 64 rows; one group's softmax can run under the other's dots), 2 stages (3 spill),
+    one CTA per SM (161 KiB, 255 registers). Short chunks: 64 x 64, 2 stages, two CTAs per SM (81 KiB, 195
+    registers), for programs enough to fill the GPU. fp32 dots run on FMA units: small tiles, no pipelining."""
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, DESCRIPTORS=False)
     if max_query_len <= PREFILL_SHORT_QUERY_LEN:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, DESCRIPTORS=True)
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=True)
+    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, DESCRIPTORS=True)
 
 
 @functools.cache
