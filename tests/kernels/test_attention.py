@@ -149,8 +149,8 @@ def test_write_then_attend():
 
 
 def new_kv(batch: dict, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every token's K / V [T, Hkv, D] copied from its cache slot, laid out as the model hands them over: k
-    contiguous (rope's k_out), v a view into wider rows (the fused projection's output)."""
+    """Every token's K / V [T, Hkv, D] copied from its cache slot: k contiguous, v a view into wider rows (the
+    kernel takes either; the model passes the two contiguous halves of rope_write_kv's kv_out)."""
     seqs = list(zip((batch["query_start_loc"][1:] - batch["query_start_loc"][:-1]).tolist(),
                     batch["seq_lens"].tolist()))
     slots = slot_mapping(batch, seqs, block_size)
