@@ -157,7 +157,8 @@ def bench_model(name: str, root: Path, ceilings: Ceilings, batch_sizes: list[int
     engine = LLMEngine(args)
     rows = [(name, "start-up (load + plan + graph capture)", f"{time.perf_counter() - start:.1f} s", "", "")]
     bench_decode(engine, min(batch_sizes), steps=4)  # compile kernels before timing
-    bench_prefill(engine, 1024)
+    for tokens in [1024, *prefill_lens]:  # a length's first prefill may compile kernel variants of its own
+        bench_prefill(engine, tokens)
     for n in batch_sizes:
         if n > max_num_seqs:
             continue

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: whole engine step vs CUDA-graph replay vs kernels inside it.
 
-    python benchmarks/profile_decode.py --model falcon-h1-7b --batch 1
+    python -m benchmarks.profile_decode --model falcon-h1-7b --batch 1 [--weights gptq-int4]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.offline import model_dir
+from benchmarks.quant import VARIANTS, model_dir
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -24,10 +24,13 @@ def main() -> None:
     parser.add_argument("--model", default="falcon-h1-7b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--weights", default="bf16", choices=list(VARIANTS), help="weight format (dummy weights)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        engine = LLMEngine(EngineArgs(model=str(model_dir(args.model, Path(root))), device="cuda", dtype="bfloat16",
-                                      load_format="dummy", max_model_len=4096, max_num_seqs=max(args.batch, 8)))
+        engine = LLMEngine(EngineArgs(model=str(model_dir(args.model, args.weights, Path(root))), device="cuda",
+                                      dtype="bfloat16", load_format="dummy", max_model_len=4096,
+                                      max_num_seqs=max(args.batch, 8),
+                                      quantization="fp8" if args.weights == "fp8" else None))
     params = SamplingParams(max_tokens=10 * args.steps, temperature=0, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request(str(i), list(range(5, 133)), params)
@@ -49,8 +52,8 @@ def main() -> None:
     end.record()
     torch.cuda.synchronize()
     replay_ms = begin.elapsed_time(end) / args.steps
-    print(f"{args.model} batch {args.batch}: engine step {step_ms:.2f} ms, graph replay {replay_ms:.2f} ms, "
-          f"host/sampling overhead {step_ms - replay_ms:.2f} ms")
+    print(f"{args.model} {args.weights} batch {args.batch}: engine step {step_ms:.2f} ms, "
+          f"graph replay {replay_ms:.2f} ms, host/sampling overhead {step_ms - replay_ms:.2f} ms")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             graphs.graphs[bucket].replay()

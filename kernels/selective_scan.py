@@ -230,7 +230,10 @@ def _count_below(qsl_ptr, NSEQ, v_lo, v_hi, BLOCK_S: tl.constexpr):
 
 # Strides of the channel axis are not specialized (a stride of 1 would let Triton vectorize those loads two
 # channels a thread, a layout that the [N, channel] arithmetic does not have: shared-memory shuffles per token).
-@triton.jit(do_not_specialize=["stride_xc", "stride_dtc", "stride_dtb", "stride_hc", "stride_dc"])
+# Neither are the token and sequence counts: each variant of these kernels compiles for ~27 s on an H200, and
+# Triton would compile one for T or NSEQ equal to 1 or divisible by 16 (a stall of every request the first
+# time a batch of such a shape comes).
+@triton.jit(do_not_specialize=["T", "NSEQ", "stride_xc", "stride_dtc", "stride_dtb", "stride_hc", "stride_dc"])
 def _scan_chunk_state_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, qsl_ptr, slots_ptr, hend_ptr, dsum_ptr,
                              T, NSEQ, L, CH: tl.constexpr, N: tl.constexpr,
                              stride_xt, stride_xc, stride_dtt, stride_dtc, stride_Ac, stride_An,
@@ -300,8 +303,8 @@ def _scan_chunk_carry_kernel(A_ptr, states_ptr, qsl_ptr, slots_ptr, init_ptr, he
         _store_rows(h_base, stride_hn, h, n2, c_ok, N)
 
 
-@triton.jit(do_not_specialize=["stride_xc", "stride_dtc", "stride_zc", "stride_yc", "stride_D", "stride_dtb",
-                               "stride_hc"])
+@triton.jit(do_not_specialize=["T", "NSEQ", "stride_xc", "stride_dtc", "stride_zc", "stride_yc", "stride_D",
+                               "stride_dtb", "stride_hc"])
 def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_ptr, states_ptr,
                               qsl_ptr, slots_ptr, init_ptr, y_ptr, hend_ptr, hinit_ptr, T, NSEQ, L,
                               CH: tl.constexpr, N: tl.constexpr,
@@ -372,6 +375,7 @@ PREFILL_CHANNELS_PER_THREAD = 1
 PREFILL_CHAINS = 98304  # chunk the token axis until chunks x channels reaches this many independent scans
 PREFILL_MIN_CHUNK = 64
 PREFILL_TILE = 8  # tokens a step of the token loop: the next tile's inputs load while this one is worked
+SEQ_BLOCK = 64  # sequence starts a step of _count_below: fixed, so no batch size compiles a kernel variant
 
 
 def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -412,7 +416,6 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
     BLOCK_C = PREFILL_CHANNELS_PER_THREAD * 32 * PREFILL_WARPS
     fast = x.device.type == "cuda"
     BLOCK_N = triton.next_power_of_2(N)
-    BLOCK_S = min(1024, triton.next_power_of_2(num_seqs))
     n_chunks = max(1, min(triton.cdiv(PREFILL_CHAINS, CH), triton.cdiv(T, PREFILL_MIN_CHUNK)))
     L = triton.cdiv(triton.cdiv(T, n_chunks), 16) * 16
     n_chunks = triton.cdiv(T, L)
@@ -427,7 +430,7 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
         _scan_chunk_state_kernel[(n_chunks, c_blocks)](
             x, dt, A, B, dt_bias, query_start_loc, state_slots, hbuf[0], dsum, T, num_seqs, L, CH, N,
             *x.stride(), *dt.stride(), *A.stride(), dt_bias.stride(0), *hbuf[0].stride(), *dsum.stride(),
-            BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, TILE=PREFILL_TILE, FAST=fast,
+            BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=SEQ_BLOCK, TILE=PREFILL_TILE, FAST=fast,
             num_warps=PREFILL_WARPS)
         _scan_chunk_carry_kernel[(num_seqs, triton.cdiv(CH, 128))](
             A, ssm_states, query_start_loc, state_slots, has_initial_state, hbuf[0], hbuf[1], dsum, L, CH, N,
@@ -440,7 +443,7 @@ def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
         x, dt, A, B, C, D, dt_bias, z, ssm_states, query_start_loc, state_slots, has_initial_state, y, hend, hinit,
         T, num_seqs, L, CH, N,
         *x.stride(), *dt.stride(), *A.stride(), *z.stride(), D.stride(0), dt_bias.stride(0), *ssm_states.stride(),
-        *y.stride(), *h_strides, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S, TILE=PREFILL_TILE, FAST=fast,
+        *y.stride(), *h_strides, BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N, BLOCK_S=SEQ_BLOCK, TILE=PREFILL_TILE, FAST=fast,
         num_warps=PREFILL_WARPS)
     return y
 

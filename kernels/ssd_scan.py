@@ -320,15 +320,17 @@ class SsdLaunch:
 # P 128 / N 256 / chunk 128 for 16 x 256 (213.0 vs 234.5 us). Session 9's sweep at P 128 / N 256 / chunk 256:
 # 32-wide walk N tiles at 3 stages for long sequences, 128-wide walk P tiles for 16 x 256; after the chunk scan's
 # whole-row CB loads (ssd2), 3 scan stages at P 64 and P 128 (whole call against mamba_ssm: 0.5B 4,096 1.17x,
-# 16 x 256 1.40x; 7B 4,096 1.15x, 16 x 256 1.15x, 32,768 1.20x; 2 stages 1.05-1.36x).
+# 16 x 256 1.40x; 7B 4,096 1.15x, 16 x 256 1.15x, 32,768 1.20x; 2 stages 1.05-1.36x). Session 10's sweep at the
+# 34B shape (P 128 / N 256 / chunk 128): 3 scan stages, the walk without its minimum program count (4,096 tokens
+# 1.43x mamba_ssm, 16 x 256 1.39x; the previous entries 1.31x at both).
 LONG_SEQUENCE = 1024
 TUNED: dict[tuple[int, int, int, bool], dict[str, int]] = {
     (64, 128, 128, True): dict(scan_stages=3, state_stages=3),
     (64, 128, 128, False): dict(scan_stages=3, state_min_programs=0),
     (128, 256, 256, True): dict(scan_stages=3, state_n=32, state_stages=3, state_min_programs=0),
     (128, 256, 256, False): dict(scan_stages=3, state_p=128, state_min_programs=0),
-    (128, 256, 128, True): dict(),
-    (128, 256, 128, False): dict(state_p=128),
+    (128, 256, 128, True): dict(scan_stages=3, state_min_programs=0),
+    (128, 256, 128, False): dict(scan_stages=3, state_p=128, state_min_programs=0),
 }
 
 

@@ -209,6 +209,28 @@ def test_varlen_cuda_graph():
     assert _rel_err(states, ref_states) < 1e-2
 
 
+def _compiled_variants(kernel) -> int:
+    """How many specializations of a Triton kernel this process compiled for the current GPU."""
+    device = torch.cuda.current_device()
+    if hasattr(kernel, "device_caches"):  # triton >= 3.2
+        return len(kernel.device_caches[device][0])
+    return len(kernel.cache[device])
+
+
+@pytest.mark.gpu
+def test_varlen_batch_shapes_compile_no_new_variants():
+    """A variant of the prefill kernels compiles for ~27 s: once compiled for the model, no batch's token or
+    sequence count (1, a multiple of 16, a power of two or not) may compile another one."""
+    kernels = (ss._scan_chunk_state_kernel, ss._scan_chunk_output_kernel)
+    batches = [[5, 4096], [1], [16], [256] * 16, [7, 300, 1], [3] * 37, [64] * 64]
+    _check_varlen(batches[0], [False, True], [1, 0], CH=8192, N=16, dtype=torch.bfloat16)
+    compiled = [_compiled_variants(k) for k in kernels]
+    for lengths in batches[1:]:
+        _check_varlen(lengths, [i % 2 == 0 for i in range(len(lengths))], list(range(len(lengths))),
+                      CH=8192, N=16, dtype=torch.bfloat16)
+    assert [_compiled_variants(k) for k in kernels] == compiled
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
                                                (torch.bfloat16, torch.bfloat16)])
