@@ -34,7 +34,7 @@ import triton.language as tl
 from kernels import pdl
 from kernels.activation import load_x
 from kernels.pdl import wait_for_predecessor
-from kernels.split_k import split_k_launch, store_split_tile
+from kernels.split_k import split_for, split_k_launch, store_split_tile
 
 X_HEADROOM = tl.constexpr(4)  # x also scaled by 1 / 4: a 4-row tile's fp16 sum as far from 65504 as 1 row's
 
@@ -269,6 +269,21 @@ def _gptq_gemv_half2_kernel(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, p
     acc += _half2_sum(_half2_tile_sum(words, zero, x2, BITS, PTX), PTX) * scale
     y = tl.sum(acc, axis=1) * ((1 << BITS) * X_HEADROOM)  # [1, BLOCK_N]
     store_split_tile(y, b_ptr, out_ptr, part_ptr, count_ptr, tl.arange(0, 1), offs_n, M, N, SPLIT_K, HAS_BIAS, SPLIT)
+
+
+def half2_config(N: int, K: int, bits: int, group_size: int, device: torch.device, warps_n: int = 2,
+                 warps_k: int = 1, rows: int = 4, waves: float = 8) -> dict:
+    """The half2 GEMV's tiles: BLOCK_N = 128 x warps_n, `rows` word rows a warp along K (halved until the tile
+    divides K and the group), split along K for ~waves programs an SM. Defaults (predicted from sm_90 SASS, not
+    yet timed): 2 warps of 4 rows, 128 registers, so 8 programs (16 warps) an SM fit at once and the ~8
+    programs an SM of the split are one wave; Int8 the same rows (16 words a thread and tile, as Int4)."""
+    pack = 32 // bits
+    block_k = rows * warps_k * pack
+    while block_k > pack * warps_k and (K % block_k or (group_size < K and group_size % block_k)):
+        block_k //= 2
+    block_n = 128 * warps_n
+    return dict(kind="gemv_half2", BLOCK_N=block_n, BLOCK_K=block_k, WARPS_K=warps_k, num_warps=warps_n * warps_k,
+                num_stages=1, SPLIT_K=split_for(triton.cdiv(N, block_n), K, block_k, waves, device))
 
 
 def gptq_gemv_half2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from kernels.activation import load_x
-from kernels.gptq_gemv import gptq_gemv_half2
+from kernels.gptq_gemv import gptq_gemv_half2, half2_config
 from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
@@ -392,15 +392,16 @@ def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: to
     if M >= DEQUANT_MATMUL_MIN_ROWS:
         return dict(kind="dequant")
     if M == 1:
+        # the half2 GEMV rounds x to fp16: on CUDA (where it is inline PTX) only; the interpreter and float32
+        # models on the CPU keep the fp32 GEMV
+        if device.type == "cuda" and K * N >= HALF2_MIN_WEIGHTS:
+            return half2_config(N, K, bits, group_size, device)
         wide = N >= 8192
         bn, bk, warps, waves = (64, 128, 4, 4) if bits == 8 and wide else (64, 128, 2, 8 if wide else 4)
         while not _tile_in_group(bk, group_size, K):
             bk //= 2
         split = split_for(triton.cdiv(N, bn), K, bk, waves, device)
-        # half2 math is inline PTX: CUDA only (Triton's interpreter runs the fp32 GEMV)
-        half2 = device.type == "cuda" and K * N >= HALF2_MIN_WEIGHTS
-        return dict(kind="gemv_half2" if half2 else "gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
-                    num_stages=1)
+        return dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=1)
     if M <= 16:  # a plane's dot needs 16 word rows: BLOCK_K 128 (Int4) / 64 (Int8) at least
         kind, bm, bn, bk, warps, stages = "planes", 16, 64, 128, 4, 3
     elif M <= 64:
