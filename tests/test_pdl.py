@@ -87,7 +87,7 @@ def chain_inputs(dtype: torch.dtype, device: str = "cuda") -> dict:
         query_start_loc=torch.tensor([0, 1], **i32), gate_w=randn(d, scale=0.1) + 1)
 
 
-HALF2_CONFIG = dict(kind="gemv_half2", BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=2, num_stages=1)
+HALF2_CONFIG = dict(kind="gemv_half2", BLOCK_N=256, BLOCK_K=32, WARPS_K=1, SPLIT_K=4, num_warps=2, num_stages=1)
 
 
 def decode_chain(p: dict, layers: int = 3) -> tuple[torch.Tensor, ...]:
