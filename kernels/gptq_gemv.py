@@ -4,8 +4,10 @@ the weight layout; gptq_linear_ref there is what it computes): y = x @ dequantiz
 Decoding one sequence streams the weights, and an Int4 weight is half a byte: at the H200's ~16 bytes a cycle
 and SM, keeping up with memory takes ~32 weights a cycle and SM, so the instructions per weight, not the bytes,
 bound the kernel (the SM issues 4 warp instructions a cycle, 128 thread instructions). Per weight here:
-- x is gathered by perm once per call, in a small launch (gather_x_half2), into fp16 pairs scaled by
-  2^-(bits + 2 + position), so that the GEMV reads each pair as one 32-bit operand;
+- x is gathered by perm into fp16 pairs scaled by 2^-(bits + 2 + position) (gather_x_half2_ref), so that the
+  loop reads each pair as one 32-bit operand: in the GEMV's launch, each split's share by its programs into a
+  scratch row that they all write alike, then read back after a barrier (a separate gather launch cost
+  more than the whole product at small weights);
 - a pair of codes becomes fp16 by one lop3 onto 1024 (0x6400: the ulp there is 1, so 1024 | q reads as
   1024 + q), then one sub.f16x2 of 1024 + z and one fma.rn.f16x2 with the x pair: 1.5 instructions a weight,
   plus one shift a word (Int4: the upper two codes of each half);
@@ -31,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl
 from kernels.activation import load_x
 from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
@@ -60,41 +61,31 @@ def gather_x_half2_ref(x: torch.Tensor, perm: torch.Tensor | None, bits: int) ->
 
 
 @triton.jit
-def _gather_x_half2_kernel(x_ptr, perm_ptr, out_ptr, K, BITS: tl.constexpr, HAS_PERM: tl.constexpr,
-                           SILU_MUL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    """gather_x_half2_ref for BLOCK words of the output (SILU_MUL: of SiLU(gate) * up, x the [gate | up] row)."""
+def _pair_channels(perm_ptr, i, mask, BITS: tl.constexpr, HAS_PERM: tl.constexpr):
+    """The x channels (low, high) of gather_x_half2_ref's words i: perm's (a weight: read before the wait)."""
     HALF_PACK: tl.constexpr = 16 // BITS
-    SCALE: tl.constexpr = 1.0 / ((1 << BITS) * X_HEADROOM)
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    p = i % HALF_PACK
-    k_lo = (i // HALF_PACK) * (2 * HALF_PACK) + p
-    mask = k_lo < K
-    if BITS == 4:  # half2_pair_shift: odd pairs sit at position 4
-        factor = tl.where(p % 2 == 1, SCALE / 16, SCALE)
-    else:
-        factor = SCALE
+    k_lo = (i // HALF_PACK) * (2 * HALF_PACK) + i % HALF_PACK
     k_hi = k_lo + HALF_PACK
-    if HAS_PERM:  # perm is a weight: read before the wait (kernels/pdl.py)
+    if HAS_PERM:
         k_lo = tl.load(perm_ptr + k_lo, mask=mask, other=0)
         k_hi = tl.load(perm_ptr + k_hi, mask=mask, other=0)
-    wait_for_predecessor(USE_PDL)
+    return k_lo, k_hi
+
+
+@triton.jit
+def _pair_words(x_ptr, k_lo, k_hi, i, mask, K, BITS: tl.constexpr, SILU_MUL: tl.constexpr):
+    """gather_x_half2_ref's words i from x's channels k_lo / k_hi (SILU_MUL: of SiLU(gate) * up, x the [gate | up]
+    row, kernels/activation.py load_x)."""
+    SCALE: tl.constexpr = 1.0 / ((1 << BITS) * X_HEADROOM)
+    if BITS == 4:  # half2_pair_shift: odd pairs sit at position 4
+        factor = tl.where(i % 2 == 1, SCALE / 16, SCALE)
+    else:
+        factor = SCALE
     lo = load_x(x_ptr + k_lo, mask, K, SILU_MUL).to(tl.float32)
     hi = load_x(x_ptr + k_hi, mask, K, SILU_MUL).to(tl.float32)
     lo = (lo * factor).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     hi = (hi * factor).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-    tl.store(out_ptr + i, lo | (hi << 16), mask=mask)
-
-
-def gather_x_half2(x: torch.Tensor, perm: torch.Tensor | None, bits: int, silu_mul: bool = False) -> torch.Tensor:
-    """Triton version of gather_x_half2_ref: one launch. silu_mul: x is the row [1, 2K] = [gate | up] (contiguous),
-    gathered as SiLU(gate) * up: gather_x_half2_ref(silu_mul_ref(gate, up), perm, bits)."""
-    K = x.shape[1] // 2 if silu_mul else x.shape[1]
-    out = torch.empty(K // 2, device=x.device, dtype=torch.int32)
-    block = 1024
-    _gather_x_half2_kernel[(triton.cdiv(K // 2, block),)](x, perm if perm is not None else x, out, K, BITS=bits,
-                                                           HAS_PERM=perm is not None, SILU_MUL=silu_mul, BLOCK=block,
-                                                           **pdl.launch_kwargs(x.device))
-    return out
+    return lo | (hi << 16)
 
 
 @triton.jit
@@ -238,25 +229,51 @@ def _half2_tile_sum(words, zero, x2, BITS: tl.constexpr, PTX: tl.constexpr):
 
 
 @triton.jit
-def _gptq_gemv_half2_kernel(xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
-                            stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                            BITS: tl.constexpr, GROUP: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, WARPS_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """One row: x (gathered: gather_x_half2_ref) times BLOCK_N columns of W^T over this split's K tiles (K_TILES,
-    fewer in the last split; K a multiple of BLOCK_K, and each tile in one group). WARPS_K warps split each
-    tile's rows (their sums added once, at the end, through shared memory), the others its columns (BLOCK_N =
-    128 x those: 4 columns a thread). Each tile's fp16 sum per column and warp (_half2_tile_sum) is widened and
-    scaled once. The next tile's loads are issued before this tile's arithmetic, the first tile's weights
-    before waiting on the kernel that wrote x (kernels/pdl.py).
-    stride_xm: unused (the packed x is one row), in split_k_launch's common signature."""
+def _gather_split_x(x_ptr, perm_ptr, xh_ptr, K, first, count, k_lo, k_hi, BITS: tl.constexpr,
+                    HAS_PERM: tl.constexpr, SILU_MUL: tl.constexpr, GATHER: tl.constexpr):
+    """xh's words [first, first + count) (gather_x_half2_ref), GATHER at a time; k_lo / k_hi: the first GATHER
+    words' channels (_pair_channels, loaded before the wait), each next GATHER's loaded as these are written.
+    Then a barrier: the program's threads read each other's words."""
+    for c in range(0, count, GATHER):
+        i = first + c + tl.arange(0, GATHER)
+        mask = c + tl.arange(0, GATHER) < count
+        words = _pair_words(x_ptr, k_lo, k_hi, i, mask, K, BITS, SILU_MUL)
+        next_mask = c + GATHER + tl.arange(0, GATHER) < count
+        k_lo, k_hi = _pair_channels(perm_ptr, i + GATHER, next_mask, BITS, HAS_PERM)
+        tl.store(xh_ptr + i, words, mask=mask)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _gptq_gemv_half2_kernel(x_ptr, perm_ptr, xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr,
+                            M, N, K, stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
+                            SILU_MUL: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, WARPS_K: tl.constexpr, GATHER: tl.constexpr,
+                            USE_PDL: tl.constexpr):
+    """One row: x times BLOCK_N columns of W^T over this split's K tiles (K_TILES, fewer in the last split; K
+    a multiple of BLOCK_K, and each tile in one group). x (SILU_MUL: SiLU(gate) * up of the [gate | up] row) is
+    gathered by perm and paired first (gather_x_half2_ref's words, the split's share) into xh, the scratch of
+    the whole row: every program of the split writes the same words (so any of them may be read), then
+    reads its threads' back, in the words' layout (no separate gather launch). WARPS_K warps split each tile's
+    rows (their sums added once, at the end, through shared memory), the others its columns (BLOCK_N = 128 x
+    those: 4 columns a thread). Each tile's fp16 sum per column and warp (_half2_tile_sum) is widened and
+    scaled once. The next tile's loads are issued before this tile's arithmetic, the first tile's weights and
+    perm before waiting on the kernel that wrote x (kernels/pdl.py).
+    stride_xm: unused (x is one row), in split_k_launch's common signature."""
+    PAIRS: tl.constexpr = BLOCK_K // 2  # xh's words a K tile
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # past the stored columns (N_W, a multiple of 4): the last 4 again, not stored; runs of 4 stay 16-byte loads
     cols = tl.max_contiguous(tl.multiple_of(tl.minimum(offs_n, N_W - 4 + offs_n % 4), 4), 4)[None, None, :]
     tile = tl.program_id(2) * K_TILES
     n_tiles = tl.minimum(K_TILES, K // BLOCK_K - tile)
     words, scale, zero = _half2_weights(qw_ptr, s_ptr, z_ptr, N_W, tile, cols, BITS, GROUP, BLOCK_K, WARPS_K)
+    k_lo, k_hi = _pair_channels(perm_ptr, tile * PAIRS + tl.arange(0, GATHER), tl.arange(0, GATHER) < n_tiles * PAIRS,
+                                BITS, HAS_PERM)
     wait_for_predecessor(USE_PDL)
-    xh_ptr = _after_wait(xh_ptr, PTX)
+    _gather_split_x(x_ptr, perm_ptr, xh_ptr, K, tile * PAIRS, n_tiles * PAIRS, k_lo, k_hi, BITS, HAS_PERM, SILU_MUL,
+                    GATHER)
+    xh_ptr = _after_wait(xh_ptr, PTX)  # after the barrier: the pure x loads below may not move above it
     x2 = _half2_x(xh_ptr, tile, BITS, BLOCK_K, WARPS_K, PTX)
     acc = tl.zeros((1, WARPS_K, BLOCK_N), dtype=tl.float32)
     for _ in range(1, n_tiles):
@@ -288,14 +305,21 @@ def half2_config(N: int, K: int, bits: int, group_size: int, device: torch.devic
 
 def gptq_gemv_half2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int, N: int,
-                    config: dict, silu_mul: bool = False) -> torch.Tensor:
-    """x [1, K] (silu_mul: [1, 2K] = [gate | up]) -> [1, N]: gptq_linear_ref's product in two launches, the
-    gather of x and the GEMV. config: BLOCK_N, BLOCK_K (dividing K and group_size), SPLIT_K, num_warps,
-    num_stages. On CUDA the pair arithmetic is inline PTX; elsewhere (Triton's interpreter) emulated in fp16."""
+                    config: dict, silu_mul: bool = False, xh: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] (silu_mul: [1, 2K] = [gate | up], contiguous) -> [1, N]: gptq_linear_ref's product (of
+    silu_mul_ref(gate, up)) in one launch. config: BLOCK_N, BLOCK_K (dividing K and group_size), WARPS_K, SPLIT_K,
+    num_warps, num_stages. xh: int32 [K / 2], x's gathered pairs (default: a new scratch; afterwards it holds
+    gather_x_half2_ref's words). On CUDA the pair arithmetic is inline PTX; elsewhere (Triton's interpreter)
+    emulated in fp16."""
     K = x.shape[1] // 2 if silu_mul else x.shape[1]
     assert x.shape[0] == 1, "the half2 GEMV takes one row"
     assert K % config["BLOCK_K"] == 0 and (group_size >= K or group_size % config["BLOCK_K"] == 0), \
         f"the half2 GEMV needs K tiles that divide K and the group: K {K}, group {group_size}, tile {config['BLOCK_K']}"
-    xh = gather_x_half2(x, perm, bits, silu_mul)
-    return split_k_launch(_gptq_gemv_half2_kernel, x[:, :K], (qweight, scales, zeros, qweight.shape[1]), bias, N, 1,
-                          config, x_arg=xh, BITS=bits, GROUP=group_size, PTX=x.device.type == "cuda")
+    x = x.contiguous()
+    xh = torch.empty(K // 2, device=x.device, dtype=torch.int32) if xh is None else xh
+    k_tiles = triton.cdiv(K // config["BLOCK_K"], config["SPLIT_K"])  # split_k_launch's
+    gather = max(1, min(1024, triton.next_power_of_2(k_tiles * config["BLOCK_K"] // 2)))  # a split's words at once
+    return split_k_launch(_gptq_gemv_half2_kernel, x[:, :K], (perm if perm is not None else x, xh, qweight, scales,
+                                                               zeros, qweight.shape[1]), bias, N, 1, config,
+                          x_arg=x, BITS=bits, GROUP=group_size, HAS_PERM=perm is not None, SILU_MUL=silu_mul,
+                          PTX=x.device.type == "cuda", GATHER=gather)

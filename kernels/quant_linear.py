@@ -14,10 +14,11 @@ Decoding streams the weights, so the kernels spend as few instructions per weigh
   reads as 2^23 + q 2^p, so the codes of a word's low 16 bits are masked in place and the high 16 bits
   shifted down once; the 2^-p goes into the activation, which is loaded once for a whole row of words;
 - the scale once per group and column, on the group's sum: sum_k x_k s (q_k - z) = s sum_k x_k (q_k - z);
-- one row (decode at one sequence): a GEMV, no tensor cores; for weights of 2^24 codes and more, in half2 on
-  CUDA (x gathered and paired in fp16 once per call, codes turned into fp16 by one lop3 on 1024 = 0x6400 two
-  at a time, sub.f16x2 and fma.rn.f16x2: 1.5 instructions a weight where the fp32 GEMV, kind "gemv", spends
-  about 3; the fp32 GEMV also runs smaller weights and under the interpreter);
+- one row (decode at one sequence): a GEMV, no tensor cores; for weights of 2^23 codes and more, in half2 on
+  CUDA (kernels/gptq_gemv.py: codes turned into fp16 by one lop3 on 1024 = 0x6400 two at a time, sub.f16x2
+  and fma.rn.f16x2, a column's sums added in fp16 over 4 word rows: ~2.4 SASS instructions a weight, Int4,
+  where the fp32 GEMV, kind "gemv", spends ~5; the fp32 GEMV also runs smaller weights and under the
+  interpreter);
 - 2 to 64 rows (decode at several sequences): the "planes" GEMM, tl.dot on exact (q - z) tiles in the
   activation dtype, one dot per code position j of the words ("plane" j: the channels pack r + j of word rows
   r) on the words as loaded. x is gathered once per call (act-order's perm and this order in one launch) so
@@ -372,16 +373,17 @@ def _tile_in_group(block_k: int, group_size: int, K: int) -> bool:
     return group_size >= K or group_size % block_k == 0
 
 
-HALF2_MIN_WEIGHTS = 1 << 24  # one row of a weight from this size on: the half2 GEMV (below, its x gather costs more)
+HALF2_MIN_WEIGHTS = 1 << 23  # one row of a weight from this size on: the half2 GEMV (predicted; below, the fp32 one)
 
 
 def matmul_config(M: int, N: int, K: int, bits: int, group_size: int, device: torch.device) -> dict:
     """Kernel, tile sizes and split-K for an [M, K] x [K, N] GPTQ product: the best of benchmarks/quant.py's
-    sweeps on the H200 at the 7B shapes (RESULTS.md). One row: the half2 GEMV from 2^24 weights (Int4 3072 x
-    24576 21.7 against the fp32 GEMV's 29.3 us), the fp32 one below (3072 x 3072 8.4 against 8.4, 1536 x 3072
-    6.3 against 7.3: the separate gather launch is the difference); 4 KB of Int4 words a tile, about 4
-    programs per SM, 8 at N >= 8192; Int8 at N >= 8192 8 KB tiles, 4 warps, ~4 programs per SM (3072 x 8728
-    13.9 against 16.6 us with the fp32 GEMV's 128 x 64 tiles). 2 to 64 rows: the planes GEMM, BLOCK_N 64, BLOCK_K
+    sweeps on the H200 at the 7B shapes (RESULTS.md). One row: the half2 GEMV from 2^23 weights, its tiles
+    gptq_gemv.half2_config (the previous half2 GEMV, with a separate gather launch: Int4 3072 x 24576 21.7
+    against the fp32 GEMV's 29.3 us; the gather now in the GEMV's launch, which is why the half2 GEMV is
+    predicted faster from 2^23 weights, not yet timed), the fp32 one below (1536 x 3072 6.3 us), 4 KB of Int4
+    words a tile, about 4 programs per SM, 8 at N >= 8192; Int8 at N >= 8192 8 KB tiles, 4 warps, ~4 programs
+    per SM. 2 to 64 rows: the planes GEMM, BLOCK_N 64, BLOCK_K
     128, 4 warps, 3 stages (the H200 sweep at 16 and 32 rows: best or within ~8% of it at every 7B and
     FalconMamba shape; 4 stages 2-7% slower) to 16 rows; from 17 rows its transposed kind planes_t (session 9's
     sweep, 7B and FalconMamba shapes: 0.76-0.97x the planes time at 32 rows, 0.67-0.86x at 64), BLOCK_N 64, 4

@@ -97,15 +97,29 @@ def test_gptq_kernel_padded_columns(split_k):
     check_gptq(130, 128, 72, 4, 64, False, torch.float32, padded_to=128)  # dequantize + matmul
 
 
+def gathered_x_half2(x: torch.Tensor, perm: torch.Tensor | None, bits: int, silu_mul: bool = False,
+                     split: int = 3) -> torch.Tensor:
+    """The half2 GEMV's scratch after a call: x gathered and paired (each split's share by its programs; 3
+    splits of K = 320, the last shorter)."""
+    K = x.shape[1] // 2 if silu_mul else x.shape[1]
+    qweight, scales, zeros = (torch.zeros(K * bits // 32, 64, dtype=torch.int32, device=DEVICE),
+                              torch.ones(1, 64, dtype=torch.float16, device=DEVICE),
+                              torch.zeros(1, 64, dtype=torch.int16, device=DEVICE))
+    xh = torch.full((K // 2,), -1, dtype=torch.int32, device=DEVICE)
+    config = dict(gg.half2_config(64, K, bits, K, torch.device(DEVICE)), SPLIT_K=split)
+    gg.gptq_gemv_half2(x, qweight, scales, zeros, perm, None, bits, K, 64, config, silu_mul=silu_mul, xh=xh)
+    return xh
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("act_order", [True, False])
-def test_gather_x_half2_kernel(bits, act_order):
+def test_gather_x_half2(bits, act_order):
     """The half2 GEMV's input: x gathered by perm, paired (p, p + pack / 2) per word row, in fp16 times
     2^-(bits + the pair's code position) / X_HEADROOM. Checked against the reference and, unpacked, against x."""
     K, pack = 320, 32 // bits
     x = (torch.randn(1, K, generator=torch.Generator().manual_seed(bits)) * 4).to(DEVICE)
     perm = torch.randperm(K, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.int32) if act_order else None
-    out = gg.gather_x_half2(x, perm, bits)
+    out = gathered_x_half2(x, perm, bits)
     assert torch.equal(out, gg.gather_x_half2_ref(x, perm, bits))
     pairs = out.view(torch.float16).view(K // pack, pack // 2, 2)  # [row, p, (low, high)]
     xg = (x[0, perm] if act_order else x[0]).view(K // pack, pack)

@@ -22,7 +22,7 @@ from kernels import gptq_gemv as gg
 from kernels import quant_linear as ql
 from kernels.activation import silu_mul, silu_mul_ref
 from kernels.gemv import gemv, gemv_ref
-from tests.kernels.test_quant_linear import random_gptq
+from tests.kernels.test_quant_linear import gathered_x_half2, random_gptq
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -104,12 +104,12 @@ def test_gptq_half2_gemv_silu_mul(K, N, bits, group_size, act_order, split, dtyp
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gather_x_half2_silu_mul(bits, act_order, dtype):
-    """The half2 GEMV's one gather launch does the SiLU * mul: the same words as gathering silu_mul's output."""
+    """The half2 GEMV's gather of x does the SiLU * mul: the same words as gathering silu_mul's output."""
     K = 320
     gate_up = gate_up_row(1, K, dtype, seed=bits)
     perm = torch.randperm(K, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.int32) if act_order else None
-    out = gg.gather_x_half2(gate_up, perm, bits, silu_mul=True)
-    assert torch.equal(out, gg.gather_x_half2(silu_mul(*halves(gate_up)), perm, bits))
+    out = gathered_x_half2(gate_up, perm, bits, silu_mul=True)
+    assert torch.equal(out, gathered_x_half2(silu_mul(*halves(gate_up)), perm, bits))
     ref = gg.gather_x_half2_ref(silu_mul_ref(*halves(gate_up)), perm, bits)
     assert rel_err(out.view(torch.float16), ref.view(torch.float16)) < TOL[dtype]
 
