@@ -249,8 +249,7 @@ def _gptq_gemv_half2_kernel(x_ptr, perm_ptr, xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, 
                             M, N, K, stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                             BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
                             SILU_MUL: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, WARPS_K: tl.constexpr, GATHER: tl.constexpr,
-                            USE_PDL: tl.constexpr):
+                            BLOCK_K: tl.constexpr, WARPS_K: tl.constexpr, USE_PDL: tl.constexpr):
     """One row: x times BLOCK_N columns of W^T over this split's K tiles (K_TILES, fewer in the last split; K
     a multiple of BLOCK_K, and each tile in one group). x (SILU_MUL: SiLU(gate) * up of the [gate | up] row) is
     gathered by perm and paired first (gather_x_half2_ref's words, the split's share) into xh, the scratch of
@@ -262,6 +261,7 @@ def _gptq_gemv_half2_kernel(x_ptr, perm_ptr, xh_ptr, qw_ptr, s_ptr, z_ptr, N_W, 
     perm before waiting on the kernel that wrote x (kernels/pdl.py).
     stride_xm: unused (x is one row), in split_k_launch's common signature."""
     PAIRS: tl.constexpr = BLOCK_K // 2  # xh's words a K tile
+    GATHER: tl.constexpr = BLOCK_N * WARPS_K  # 4 words a thread: a split's words at once at the default tiles
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # past the stored columns (N_W, a multiple of 4): the last 4 again, not stored; runs of 4 stay 16-byte loads
     cols = tl.max_contiguous(tl.multiple_of(tl.minimum(offs_n, N_W - 4 + offs_n % 4), 4), 4)[None, None, :]
@@ -317,9 +317,7 @@ def gptq_gemv_half2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         f"the half2 GEMV needs K tiles that divide K and the group: K {K}, group {group_size}, tile {config['BLOCK_K']}"
     x = x.contiguous()
     xh = torch.empty(K // 2, device=x.device, dtype=torch.int32) if xh is None else xh
-    k_tiles = triton.cdiv(K // config["BLOCK_K"], config["SPLIT_K"])  # split_k_launch's
-    gather = max(1, min(1024, triton.next_power_of_2(k_tiles * config["BLOCK_K"] // 2)))  # a split's words at once
     return split_k_launch(_gptq_gemv_half2_kernel, x[:, :K], (perm if perm is not None else x, xh, qweight, scales,
                                                                zeros, qweight.shape[1]), bias, N, 1, config,
                           x_arg=x, BITS=bits, GROUP=group_size, HAS_PERM=perm is not None, SILU_MUL=silu_mul,
-                          PTX=x.device.type == "cuda", GATHER=gather)
+                          PTX=x.device.type == "cuda")
