@@ -390,7 +390,7 @@ def test_gptq_gemv_kinds_gpu(K, N, bits, kind):
     check_gptq(1, K, N, bits, 128, True, torch.bfloat16, padded_to=-(-N // 64) * 64, config=config)
 
 
-HALF2_GPU_CONFIGS = [(2, 1, 4, 8), (1, 1, 4, 8), (4, 1, 4, 4), (2, 1, 8, 4), (2, 2, 4, 4), (1, 4, 4, 8)]
+HALF2_GPU_CONFIGS = [(2, 1, 4, 8), (1, 1, 4, 16), (4, 1, 4, 4), (2, 1, 8, 8), (2, 2, 4, 4), (1, 4, 4, 4)]
 
 
 @pytest.mark.gpu
