@@ -11,10 +11,10 @@ bound the kernel (the SM issues 4 warp instructions a cycle, 128 thread instruct
 - a pair of codes becomes fp16 by one lop3 onto 1024 (0x6400: the ulp there is 1, so 1024 | q reads as
   1024 + q), then one sub.f16x2 of 1024 + z and one fma.rn.f16x2 with the x pair: 1.5 instructions a weight,
   plus one shift a word (Int4: the upper two codes of each half);
-- each thread holds all the tile's word rows of its 4 columns (BLOCK_N = 128 x warps: the 16-byte loads of
-  a warp along the columns, no thread along K), so the fp16 sums of a column's rows add up in its own
-  registers (one add.f16x2 a word) and only the tile's sum is widened to fp32 and scaled: 3 instructions a
-  column and tile, not a word;
+- each thread holds all its warp's word rows of the tile in its 4 columns (BLOCK_N = 128 x the warps along
+  the columns: a warp's 16-byte loads span the columns, no lane along K), so the fp16 sums of a column's rows
+  add up in its own registers (one add.f16x2 a word) and only their sum is widened to fp32 and scaled: 3
+  instructions a column and tile, not a word;
 - no masks in the loop: columns past the stored ones are clamped (loaded again, not stored) and every K tile
   is whole (matmul_config picks BLOCK_K dividing K and the group), so no zero-filled registers either;
 - scales and zero points are loaded in the words' layout ([1, BLOCK_N], 4 a thread), not converted to it
