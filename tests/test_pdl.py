@@ -111,7 +111,7 @@ def decode_chain(p: dict, layers: int = 3) -> tuple[torch.Tensor, ...]:
         f = fp8_weight_only_linear(activation.silu_mul(m, attn), p["fp8_w"], p["fp8_scale"], None,
                                    config=fp8_gemv_config(d, d, 4, 1, 4, n.device))
         f = gptq_linear(f, *p["gptq"], None, 4, 128)  # the fp32 GEMV at this size
-        f = gptq_linear(f, *p["gptq"], None, 4, 128, config=HALF2_CONFIG)  # and its separate gather launch
+        f = gptq_linear(f, *p["gptq"], None, 4, 128, config=HALF2_CONFIG)  # the half2 one (gathers x itself)
         h = norm.rms_norm(f, p["norm_w"], 1e-5)
     return h, residual, attn
 
