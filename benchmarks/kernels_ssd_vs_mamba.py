@@ -175,11 +175,8 @@ class Checker:
 
     def __call__(self, y: torch.Tensor, s: torch.Tensor) -> tuple[str, str, bool]:
         """(vs reference, vs the first implementation, within MAX_ERROR of both)."""
-        if self.first is None:
-            self.first = (y.clone(), s.clone())
-            checks = [(y, s, *self.ref)]
-        else:
-            checks = [(y, s, *self.ref), (y, s, *self.first)]
+        checks = [(y, s, *self.ref)] + ([(y, s, *self.first)] if self.first else [])
+        self.first = self.first or (y.clone(), s.clone())
         errs = [(rel(a, ra), rel(b, rb)) if ra is not None else None for a, b, ra, rb in checks]
         text = [f"{e[0]:.1e} / {e[1]:.1e}" if e else "-" for e in errs] + ["-"] * (2 - len(errs))
         return text[0], text[1], all(max(e) < MAX_ERROR for e in errs if e)
