@@ -8,6 +8,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine.forward_batch import ForwardBatch
 from kernels import activation, conv1d, norm, selective_scan, ssd_scan, ssm_state_update
@@ -76,6 +77,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x.is_cuda and not _FORCE_TORCH and gemv_kernels.gemv_faster(x, weight, gemv_max_weights):
         return gemv_kernels.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """layer(SiLU(gate) * up) for gate_up = [gate | up] [T, 2K] (SwiGLU's down projection). One row on CUDA whose
+    matmul is a Triton GEMV (a 16-bit weight that `linear` gives the GEMV, GPTQ, FP8) computes SiLU(gate) * up
+    as the GEMV loads x: the silu_mul launch disappears. Otherwise (more rows, a layer wrapped for LoRA, the
+    references) silu_mul, then the layer."""
+    if gate_up.is_cuda and not _FORCE_TORCH and gate_up.shape[0] == 1:
+        method = getattr(layer, "method", None)  # quantized layers' (engine/quantization); 16-bit: an nn.Linear
+        if method == "fp8":
+            return fp8_kernels.fp8_weight_only_linear(gate_up, layer.weight, layer.weight_scale, layer.bias,
+                                                      silu_mul=True)
+        if method == "gptq" and layer.separate_parts is None:
+            return gptq_kernels.gptq_linear(gate_up, layer.qweight, layer.scales, layer.zeros, layer.perm, layer.bias,
+                                            layer.bits, layer.group_size, layer.out_features, silu_mul=True)
+        if isinstance(layer, nn.Linear) and gemv_kernels.gemv_faster(gate_up, layer.weight):
+            return gemv_kernels.gemv(gate_up, layer.weight, layer.bias, silu_mul=True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return layer(silu_mul(gate, up))
 
 
 def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels.pdl import wait_for_predecessor
+from kernels.split_k import MAX_TILES, last_to_arrive, tile_counters
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -69,6 +70,13 @@ DECODE_PROGRAMS_PER_SM = 2
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 2
 DECODE_SPLIT_CHUNK = 32  # partial results merged per step of the reduce pass
+# The splits' partials merged by the last split of each (sequence, KV head) to finish, in the decode kernel: one
+# launch, not two. That program reads active splits x GROUP x D x 4 bytes alone (7B: 3 KB a split), where the
+# reduce kernel spreads the merge over a program per query head; False (benchmarks) runs the reduce kernel.
+DECODE_MERGE_IN_KERNEL = True
+# fp32 partial elements a merge step loads: 32 registers a thread at 4 warps (the 7B: 4 splits a step; 8 spilled
+# 84 more bytes a thread than the kernel without the merge, sm_90 ptxas of Triton 3.9's PTX; 4 spill 8 more)
+DECODE_MERGE_TILE = 4096
 
 
 @triton.jit
@@ -111,19 +119,55 @@ def _attend_tile(acc, m, l, q, n0, k_cache_ptr, v_cache_ptr, table, kv_head, q_p
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+def _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, first_head, n_active, num_splits, stride_oh,
+                  GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """_decode_reduce_kernel's merge for the GROUP query heads from first_head on, all in one program: their
+    partials of splits 0 .. n_active, CHUNK splits at a time ([CHUNK, GROUP_P2, D_PAD] loads), written normalised
+    to out_ptr's rows (out_ptr: the first head's; stride_oh apart). Read from L2 (.cg), where the other programs'
+    stores are."""
+    g = tl.arange(0, GROUP_P2)
+    d = tl.arange(0, D_PAD)
+    m = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_P2], tl.float32)
+    acc = tl.zeros([GROUP_P2, D_PAD], tl.float32)
+    for s0 in range(0, n_active, CHUNK):
+        s = s0 + tl.arange(0, CHUNK)
+        mask = (s < n_active)[:, None] & (g < GROUP)[None, :]
+        part = (first_head + g)[None, :] * num_splits + s[:, None]  # [CHUNK, GROUP_P2]
+        m_s = tl.load(part_m_ptr + part, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_l_ptr + part, mask=mask, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(part_acc_ptr + part[:, :, None] * D_PAD + d[None, None, :], mask=mask[:, :, None],
+                        other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(m_s, 0))
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # padding heads see no split: no inf - inf
+        alpha = tl.exp2(m - m_ref)
+        w = tl.exp2(m_s - m_ref[None, :])
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * acc_s, 0)
+        l = l * alpha + tl.sum(w * l_s, 0)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + g[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, count_ptr,
                    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, qk_scale, partition_size, num_splits,
                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                    stride_ot, stride_oh, stride_bt,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr,
+                   GROUP_P2: tl.constexpr, MERGE_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
                    USE_PDL: tl.constexpr):
     """Program (sequence b, kv head, split): the GROUP query heads of b's single query over the split's slice
     of the context, [split * partition_size, +partition_size) clipped to seq_len.
 
     All query heads sharing a KV head go into one [GROUP_PAD, D] x [D, BLOCK_N] dot, so each K/V tile is read
     once. Without SPLIT the normalised output is written directly; with it, the unnormalised accumulator and its
-    running max / sum go to scratch for _decode_reduce_kernel (the flash-decoding second pass).
+    running max / sum go to scratch, merged (flash-decoding's second pass) by _decode_reduce_kernel or, MERGE,
+    by the last split of (b, kv head) to finish (a counter per (b, kv head), kernels/split_k.py last_to_arrive):
+    one launch. Split 0 always runs, so a sequence of length 0 gets zeros from it.
     """
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -132,7 +176,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
     seq_len = tl.load(seq_lens_ptr + b)
     start = split * partition_size
     if SPLIT:
-        if start >= seq_len:
+        if start >= tl.maximum(seq_len, 1):
             return
     end = tl.minimum(start + partition_size, seq_len)
     row = tl.load(query_start_loc_ptr + b)
@@ -157,6 +201,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
         tl.store(part_m_ptr + part, m, mask=g < GROUP)
         tl.store(part_l_ptr + part, l, mask=g < GROUP)
         tl.store(part_acc_ptr + part[:, None] * D_PAD + d[None, :], acc, mask=(g < GROUP)[:, None])
+        if MERGE:
+            n_active = tl.cdiv(tl.maximum(seq_len, 1), partition_size)
+            if last_to_arrive(count_ptr, b * tl.num_programs(1) + kv_head, n_active):
+                _merge_splits(part_acc_ptr, part_m_ptr, part_l_ptr,
+                              out_ptr + row * stride_ot + kv_head * GROUP * stride_oh,
+                              (b * tl.num_programs(1) + kv_head) * GROUP, n_active, num_splits, stride_oh, GROUP,
+                              GROUP_P2, HEAD_DIM, D_PAD, MERGE_CHUNK)
     else:
         out = acc / tl.where(l > 0, l, 1.0)[:, None]
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
@@ -305,18 +356,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             max_seq_len = int(seq_lens[:num_decodes].max())
         num_splits, partition = _decode_partition(num_decodes, kv_heads, max_seq_len, q.device)
         split = num_splits > 1
+        merge = split and DECODE_MERGE_IN_KERNEL
         part_shape = (num_decodes * num_heads * num_splits) if split else 1
         part_m = torch.empty(part_shape, dtype=torch.float32, device=q.device)
         part_l = torch.empty(part_shape, dtype=torch.float32, device=q.device)
         part_acc = torch.empty(part_shape * d_pad, dtype=torch.float32, device=q.device)
+        assert num_decodes * kv_heads <= MAX_TILES  # a merge counter per (sequence, KV head)
+        group_p2 = triton.next_power_of_2(group)
+        merge_chunk = min(triton.next_power_of_2(num_splits), max(1, DECODE_MERGE_TILE // (group_p2 * d_pad)))
         _decode_kernel[(num_decodes, kv_heads, num_splits)](
-            q, k_cache, v_cache, out, part_acc, part_m, part_l, query_start_loc, seq_lens, block_tables,
-            qk_scale, partition, num_splits, q.stride(0), q.stride(1), *cache_strides, out.stride(0), out.stride(1),
-            block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, SPLIT=split,
-            PRECISION=precision, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
-            **pdl.launch_kwargs(q.device))
-        if split:
+            q, k_cache, v_cache, out, part_acc, part_m, part_l, tile_counters(q.device), query_start_loc, seq_lens,
+            block_tables, qk_scale, partition, num_splits, q.stride(0), q.stride(1), *cache_strides, out.stride(0),
+            out.stride(1), block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N, SPLIT=split, MERGE=merge,
+            GROUP_P2=group_p2, MERGE_CHUNK=merge_chunk, PRECISION=precision, num_warps=DECODE_NUM_WARPS,
+            num_stages=DECODE_NUM_STAGES, **pdl.launch_kwargs(q.device))
+        if split and not merge:
             _decode_reduce_kernel[(num_decodes, num_heads)](
                 part_acc, part_m, part_l, out, query_start_loc, seq_lens, partition, num_splits,
                 out.stride(0), out.stride(1), HEAD_DIM=head_dim, D_PAD=d_pad, SPLIT_CHUNK=DECODE_SPLIT_CHUNK,

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from kernels import pdl
+from kernels.activation import load_x
 from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
@@ -137,30 +138,35 @@ def _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS: tl.constex
 
 @triton.jit
 def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, k_end, offs_n,
-               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr):
+               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, SILU_MUL: tl.constexpr,
+               BLOCK_K: tl.constexpr):
     """The fp32 GEMV's loads for the K tile at k0: _word_tile's, zero points in fp32, and x [BLOCK_K / pack,
     pack]; nothing at or past k_end."""
     rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
-    return words, scale, zero.to(tl.float32), _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, k_end, BITS, HAS_PERM)
+    xt = _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, K, k_end, BITS, HAS_PERM, SILU_MUL)
+    return words, scale, zero.to(tl.float32), xt
 
 
 @triton.jit
-def _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, k_end, BITS: tl.constexpr, HAS_PERM: tl.constexpr):
-    """x [BLOCK_K / pack, pack] of the word rows `rows` (gathered by perm); nothing at or past k_end."""
+def _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, K, k_end, BITS: tl.constexpr, HAS_PERM: tl.constexpr,
+            SILU_MUL: tl.constexpr):
+    """x [BLOCK_K / pack, pack] of the word rows `rows` (gathered by perm; SILU_MUL: SiLU(gate) * up of
+    [gate | up] rows, kernels/activation.py load_x); nothing at or past k_end."""
     PACK: tl.constexpr = 32 // BITS
     k = rows[:, None] * PACK + tl.arange(0, PACK)[None, :]
-    return tl.load(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, k_end, HAS_PERM), mask=k < k_end, other=0.0)
+    return load_x(x_ptr + m * stride_xm + _input_channels(perm_ptr, k, k_end, HAS_PERM), k < k_end, K, SILU_MUL)
 
 
 @triton.jit
 def _gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
                       stride_xm, K_TILES, SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, SILU_MUL: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """One row of x (program_id(1)) times BLOCK_N columns of W^T over K_TILES tiles of K, in fp32 multiply-adds.
     A K tile lies in one group. The next tile's loads are issued before this tile's arithmetic, so each
     program keeps two tiles in flight (at one row the kernel waits on memory latency more than on bandwidth);
-    the first tile's weights before waiting on the kernel that wrote x (kernels/pdl.py)."""
+    the first tile's weights before waiting on the kernel that wrote x (kernels/pdl.py). SILU_MUL: x is the gate
+    half of [gate | up] rows (row stride stride_xm), multiplied as SiLU(gate) * up."""
     PACK: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = BLOCK_K // PACK
     m = tl.program_id(1)
@@ -170,12 +176,12 @@ def _gptq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, b_ptr, out_ptr
     rows, words, scale, zero = _word_tile(qw_ptr, s_ptr, z_ptr, N_W, K, k0, k_end, offs_n, BITS, GROUP, BLOCK_K)
     zero = zero.to(tl.float32)
     wait_for_predecessor(USE_PDL)
-    xt = _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, k_end, BITS, HAS_PERM)
+    xt = _gemv_x(x_ptr, perm_ptr, m, stride_xm, rows, K, k_end, BITS, HAS_PERM, SILU_MUL)
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for _ in range(K_TILES):
         k0 += BLOCK_K
         next_tile = _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, N_W, K, m, stride_xm, k0, k_end, offs_n,
-                               BITS, GROUP, HAS_PERM, BLOCK_K)
+                               BITS, GROUP, HAS_PERM, SILU_MUL, BLOCK_K)
         high = words >> 16
         xs = _columns(xt.to(tl.float32), PACK)
         part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
@@ -212,8 +218,8 @@ def gather_x_half2_ref(x: torch.Tensor, perm: torch.Tensor | None, bits: int) ->
 
 @triton.jit
 def _gather_x_half2_kernel(x_ptr, perm_ptr, out_ptr, K, BITS: tl.constexpr, HAS_PERM: tl.constexpr,
-                           BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    """gather_x_half2_ref for BLOCK words of the output."""
+                           SILU_MUL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """gather_x_half2_ref for BLOCK words of the output (SILU_MUL: of SiLU(gate) * up, x the [gate | up] row)."""
     HALF_PACK: tl.constexpr = 16 // BITS
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     p = i % HALF_PACK
@@ -224,8 +230,8 @@ def _gather_x_half2_kernel(x_ptr, perm_ptr, out_ptr, K, BITS: tl.constexpr, HAS_
     else:
         factor = 1.0 / 256
     wait_for_predecessor(USE_PDL)
-    lo = tl.load(x_ptr + _input_channels(perm_ptr, k_lo, K, HAS_PERM), mask=mask, other=0.0).to(tl.float32)
-    hi = tl.load(x_ptr + _input_channels(perm_ptr, k_lo + HALF_PACK, K, HAS_PERM), mask=mask, other=0.0)
+    lo = load_x(x_ptr + _input_channels(perm_ptr, k_lo, K, HAS_PERM), mask, K, SILU_MUL).to(tl.float32)
+    hi = load_x(x_ptr + _input_channels(perm_ptr, k_lo + HALF_PACK, K, HAS_PERM), mask, K, SILU_MUL)
     lo = (lo * factor).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     hi = (hi.to(tl.float32) * factor).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
     tl.store(out_ptr + i, lo | (hi << 16), mask=mask)
@@ -544,13 +550,14 @@ def gptq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return w
 
 
-def gather_x_half2(x: torch.Tensor, perm: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Triton version of gather_x_half2_ref: one launch."""
-    K = x.shape[1]
+def gather_x_half2(x: torch.Tensor, perm: torch.Tensor | None, bits: int, silu_mul: bool = False) -> torch.Tensor:
+    """Triton version of gather_x_half2_ref: one launch. silu_mul: x is the row [1, 2K] = [gate | up] (contiguous),
+    gathered as SiLU(gate) * up: gather_x_half2_ref(silu_mul_ref(gate, up), perm, bits)."""
+    K = x.shape[1] // 2 if silu_mul else x.shape[1]
     out = torch.empty(K // 2, device=x.device, dtype=torch.int32)
     block = 1024
     _gather_x_half2_kernel[(triton.cdiv(K // 2, block),)](x, perm if perm is not None else x, out, K, BITS=bits,
-                                                           HAS_PERM=perm is not None, BLOCK=block,
+                                                           HAS_PERM=perm is not None, SILU_MUL=silu_mul, BLOCK=block,
                                                            **pdl.launch_kwargs(x.device))
     return out
 
@@ -577,14 +584,20 @@ def _ptx_dequant(device: torch.device, dtype: torch.dtype, bits: int) -> bool:
 
 def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group_size: int,
-                out_features: int | None = None, config: dict | None = None) -> torch.Tensor:
-    """Triton version of gptq_linear_ref (config: kernel and tiles, for benchmarks; default matmul_config)."""
-    x = x.contiguous()
+                out_features: int | None = None, config: dict | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """Triton version of gptq_linear_ref (config: kernel and tiles, for benchmarks; default matmul_config).
+    silu_mul (the GEMV kinds, i.e. one row): x is [M, 2K] = [gate | up] and the product is of SiLU(gate) * up,
+    computed as x is loaded (the half2 GEMV: gathered): gptq_linear_ref(silu_mul_ref(gate, up), ...) in the
+    launches of the product alone."""
+    x = x_full = x.contiguous()  # x_full: the [gate | up] rows with silu_mul
+    if silu_mul:
+        x = x[:, :x.shape[1] // 2]  # the gates, a view: each row's up follows its gate (row stride 2K)
     M, K = x.shape
     N_W = qweight.shape[1]
     N = out_features or N_W
     cfg = dict(config or matmul_config(M, N, K, bits, group_size, x.device))
     kind = cfg.pop("kind")
+    assert not silu_mul or kind in ("gemv", "gemv_half2"), f"SiLU * mul in the loads of the GEMVs only, not {kind}"
     if kind == "dequant":
         if perm is not None:
             x = x.index_select(1, perm)
@@ -593,11 +606,11 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if kind == "gemv_half2":
         assert M == 1, "the half2 GEMV takes one row"
         return split_k_launch(_gptq_gemv_half2_kernel, x, (qweight, scales, zeros, N_W), bias, N, 1, cfg,
-                              x_arg=gather_x_half2(x, perm, bits), BITS=bits, GROUP=group_size)
+                              x_arg=gather_x_half2(x_full, perm, bits, silu_mul), BITS=bits, GROUP=group_size)
     if kind == "gemv":  # gathers x by perm itself: 128 values per [BLOCK_K / pack, BLOCK_N] words
         args = (qweight, scales, zeros, perm if perm is not None else qweight, N_W)
         return split_k_launch(_gptq_gemv_kernel, x, args, bias, N, 1, cfg, BITS=bits, GROUP=group_size,
-                              HAS_PERM=perm is not None)
+                              HAS_PERM=perm is not None, SILU_MUL=silu_mul)
     tile_in_group = _tile_in_group(cfg["BLOCK_K"], group_size, K)
     if kind in ("planes", "planes_t"):  # x gathered (by perm) into plane order once here, not in each N tile's program
         assert tile_in_group or group_size % (32 // bits) == 0, "the planes GEMM needs groups of whole words"

@@ -115,8 +115,7 @@ class MLP(nn.Module):
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(ops.silu_mul(gate, up)))
+        return self.tp.all_reduce(ops.silu_mul_linear(self.gate_up_proj(x), self.down_proj))
 
 
 class DecoderLayer(nn.Module):

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels import attention  # noqa: E402
+from kernels.split_k import tile_counters  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -114,13 +115,34 @@ def test_paged_attention_head_shapes(q_heads: int, kv_heads: int, head_dim: int,
 
 
 @pytest.mark.parametrize("programs_per_sm,block_n,chunk", [(1, 64, 32), (64, 16, 8)])
-def test_decode_split_counts(monkeypatch, programs_per_sm: int, block_n: int, chunk: int):
-    """One split per sequence, and many (23 splits of 48 tokens for the longest, merged 8 at a time)."""
+@pytest.mark.parametrize("merge_in_kernel", [False, True])
+def test_decode_split_counts(monkeypatch, programs_per_sm: int, block_n: int, chunk: int, merge_in_kernel: bool):
+    """One split per sequence, and many (23 splits of 48 tokens for the longest, merged 8 at a time), merged
+    by the reduce kernel or by the decode kernel's last split."""
     monkeypatch.setattr(attention, "DECODE_PROGRAMS_PER_SM", programs_per_sm)
     monkeypatch.setattr(attention, "DECODE_BLOCK_N", block_n)
     monkeypatch.setattr(attention, "DECODE_SPLIT_CHUNK", chunk)
+    monkeypatch.setattr(attention, "DECODE_MERGE_IN_KERNEL", merge_in_kernel)
     seqs = [(1, 1100), (1, 0), (1, 65), (1, 5)]
     check_attention(make_batch(seqs, 4, 6, 2, 24, 4, torch.float32, seed=programs_per_sm))
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(6, 2, 24), (8, 2, 32), (4, 4, 16), (12, 2, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("merge_tile", [4096, 64])
+def test_decode_merge_in_kernel(monkeypatch, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                                merge_tile: int):
+    """The split decode merged by the last split of each (sequence, KV head) to finish: GQA groups of 3, 4, 1
+    and 6 (padded to 4, 4, 1, 8 in the merge), splits of 16 tokens (up to 19 for the longest; merge_tile 64:
+    one split a merge step, else all at once), a sequence of length 0 (zeros) and ones shorter than a split.
+    Twice, so the merge counters must be back at zero after the first launch."""
+    monkeypatch.setattr(attention, "DECODE_PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(attention, "DECODE_BLOCK_N", 16)
+    monkeypatch.setattr(attention, "DECODE_MERGE_TILE", merge_tile)
+    batch = make_batch([(1, 300), (1, 0), (1, 33), (1, 7)], 4, q_heads, kv_heads, head_dim, 4, dtype, seed=head_dim)
+    for _ in range(2):
+        check_attention(batch)
+    assert not tile_counters(torch.device(DEVICE)).any()
 
 
 def test_decode_graph_bound_and_missing_hints():
@@ -215,3 +237,29 @@ def test_decode_cuda_graph():
                                             static["query_start_loc"], static["seq_lens"], static["block_tables"],
                                             head_dim**-0.5, 8, 1, max_model_len)
         assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("merge_in_kernel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_merge_gpu(monkeypatch, merge_in_kernel: bool, dtype: torch.dtype):
+    """7B heads, one sequence (the decode graph's case: 2 KV heads, up to 132 splits) at lengths from one token
+    to 32k, the splits merged by the reduce kernel or in the decode kernel; then replays of one CUDA graph
+    sized for 32k (128 splits, of which the active ones merge), each equal to the eager result, the merge
+    counters left at zero."""
+    monkeypatch.setattr(attention, "DECODE_MERGE_IN_KERNEL", merge_in_kernel)
+    q_heads, kv_heads, head_dim = MODELS["7B"]
+    for n in (1, 100, 2049, 8000, 32768):
+        batch = make_batch([(1, n)], 1, q_heads, kv_heads, head_dim, 16, dtype, seed=n)
+        check_attention(batch)
+        args = (batch["q"], batch["k_cache"], batch["v_cache"], batch["query_start_loc"], batch["seq_lens"],
+                batch["block_tables"], batch["scale"], 1, 1, 32768)
+        eager = attention.paged_attention(*args)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attention.paged_attention(*args)
+        for _ in range(5):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager)
+        assert not tile_counters(torch.device(DEVICE)).any()
