@@ -64,10 +64,15 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-    """RoPE on q [T, Hq, D] and k [T, Hkv, D]; the rotated k and v go into their pages. Returns the rotated q."""
-    return _impl(rope_kernels, "rope_write_kv", q)(q, k, v, batch.positions, inv_freq, k_cache, v_cache,
-                                                   batch.slot_mapping)
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RoPE on q [T, Hq, D] and k [T, Hkv, D]; the rotated k and v go into their pages. Returns the rotated q,
+    and when the batch has prefill rows the rotated k and v [2, T, Hkv, D] too, contiguous (None otherwise), for
+    paged_attention to read the new tokens' K / V densely."""
+    kv_out = torch.empty(2, *k.shape, dtype=k.dtype, device=k.device) if batch.num_prefill_seqs else None
+    q = _impl(rope_kernels, "rope_write_kv", q)(q, k, v, batch.positions, inv_freq, k_cache, v_cache,
+                                                batch.slot_mapping, kv_out=kv_out)
+    return q, kv_out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -130,11 +135,13 @@ def lora_expand(h_all: torch.Tensor, out: torch.Tensor, b_stack: torch.Tensor, s
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-                    scale: float) -> torch.Tensor:
-    """Attends q [T, Hq, D] over each sequence's cached tokens, its new ones included."""
+                    scale: float, new_kv: torch.Tensor | None = None) -> torch.Tensor:
+    """Attends q [T, Hq, D] over each sequence's cached tokens, its new ones included; new_kv [2, T, Hkv, D]
+    (the new tokens' K and V, already in the pages too: rope_write_kv's) lets the prefill read those densely."""
+    new_k, new_v = (None, None) if new_kv is None else new_kv
     return _impl(attention_kernels, "paged_attention", q)(
         q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, scale,
-        batch.num_decodes, batch.max_query_len, batch.max_seq_len)
+        batch.num_decodes, batch.max_query_len, batch.max_seq_len, new_k=new_k, new_v=new_v)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_states: torch.Tensor,
