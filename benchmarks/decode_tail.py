@@ -36,6 +36,7 @@ from kernels import attention
 from kernels import fp8_linear as fp8
 from kernels import quant_linear as ql
 from kernels.activation import silu_mul
+from kernels.attention import decode
 from kernels.gemv import gemv
 from kernels.norm import add_rms_norm, split_rms_norm
 from kernels.selective_scan import selective_scan_update, selective_scan_update_bcdt_norm
@@ -132,13 +133,13 @@ def mlp_rows(fmt: str) -> list[tuple[str, float]]:
 
 @contextlib.contextmanager
 def merge_in_kernel(on: bool) -> Iterator[None]:
-    """attention.DECODE_MERGE_IN_KERNEL for the launches (and graph captures) inside."""
-    saved = attention.DECODE_MERGE_IN_KERNEL
-    attention.DECODE_MERGE_IN_KERNEL = on
+    """decode.DECODE_MERGE_IN_KERNEL for the launches (and graph captures) inside."""
+    saved = decode.DECODE_MERGE_IN_KERNEL
+    decode.DECODE_MERGE_IN_KERNEL = on
     try:
         yield
     finally:
-        attention.DECODE_MERGE_IN_KERNEL = saved
+        decode.DECODE_MERGE_IN_KERNEL = saved
 
 
 def attention_rows(batch: int, context: int, max_seq_len: int) -> list[tuple[str, float]]:
@@ -156,7 +157,7 @@ def attention_rows(batch: int, context: int, max_seq_len: int) -> list[tuple[str
         return [attention.paged_attention(q, k, v, query_start_loc, seq_lens, tables, D**-0.5, batch, 1, max_seq_len)
                 for q, k, v in layers]
 
-    splits = attention._decode_partition(batch, Hkv, max_seq_len, torch.device(DEV))[0]
+    splits = decode._decode_partition(batch, Hkv, max_seq_len, torch.device(DEV))[0]
     times = {}
     for on in (False, True):
         with merge_in_kernel(on):

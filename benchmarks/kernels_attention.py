@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.ceilings import Ceilings, measure_ceilings
 from benchmarks.report import emit
 from kernels import attention, norm  # noqa: E402
+from kernels.attention import decode, prefill  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, HIDDEN = 12, 2, 128, 16, 3072
 DTYPE = torch.bfloat16
@@ -88,24 +89,24 @@ def decode_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:
     for num_seqs, ctx in ((1, 4096), (32, 4096), (256, 4096), (1, 32768)):
         batch = paged_batch([(1, ctx)] * num_seqs, num_seqs)
         kv_bytes = num_seqs * ctx * KV_HEADS * HEAD_DIM * 2 * batch["k_cache"].element_size()
-        settings = [(attention.DECODE_BLOCK_N, attention.DECODE_PROGRAMS_PER_SM, attention.DECODE_NUM_WARPS,
-                     attention.DECODE_NUM_STAGES)]
+        settings = [(decode.DECODE_BLOCK_N, decode.DECODE_PROGRAMS_PER_SM, decode.DECODE_NUM_WARPS,
+                     decode.DECODE_NUM_STAGES)]
         if sweep:
             settings += [(bn, pps, 4, 2) for bn in (64, 128) for pps in (1, 2, 4)]
             settings += [(64, 2, 4, 3), (64, 2, 8, 2), (128, 2, 8, 3)]
             settings = list(dict.fromkeys(settings))
         defaults = settings[0]
         for bn, pps, w, st in settings:
-            attention.DECODE_BLOCK_N, attention.DECODE_PROGRAMS_PER_SM = bn, pps
-            attention.DECODE_NUM_WARPS, attention.DECODE_NUM_STAGES = w, st
-            splits, _ = attention._decode_partition(num_seqs, KV_HEADS, ctx, torch.device("cuda"))
+            decode.DECODE_BLOCK_N, decode.DECODE_PROGRAMS_PER_SM = bn, pps
+            decode.DECODE_NUM_WARPS, decode.DECODE_NUM_STAGES = w, st
+            splits, _ = decode._decode_partition(num_seqs, KV_HEADS, ctx, torch.device("cuda"))
             t, tg = bench(attend(batch)), bench_graph(attend(batch))
             name = "decode" if (bn, pps, w, st) == defaults else f"decode BLOCK_N={bn} per_SM={pps} w={w} st={st}"
             rows.append([name, f"{num_seqs} x {ctx} ({splits} splits)", f"{t * 1e6:.1f}",
                          f"{tg * 1e6:.1f} ({kv_bytes / tg / 1e9:.0f} GB/s)", f"{kv_bytes / 2**20:.0f} MiB",
                          f"{kv_bytes / t / 1e9:.0f} GB/s", f"{kv_bytes / t / peaks.hbm_bytes_per_s:.0%}"])
-        (attention.DECODE_BLOCK_N, attention.DECODE_PROGRAMS_PER_SM, attention.DECODE_NUM_WARPS,
-         attention.DECODE_NUM_STAGES) = defaults
+        (decode.DECODE_BLOCK_N, decode.DECODE_PROGRAMS_PER_SM, decode.DECODE_NUM_WARPS,
+         decode.DECODE_NUM_STAGES) = defaults
         del batch
     return rows
 
@@ -174,7 +175,7 @@ def prefill_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:
         shape = f"{num_seqs} x ({n_new} new + {seq_len - n_new} cached)"
         ref = attention.paged_attention_ref(**batch)
         q, k, v = contiguous_qkv(batch, num_seqs, n_new, seq_len)
-        default = attention._prefill_config(DTYPE, n_new)
+        default = prefill._prefill_config(DTYPE, n_new)
         candidates = {"prefill (paged, Triton)": attend(batch),
                       "prefill, pages only " + name_of(PAGES_ONLY_CONFIG)[8:]:
                       functools.partial(prefill_with, PAGES_ONLY_CONFIG, pages_only(batch))}
@@ -213,12 +214,12 @@ def prefill_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:
 
 def prefill_with(cfg: dict, batch: dict) -> torch.Tensor:
     """The Triton prefill kernel under other tile settings."""
-    default = attention._prefill_config
-    attention._prefill_config = lambda dtype, max_query_len: cfg
+    default = prefill._prefill_config
+    prefill._prefill_config = lambda dtype, max_query_len: cfg
     try:
         return attention.paged_attention(**batch)
     finally:
-        attention._prefill_config = default
+        prefill._prefill_config = default
 
 
 def norm_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:

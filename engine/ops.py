@@ -1,6 +1,6 @@
 """The ops layer: what models call. Each op runs its Triton kernel on CUDA and its torch reference
-elsewhere (kernels/<op>.py holds both, same signature), and splits the flat batch into its decode
-and prefill parts. FALCON_SERVE_TORCH_OPS=1 forces the references everywhere (for debugging)."""
+elsewhere (kernels/<op>.py or kernels/<op>/ holds both, same signature), and splits the flat batch into
+its decode and prefill parts. FALCON_SERVE_TORCH_OPS=1 forces the references everywhere (for debugging)."""
 
 from __future__ import annotations
 

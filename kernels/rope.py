@@ -1,5 +1,5 @@
 """NeoX (rotate-half) rotary position embedding over the full head_dim, fused with writing the new tokens'
-rotated keys and their values into the paged KV cache (kernels/attention.py describes its layout)."""
+rotated keys and their values into the paged KV cache (kernels/attention/__init__.py describes its layout)."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels import attention  # noqa: E402
+from kernels.attention import decode, prefill  # noqa: E402
 from kernels.split_k import tile_counters  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,10 +120,10 @@ def test_paged_attention_head_shapes(q_heads: int, kv_heads: int, head_dim: int,
 def test_decode_split_counts(monkeypatch, programs_per_sm: int, block_n: int, chunk: int, merge_in_kernel: bool):
     """One split per sequence, and many (23 splits of 48 tokens for the longest, merged 8 at a time), merged
     by the reduce kernel or by the decode kernel's last split."""
-    monkeypatch.setattr(attention, "DECODE_PROGRAMS_PER_SM", programs_per_sm)
-    monkeypatch.setattr(attention, "DECODE_BLOCK_N", block_n)
-    monkeypatch.setattr(attention, "DECODE_SPLIT_CHUNK", chunk)
-    monkeypatch.setattr(attention, "DECODE_MERGE_IN_KERNEL", merge_in_kernel)
+    monkeypatch.setattr(decode, "DECODE_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(decode, "DECODE_BLOCK_N", block_n)
+    monkeypatch.setattr(decode, "DECODE_SPLIT_CHUNK", chunk)
+    monkeypatch.setattr(decode, "DECODE_MERGE_IN_KERNEL", merge_in_kernel)
     seqs = [(1, 1100), (1, 0), (1, 65), (1, 5)]
     check_attention(make_batch(seqs, 4, 6, 2, 24, 4, torch.float32, seed=programs_per_sm))
 
@@ -136,9 +137,9 @@ def test_decode_merge_in_kernel(monkeypatch, q_heads: int, kv_heads: int, head_d
     and 6 (padded to 4, 4, 1, 8 in the merge), splits of 16 tokens (up to 19 for the longest; merge_tile 64:
     one split a merge step, else all at once), a sequence of length 0 (zeros) and ones shorter than a split.
     Twice, so the merge counters must be back at zero after the first launch."""
-    monkeypatch.setattr(attention, "DECODE_PROGRAMS_PER_SM", 64)
-    monkeypatch.setattr(attention, "DECODE_BLOCK_N", 16)
-    monkeypatch.setattr(attention, "DECODE_MERGE_TILE", merge_tile)
+    monkeypatch.setattr(decode, "DECODE_PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(decode, "DECODE_BLOCK_N", 16)
+    monkeypatch.setattr(decode, "DECODE_MERGE_TILE", merge_tile)
     batch = make_batch([(1, 300), (1, 0), (1, 33), (1, 7)], 4, q_heads, kv_heads, head_dim, 4, dtype, seed=head_dim)
     for _ in range(2):
         check_attention(batch)
@@ -202,8 +203,8 @@ def check_new_kv(batch: dict, block_size: int, tma_readable: bool) -> None:
             batch["block_tables"], batch["scale"], batch["num_decodes"], batch["max_query_len"], batch["max_seq_len"])
     ref = attention.paged_attention_ref(*args)
     new_k, new_v = new_kv(batch, block_size)
-    block_n = attention._prefill_config(new_k.dtype, batch["max_query_len"])["BLOCK_N"]
-    assert (attention._new_kv_descriptors(new_k, new_v, block_n) is not None) == tma_readable
+    block_n = prefill._prefill_config(new_k.dtype, batch["max_query_len"])["BLOCK_N"]
+    assert (prefill._new_kv_descriptors(new_k, new_v, block_n) is not None) == tma_readable
     poison_prefill_slots(batch, block_size)
     out = attention.paged_attention(*args, new_k=new_k, new_v=new_v)
     assert out.shape == ref.shape and out.dtype == ref.dtype
@@ -227,7 +228,7 @@ NEW_KV_CONFIGS = [(32, 16, True), (64, 64, False), (64, 32, True), (128, 128, Tr
 @pytest.mark.parametrize("block_m,block_n,descriptors", NEW_KV_CONFIGS)
 @pytest.mark.parametrize("layout", list(NEW_KV_LAYOUTS))
 def test_prefill_new_kv_layouts(monkeypatch, layout: str, block_m: int, block_n: int, descriptors: bool):
-    monkeypatch.setattr(attention, "_prefill_config", lambda dtype, max_query_len: dict(
+    monkeypatch.setattr(prefill, "_prefill_config", lambda dtype, max_query_len: dict(
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2, DESCRIPTORS=descriptors))
     seqs, num_decodes = NEW_KV_LAYOUTS[layout]
     block_size = 16
@@ -243,11 +244,11 @@ def test_prefill_new_kv_head_shapes(monkeypatch, q_heads: int, kv_heads: int, he
     seqs, num_decodes = NEW_KV_LAYOUTS["mixed"]
     block_size = 16
     batch = make_batch(seqs, num_decodes, q_heads, kv_heads, head_dim, block_size, dtype, seed=q_heads + head_dim)
-    descriptors = attention._prefill_config(dtype, batch["max_query_len"])["DESCRIPTORS"]
+    descriptors = prefill._prefill_config(dtype, batch["max_query_len"])["DESCRIPTORS"]
     check_new_kv({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}, block_size, True)
     if descriptors:
-        default = attention._prefill_config
-        monkeypatch.setattr(attention, "_prefill_config",
+        default = prefill._prefill_config
+        monkeypatch.setattr(prefill, "_prefill_config",
                             lambda dtype, max_query_len: {**default(dtype, max_query_len), "DESCRIPTORS": False})
         check_new_kv(batch, block_size, True)
 
@@ -266,7 +267,7 @@ def test_prefill_new_kv_fallbacks():
     rows = torch.zeros(new_v.shape[0], 2 * 64 * 2 + 1, device=DEVICE, dtype=new_v.dtype)  # odd row stride
     odd_v = rows[:, 1: 2 * 64 + 1].view_as(new_v)
     odd_v.copy_(new_v)
-    assert attention._new_kv_descriptors(new_k, odd_v, 64) is None
+    assert prefill._new_kv_descriptors(new_k, odd_v, 64) is None
     assert rel_err(attention.paged_attention(*args, new_k=new_k, new_v=odd_v), ref) < TOL[torch.float16]
     # fp32 new_k / new_v over an fp16 cache: ignored, every key read through the (unpoisoned) pages
     out = attention.paged_attention(*args, new_k=new_k.float() * 0, new_v=new_v.float() * 0)
@@ -356,7 +357,7 @@ def test_decode_merge_gpu(monkeypatch, merge_in_kernel: bool, dtype: torch.dtype
     to 32k, the splits merged by the reduce kernel or in the decode kernel; then replays of one CUDA graph
     sized for 32k (128 splits, of which the active ones merge), each equal to the eager result, the merge
     counters left at zero."""
-    monkeypatch.setattr(attention, "DECODE_MERGE_IN_KERNEL", merge_in_kernel)
+    monkeypatch.setattr(decode, "DECODE_MERGE_IN_KERNEL", merge_in_kernel)
     q_heads, kv_heads, head_dim = MODELS["7B"]
     for n in (1, 100, 2049, 8000, 32768):
         batch = make_batch([(1, n)], 1, q_heads, kv_heads, head_dim, 16, dtype, seed=n)
@@ -393,7 +394,7 @@ def test_prefill_new_kv_gpu(model: str, dtype: torch.dtype):
 def test_prefill_new_kv_configs_gpu(monkeypatch, block_m: int, block_n: int, num_warps: int, num_stages: int,
                                     descriptors: bool):
     """Tile settings of the sweep at the 0.5B head shape (the sweep itself checks them at 7B's)."""
-    monkeypatch.setattr(attention, "_prefill_config", lambda dtype, max_query_len: dict(
+    monkeypatch.setattr(prefill, "_prefill_config", lambda dtype, max_query_len: dict(
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, DESCRIPTORS=descriptors))
     q_heads, kv_heads, head_dim = MODELS["0.5B"]
     seqs, num_decodes = GPU_SEQS
