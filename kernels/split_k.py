@@ -1,4 +1,4 @@
-"""Split-K for the weight-streaming GEMMs (kernels/quant_linear.py, kernels/fp8_linear.py).
+"""Split-K for the weight-streaming GEMMs (kernels/quant_linear/, kernels/fp8_linear.py).
 
 At decode an [M, K] x [K, N] product has too few output tiles to keep every SM streaming weights, so K is
 split too: program (n, m, k) sums its share of K. Every split stores its fp32 partial sum; the last split
