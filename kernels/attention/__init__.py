@@ -88,13 +88,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             new_k, new_v = _last_dim_contiguous(new_k), _last_dim_contiguous(new_v)
             new_strides = (new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1))
             descriptors = prefill._new_kv_descriptors(new_k, new_v, cfg["BLOCK_N"]) if use_descriptors else None
+            new_k_ptr, new_v_ptr = new_k, new_v  # pointer loads of the tile shared with cached keys
             if descriptors is not None:
                 new_k, new_v = descriptors
         else:  # unread placeholders
             new_k, new_v, new_strides, descriptors = k_cache, v_cache, (0, 0, 0, 0), None
+            new_k_ptr, new_v_ptr = k_cache, v_cache
         grid = (num_heads, num_prefills, triton.cdiv(max_query_len, cfg["BLOCK_M"]))
         prefill._prefill_kernel[grid](
-            q, k_cache, v_cache, new_k, new_v, out, query_start_loc, seq_lens, block_tables, qk_scale, num_decodes,
+            q, k_cache, v_cache, new_k, new_v, new_k_ptr, new_v_ptr, out, query_start_loc, seq_lens, block_tables,
+            qk_scale, num_decodes,
             q.stride(0), q.stride(1), *cache_strides, *new_strides, out.stride(0), out.stride(1),
             block_tables.stride(0), GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             PRECISION=precision, NEW_KV=new_kv, DESCRIPTORS=descriptors is not None, **cfg)
