@@ -120,9 +120,10 @@ def name_of(cfg: dict | None) -> str:
     return "prefill" if cfg is None else "prefill " + " ".join(f"{k}={v}" for k, v in cfg.items())
 
 
-# Prefill tile settings the sweep times (bf16; BLOCK_M a multiple of BLOCK_N; DESCRIPTORS: the new keys through
-# TMA). Shared memory and registers per thread of each from its sm_90a compile at the 7B shapes (triton 3.6 on
-# a CPU, ptxas -v), and the CTAs an H200 SM then holds (228 KiB, 64K registers): no spills unless noted.
+# Prefill tile settings the sweep times (bf16; DESCRIPTORS: the new keys through TMA; the defaults keep one
+# BLOCK_N for all chunk lengths, see _prefill_config). Shared memory and registers per thread of each from its
+# sm_90a compile at the 7B shapes (triton 3.6 on a CPU, ptxas -v), and the CTAs an H200 SM then holds (228 KiB,
+# 64K registers): no spills unless noted.
 PREFILL_CANDIDATES = [
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, DESCRIPTORS=True),  # 161 KiB, 255 regs: 1 CTA
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=True),  # 225 KiB, 255 + 20 B spills: 1

@@ -286,7 +286,8 @@ def _load_new_kv(new_k, new_v, q_start, j0, kv_head, n_new, stride_nkt, stride_n
                  MASKED: tl.constexpr):
     """K and V [BLOCK_N, D_PAD] of the chunk's new tokens j0 .. j0 + BLOCK_N, read densely from rows q_start + j of
     new_k / new_v [T, Hkv, D]: tensor descriptors (TMA: whole tiles, rows past T zero-filled) or pointers.
-    MASKED: pointer loads give zeros where j >= n_new (the diagonal tiles, which may run past the sequence)."""
+    MASKED: pointer loads give zeros where j < 0 or j >= n_new (the tile shared with cached keys; the diagonal
+    tiles, which may run past the sequence)."""
     if DESCRIPTORS:
         k = new_k.load([q_start + j0, kv_head * HEAD_DIM])
         v = new_v.load([q_start + j0, kv_head * HEAD_DIM])
@@ -297,7 +298,7 @@ def _load_new_kv(new_k, new_v, q_start, j0, kv_head, n_new, stride_nkt, stride_n
         k_ptrs = new_k + rows * stride_nkt + kv_head * stride_nkh + d[None, :]
         v_ptrs = new_v + rows * stride_nvt + kv_head * stride_nvh + d[None, :]
         if MASKED:
-            mask = (j < n_new)[:, None] & (d < HEAD_DIM)[None, :]
+            mask = ((j >= 0) & (j < n_new))[:, None] & (d < HEAD_DIM)[None, :]
         else:
             mask = (d < HEAD_DIM)[None, :]
         if MASKED or HEAD_DIM != D_PAD:
@@ -327,8 +328,8 @@ def _softmax_step(acc, m, l, q, k, v, visible, qk_scale, MASKED: tl.constexpr, P
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, new_k, new_v, out_ptr, query_start_loc_ptr, seq_lens_ptr,
-                    block_tables_ptr, qk_scale, num_decodes,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, new_k, new_v, new_k_ptr, new_v_ptr, out_ptr, query_start_loc_ptr,
+                    seq_lens_ptr, block_tables_ptr, qk_scale, num_decodes,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                     stride_nkt, stride_nkh, stride_nvt, stride_nvh, stride_ot, stride_oh, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -337,12 +338,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, new_k, new_v, out_ptr, quer
     """Program (query head, prefill sequence, query block): BLOCK_M new queries of one head against the
     sequence's cached + new keys, with an fp32 online softmax.
 
-    Query i of the chunk sits at position ctx + i (ctx = seq_len - n_new tokens were cached before).
-    NEW_KV: the ctx cached keys come through the block table (all visible; only a last partial tile masked),
-    the chunk's own keys densely from new_k / new_v (DESCRIPTORS: TMA tiles), in tiles aligned to the query
-    blocks: new key tiles below the block are visible to all its rows, only the BLOCK_M / BLOCK_N tiles of the
-    diagonal apply the causal mask. Without NEW_KV every key comes through the block table, tiles aligned to
-    positions: those wholly below the block's first position unmasked, the rest up to its last one masked.
+    Query i of the chunk sits at position ctx + i (ctx = seq_len - n_new tokens were cached before). Key tiles
+    are aligned to positions: those wholly below the block's first position unmasked, the rest up to its last
+    one masked. NEW_KV: cached keys come through the block table, the chunk's own keys densely from new_k /
+    new_v (DESCRIPTORS: TMA tiles), the tile holding both from both; without NEW_KV every key comes through
+    the block table.
     The grid runs heads fastest and query blocks slowest, last-first: the programs of the last blocks, whose
     causal work is the largest, start first across all heads and sequences (before, only within one head), and
     the GROUP heads of one KV head run side by side, sharing its K/V tiles in L2.
@@ -368,35 +368,41 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, new_k, new_v, out_ptr, quer
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     table = block_tables_ptr + b * stride_bt
+    # Key tiles sit at fixed positions (0, BLOCK_N, ...) whatever ctx is, so a query's keys are grouped, and its
+    # softmax rounded, the same whether a prefix cache served part of the prompt or not.
+    q_pos = ctx + i
+    first_pos = ctx + m_block * BLOCK_M
+    unmasked_end = (first_pos // BLOCK_N) * BLOCK_N  # tiles below it are visible to every row of the block
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)
     if NEW_KV:
-        tl.static_assert(BLOCK_M % BLOCK_N == 0)
-        cached_full = (ctx // BLOCK_N) * BLOCK_N
-        for n0 in range(0, cached_full, BLOCK_N):
+        cached_end = (ctx // BLOCK_N) * BLOCK_N  # tiles wholly cached; all below unmasked_end
+        new_begin = tl.cdiv(ctx, BLOCK_N) * BLOCK_N  # tiles wholly new
+        for n0 in range(0, cached_end, BLOCK_N):
             k, v = _load_paged_kv(k_cache_ptr, v_cache_ptr, table, n0 + tl.arange(0, BLOCK_N), kv_head, ctx,
                                   stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                                   HEAD_DIM, D_PAD, BLOCK_SIZE, False)
             acc, m, l = _softmax_step(acc, m, l, q, k, v, None, qk_scale, False, PRECISION)
-        for n0 in range(cached_full, ctx, BLOCK_N):  # at most one: the partial last tile of the cached keys
-            n = n0 + tl.arange(0, BLOCK_N)
+        if cached_end < ctx:  # the tile of the first new key: its cached keys through the pages, new ones dense
+            n = cached_end + tl.arange(0, BLOCK_N)
             k, v = _load_paged_kv(k_cache_ptr, v_cache_ptr, table, n, kv_head, ctx,
                                   stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                                   HEAD_DIM, D_PAD, BLOCK_SIZE, True)
-            acc, m, l = _softmax_step(acc, m, l, q, k, v, (n < ctx)[None, :], qk_scale, True, PRECISION)
-        diagonal = m_block * BLOCK_M
-        for j0 in range(0, diagonal, BLOCK_N):
-            k, v = _load_new_kv(new_k, new_v, q_start, j0, kv_head, n_new, stride_nkt, stride_nkh, stride_nvt,
-                                stride_nvh, HEAD_DIM, D_PAD, BLOCK_N, DESCRIPTORS, False)
+            k_new, v_new = _load_new_kv(new_k_ptr, new_v_ptr, q_start, cached_end - ctx, kv_head, n_new, stride_nkt,
+                                        stride_nkh, stride_nvt, stride_nvh, HEAD_DIM, D_PAD, BLOCK_N, False, True)
+            k, v = k + k_new, v + v_new  # each zero where the other holds the key: exact
+            visible = (n[None, :] <= q_pos[:, None]) & (n < kv_end)[None, :]
+            acc, m, l = _softmax_step(acc, m, l, q, k, v, visible, qk_scale, True, PRECISION)
+        for n0 in range(new_begin, unmasked_end, BLOCK_N):
+            k, v = _load_new_kv(new_k, new_v, q_start, n0 - ctx, kv_head, n_new, stride_nkt, stride_nkh,
+                                stride_nvt, stride_nvh, HEAD_DIM, D_PAD, BLOCK_N, DESCRIPTORS, False)
             acc, m, l = _softmax_step(acc, m, l, q, k, v, None, qk_scale, False, PRECISION)
-        for j0 in range(diagonal, tl.minimum(n_new, diagonal + BLOCK_M), BLOCK_N):
-            k, v = _load_new_kv(new_k, new_v, q_start, j0, kv_head, n_new, stride_nkt, stride_nkh, stride_nvt,
-                                stride_nvh, HEAD_DIM, D_PAD, BLOCK_N, DESCRIPTORS, True)
-            visible = (j0 + tl.arange(0, BLOCK_N))[None, :] <= i[:, None]
+        for n0 in range(tl.maximum(new_begin, unmasked_end), kv_end, BLOCK_N):
+            k, v = _load_new_kv(new_k, new_v, q_start, n0 - ctx, kv_head, n_new, stride_nkt, stride_nkh,
+                                stride_nvt, stride_nvh, HEAD_DIM, D_PAD, BLOCK_N, DESCRIPTORS, True)
+            n = n0 + tl.arange(0, BLOCK_N)
+            visible = (n[None, :] <= q_pos[:, None]) & (n < kv_end)[None, :]
             acc, m, l = _softmax_step(acc, m, l, q, k, v, visible, qk_scale, True, PRECISION)
     else:
-        q_pos = ctx + i
-        first_pos = ctx + m_block * BLOCK_M
-        unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
-        kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)
         for n0 in range(0, unmasked_end, BLOCK_N):
             k, v = _load_paged_kv(k_cache_ptr, v_cache_ptr, table, n0 + tl.arange(0, BLOCK_N), kv_head, kv_end,
                                   stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -439,16 +445,20 @@ PREFILL_SHORT_QUERY_LEN = 512  # chunks up to this long take the short-chunk til
 
 
 def _prefill_config(dtype: torch.dtype, max_query_len: int) -> dict:
-    """Tile settings of the prefill kernel: the fastest of benchmarks/kernels_attention.py --sweep on the H200
-    (session 10 X1, RESULTS.md). DESCRIPTORS: the new keys through TMA descriptors where possible
-    (_new_kv_descriptors), else pointers. Long chunks: 128 x 128 tiles over two warpgroups (each wgmma 64 rows;
-    one group's softmax runs under the other's dots), 3 stages. Short chunks: 64 x 32, 3 stages, several CTAs
-    per SM, for programs enough to fill the GPU. fp32 dots run on FMA units: small tiles, no pipelining."""
+    """Tile settings of the prefill kernel. BLOCK_N, the key tile, is the same for every chunk length of a dtype:
+    it fixes how a query's keys are grouped and so how its softmax rounds, and a query must come out the same
+    whether its chunk is long (no prefix cache, or long companions in the batch) or short. BLOCK_M may vary.
+    DESCRIPTORS: the new keys through TMA descriptors where possible (_new_kv_descriptors), else pointers.
+    Long chunks: 128-row blocks over two warpgroups (each wgmma 64 rows; one group's softmax runs under the
+    other's dots); short chunks: 64-row blocks, several CTAs per SM, for programs enough to fill the GPU. 3
+    stages: faster than 2 in benchmarks/kernels_attention.py --sweep on the H200 (session 10 X1), whose fastest
+    tiles (128 x 128 long, 64 x 32 short) differ in BLOCK_N; 128 x 64 and 64 x 64 are not yet timed. fp32 dots
+    run on FMA units: small tiles, no pipelining."""
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, DESCRIPTORS=False)
     if max_query_len <= PREFILL_SHORT_QUERY_LEN:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, DESCRIPTORS=True)
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=True)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=True)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, DESCRIPTORS=True)
 
 
 @functools.cache
@@ -533,13 +543,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             new_k, new_v = _last_dim_contiguous(new_k), _last_dim_contiguous(new_v)
             new_strides = (new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1))
             descriptors = _new_kv_descriptors(new_k, new_v, cfg["BLOCK_N"]) if use_descriptors else None
+            new_k_ptr, new_v_ptr = new_k, new_v  # pointer loads of the tile shared with cached keys
             if descriptors is not None:
                 new_k, new_v = descriptors
         else:  # unread placeholders
             new_k, new_v, new_strides, descriptors = k_cache, v_cache, (0, 0, 0, 0), None
+            new_k_ptr, new_v_ptr = k_cache, v_cache
         grid = (num_heads, num_prefills, triton.cdiv(max_query_len, cfg["BLOCK_M"]))
         _prefill_kernel[grid](
-            q, k_cache, v_cache, new_k, new_v, out, query_start_loc, seq_lens, block_tables, qk_scale, num_decodes,
+            q, k_cache, v_cache, new_k, new_v, new_k_ptr, new_v_ptr, out, query_start_loc, seq_lens, block_tables,
+            qk_scale, num_decodes,
             q.stride(0), q.stride(1), *cache_strides, *new_strides, out.stride(0), out.stride(1),
             block_tables.stride(0), GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             PRECISION=precision, NEW_KV=new_kv, DESCRIPTORS=descriptors is not None, **cfg)

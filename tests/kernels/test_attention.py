@@ -456,3 +456,36 @@ def test_prefill_new_kv_cuda_graph():
         rows = ref.shape[0]
         assert torch.isfinite(out[:rows]).all()
         assert rel_err(out[:rows], ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_prefill_rows_independent_of_cached_prefix_and_chunk_length():
+    """bf16, 7B heads: a query's output is bitwise the same whether its prompt is prefilled whole (a long chunk,
+    no prefix cache) or after ctx tokens served from the cache (a short chunk over cached pages, ctx on and off
+    the key tile), and whether a short chunk runs alone or beside a long one (another tile config)."""
+    q_heads, kv_heads, head_dim = MODELS["7B"]
+    block_size, S, dtype = 16, 1200, torch.bfloat16
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    pages = S // block_size + 1
+    k_cache, v_cache = (torch.randn(2 * pages, block_size, kv_heads, head_dim, device=DEVICE, generator=gen)
+                        .to(dtype) for _ in range(2))
+    tables = torch.arange(2 * pages, dtype=torch.int32, device=DEVICE).view(2, pages)
+    q = torch.randn(S, q_heads, head_dim, device=DEVICE, generator=gen).to(dtype)
+    keys = [c.view(2, pages * block_size, kv_heads, head_dim) for c in (k_cache, v_cache)]
+
+    def prefill(chunks: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """chunks of (sequence 0 or 1 = table row, first position, seq_len): each chunk's rows of the output."""
+        rows = [slice(first, seq_len) for _, first, seq_len in chunks]
+        qsl = torch.tensor([0] + [r.stop - r.start for r in rows], device=DEVICE).cumsum(0).to(torch.int32)
+        new_k, new_v = (torch.cat([kv[seq, r] for (seq, _, _), r in zip(chunks, rows)]) for kv in keys)
+        out = attention.paged_attention(
+            torch.cat([q[r] for r in rows]), k_cache, v_cache, qsl,
+            torch.tensor([c[2] for c in chunks], dtype=torch.int32, device=DEVICE),
+            tables[[c[0] for c in chunks]].contiguous(), head_dim**-0.5, 0, new_k=new_k, new_v=new_v)
+        return [out[a:b] for a, b in zip(qsl[:-1].tolist(), qsl[1:].tolist())]
+
+    whole = prefill([(0, 0, S)])[0]
+    for ctx in (37, 64, 700, 1150):
+        assert torch.equal(prefill([(0, ctx, S)])[0], whole[ctx:]), ctx
+    alone = prefill([(1, 0, 100)])[0]
+    assert torch.equal(prefill([(0, 0, S), (1, 0, 100)])[1], alone)
