@@ -15,6 +15,7 @@ from engine.sampled_tokens import SampledTokens
 from kernels import PAD_SLOT
 from tests.test_engine import TEN_PROMPTS, assert_pools_full, greedy
 from tests.test_step_inputs import _graphs
+from tests.tiny_models import GPU_TEST_MEMORY
 
 
 def test_sampled_tokens_fill_inputs_and_pad_the_rows_they_end():
@@ -42,7 +43,7 @@ def test_decode_graphs_read_the_sampled_tokens_and_pad_the_rows_they_end():
 
 
 def reference_outputs(h1_dir, prompts, max_tokens, device="cpu"):
-    kw = dict(gpu_memory_utilization=0.2, max_num_batched_tokens=128) if device == "cuda" else {}
+    kw = dict(gpu_memory_utilization=GPU_TEST_MEMORY, max_num_batched_tokens=128) if device == "cuda" else {}
     llm = LLM(str(h1_dir), device=device, dtype="float32", async_scheduling=False, **kw)
     return [out.outputs[0] for out in llm.generate(prompts, greedy(max_tokens))]
 
@@ -51,7 +52,7 @@ def run_script(h1_dir, async_scheduling: bool, script: dict, device: str = "cpu"
     """Steps an engine to the end, adding (request id, prompt, params) or aborting (request id) before the
     step numbered in `script`. Per request: every output field in order; and how many steps ran ahead."""
     if device == "cuda":  # CUDA graphs for decode (where the tokens are gathered on the device), few prefill ones
-        engine_kw.update(gpu_memory_utilization=0.2, max_num_batched_tokens=128)
+        engine_kw.update(gpu_memory_utilization=GPU_TEST_MEMORY, max_num_batched_tokens=128)
     llm = LLM(str(h1_dir), device=device, dtype="float32", async_scheduling=async_scheduling, **engine_kw)
     assert (llm.engine.runner.graphs is not None) == (device == "cuda")
     engine = llm.engine

@@ -25,6 +25,7 @@ from kernels.fp8_linear import gemv_config as fp8_gemv_config
 from kernels.gemv import gemv, gemv_config
 from kernels.quant_linear import gptq_linear
 from tests.kernels.test_quant_linear import random_gptq
+from tests.tiny_models import GPU_TEST_MEMORY
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU / interpreter case")
@@ -150,7 +151,7 @@ def greedy_with_logprobs(directory, enabled: bool, monkeypatch) -> list:
     """One sequence alone, then four together: each's tokens and top-5 logprobs at every step."""
     monkeypatch.setattr(pdl, "ENABLED", enabled)
     llm = LLM(str(directory), device="cuda", dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=64,
-              max_model_len=256, gpu_memory_utilization=0.2)
+              max_model_len=256, gpu_memory_utilization=GPU_TEST_MEMORY)
     assert llm.engine.runner.graphs is not None
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=5)
     outs = llm.generate(PROMPTS[:1], params) + llm.generate(PROMPTS, params)
