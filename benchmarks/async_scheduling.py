@@ -24,12 +24,12 @@ from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
-# (object path on the engine, method, label); the engine's own methods are wrapped on the instance.
-PHASES = [("scheduler", "schedule", "schedule"), ("", "_schedule_ahead", "schedule ahead"),
+# (attribute of the engine holding the object, or "" for the engine; method, label): wrapped on the instance.
+PHASES = [("scheduler", "schedule", "schedule"), ("async_scheduler", "schedule_ahead", "schedule ahead"),
           ("runner", "apply_copies", "apply copies"), ("runner", "execute", "stage + launch forward"),
           ("", "_report_deferred", "report deferred"), ("", "_complete", "complete previous (incl. wait, emit)"),
           ("", "_advance", "advance"), ("", "_sample", "sample + wait (stepwise)"),
-          ("", "_sample_ahead", "sample, launch only (async)"), ("", "_emit", "emit (stops, outputs)"),
+          ("async_scheduler", "sample_ahead", "sample, launch only (async)"), ("", "_emit", "emit (stops, outputs)"),
           ("", "_mark_finished_requests", "mark finished")]
 
 

@@ -9,6 +9,7 @@ from typing import NoReturn
 
 import torch
 
+from engine.async_scheduling import AsyncScheduler, InFlightStep, drop_done_rows
 from engine.cache_manager import CacheManager
 from engine.config import EngineArgs, load_model_config
 from engine.loader import resolve_model_path
@@ -19,11 +20,10 @@ from engine.outputs import Logprob, StepOutput
 from engine.prompt_logprobs import PromptScores
 from engine.quantization import resolve_quantization
 from engine.request_checks import ModelLimits, RequestError, check_request
-from engine.sampled_tokens import SampledTokens
-from engine.sampler import DeviceSample, sample, sample_on_device, select_rows
+from engine.sampler import sample, select_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import PENDING_TOKEN, Sequence
+from engine.sequence import Sequence
 from engine.stop_checker import add_text, check_stop
 from engine.structured_output import GrammarCompiler
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -47,16 +47,6 @@ class NoText:
 
     def flush(self) -> str:
         return ""
-
-
-class InFlightStep:
-    """A decode step whose sampled tokens are still on the device: each row's sequence ends with a
-    PENDING_TOKEN placeholder until LLMEngine._complete reports the real token."""
-
-    def __init__(self, seqs: list[Sequence], sampled: DeviceSample):
-        self.seqs: list[Sequence | None] = list(seqs)  # None: completed early (an abort)
-        self.sampled = sampled
-        self.row_of = {seq: row for row, seq in enumerate(seqs)}
 
 
 @dataclass
@@ -121,7 +111,8 @@ class LLMEngine:
         self.sequences: dict[str, list[Sequence]] = {}
         # Sequences whose newest token is reported by the next step, while its forward pass runs (step()).
         self._deferred: list[Sequence] = []
-        self._in_flight: InFlightStep | None = None  # async scheduling: the decode step sampled last (step())
+        self.async_scheduler = AsyncScheduler(args, self.scheduler, self.eos_token_ids, self.max_model_len,
+                                              prefix_caching=self.cache.index is not None)
         self._fault: str | None = None  # set by a fatal fault: see step()
 
     # ---- requests ----------------------------------------------------------------------------
@@ -229,13 +220,14 @@ class LLMEngine:
         (its first token, its last one and every token of a sequence with stop strings are reported at
         once). Outputs are the same, only that host work is off the device's critical path.
 
-        Async scheduling (EngineArgs.async_scheduling) goes further for decode-only steps: their sampled
-        tokens stay on the device (InFlightStep), the next step is scheduled and launched with them as
-        its inputs, and only then does the host wait for them and report them (_complete), while that
-        step runs. Only what the host could not know in advance is found a step late: a sequence that
-        ended on an eos or stop token ran one more row, which the device turned into padding
-        (SampledTokens), and which is dropped. A step falls back to the order above whenever scheduling
-        it needs the tokens (_schedule_ahead); sampling always sees the host state it would see there.
+        Async scheduling (EngineArgs.async_scheduling, engine/async_scheduling.py) goes further for
+        decode-only steps: their sampled tokens stay on the device (InFlightStep), the next step is
+        scheduled and launched with them as its inputs, and only then does the host wait for them and
+        report them (_complete), while that step runs. Only what the host could not know in advance is
+        found a step late: a sequence that ended on an eos or stop token ran one more row, which the
+        device turned into padding (SampledTokens), and which is dropped (drop_done_rows). A step falls
+        back to the order above whenever scheduling it needs the tokens (AsyncScheduler.schedule_ahead);
+        sampling always sees the host state it would see there.
 
         A fault while sampling or emitting one sequence fails that request alone. A fault in scheduling,
         forking or the forward pass may have left shared state (caches, queues) inconsistent: the engine
@@ -243,12 +235,12 @@ class LLMEngine:
         """
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
-        in_flight, self._in_flight = self._in_flight, None
+        in_flight = self.async_scheduler.take_in_flight()
         outputs: list[StepOutput] = []
         sched = None
         if in_flight is not None:
             try:
-                sched = self._schedule_ahead(in_flight)
+                sched = self.async_scheduler.schedule_ahead(in_flight)
             except Exception as e:
                 self._die("engine step failed; the engine cannot continue", e)
             if sched is None:  # the next step depends on the tokens: wait for them
@@ -261,9 +253,7 @@ class LLMEngine:
                 sched = self.scheduler.schedule()
             if sched:
                 self.runner.apply_copies(self.cache.take_copies())  # prefix-cache hits and checkpoints, in order
-                sampled = None if in_flight is None else SampledTokens(
-                    in_flight.sampled.token_ids, [in_flight.row_of[seq] for seq in sched.seqs],
-                    [self._stop_ids(seq) for seq in sched.seqs])
+                sampled = None if in_flight is None else self.async_scheduler.inputs(in_flight, sched)
                 logits, prompt_scores = self.runner.execute(sched, sampled)  # returns before the device is done
         except Exception as e:
             self._die("engine step failed; the engine cannot continue", e)
@@ -272,7 +262,7 @@ class LLMEngine:
         outputs += self._report_deferred(failed)
         if in_flight is not None:
             outputs += self._complete(in_flight, failed)  # while the device runs this step
-            sched, logits = self._drop_done_rows(sched, logits, failed)
+            sched, logits = drop_done_rows(sched, logits, failed)
         if not sched:
             return self._mark_finished_requests(outputs + self._fail_requests(failed))
         try:
@@ -280,7 +270,8 @@ class LLMEngine:
         except Exception as e:
             self._die("engine step failed; the engine cannot continue", e)
         logits = select_rows(logits, rows)
-        if self._can_sample_ahead(sched, samplers, failed) and self._sample_ahead(logits, samplers):
+        if (self.async_scheduler.can_sample_ahead(sched, samplers, failed, one_rank=self.runner.workers is None)
+                and self.async_scheduler.sample_ahead(logits, samplers, self._grammar_mask)):
             return self._mark_finished_requests(outputs + self._fail_requests(failed))
         tokens, logprobs = self._sample(logits, samplers, failed) if samplers else ([], [])
         # A scored-only sequence (max_tokens=0) finishes with its prompt, without a token.
@@ -319,59 +310,7 @@ class LLMEngine:
                 failed[seq.request_id] = e
         return outputs
 
-    # ---- async scheduling ----------------------------------------------------------------------
-
-    def _schedule_ahead(self, in_flight: InFlightStep) -> ScheduledBatch | None:
-        """The next decode step of the in-flight sequences, before their tokens are known, if it is the
-        step schedule() would run once they are (minus the sequences that end with them): nobody
-        waits for admission, every running sequence is in flight, blocks need no preemption or
-        eviction. A sequence whose pending token is its last by length is left out (known in advance:
-        max_tokens is never overshot). None: the tokens are needed first."""
-        seqs = [seq for seq in in_flight.seqs if seq is not None and not seq.is_finished]
-        if (not self.args.async_scheduling or self.scheduler.waiting or len(seqs) != len(self.scheduler.running)
-                or not all(map(self._overlappable, seqs))):
-            return None
-        going_on = [seq for seq in seqs if not self._ends_by_length(seq)]
-        return self.scheduler.schedule_decodes(going_on) if going_on else None
-
-    def _ends_by_length(self, seq: Sequence) -> bool:
-        """check_stop's length rule, for a sequence whose newest (counted) token is pending."""
-        max_tokens = seq.params.max_tokens if seq.params.max_tokens is not None else self.max_model_len
-        return seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len
-
-    def _stop_ids(self, seq: Sequence) -> list[int]:
-        """The tokens that would end seq as its pending token (check_stop's eos and stop token rules)."""
-        params = seq.params
-        if seq.num_output_tokens < params.min_tokens:
-            return []
-        return sorted(params.stop_token_set if params.ignore_eos else params.stop_token_set | self.eos_token_ids)
-
-    def _overlappable(self, seq: Sequence) -> bool:
-        """Whether seq's next step may run before its newest token is on the host. A stop string or a
-        grammar can end it where the device cannot tell; its extra row then writes its state, which
-        the prefix cache must not keep as a checkpoint."""
-        return self.cache.index is None or not (seq.params.stop_strings or seq.grammar is not None)
-
-    def _can_sample_ahead(self, sched: ScheduledBatch, samplers: list[Sequence], failed: dict[str, Exception]
-                          ) -> bool:
-        """Whether this step's tokens may stay on the device: a decode-only step the next one could be
-        scheduled ahead of (_schedule_ahead), on one rank (workers would need the tokens on the host)."""
-        return (self.args.async_scheduling and self.runner.workers is None and not failed
-                and sched.num_decodes == len(sched.seqs) == len(samplers) and not self.scheduler.waiting
-                and all(map(self._overlappable, samplers)))
-
-    def _sample_ahead(self, logits: torch.Tensor, samplers: list[Sequence]) -> bool:
-        """Samples on the device and leaves the tokens there (the step in flight); False if sampling
-        failed (the caller samples the rows one by one, waiting)."""
-        try:
-            sampled = sample_on_device(logits, samplers, self.eos_token_ids, self._grammar_mask(samplers))
-        except Exception:  # noqa: BLE001
-            logger.exception("batched sampling failed; sampling its %d rows one by one", len(samplers))
-            return False
-        for seq in samplers:
-            seq.token_ids.append(PENDING_TOKEN)
-        self._in_flight = InFlightStep(samplers, sampled)
-        return True
+    # ---- what the previous step left: its tokens in flight, its deferred outputs ----------------
 
     def _complete(self, in_flight: InFlightStep, failed: dict[str, Exception], request_id: str | None = None,
                   defer: bool = False) -> list[StepOutput]:
@@ -381,34 +320,18 @@ class LLMEngine:
             result = in_flight.sampled.result()
         except Exception as e:
             self._die("waiting for the sampled tokens failed; the engine cannot continue", e)
-        emitted = []
-        for row, seq in enumerate(in_flight.seqs):
-            if seq is None or (request_id is not None and seq.request_id != request_id):
-                continue
-            seq.token_ids.pop()  # its PENDING_TOKEN
-            in_flight.seqs[row] = None
-            emitted.append((seq, result.token_ids[row], result.logprobs[row]))
-        return self._emit(emitted, failed, defer)
+        return self._emit(in_flight.take(result, request_id), failed, defer)
 
     def _complete_request(self, request_id: str) -> list[StepOutput]:
         """Appends request_id's in-flight tokens now (before an abort, which reports a deferred one)."""
-        in_flight = self._in_flight
-        if in_flight is None or not any(seq is not None and seq.request_id == request_id for seq in in_flight.seqs):
+        in_flight = self.async_scheduler.in_flight
+        if in_flight is None or not in_flight.holds(request_id):
             return []
         failed: dict[str, Exception] = {}
         outputs = self._complete(in_flight, failed, request_id, defer=True)
-        if all(seq is None for seq in in_flight.seqs):
-            self._in_flight = None
+        if in_flight.all_taken:
+            self.async_scheduler.in_flight = None
         return outputs + self._fail_requests(failed)
-
-    def _drop_done_rows(self, sched: ScheduledBatch, logits: torch.Tensor, failed: dict[str, Exception]
-                        ) -> tuple[ScheduledBatch, torch.Tensor]:
-        """The step without the rows of sequences that its inputs ended (or that failed), and their logits."""
-        keep = [i for i, seq in enumerate(sched.seqs) if not seq.is_finished and seq.request_id not in failed]
-        if len(keep) == len(sched.seqs):
-            return sched, logits
-        seqs = [sched.seqs[i] for i in keep]
-        return ScheduledBatch(seqs, [1] * len(seqs), len(seqs)), select_rows(logits, keep)
 
     def _report_deferred(self, failed: dict[str, Exception]) -> list[StepOutput]:
         """The outputs the previous step deferred (of sequences still running), their text detokenized now."""
