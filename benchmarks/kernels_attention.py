@@ -6,7 +6,9 @@ CUDA graph, as the server runs them (the prefill rates are from the replay).
 
     python benchmarks/kernels_attention.py --out benchmarks/results_kernels_attention.md [--sweep]
 
---sweep also times alternative decode / prefill launch settings (module constants) to pick the defaults.
+--sweep also times alternative decode / prefill launch settings (module constants; the prefill's
+PREFILL_CANDIDATES) to pick the defaults. The prefill reads the new tokens' K / V densely from new_kv, as the
+model passes it; "prefill, pages only" is the kernel without it (every key through the block table).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.ceilings import Ceilings, measure_ceilings
 from benchmarks.report import emit
 from kernels import attention, norm  # noqa: E402
+from kernels.attention import decode, prefill  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, HIDDEN = 12, 2, 128, 16, 3072
 DTYPE = torch.bfloat16
@@ -46,7 +49,9 @@ def bench_graph(fn: Callable[[], object]) -> float:
 
 
 def paged_batch(seqs: list[tuple[int, int]], num_decodes: int) -> dict:
-    """Caches holding exactly the batch's blocks, handed out in shuffled order; (n_new, seq_len) per sequence."""
+    """Caches holding exactly the batch's blocks, handed out in shuffled order; (n_new, seq_len) per sequence.
+    new_k / new_v: the new tokens' K / V copied out of their slots, halves of one [2, T, Hkv, D] buffer (the
+    model's rope_write_kv output)."""
     blocks = [triton.cdiv(s, BLOCK_SIZE) for _, s in seqs]
     order = torch.randperm(sum(blocks), device="cuda").int()
     tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device="cuda")
@@ -56,14 +61,17 @@ def paged_batch(seqs: list[tuple[int, int]], num_decodes: int) -> dict:
         used += count
     shape = (sum(blocks), BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     new = [n for n, _ in seqs]
+    k_cache, v_cache = (torch.randn(shape, device="cuda", dtype=DTYPE) for _ in range(2))
+    positions = torch.cat([torch.arange(s - n, s, device="cuda") for n, s in seqs])
+    rows = torch.cat([torch.full((n,), b, device="cuda") for b, (n, _) in enumerate(seqs)])
+    slots = tables[rows, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
+    new_kv = torch.stack([cache.flatten(0, 1)[slots] for cache in (k_cache, v_cache)])
     return dict(
-        q=torch.randn(sum(new), Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE),
-        k_cache=torch.randn(shape, device="cuda", dtype=DTYPE),
-        v_cache=torch.randn(shape, device="cuda", dtype=DTYPE),
+        q=torch.randn(sum(new), Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE), k_cache=k_cache, v_cache=v_cache,
         query_start_loc=torch.tensor([0] + new, device="cuda").cumsum(0).int(),
         seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32, device="cuda"),
         block_tables=tables, scale=SCALE, num_decodes=num_decodes, max_query_len=max(new),
-        max_seq_len=max(s for _, s in seqs),
+        max_seq_len=max(s for _, s in seqs), new_k=new_kv[0], new_v=new_kv[1],
     )
 
 
@@ -71,29 +79,34 @@ def attend(batch: dict) -> Callable[[], torch.Tensor]:
     return lambda: attention.paged_attention(**batch)
 
 
+def pages_only(batch: dict) -> dict:
+    """The batch without new_k / new_v: the kernel reads every key through the block table."""
+    return {k: v for k, v in batch.items() if k not in ("new_k", "new_v")}
+
+
 def decode_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:
     rows = []
     for num_seqs, ctx in ((1, 4096), (32, 4096), (256, 4096), (1, 32768)):
         batch = paged_batch([(1, ctx)] * num_seqs, num_seqs)
         kv_bytes = num_seqs * ctx * KV_HEADS * HEAD_DIM * 2 * batch["k_cache"].element_size()
-        settings = [(attention.DECODE_BLOCK_N, attention.DECODE_PROGRAMS_PER_SM, attention.DECODE_NUM_WARPS,
-                     attention.DECODE_NUM_STAGES)]
+        settings = [(decode.DECODE_BLOCK_N, decode.DECODE_PROGRAMS_PER_SM, decode.DECODE_NUM_WARPS,
+                     decode.DECODE_NUM_STAGES)]
         if sweep:
             settings += [(bn, pps, 4, 2) for bn in (64, 128) for pps in (1, 2, 4)]
             settings += [(64, 2, 4, 3), (64, 2, 8, 2), (128, 2, 8, 3)]
             settings = list(dict.fromkeys(settings))
         defaults = settings[0]
         for bn, pps, w, st in settings:
-            attention.DECODE_BLOCK_N, attention.DECODE_PROGRAMS_PER_SM = bn, pps
-            attention.DECODE_NUM_WARPS, attention.DECODE_NUM_STAGES = w, st
-            splits, _ = attention._decode_partition(num_seqs, KV_HEADS, ctx, torch.device("cuda"))
+            decode.DECODE_BLOCK_N, decode.DECODE_PROGRAMS_PER_SM = bn, pps
+            decode.DECODE_NUM_WARPS, decode.DECODE_NUM_STAGES = w, st
+            splits, _ = decode._decode_partition(num_seqs, KV_HEADS, ctx, torch.device("cuda"))
             t, tg = bench(attend(batch)), bench_graph(attend(batch))
             name = "decode" if (bn, pps, w, st) == defaults else f"decode BLOCK_N={bn} per_SM={pps} w={w} st={st}"
             rows.append([name, f"{num_seqs} x {ctx} ({splits} splits)", f"{t * 1e6:.1f}",
                          f"{tg * 1e6:.1f} ({kv_bytes / tg / 1e9:.0f} GB/s)", f"{kv_bytes / 2**20:.0f} MiB",
                          f"{kv_bytes / t / 1e9:.0f} GB/s", f"{kv_bytes / t / peaks.hbm_bytes_per_s:.0%}"])
-        (attention.DECODE_BLOCK_N, attention.DECODE_PROGRAMS_PER_SM, attention.DECODE_NUM_WARPS,
-         attention.DECODE_NUM_STAGES) = defaults
+        (decode.DECODE_BLOCK_N, decode.DECODE_PROGRAMS_PER_SM, decode.DECODE_NUM_WARPS,
+         decode.DECODE_NUM_STAGES) = defaults
         del batch
     return rows
 
@@ -107,6 +120,23 @@ def causal_flops(n_new: int, seq_len: int) -> float:
 def name_of(cfg: dict | None) -> str:
     return "prefill" if cfg is None else "prefill " + " ".join(f"{k}={v}" for k, v in cfg.items())
 
+
+# Prefill tile settings the sweep times (bf16; DESCRIPTORS: the new keys through TMA; the defaults keep one
+# BLOCK_N for all chunk lengths, see _prefill_config). Shared memory and registers per thread of each from its
+# sm_90a compile at the 7B shapes (triton 3.6 on a CPU, ptxas -v), and the CTAs an H200 SM then holds (228 KiB,
+# 64K registers): no spills unless noted.
+PREFILL_CANDIDATES = [
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, DESCRIPTORS=True),  # 161 KiB, 255 regs: 1 CTA
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=True),  # 225 KiB, 255 + 20 B spills: 1
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, DESCRIPTORS=True),  # 129 KiB, 191: 1
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, DESCRIPTORS=True),  # 81 KiB, 195: 2
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=True),  # 113 KiB, 194: 2 if it fits
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, DESCRIPTORS=True),  # 65 KiB, 148: 3
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DESCRIPTORS=False),  # 224 KiB, 255 + 144 B spills: 1
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=False),  # 112 KiB, 250: 2 if it fits
+]
+# the old default, every key through the pages: 81 KiB, 204 regs, 2 CTAs
+PAGES_ONLY_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, DESCRIPTORS=False)
 
 # (sequences, new tokens, context) of the prefill cases: every sequence of a case has the same lengths, so SDPA
 # can take the case as one dense batch.
@@ -146,13 +176,17 @@ def prefill_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:
         shape = f"{num_seqs} x ({n_new} new + {seq_len - n_new} cached)"
         ref = attention.paged_attention_ref(**batch)
         q, k, v = contiguous_qkv(batch, num_seqs, n_new, seq_len)
-        candidates = {"prefill (paged, Triton)": attend(batch)}
+        default = prefill._prefill_config(DTYPE, n_new)
+        candidates = {"prefill (paged, Triton)": attend(batch),
+                      "prefill, pages only " + name_of(PAGES_ONLY_CONFIG)[8:]:
+                      functools.partial(prefill_with, PAGES_ONLY_CONFIG, pages_only(batch))}
         for backend in SDPA_BACKENDS:
             candidates[f"torch SDPA {backend} (contiguous)"] = functools.partial(sdpa, q, k, v, backend)
         if sweep:
-            for bm, bn, w, st in ((64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3)):
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-                candidates[name_of(cfg)] = functools.partial(prefill_with, cfg, batch)
+            for cfg in PREFILL_CANDIDATES:
+                if cfg != default:
+                    candidates[name_of(cfg)] = functools.partial(prefill_with, cfg, batch)
+        times = {}
         for name, fn in candidates.items():
             try:
                 out = fn()
@@ -161,24 +195,32 @@ def prefill_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:
                 err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
                 assert err < 1e-2, f"{name}: max |out - ref| / max |ref| = {err:.1e}"
                 t, tg = bench(fn), bench_graph(fn)
-            except (RuntimeError, triton.runtime.errors.OutOfResources) as e:  # no such kernel for this case
-                rows.append([name, shape, "failed", str(e).splitlines()[0][:80], "", "", ""])
+            except Exception as e:  # no such kernel for this case (out of resources, compile error, backend)
+                rows.append([name, shape, "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:80]}", "", "", ""])
+                print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr, flush=True)
                 continue
+            times[name] = tg
             rows.append([name, shape, f"{t * 1e6:.1f}", f"{tg * 1e6:.1f}", f"{flops / 1e9:.1f} GFLOP",
                          f"{flops / tg / 1e12:.0f} TFLOP/s", f"{flops / tg / peaks.bf16_flops:.0%}"])
             print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr, flush=True)
+        ours = {name: t for name, t in times.items() if name.startswith("prefill") and "pages only" not in name}
+        if ours:
+            best = min(ours, key=ours.get)
+            print(f"BEST {shape}: {best} {ours[best] * 1e6:.1f} us (default {name_of(default)[8:]}: "
+                  f"{times.get('prefill (paged, Triton)', float('nan')) * 1e6:.1f} us; cuDNN "
+                  f"{times.get('torch SDPA cuDNN (contiguous)', float('nan')) * 1e6:.1f} us)", flush=True)
         del batch, ref, q, k, v
     return rows
 
 
 def prefill_with(cfg: dict, batch: dict) -> torch.Tensor:
     """The Triton prefill kernel under other tile settings."""
-    default = attention._prefill_config
-    attention._prefill_config = lambda dtype: cfg
+    default = prefill._prefill_config
+    prefill._prefill_config = lambda dtype, max_query_len: cfg
     try:
         return attention.paged_attention(**batch)
     finally:
-        attention._prefill_config = default
+        prefill._prefill_config = default
 
 
 def norm_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:

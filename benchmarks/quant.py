@@ -9,7 +9,7 @@ GPTQ-Int4, GPTQ-Int8 (group 128, act-order) and FP8.
         [--checked OUT/checked.json]
     (benchmarks/quant_gpu.sh runs issue 13's whole GPU set in one device call)
 
-GEMMs: weights bf16 (torch.nn.functional.linear, cuBLAS), GPTQ 4/8-bit (kernels/quant_linear.py), FP8
+GEMMs: weights bf16 (torch.nn.functional.linear, cuBLAS), GPTQ 4/8-bit (kernels/quant_linear/), FP8
 weight-only (Triton) and FP8 as the engine runs it (kernels/fp8_linear.py: weight-only below 128 rows,
 torch._scaled_mm with activations quantized per row from there). Each timing is a CUDA
 graph of calls that cycle through enough weight copies to miss the 50-60 MB L2, replayed; "achieved" is

@@ -383,6 +383,8 @@ class EngineArgs:
     max_cpu_loras: int | None = None  # adapters kept in host memory; default: max_loras
     lora_modules: list[LoRAModulePath] | None = None  # adapters served from start-up
     tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) the model is split over
+    # Launch a decode step before the previous one's tokens reach the host (LLMEngine.step); one rank only.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from engine.cache_pools import LayerCache
 from engine.forward_batch import ForwardBatch
 from engine.lora.layers import LoRAContext
+from engine.sampled_tokens import SampledTokens
 from kernels import PAD_SLOT
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class DecodeGraphs:
         self.logits_indices = torch.arange(n, **i64)
         self.host_fields = {b: {name: t.numpy() for name, t in self._fields(self.host_inputs, b).items()}
                             for b in self.buckets}
+        self.device_fields = {b: self._fields(self.inputs, b) for b in self.buckets}
         self.tables_at = {b: _field_offsets(b)[1] for b in self.buckets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -133,8 +135,9 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, input_ids: list[int], positions: list[int], state_slots: list[int], block_tables: list[list[int]],
-            lora_slots: list[int]) -> torch.Tensor:
-        """Replays the graph for these decode rows; returns their logits [n, V]."""
+            lora_slots: list[int], sampled: SampledTokens | None = None) -> torch.Tensor:
+        """Replays the graph for these decode rows; returns their logits [n, V]. sampled: the rows' input
+        tokens are on the device (input_ids are placeholders)."""
         n = len(input_ids)
         b = next(size for size in self.buckets if size >= n)
         if self.copied is not None:
@@ -164,5 +167,8 @@ class DecodeGraphs:
             self.copied.record()
         if width:
             self.block_tables[:n, :width].copy_(self.inputs[tables_at: size].view(torch.int32).view(n, width))
+        if sampled is not None:
+            v = self.device_fields[b]
+            sampled.write_inputs(v["input_ids"][:n], v["state_slots"][:n], v["slot_mapping"][:n], v["seq_lens"][:n])
         self.graphs[b].replay()
         return self.logits[b][:n]

@@ -9,6 +9,7 @@ from typing import NoReturn
 
 import torch
 
+from engine.async_scheduling import AsyncScheduler, InFlightStep, drop_done_rows
 from engine.cache_manager import CacheManager
 from engine.config import EngineArgs, load_model_config
 from engine.loader import resolve_model_path
@@ -19,7 +20,7 @@ from engine.outputs import Logprob, StepOutput
 from engine.prompt_logprobs import PromptScores
 from engine.quantization import resolve_quantization
 from engine.request_checks import ModelLimits, RequestError, check_request
-from engine.sampler import sample
+from engine.sampler import sample, select_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
@@ -110,6 +111,8 @@ class LLMEngine:
         self.sequences: dict[str, list[Sequence]] = {}
         # Sequences whose newest token is reported by the next step, while its forward pass runs (step()).
         self._deferred: list[Sequence] = []
+        self.async_scheduler = AsyncScheduler(args, self.scheduler, self.eos_token_ids, self.max_model_len,
+                                              prefix_caching=self.cache.index is not None)
         self._fault: str | None = None  # set by a fatal fault: see step()
 
     # ---- requests ----------------------------------------------------------------------------
@@ -183,7 +186,7 @@ class LLMEngine:
         return torch.Generator(device=self.device).manual_seed(params.sample_seed(index))
 
     def abort(self, request_id: str) -> list[StepOutput]:
-        outputs = []
+        outputs = self._complete_request(request_id)  # its tokens still on the device, as a step reports them
         for seq in self.sequences.pop(request_id, []):
             if not seq.is_finished:
                 self._finish(seq, "abort")
@@ -217,33 +220,70 @@ class LLMEngine:
         (its first token, its last one and every token of a sequence with stop strings are reported at
         once). Outputs are the same, only that host work is off the device's critical path.
 
+        Async scheduling (EngineArgs.async_scheduling, engine/async_scheduling.py) goes further for
+        decode-only steps: their sampled tokens stay on the device (InFlightStep), the next step is
+        scheduled and launched with them as its inputs, and only then does the host wait for them and
+        report them (_complete), while that step runs. Only what the host could not know in advance is
+        found a step late: a sequence that ended on an eos or stop token ran one more row, which the
+        device turned into padding (SampledTokens), and which is dropped (drop_done_rows). A step falls
+        back to the order above whenever scheduling it needs the tokens (AsyncScheduler.schedule_ahead);
+        sampling always sees the host state it would see there.
+
         A fault while sampling or emitting one sequence fails that request alone. A fault in scheduling,
         forking or the forward pass may have left shared state (caches, queues) inconsistent: the engine
         is then dead and every later call raises EngineDeadError with the reason.
         """
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
+        in_flight = self.async_scheduler.take_in_flight()
+        outputs: list[StepOutput] = []
+        sched = None
+        if in_flight is not None:
+            try:
+                sched = self.async_scheduler.schedule_ahead(in_flight)
+            except Exception as e:
+                self._die("engine step failed; the engine cannot continue", e)
+            if sched is None:  # the next step depends on the tokens: wait for them
+                failed: dict[str, Exception] = {}
+                outputs += self._complete(in_flight, failed)
+                outputs += self._fail_requests(failed)
+                in_flight = None
         try:
-            sched = self.scheduler.schedule()
+            if sched is None:
+                sched = self.scheduler.schedule()
             if sched:
                 self.runner.apply_copies(self.cache.take_copies())  # prefix-cache hits and checkpoints, in order
-                logits, prompt_scores = self.runner.execute(sched)  # returns before the device is done
+                sampled = None if in_flight is None else self.async_scheduler.inputs(in_flight, sched)
+                logits, prompt_scores = self.runner.execute(sched, sampled)  # returns before the device is done
         except Exception as e:
             self._die("engine step failed; the engine cannot continue", e)
         # Requests whose adapter failed to load at admission (the scheduler refused them) fail alone.
-        failed: dict[str, Exception] = {seq.request_id: e for seq, e in self.scheduler.take_refused()}
-        outputs = self._report_deferred(failed)
+        failed = {seq.request_id: e for seq, e in self.scheduler.take_refused()}
+        outputs += self._report_deferred(failed)
+        if in_flight is not None:
+            outputs += self._complete(in_flight, failed)  # while the device runs this step
+            sched, logits = drop_done_rows(sched, logits, failed)
         if not sched:
             return self._mark_finished_requests(outputs + self._fail_requests(failed))
         try:
             samplers, rows, scored_only = self._advance(sched, prompt_scores, failed)
         except Exception as e:
             self._die("engine step failed; the engine cannot continue", e)
-        if rows != list(range(logits.shape[0])):
-            logits = logits[rows]
+        logits = select_rows(logits, rows)
+        if (self.async_scheduler.can_sample_ahead(sched, samplers, failed, one_rank=self.runner.workers is None)
+                and self.async_scheduler.sample_ahead(logits, samplers, self._grammar_mask)):
+            return self._mark_finished_requests(outputs + self._fail_requests(failed))
         tokens, logprobs = self._sample(logits, samplers, failed) if samplers else ([], [])
         # A scored-only sequence (max_tokens=0) finishes with its prompt, without a token.
         emitted = [(seq, None, None) for seq in scored_only] + list(zip(samplers, tokens, logprobs))
+        outputs += self._emit(emitted, failed, defer=True)
+        return self._mark_finished_requests(outputs + self._fail_requests(failed))
+
+    def _emit(self, emitted: list[tuple[Sequence, int | None, dict[int, float] | None]],
+              failed: dict[str, Exception], defer: bool) -> list[StepOutput]:
+        """Appends each sequence's sampled token (None: it finishes without one) and checks its stops;
+        returns the outputs due now (defer: a going-on sequence's is reported by the next step)."""
+        outputs = []
         for seq, token, token_logprobs in emitted:
             if seq.request_id in failed:
                 continue
@@ -261,14 +301,37 @@ class LLMEngine:
                         reason = "stop"  # the grammar is complete and allows nothing more (not even ignore_eos)
                     if reason is not None:
                         self._finish(seq, reason)
-                if seq.is_finished or seq.num_emitted_tokens == 0 or seq.params.stop_strings:
+                if not defer or seq.is_finished or seq.num_emitted_tokens == 0 or seq.params.stop_strings:
                     outputs.append(self._output(seq, flush=seq.is_finished))
                 else:
                     self._deferred.append(seq)
             except Exception as e:  # noqa: BLE001 - this request's fault: fail it, serve the rest
                 logger.exception("request %s failed while emitting its output", seq.request_id)
                 failed[seq.request_id] = e
-        return self._mark_finished_requests(outputs + self._fail_requests(failed))
+        return outputs
+
+    # ---- what the previous step left: its tokens in flight, its deferred outputs ----------------
+
+    def _complete(self, in_flight: InFlightStep, failed: dict[str, Exception], request_id: str | None = None,
+                  defer: bool = False) -> list[StepOutput]:
+        """Waits for the in-flight tokens (of request_id's rows only, if given) and appends them; returns
+        their outputs (defer: as the step that sampled them would have, deferring going-on ones')."""
+        try:
+            result = in_flight.sampled.result()
+        except Exception as e:
+            self._die("waiting for the sampled tokens failed; the engine cannot continue", e)
+        return self._emit(in_flight.take(result, request_id), failed, defer)
+
+    def _complete_request(self, request_id: str) -> list[StepOutput]:
+        """Appends request_id's in-flight tokens now (before an abort, which reports a deferred one)."""
+        in_flight = self.async_scheduler.in_flight
+        if in_flight is None or not in_flight.holds(request_id):
+            return []
+        failed: dict[str, Exception] = {}
+        outputs = self._complete(in_flight, failed, request_id, defer=True)
+        if in_flight.all_taken:
+            self.async_scheduler.in_flight = None
+        return outputs + self._fail_requests(failed)
 
     def _report_deferred(self, failed: dict[str, Exception]) -> list[StepOutput]:
         """The outputs the previous step deferred (of sequences still running), their text detokenized now."""

@@ -26,6 +26,7 @@ from engine.lora.layers import LoRAContext, install_lora
 from engine.memory_plan import plan_memory
 from engine.prefill_graphs import PREFILL_GRAPH_SEQS, PrefillGraphs, prefill_buckets
 from engine.prompt_logprobs import PromptScores, score_rows, split_scores
+from engine.sampled_tokens import SampledTokens
 from engine.scheduler import ScheduledBatch
 from engine.staged_batch import StagedBatch, stage_batch, unstage_batch
 
@@ -144,28 +145,32 @@ class ModelRunner:
         score. All its tensors travel in one host-to-device copy (stage_batch, then unstage_batch)."""
         return unstage_batch(stage_batch(sched, self.block_size), self.device)
 
-    def execute(self, sched: ScheduledBatch) -> tuple[torch.Tensor, dict[int, PromptScores]]:
+    def execute(self, sched: ScheduledBatch, sampled: SampledTokens | None = None
+                ) -> tuple[torch.Tensor, dict[int, PromptScores]]:
         """Runs one step; returns logits [S, V] (fp32) for the sequences that sample, in batch order, and
-        the prompt scores of this step keyed by batch index."""
+        the prompt scores of this step keyed by batch index. sampled: a decode-only step's input tokens,
+        still on the device (one rank only: workers are sent host values)."""
         seqs = sched.seqs
+        assert sampled is None or (self.workers is None and sched.num_decodes == len(seqs))
         if self.graphs is not None and sched.num_decodes == len(seqs) and self.graphs.fits(len(seqs)):
             return self.replay_decode([s.token_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
                                       [s.state_slot for s in seqs], [s.block_table for s in seqs],
-                                      [s.lora_slot for s in seqs]), {}
+                                      [s.lora_slot for s in seqs], sampled), {}
         num_samplers = sum(map(sched.samples, range(len(seqs))))
         staged = stage_batch(sched, self.block_size)
-        if self.prefill_graphs is not None and self.prefill_graphs.fits(staged, num_samplers):
+        if self.prefill_graphs is not None and sampled is None and self.prefill_graphs.fits(staged, num_samplers):
             return self.replay_prefill(staged, num_samplers), {}
         targets, spans, owners = self._prompt_targets(sched)
         k = max((k for *_, k in spans), default=0)
-        logits, scores = self.forward(staged, num_samplers, targets, k)
+        logits, scores = self.forward(staged, num_samplers, targets, k, sampled)
         return logits, dict(zip(owners, split_scores(scores, spans))) if spans else {}
 
     @on_all_ranks
     @torch.inference_mode()
     def replay_decode(self, input_ids: list[int], positions: list[int], state_slots: list[int],
-                      block_tables: list[list[int]], lora_slots: list[int]) -> torch.Tensor:
-        return self.graphs.run(input_ids, positions, state_slots, block_tables, lora_slots)
+                      block_tables: list[list[int]], lora_slots: list[int],
+                      sampled: SampledTokens | None = None) -> torch.Tensor:
+        return self.graphs.run(input_ids, positions, state_slots, block_tables, lora_slots, sampled)
 
     @on_all_ranks
     def replay_prefill(self, batch: StagedBatch, num_samplers: int) -> torch.Tensor:
@@ -173,11 +178,14 @@ class ModelRunner:
 
     @on_all_ranks
     @torch.inference_mode()
-    def forward(self, batch: StagedBatch, num_samplers: int, score_targets: list[int], k: int
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    def forward(self, batch: StagedBatch, num_samplers: int, score_targets: list[int], k: int,
+                sampled: SampledTokens | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The logits of the batch's first num_samplers rows, and the scores (score_rows) of the rest
-        against score_targets, if any."""
+        against score_targets, if any. sampled: a decode-only batch's input tokens, on the device."""
         forward_batch = unstage_batch(batch, self.device)
+        if sampled is not None:
+            sampled.write_inputs(forward_batch.input_ids, forward_batch.state_slots, forward_batch.slot_mapping,
+                                 forward_batch.seq_lens)
         if self.lora_context is not None:
             self.lora_context.row_slots = forward_batch.lora_slots
         hidden = self.model(forward_batch, self.caches)

@@ -1,6 +1,6 @@
 """The ops layer: what models call. Each op runs its Triton kernel on CUDA and its torch reference
-elsewhere (kernels/<op>.py holds both, same signature), and splits the flat batch into its decode
-and prefill parts. FALCON_SERVE_TORCH_OPS=1 forces the references everywhere (for debugging)."""
+elsewhere (kernels/<op>.py or kernels/<op>/ holds both, same signature), and splits the flat batch into
+its decode and prefill parts. FALCON_SERVE_TORCH_OPS=1 forces the references everywhere (for debugging)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine.forward_batch import ForwardBatch
 from kernels import activation, conv1d, norm, selective_scan, ssd_scan, ssm_state_update
@@ -63,10 +64,15 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-    """RoPE on q [T, Hq, D] and k [T, Hkv, D]; the rotated k and v go into their pages. Returns the rotated q."""
-    return _impl(rope_kernels, "rope_write_kv", q)(q, k, v, batch.positions, inv_freq, k_cache, v_cache,
-                                                   batch.slot_mapping)
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RoPE on q [T, Hq, D] and k [T, Hkv, D]; the rotated k and v go into their pages. Returns the rotated q,
+    and when the batch has prefill rows the rotated k and v [2, T, Hkv, D] too, contiguous (None otherwise), for
+    paged_attention to read the new tokens' K / V densely."""
+    kv_out = torch.empty(2, *k.shape, dtype=k.dtype, device=k.device) if batch.num_prefill_seqs else None
+    q = _impl(rope_kernels, "rope_write_kv", q)(q, k, v, batch.positions, inv_freq, k_cache, v_cache,
+                                                batch.slot_mapping, kv_out=kv_out)
+    return q, kv_out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -76,6 +82,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x.is_cuda and not _FORCE_TORCH and gemv_kernels.gemv_faster(x, weight, gemv_max_weights):
         return gemv_kernels.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """layer(SiLU(gate) * up) for gate_up = [gate | up] [T, 2K] (SwiGLU's down projection). One row on CUDA whose
+    matmul is a Triton GEMV (a 16-bit weight that `linear` gives the GEMV, GPTQ, FP8) computes SiLU(gate) * up
+    as the GEMV loads x: the silu_mul launch disappears. Otherwise (more rows, a layer wrapped for LoRA, the
+    references) silu_mul, then the layer."""
+    if gate_up.is_cuda and not _FORCE_TORCH and gate_up.shape[0] == 1:
+        method = getattr(layer, "method", None)  # quantized layers' (engine/quantization); 16-bit: an nn.Linear
+        if method == "fp8":
+            return fp8_kernels.fp8_weight_only_linear(gate_up, layer.weight, layer.weight_scale, layer.bias,
+                                                      silu_mul=True)
+        if method == "gptq" and layer.separate_parts is None:
+            return gptq_kernels.gptq_linear(gate_up, layer.qweight, layer.scales, layer.zeros, layer.perm, layer.bias,
+                                            layer.bits, layer.group_size, layer.out_features, silu_mul=True)
+        if isinstance(layer, nn.Linear) and gemv_kernels.gemv_faster(gate_up, layer.weight):
+            return gemv_kernels.gemv(gate_up, layer.weight, layer.bias, silu_mul=True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return layer(silu_mul(gate, up))
 
 
 def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -110,11 +135,13 @@ def lora_expand(h_all: torch.Tensor, out: torch.Tensor, b_stack: torch.Tensor, s
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-                    scale: float) -> torch.Tensor:
-    """Attends q [T, Hq, D] over each sequence's cached tokens, its new ones included."""
+                    scale: float, new_kv: torch.Tensor | None = None) -> torch.Tensor:
+    """Attends q [T, Hq, D] over each sequence's cached tokens, its new ones included; new_kv [2, T, Hkv, D]
+    (the new tokens' K and V, already in the pages too: rope_write_kv's) lets the prefill read those densely."""
+    new_k, new_v = (None, None) if new_kv is None else new_kv
     return _impl(attention_kernels, "paged_attention", q)(
         q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens, batch.block_tables, scale,
-        batch.num_decodes, batch.max_query_len, batch.max_seq_len)
+        batch.num_decodes, batch.max_query_len, batch.max_seq_len, new_k=new_k, new_v=new_v)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_states: torch.Tensor,

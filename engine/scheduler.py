@@ -112,6 +112,16 @@ class Scheduler:
                               num_new_tokens=[1] * len(decodes) + [n for _, n in prefills],
                               num_decodes=len(decodes))
 
+    def schedule_decodes(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+        """A decode step of seqs (running, one token each to compute) that takes only free KV blocks, so
+        that nothing is preempted or evicted: what schedule() would run for them. None if it cannot."""
+        needed = sum(self.cache.blocks_needed(seq, seq.num_tokens) for seq in seqs)
+        if needed > self.cache.blocks.num_free or len(seqs) > self.max_num_batched_tokens:
+            return None
+        for seq in seqs:
+            self.cache.grow(seq, seq.num_tokens)
+        return ScheduledBatch(seqs=list(seqs), num_new_tokens=[1] * len(seqs), num_decodes=len(seqs))
+
     @staticmethod
     def _chunk(seq: Sequence, start: int, budget: int) -> int:
         """Tokens of seq to compute from start this step: within budget, and ending at a branch point."""

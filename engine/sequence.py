@@ -14,6 +14,10 @@ from kernels import PAD_SLOT
 
 _ids = itertools.count()
 
+# The newest token while it is still on the device (async scheduling, LLMEngine.step): the host counts it,
+# the device fills it in as the next step's input, and the engine replaces it once it reaches the host.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(Enum):
     WAITING = "waiting"

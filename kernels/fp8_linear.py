@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.activation import load_x
 from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
@@ -41,10 +42,11 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, b
 
 @triton.jit
 def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES, SPLIT_K,
-                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, SILU_MUL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Weight-only fp8: a [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K, W^T tiles read from the
-    row-major [N, K] fp8 weight and widened to x's dtype (exact), the row scales applied to the fp32 sum."""
+    row-major [N, K] fp8 weight and widened to x's dtype (exact), the row scales applied to the fp32 sum.
+    SILU_MUL: x is the gate half of [gate | up] rows, multiplied as SiLU(gate) * up (kernels/activation.py)."""
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
@@ -53,8 +55,8 @@ def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     for i in range(K_TILES):
         offs_k = (tl.program_id(2) * K_TILES + i) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
+        a = load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask_m[:, None] & mask_k[None, :], K,
+                   SILU_MUL)
         w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         w = w.to(tl.float32).to(x_ptr.dtype.element_ty)  # e4m3 values are exact in fp16 / bf16 / fp32
         if IEEE:
@@ -75,10 +77,10 @@ def _fp8_w_tile(w_ptr, K, k0, offs_n, mask_n, offs_v, VEC: tl.constexpr):
 
 
 @triton.jit
-def _fp8_x_tile(x_ptr, m, stride_xm, K, k0, offs_v, VEC: tl.constexpr):
-    """x [BLOCK_K // VEC, VEC] of the K tile at k0, masked at K."""
+def _fp8_x_tile(x_ptr, m, stride_xm, K, k0, offs_v, VEC: tl.constexpr, SILU_MUL: tl.constexpr):
+    """x [BLOCK_K // VEC, VEC] of the K tile at k0, masked at K (SILU_MUL: SiLU(gate) * up, load_x)."""
     offs_k = k0 + offs_v[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    return tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
+    return load_x(x_ptr + m * stride_xm + offs_k, offs_k < K, K, SILU_MUL)
 
 
 @triton.jit
@@ -120,14 +122,16 @@ def _fp8_gemv_mac(acc, w, x, PACKED_CVT: tl.constexpr):
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES,
-                     SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, VEC: tl.constexpr, PACKED_CVT: tl.constexpr, USE_PDL: tl.constexpr):
+                     SPLIT_K, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SILU_MUL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, PACKED_CVT: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     """Weight-only fp8, one row of x (program_id(1)), W read as int32 words [N, K / 4] (K % 4 == 0): each
     thread streams VEC contiguous bytes of each of the tile's W rows (8: its 8 x are one 16-byte load of
     bf16); BLOCK_K = VEC x 32 x num_warps spreads every warp along K, so each thread holds all BLOCK_N rows
     for one x vector. One fp32 partial per (row, lane, word): the accumulator is BLOCK_N x BLOCK_K / 4 (one per
     K element spilled registers in an earlier version); the partials are summed once at the end. The
-    next tile's loads are issued before this tile's arithmetic, and no tile past this split's is read."""
+    next tile's loads are issued before this tile's arithmetic, and no tile past this split's is read.
+    SILU_MUL: x is the gate half of [gate | up] rows, multiplied as SiLU(gate) * up (kernels/activation.py)."""
     m = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -136,12 +140,12 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M
     n_tiles = tl.minimum(K_TILES, tl.cdiv(K - k0, BLOCK_K))  # the last split may have fewer
     w = _fp8_w_tile(w_ptr, K, k0, offs_n, mask_n, offs_v, VEC)
     wait_for_predecessor(USE_PDL)  # the first W tile is in flight before x's writer has finished
-    x = _fp8_x_tile(x_ptr, m, stride_xm, K, k0, offs_v, VEC)
+    x = _fp8_x_tile(x_ptr, m, stride_xm, K, k0, offs_v, VEC, SILU_MUL)
     acc = tl.zeros((BLOCK_N, BLOCK_K // VEC, VEC // 4), dtype=tl.float32)
     for _ in range(1, n_tiles):
         k0 += BLOCK_K
         next_w = _fp8_w_tile(w_ptr, K, k0, offs_n, mask_n, offs_v, VEC)
-        next_x = _fp8_x_tile(x_ptr, m, stride_xm, K, k0, offs_v, VEC)
+        next_x = _fp8_x_tile(x_ptr, m, stride_xm, K, k0, offs_v, VEC, SILU_MUL)
         acc = _fp8_gemv_mac(acc, w, x, PACKED_CVT)
         w, x = next_w, next_x
     acc = _fp8_gemv_mac(acc, w, x, PACKED_CVT)
@@ -177,8 +181,13 @@ def weight_only_config(M: int, N: int, K: int, device: torch.device) -> dict:
 
 
 def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                           config: dict | None = None) -> torch.Tensor:
+                           config: dict | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """fp8_linear_ref by the weight-only kernels (config: kernel and tiles, default weight_only_config).
+    silu_mul: x is [M, 2K] = [gate | up] and the product is of SiLU(gate) * up, computed as x is loaded:
+    fp8_linear_ref(silu_mul_ref(gate, up), ...) in one launch."""
     x = x.contiguous()
+    if silu_mul:
+        x = x[:, :x.shape[1] // 2]  # the gates, a view: each row's up follows its gate (row stride 2K)
     (M, K), N = x.shape, weight.shape[0]
     cfg = dict(config or weight_only_config(M, N, K, x.device))
     kind = cfg.pop("kind", "gemm")
@@ -186,9 +195,9 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.T
         if K % 4:
             raise ValueError(f"the gemv kernel reads W as 32-bit words: K = {K} is not a multiple of 4")
         return split_k_launch(_fp8_gemv_kernel, x, (weight.view(torch.int32), scale), bias, N, 1, cfg,
-                              PACKED_CVT=x.is_cuda and _has_fp8_tensor_cores(x.device))
+                              SILU_MUL=silu_mul, PACKED_CVT=x.is_cuda and _has_fp8_tensor_cores(x.device))
     return split_k_launch(_fp8_matmul_kernel, x, (weight, scale), bias, N, cfg["BLOCK_M"], cfg,
-                          IEEE=x.dtype == torch.float32)
+                          IEEE=x.dtype == torch.float32, SILU_MUL=silu_mul)
 
 
 def quantize_fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.activation import load_x
 from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
@@ -35,18 +36,19 @@ def _w_tile(w_ptr, K, k0, offs_n, mask_n, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(x_ptr, m, stride_xm, K, k0, BLOCK_K: tl.constexpr):
-    """x [BLOCK_K] of the K tile at k0, zero past K."""
+def _x_tile(x_ptr, m, stride_xm, K, k0, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    """x [BLOCK_K] of the K tile at k0, zero past K (SILU_MUL: SiLU(gate) * up, kernels/activation.py load_x)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0.0)
+    return load_x(x_ptr + m * stride_xm + offs_k, offs_k < K, K, SILU_MUL)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES, SPLIT_K,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 USE_PDL: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Row program_id(1) of x times BLOCK_N rows of W over this split's K tiles (none past K). The first W
-    tile is loaded before waiting on the kernel that wrote x (kernels/pdl.py)."""
+    tile is loaded before waiting on the kernel that wrote x (kernels/pdl.py). SILU_MUL: x is the gate half of
+    [gate | up] rows (row stride stride_xm), multiplied as SiLU(gate) * up."""
     m = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -54,12 +56,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, str
     n_tiles = tl.minimum(K_TILES, tl.cdiv(K - k0, BLOCK_K))  # the last split may have fewer
     w = _w_tile(w_ptr, K, k0, offs_n, mask_n, BLOCK_K)
     wait_for_predecessor(USE_PDL)
-    x = _x_tile(x_ptr, m, stride_xm, K, k0, BLOCK_K)
+    x = _x_tile(x_ptr, m, stride_xm, K, k0, BLOCK_K, SILU_MUL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for _ in range(1, n_tiles):
         k0 += BLOCK_K
         next_w = _w_tile(w_ptr, K, k0, offs_n, mask_n, BLOCK_K)
-        next_x = _x_tile(x_ptr, m, stride_xm, K, k0, BLOCK_K)
+        next_x = _x_tile(x_ptr, m, stride_xm, K, k0, BLOCK_K, SILU_MUL)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w, x = next_w, next_x
     acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
@@ -94,9 +96,13 @@ def gemv_config(N: int, K: int, device: torch.device, block_n: int = 4, num_warp
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: dict | None = None) -> torch.Tensor:
-    """Triton version of gemv_ref (weight contiguous; config: tiles and split, default gemv_config)."""
+         config: dict | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """Triton version of gemv_ref (weight contiguous; config: tiles and split, default gemv_config).
+    silu_mul: x is [M, 2K] = [gate | up] and the GEMV multiplies SiLU(gate) * up, computed as it loads x:
+    gemv_ref(silu_mul_ref(gate, up), weight, bias) in one launch (the MLP's down projection)."""
     x = x.contiguous()
+    if silu_mul:
+        x = x[:, :x.shape[1] // 2]  # the gates, a view: each row's up follows its gate (row stride 2K)
     K, N = x.shape[1], weight.shape[0]
     cfg = config or gemv_config(N, K, x.device)
-    return split_k_launch(_gemv_kernel, x, (weight,), bias, N, 1, cfg)
+    return split_k_launch(_gemv_kernel, x, (weight,), bias, N, 1, cfg, SILU_MUL=silu_mul)

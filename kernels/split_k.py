@@ -1,10 +1,11 @@
-"""Split-K for the weight-streaming GEMMs (kernels/quant_linear.py, kernels/fp8_linear.py).
+"""Split-K for the weight-streaming GEMMs (kernels/quant_linear/, kernels/fp8_linear.py).
 
 At decode an [M, K] x [K, N] product has too few output tiles to keep every SM streaming weights, so K is
 split too: program (n, m, k) sums its share of K. Every split stores its fp32 partial sum; the last split
 of a tile to finish (an atomic counter per tile, reset by that split) adds the partials up in split order,
 so the result does not depend on which split finished last, adds the bias and writes the output. One
 launch per GEMM: no second reduce kernel, which at decode costs as much as a small GEMM's streaming.
+(`last_to_arrive` serves the split attention decode too: kernels/attention/decode.py.)
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ def tile_counters(device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
+def last_to_arrive(count_ptr, index, arrivals):
+    """Whether this program is the last of `arrivals` programs of the launch to count itself in at
+    count_ptr[index]. Every program's stores before its call are visible to the last one (acq_rel; it reads
+    them from L2, .cg), which resets the counter to zero for the next launch."""
+    tl.debug_barrier()  # all of this program's stores are issued before its count is
+    last = tl.atomic_add(count_ptr + index, 1, sem="acq_rel") == arrivals - 1
+    if last:
+        tl.atomic_xchg(count_ptr + index, 0)
+    return last
+
+
+@triton.jit
 def store_output(acc, b_ptr, out_ptr, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr):
     """out[offs_m, offs_n] = acc (+ bias), in out's dtype."""
     mask_n = offs_n < N
@@ -57,14 +70,12 @@ def store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M
     if SPLIT:
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(part_ptr + (tl.program_id(2) * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
-        tl.debug_barrier()  # all of this program's partial is written before its count is
         tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+        if last_to_arrive(count_ptr, tile, SPLIT_K):
             total = tl.zeros_like(acc)
             for s in range(SPLIT_K):  # .cg: from L2, where the other splits' stores are
                 total += tl.load(part_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0,
                                  cache_modifier=".cg")
-            tl.atomic_xchg(count_ptr + tile, 0)
             store_output(total, b_ptr, out_ptr, offs_m, offs_n, M, N, HAS_BIAS)
     else:
         store_output(acc, b_ptr, out_ptr, offs_m, offs_n, M, N, HAS_BIAS)

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "N-1 workers; on CPU, N processes)")
     g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=d["enforce_eager"],
                    help="never capture CUDA graphs (slower decode and short prefills, faster start)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d["async_scheduling"],
+                   help="launch each decode step before the previous step's tokens reach the host, so the host's "
+                        "per-step work overlaps the GPU's (single GPU; --no-async-scheduling: step by step)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d["enable_prefix_caching"],
                    help="reuse the KV blocks and SSM-state checkpoints of earlier prompts that share a prefix")
@@ -271,7 +274,7 @@ def _engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace, mode
             load_format="dummy" if args.load_format == "dummy" else "auto", enable_lora=args.enable_lora,
             max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
             lora_modules=args.lora_modules,
-            tensor_parallel_size=args.tensor_parallel_size)
+            tensor_parallel_size=args.tensor_parallel_size, async_scheduling=args.async_scheduling)
     except ValueError as e:
         parser.error(str(e))
 

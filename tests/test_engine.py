@@ -71,7 +71,7 @@ def test_parallel_samples_share_the_prefill(h1, h1_dir):
     prompt = TEN_PROMPTS[5]  # 22 tokens: its last KV block is partly filled, so forks copy it
     steps = []
     execute = h1.engine.runner.execute
-    h1.engine.runner.execute = lambda sched: steps.append(sum(sched.num_new_tokens)) or execute(sched)
+    h1.engine.runner.execute = lambda sched, *rest: steps.append(sum(sched.num_new_tokens)) or execute(sched, *rest)
     out = h1.generate([prompt], greedy(6, n=3))[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     reference = reference_greedy(h1_dir, prompt, 6)
@@ -148,11 +148,11 @@ def test_a_failing_forward_pass_stops_the_engine(h1_dir):
     calls = {"n": 0}
     execute = engine.runner.execute
 
-    def flaky(sched):
+    def flaky(sched, sampled=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected fault")
-        return execute(sched)
+        return execute(sched, sampled)
 
     engine.runner.execute = flaky
     engine.add_request("a", TEN_PROMPTS[2], greedy(5))

@@ -8,12 +8,12 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.tokenizer import byte_level_tokenizer_files
-from tests.tiny_models import reference_greedy
+from tests.tiny_models import GPU_TEST_MEMORY, reference_greedy
 
 pytestmark = pytest.mark.gpu
 
 # Several engines live in one process here: each takes a small share of the GPU.
-SHARE = dict(gpu_memory_utilization=0.2)
+SHARE = dict(gpu_memory_utilization=GPU_TEST_MEMORY)
 PROMPTS = [[5 + (11 * i + 5 * j) % 250 for j in range(3 + 9 * i)] for i in range(6)]
 
 

@@ -4,6 +4,7 @@ outputs with the cache on equal those with it off (a resumed chunked scan is the
 import pytest
 
 from engine import LLM, SamplingParams
+from tests.tiny_models import GPU_TEST_MEMORY
 
 pytestmark = pytest.mark.gpu
 
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cache_on_equals_off_with_cuda_graphs(request, fixture, dtype):
     directory = request.getfixturevalue(fixture)
-    args = dict(device="cuda", dtype=dtype, max_num_seqs=4, kv_block_size=16, gpu_memory_utilization=0.2)
+    args = dict(device="cuda", dtype=dtype, max_num_seqs=4, kv_block_size=16, gpu_memory_utilization=GPU_TEST_MEMORY)
     on = LLM(str(directory), prefix_cache_checkpoints=8, **args)
     off = LLM(str(directory), enable_prefix_caching=False, **args)
     assert on.engine.runner.graphs is not None

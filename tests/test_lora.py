@@ -16,6 +16,7 @@ from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.lora import LoRAError, LoRAModulePath
 from tests.lora_adapters import H1_TARGETS, MAMBA_TARGETS, build_adapter, peft_greedy
+from tests.tiny_models import GPU_TEST_MEMORY
 
 PROMPTS = [[5, 40, 70, 100, 33, 8, 90, 120, 77, 66, 10, 11, 12, 13, 200, 150, 44], [7, 250, 3]]
 MAX_TOKENS = 6
@@ -193,7 +194,7 @@ def test_cuda_mixed_adapters_match_peft(h1_dir, adapters, enforce_eager):
     """On the GPU (Triton kernels; decode steps replayed from CUDA graphs captured before any adapter was
     loaded), a mixed batch gives transformers+peft's greedy tokens, with adapters evicted between runs."""
     llm = LLM(str(h1_dir), device="cuda", dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16,
-              max_num_seqs=8, enforce_eager=enforce_eager, gpu_memory_utilization=0.2)
+              max_num_seqs=8, enforce_eager=enforce_eager, gpu_memory_utilization=GPU_TEST_MEMORY)
     assert (llm.engine.runner.graphs is None) == enforce_eager
     prompts, loras = mixed_requests(adapters)
     for _ in range(2):

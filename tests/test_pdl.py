@@ -1,7 +1,8 @@
 """Programmatic dependent launch (kernels/pdl.py): off where unsupported; on a device, PDL changes no result.
 
-GPU tests: a decode-like chain of every one-sequence kernel (16-bit, FP8 and GPTQ GEMVs with split-K, norms,
-conv and both state updates in place, RoPE + KV write, split attention + reduce, SiLU*mul) replayed from one
+GPU tests: a decode-like chain of every one-sequence kernel (16-bit, FP8 and GPTQ GEMVs with split-K, the 16-bit
+one with SiLU*mul in its loads, norms, conv and both state updates in place, RoPE + KV write, split attention
+merged in its kernel (a counter per KV head, reset by the last split), SiLU*mul) replayed from one
 CUDA graph with PDL on and one with it off must leave bit-identical outputs and states; and the engine's
 greedy tokens and logprobs (decode graphs, both model families) must be identical with it on and off.
 """
@@ -24,6 +25,7 @@ from kernels.fp8_linear import gemv_config as fp8_gemv_config
 from kernels.gemv import gemv, gemv_config
 from kernels.quant_linear import gptq_linear
 from tests.kernels.test_quant_linear import random_gptq
+from tests.tiny_models import GPU_TEST_MEMORY
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU / interpreter case")
@@ -72,6 +74,7 @@ def chain_inputs(dtype: torch.dtype, device: str = "cuda") -> dict:
     i32 = dict(dtype=torch.int32, device=device)
     return dict(
         h=randn(1, d), residual=randn(1, d), norm_w=randn(d, scale=0.1) + 1, w16=randn(d, d, scale=0.03),
+        w_gate_up=randn(2 * d, d, scale=0.03),
         conv_w=randn(d, 4, scale=0.5), conv_b=randn(d, scale=0.1), conv_states=randn(2, d, 3),
         A1=-torch.rand(d, N, generator=g, device=device) - 0.1, B1=randn(1, N), C1=randn(1, N), D1=randn(d),
         dt_bias1=randn(d, scale=0.1), states1=randn(2, d, N, dt=torch.float32),
@@ -94,7 +97,8 @@ def decode_chain(p: dict, layers: int = 3) -> tuple[torch.Tensor, ...]:
     d = h.shape[1]
     for _ in range(layers):
         n, residual = norm.add_rms_norm(h, residual, p["norm_w"], 1e-5, attn)
-        a = gemv(n, p["w16"], config=gemv_config(d, d, n.device, num_warps=1))  # 4 K tiles: split-K
+        gate_up = gemv(n, p["w_gate_up"])
+        a = gemv(gate_up, p["w16"], config=gemv_config(d, d, n.device, num_warps=1), silu_mul=True)  # split-K
         c = conv1d.causal_conv1d_update(a, p["conv_w"], p["conv_b"], p["conv_states"], p["slots"])
         s = selective_scan.selective_scan_update(c, a, p["A1"], p["B1"], p["C1"], p["D1"], p["dt_bias1"], n,
                                                  p["states1"], p["slots"])
@@ -147,7 +151,7 @@ def greedy_with_logprobs(directory, enabled: bool, monkeypatch) -> list:
     """One sequence alone, then four together: each's tokens and top-5 logprobs at every step."""
     monkeypatch.setattr(pdl, "ENABLED", enabled)
     llm = LLM(str(directory), device="cuda", dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=64,
-              max_model_len=256, gpu_memory_utilization=0.2)
+              max_model_len=256, gpu_memory_utilization=GPU_TEST_MEMORY)
     assert llm.engine.runner.graphs is not None
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=5)
     outs = llm.generate(PROMPTS[:1], params) + llm.generate(PROMPTS, params)

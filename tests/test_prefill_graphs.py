@@ -12,6 +12,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.prefill_graphs import PrefillGraphs, prefill_buckets
+from tests.tiny_models import GPU_TEST_MEMORY
 
 MAX_TOKENS = 96  # buckets 64 and 96
 
@@ -106,7 +107,7 @@ def test_prefill_graph_replays_equal_eager(request, fixture):
     """On the GPU: the captured prefill graphs (Triton kernels) against the eager flat forward, fp32."""
     directory = request.getfixturevalue(fixture)
     kw = dict(device="cuda", dtype="float32", max_num_seqs=6, max_num_batched_tokens=MAX_TOKENS, max_model_len=256,
-              kv_block_size=16, gpu_memory_utilization=0.2, num_kv_blocks=1024,
+              kv_block_size=16, gpu_memory_utilization=GPU_TEST_MEMORY, num_kv_blocks=1024,
               prefix_cache_checkpoints=64)  # the same pool sizes in both engines, to compare them
     graphs, eager = LLM(str(directory), **kw), LLM(str(directory), enforce_eager=True, **kw)
     prefill_graphs = graphs.engine.runner.prefill_graphs
@@ -127,7 +128,7 @@ def test_prefill_graphs_bf16_match_eager_first_token(h1_dir):
     """bf16, three sequences in one 512-token bucket: the first token's top logprobs of graph and eager
     prefill agree to bf16 rounding."""
     kw = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=512, max_model_len=512,
-              gpu_memory_utilization=0.2)
+              gpu_memory_utilization=GPU_TEST_MEMORY)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=5)
     prompts = [[5 + (13 * j) % 240 for j in range(n)] for n in (7, 100, 300)]
     outs = [LLM(str(h1_dir), enforce_eager=e, **kw).generate(prompts, params) for e in (False, True)]

@@ -63,7 +63,7 @@ def test_max_tokens_zero_scores_the_prompt_without_sampling(h1_dir):
     llm = LLM(str(h1_dir), device="cpu", dtype="float32", max_num_batched_tokens=16, kv_block_size=4)
     steps = []
     execute = llm.engine.runner.execute
-    llm.engine.runner.execute = lambda sched: steps.append(sum(sched.num_new_tokens)) or execute(sched)
+    llm.engine.runner.execute = lambda sched, *rest: steps.append(sum(sched.num_new_tokens)) or execute(sched, *rest)
     out = llm.generate([LONG_PROMPTS[0]], SamplingParams(max_tokens=0, prompt_logprobs=0, n=2))[0]
     assert sum(steps) == len(LONG_PROMPTS[0])  # prefill only, no decode step
     assert [(c.token_ids, c.text, c.finish_reason) for c in out.outputs] == [([], "", "length")] * 2

@@ -27,7 +27,7 @@ from tests.gptq_checkpoints import (
     write_fp8_reference,
     write_gptq,
 )
-from tests.tiny_models import build_checkpoint, falcon_h1_config, falcon_mamba_config, reference_greedy
+from tests.tiny_models import GPU_TEST_MEMORY, build_checkpoint, falcon_h1_config, falcon_mamba_config, reference_greedy
 
 PROMPTS = [[5, 40, 70, 100, 33, 8, 90, 120, 77, 66, 10, 11, 12, 13, 200, 150, 44], [7, 250, 3]]
 MAX_TOKENS = 6
@@ -244,7 +244,7 @@ def test_fp8_config_parses_from_the_flag():
     assert resolve_quantization(None, None) is None
 
 
-GPU_SHARE = dict(gpu_memory_utilization=0.2, max_num_seqs=8)
+GPU_SHARE = dict(gpu_memory_utilization=GPU_TEST_MEMORY, max_num_seqs=8)
 # RESULTS.md: bf16 against fp32 on the random Falcon-H1-0.5B-shaped model, first token's top-20 logprobs
 BF16_SPREAD_MAX, BF16_SPREAD_MEAN = 0.52, 0.138
 SPREAD_FACTOR = 2.0

@@ -13,6 +13,9 @@ from engine.tokenizer import byte_level_tokenizer_files
 
 VOCAB = 300  # the byte-level tokenizer's 261 tokens, padded like real vocabularies are
 EOS = 2
+# The GPU share of an engine in a GPU test: the suite runs six xdist workers, some with two engines at once,
+# on one GPU, and an engine takes its whole share (KV blocks, checkpoints) up front.
+GPU_TEST_MEMORY = 0.08
 
 # Multipliers far from 1 so that a missed or doubled fold changes the outputs.
 H1_MULTIPLIERS = dict(

@@ -100,8 +100,9 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        q = ops.rope_write_kv(q, k, v, inv_freq, cache.k_cache, cache.v_cache, batch)  # rotated k, v to the cache
-        o = ops.paged_attention(q, cache.k_cache, cache.v_cache, batch, self.scale)
+        # rotated k, v to the cache; with prefill rows also to new_kv, for attention to read them densely
+        q, new_kv = ops.rope_write_kv(q, k, v, inv_freq, cache.k_cache, cache.v_cache, batch)
+        o = ops.paged_attention(q, cache.k_cache, cache.v_cache, batch, self.scale, new_kv)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 
 
@@ -115,8 +116,7 @@ class MLP(nn.Module):
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(ops.silu_mul(gate, up)))
+        return self.tp.all_reduce(ops.silu_mul_linear(self.gate_up_proj(x), self.down_proj))
 
 
 class DecoderLayer(nn.Module):

@@ -1,5 +1,5 @@
 """A GPTQ linear layer: the checkpoint's tensors (qweight, qzeros, scales, g_idx, bias) loaded by name,
-then turned into the layout kernels/quant_linear.py reads (unpacked zero points, act-order channels
+then turned into the layout kernels/quant_linear/ reads (unpacked zero points, act-order channels
 sorted so that groups are contiguous)."""
 
 from __future__ import annotations

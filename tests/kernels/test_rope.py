@@ -46,14 +46,20 @@ def check(T: int, q_heads: int, kv_heads: int, head_dim: int, theta: float, max_
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     freqs = inv_freq(head_dim, theta)
     before = qkv.clone()
-    q_out = rope.rope_write_kv(q, k, v, positions, freqs, k_cache, v_cache, slots)
+    kv_out = torch.full((2, *k.shape), float("nan"), dtype=dtype, device=DEVICE)
+    q_out = rope.rope_write_kv(q, k, v, positions, freqs, k_cache, v_cache, slots, kv_out=kv_out)
+    k_out, v_out = kv_out
     q_ref = rope.rope_write_kv_ref(q, k, v, positions, freqs, k_ref, v_ref, slots)
     assert torch.equal(qkv, before), "inputs must be left untouched"
+    _, k_rotated = rope.rope_ref(q, k, positions, freqs)
+    assert torch.equal(v_out, v), "every row of kv_out, padding included, is written"
+    kept = slots >= 0  # attention reads these rows instead of the cache's: they must be the same bits
+    assert torch.equal(k_out[kept].to(k_cache.dtype), k_cache.flatten(0, 1)[slots[kept]])
     assert torch.equal(v_cache, v_ref)  # v is copied, untouched slots keep their values
     written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
     written[slots[slots >= 0]] = True
     assert torch.equal(k_cache.flatten(0, 1)[~written], k_ref.flatten(0, 1)[~written])
-    for out, ref in ((q_out, q_ref), (k_cache, k_ref)):
+    for out, ref in ((q_out, q_ref), (k_cache, k_ref), (k_out, k_rotated)):
         assert out.shape == ref.shape and out.dtype == ref.dtype
         err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         assert err < TOL[dtype], err

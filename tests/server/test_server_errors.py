@@ -161,7 +161,7 @@ def test_a_fault_in_the_forward_pass_stops_the_engine(start_server, monkeypatch)
     live = start_server()
     llm = live.state.engine.engine
 
-    def broken_forward(batch):
+    def broken_forward(batch, sampled=None):
         raise RuntimeError("injected device fault")
 
     monkeypatch.setattr(llm.runner, "execute", broken_forward)
