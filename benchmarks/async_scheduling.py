@@ -101,14 +101,16 @@ def main() -> None:
              "|---|---|---|---|---|"]
     phase_rows: dict[tuple[int, str], dict[str, float]] = {}
     for batch in args.batch_sizes:
-        graphs = engine.runner.graphs
-        replay_ms = replay_seconds(graphs.graphs[next(b for b in graphs.buckets if b >= batch)], 50) * 1e3
         runs: dict[str, list[float]] = {"stepwise": [], "async": []}
         for _ in range(args.repeats):
             for mode, overlap in (("stepwise", False), ("async", True)):
                 ms, phases = time_steps(engine, timers, batch, args.steps, overlap)
                 runs[mode].append(ms)
                 phase_rows[(batch, mode)] = phases
+        # Replayed after the runs: the buckets share one input buffer, laid out per bucket, so a bucket's
+        # inputs are valid only right after a step of its own (before, stale ids indexed out of bounds).
+        graphs = engine.runner.graphs
+        replay_ms = replay_seconds(graphs.graphs[next(b for b in graphs.buckets if b >= batch)], 50) * 1e3
         for mode, times in runs.items():
             best = min(times)
             lines.append(f"| {batch} | {mode} | {' / '.join(f'{t:.3f}' for t in times)} | {replay_ms:.3f} | "

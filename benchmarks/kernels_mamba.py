@@ -29,6 +29,7 @@ import datetime
 import functools
 import importlib.util
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,6 +224,7 @@ MAMBA1_BLOCKINGS = [PrefillBlocking(), PrefillBlocking(threads_per_channel=4), P
 def load_module(path: str):
     spec = importlib.util.spec_from_file_location("selective_scan_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
