@@ -14,10 +14,9 @@ server; no launch gaps, but states under ~1 MB a call can stay in L2 across the 
 
     python -m benchmarks.kernels_mamba --out bench.md [--only mamba1-prefill,mamba1-step]
 
---mamba1-sweep instead times a few blockings of the single-pass Mamba1 prefill scan (lanes a channel, warps,
-tokens a tile) and the three-pass chunked kernel it replaced, at FalconMamba-7B shapes, each checked against the
-reference first, as CUDA-graph replay medians; --before-src DIR also times DIR/kernels/selective_scan.py (e.g. a
-checkout of main) in the same run.
+--mamba1-sweep instead times a few blockings of the Mamba1 prefill scan (tokens a tile, warps, channels a
+thread, chains) at FalconMamba-7B shapes, each checked against the reference first, as CUDA-graph replay
+medians; --before-src DIR also times DIR/kernels/selective_scan.py (e.g. a checkout of main) in the same run.
 
     python -m benchmarks.kernels_mamba --mamba1-sweep [--before-src .dev_s9/main] [--out sweep.md]
 """
@@ -44,7 +43,6 @@ from kernels.selective_scan import (
     PrefillBlocking,
     selective_scan_update,
     selective_scan_varlen,
-    selective_scan_varlen_chunked,
     selective_scan_varlen_ref,
 )
 from kernels.ssd_scan import ssd_scan_varlen
@@ -216,9 +214,9 @@ def graph_median_us(call: Callable[[], object], calls_per_graph: int = 8) -> flo
     return sustained_seconds(graph.replay, calls=5, repeats=9) * 1e6 / calls_per_graph
 
 
-# The single-pass blockings the sweep times (the first is the default), after the chunked kernel at its default.
-MAMBA1_BLOCKINGS = [PrefillBlocking(), PrefillBlocking(threads_per_channel=4), PrefillBlocking(tile=4),
-                    PrefillBlocking(warps=2)]
+# The prefill blockings the sweep times; the first is the default.
+MAMBA1_BLOCKINGS = [PrefillBlocking(), PrefillBlocking(tile=4), PrefillBlocking(chains=65536),
+                    PrefillBlocking(warps=2), PrefillBlocking(tile=2, channels_per_thread=2, chains=131072)]
 
 
 def load_module(path: str):
@@ -243,10 +241,9 @@ def sweep_selective_scan(before_src: str | None) -> str:
     if before_src:
         before = load_module(f"{before_src}/kernels/selective_scan.py")
         variants.append(("before (main)", before.selective_scan_varlen))
-    variants.append(("chunked three-pass (default blocking)", selective_scan_varlen_chunked))
     for blocking in MAMBA1_BLOCKINGS:
-        variants.append((f"single pass: {blocking.threads_per_channel} lanes/channel, {blocking.warps} warps, "
-                         f"tile {blocking.tile}", functools.partial(selective_scan_varlen, blocking=blocking)))
+        variants.append((f"tile {blocking.tile}, {blocking.warps} warps, {blocking.channels_per_thread} ch/thread, "
+                         f"chains {blocking.chains}", functools.partial(selective_scan_varlen, blocking=blocking)))
     lines = ["| kernel | size | compile+first call (s) | max rel err y / states | CUDA graph median (us) |",
              "|---|---|---:|---:|---:|"]
     for name, fn in variants:

@@ -5,11 +5,7 @@ Per channel c and state index n, for each token t of a sequence:
     h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * x_t          h: [C, N], fp32
     y_t     = (h_t C_t + D * x_t) * SiLU(z_t)
 h_0 is ssm_states[slot] when has_initial_state (always, for the update), else zeros; the final h is
-written back. Slots < 0 are skipped (their y is left unwritten).
-
-Prefill: one pass over each sequence's tokens, a channel's N states split over a few lanes of a warp (see
-selective_scan_varlen). selective_scan_varlen_chunked, the three-pass kernel it replaced, stays only until the
-benchmark has timed both.
+written back. Slots < 0 are skipped.
 """
 
 from __future__ import annotations
@@ -89,183 +85,9 @@ def _softplus_series(v, FAST: tl.constexpr):
 def _channel_mask(c, CH: tl.constexpr, BLOCK_C: tl.constexpr):
     """c < CH, as a constant (no masked loads in the token loop) when the channel blocks tile CH."""
     if CH % BLOCK_C == 0:
-        return tl.full(c.shape, 1, tl.int1)
+        return tl.full([BLOCK_C], 1, tl.int1)
     else:
         return c < CH
-
-
-@triton.jit
-def _row(tile, ti, i: tl.constexpr):
-    """Row i of a [TILE, ...] tile: the TILE rows are a thread's registers, so this is a register pick."""
-    return tl.sum(tl.where(ti == i, tile, -0.0), axis=0)
-
-
-@triton.jit
-def _load_token_tile(p, stride_t, n_ok, ok, ti, TILE: tl.constexpr, BLOCK_C: tl.constexpr, G: tl.constexpr):
-    """[TILE, BLOCK_C, G] tile, as stored, whose row i is token p + i * stride_t (p: [BLOCK_C, G] pointers, the
-    same channel for the G lanes of a channel), zeros for rows i >= n_ok. One load a row, so the tile gets the
-    layout of the arithmetic; kept in the stored dtype so the conversion waits for the next tile, not the load."""
-    tile = tl.zeros((TILE, BLOCK_C, G), dtype=p.dtype.element_ty)
-    for i in tl.static_range(TILE):
-        row = tl.load(p + i * stride_t, mask=tl.where(i < n_ok, ok, False), other=0.0)
-        tile = tl.where(ti == i, row[None], tile)
-    return tile
-
-
-@triton.jit
-def _scan_token_tile(h, A2, dt_bias, D, x, dt, z, Bp, Cp, yp, stride_yt, n_ok, y_ok, ti, nb,
-                     BLOCK_N: tl.constexpr, TILE: tl.constexpr, FAST: tl.constexpr):
-    """Advance h [NPT, BLOCK_C, G] over the first n_ok tokens of a tile (x, dt, z [TILE, BLOCK_C, G]), writing
-    y. softplus, delta x and the gate are worked for the whole tile first, off the state's dependency chain
-    (every lane of a channel works them: they cost ~4 MUFU a token against NPT exp2); per token only
-    h <- exp2(delta A2) h + delta x B, the lane's partial h C and its sum over the channel's G lanes (warp
-    shuffles). Rows past n_ok get delta = 0, which leaves h as it is whatever their (finite) B: B and C have a
-    tile of zero rows past the last token, so their loads need no mask."""
-    x = x.to(tl.float32)
-    delta = tl.where(ti < n_ok, _softplus_series(dt.to(tl.float32) + dt_bias[None], FAST), 0.0)
-    dx = delta * x
-    z = z.to(tl.float32)
-    if FAST:
-        gate = libdevice.fast_dividef(z, 1.0 + tl.exp2(z * -1.4426950408889634))
-    else:
-        gate = z / (1.0 + tl.exp(-z))
-    dxg = D[None] * x * gate  # y = (h C) gate + D x gate
-    for i in tl.static_range(TILE):
-        Bv = tl.load(Bp + (i * BLOCK_N + nb))
-        h = tl.exp2(_row(delta, ti, i)[None] * A2) * h + _row(dx, ti, i)[None] * Bv
-        Cv = tl.load(Cp + (i * BLOCK_N + nb))
-        y = tl.sum(tl.sum(h * Cv, axis=0), axis=1)  # in-thread over its NPT states, then over the G lanes
-        y = y[:, None] * _row(gate, ti, i) + _row(dxg, ti, i)
-        tl.store(yp + i * stride_yt, y.to(yp.dtype.element_ty), mask=tl.where(i < n_ok, y_ok, False))
-    return h
-
-
-# Every integer argument is fixed by the model (strides, sizes): a variant compiles for tens of seconds, so
-# nothing that varies per batch reaches the kernel but through query_start_loc / slots / flags on the device.
-# The channel-axis strides are not specialized: a stride of 1 would let Triton vectorize those loads two
-# channels a thread, a layout the arithmetic does not have (shared-memory shuffles every tile).
-@triton.jit(do_not_specialize=["stride_xc", "stride_dtc", "stride_zc", "stride_yc", "stride_D", "stride_dtb",
-                               "stride_An", "stride_sc", "stride_sn"])
-def _scan_varlen_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, z_ptr, states_ptr, qsl_ptr,
-                        slots_ptr, init_ptr, y_ptr, CH: tl.constexpr, N: tl.constexpr,
-                        stride_xt, stride_xc, stride_dtt, stride_dtc, stride_Ac, stride_An, stride_zt, stride_zc,
-                        stride_D, stride_dtb, stride_ss, stride_sc, stride_sn, stride_yt, stride_yc,
-                        BLOCK_C: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
-                        FAST: tl.constexpr):
-    """Sequence program_id(1) x channels program_id(0)*BLOCK_C..: the whole sequence, token after token, from
-    ssm_states[slot] (or zeros), writing y and then the final state to the slot. A channel's BLOCK_N states are
-    split over G lanes, NPT = BLOCK_N / G a lane, in registers ([NPT, BLOCK_C, G]: one lane per (channel,
-    group), the NPT in the lane). B and C: fp32 [T + TILE, BLOCK_N], zero-padded. TILE tokens a step, the next
-    tile's x / dt / z in flight while this one is worked."""
-    b = tl.program_id(1)
-    slot = tl.load(slots_ptr + b)
-    if slot < 0:
-        return
-    NPT: tl.constexpr = BLOCK_N // G
-    t_lo = tl.load(qsl_ptr + b)
-    t_hi = tl.load(qsl_ptr + b + 1)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]  # [BLOCK_C, 1]
-    g = tl.arange(0, G)[None, :]  # [1, G]
-    nb = g[None] * NPT + tl.arange(0, NPT)[:, None, None]  # [NPT, 1, G]: the state indices of a lane
-    c_ok = tl.broadcast_to(_channel_mask(c, CH, BLOCK_C), (BLOCK_C, G))
-    cn_ok = c_ok[None] & (nb < N)
-    A2 = tl.load(A_ptr + c[None] * stride_Ac + nb * stride_An, mask=cn_ok, other=0.0) * 1.4426950408889634
-    s_ptrs = states_ptr + slot.to(tl.int64) * stride_ss + c[None] * stride_sc + nb * stride_sn
-    init = tl.load(init_ptr + b) != 0
-    h = tl.load(s_ptrs, mask=tl.where(init, cn_ok, False), other=0.0).to(tl.float32)
-    D = tl.load(D_ptr + c * stride_D + g * 0, mask=c_ok, other=0.0)
-    dt_bias = tl.load(dt_bias_ptr + c * stride_dtb + g * 0, mask=c_ok, other=0.0)
-    ti = tl.arange(0, TILE)[:, None, None]
-    t64 = t_lo.to(tl.int64)  # int64 token offsets: T x stride can pass 2^31
-    xp = x_ptr + t64 * stride_xt + c * stride_xc + g * 0
-    dtp = dt_ptr + t64 * stride_dtt + c * stride_dtc + g * 0
-    zp = z_ptr + t64 * stride_zt + c * stride_zc + g * 0
-    yp = y_ptr + t64 * stride_yt + c * stride_yc + g * 0
-    Bp = B_ptr + t64 * BLOCK_N
-    Cp = C_ptr + t64 * BLOCK_N
-    y_ok = c_ok & (g == 0)  # one lane of a channel stores its y
-    x = _load_token_tile(xp, stride_xt, t_hi - t_lo, c_ok, ti, TILE, BLOCK_C, G)
-    dt = _load_token_tile(dtp, stride_dtt, t_hi - t_lo, c_ok, ti, TILE, BLOCK_C, G)
-    z = _load_token_tile(zp, stride_zt, t_hi - t_lo, c_ok, ti, TILE, BLOCK_C, G)
-    for t0 in tl.range(t_lo, t_hi, TILE):
-        xp += TILE * stride_xt
-        dtp += TILE * stride_dtt
-        zp += TILE * stride_zt
-        n_next = t_hi - t0 - TILE
-        x1 = _load_token_tile(xp, stride_xt, n_next, c_ok, ti, TILE, BLOCK_C, G)
-        dt1 = _load_token_tile(dtp, stride_dtt, n_next, c_ok, ti, TILE, BLOCK_C, G)
-        z1 = _load_token_tile(zp, stride_zt, n_next, c_ok, ti, TILE, BLOCK_C, G)
-        h = _scan_token_tile(h, A2, dt_bias, D, x, dt, z, Bp, Cp, yp, stride_yt, t_hi - t0, y_ok, ti, nb,
-                             BLOCK_N, TILE, FAST)
-        Bp += TILE * BLOCK_N
-        Cp += TILE * BLOCK_N
-        yp += TILE * stride_yt
-        x, dt, z = x1, dt1, z1
-    tl.store(s_ptrs, h.to(states_ptr.dtype.element_ty), mask=cn_ok)  # an empty sequence: its state as it came
-
-
-@dataclass(frozen=True)
-class PrefillBlocking:
-    """How selective_scan_varlen cuts its work: BLOCK_C = 32 warps / threads_per_channel channels a program."""
-    threads_per_channel: int = 2  # lanes sharing a channel's N states (N / threads_per_channel each)
-    warps: int = 4
-    tile: int = 8  # tokens a step of the token loop: the next tile's inputs load while this one is worked
-
-    @property
-    def block_c(self) -> int:
-        return 32 * self.warps // self.threads_per_channel
-
-
-PREFILL_BLOCKING = PrefillBlocking()
-
-
-def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                          C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, z: torch.Tensor,
-                          ssm_states: torch.Tensor, query_start_loc: torch.Tensor, state_slots: torch.Tensor,
-                          has_initial_state: torch.Tensor, blocking: PrefillBlocking | None = None) -> torch.Tensor:
-    """Triton version of selective_scan_varlen_ref (same arguments and result; no host sync, CUDA-graph
-    capturable); `blocking`: PREFILL_BLOCKING unless given.
-
-    One pass: a program owns BLOCK_C channels of one sequence for all its tokens (grid: channel blocks x
-    sequences, so 16 x 256 tokens fill the GPU as well as 1 x 4,096), and goes token after token. One
-    sequence alone has only d_inner independent channels (8K at FalconMamba-7B: too few threads if a thread
-    held a channel's 16 states), so a channel's N states are split over G = blocking.threads_per_channel
-    lanes of a warp (G x 8K threads), each lane's states and A log2(e) in registers; y_t = sum_n h C is an
-    in-lane sum and log2(G) warp shuffles.
-
-    Prediction (FalconMamba-7B, 4,096 tokens; sm_90 SASS compiled on the CPU with triton 3.9, no spills, no
-    shared memory): at G = 2 (8 states a lane, 165 registers) the tile loop is ~99 instructions a lane-token:
-    8 exp2 for the decays and 4 MUFU for softplus (exp2, log2) and the gate (exp2, rcp), which every lane of a
-    channel works, ~43 FMA-pipe ops on the states (delta A, delta x B, the h FMA, h C), 4 128-bit loads of
-    B / C, 3 of x / dt / z, 1 shuffle, the rest per-channel and loop work. Issue-bound (99 issue cycles a
-    warp-token against 12 x 8 MUFU cycles): 67M lane-tokens / 32 / 528 sub-partitions x 99 cycles / 1.98 GHz
-    = ~0.2 ms, if one warp a sub-partition (128 programs of 4 warps) keeps issuing from the unrolled tile's
-    independent work; else latency-bound above that. At G = 4 (2 warps a sub-partition): ~77 instructions and
-    8 MUFU a lane-token, twice the lane-tokens: ~0.31 ms if issue-bound. The three-pass kernel it replaces
-    worked every exp2 twice (chunk states, then the rescan)."""
-    T, CH = x.shape
-    N = A.shape[1]
-    num_seqs = state_slots.shape[0]
-    y = torch.empty_like(x)
-    if T == 0 or num_seqs == 0:
-        return y
-    blocking = blocking or PREFILL_BLOCKING
-    G, TILE = blocking.threads_per_channel, blocking.tile
-    BLOCK_N = max(triton.next_power_of_2(N), G)
-    # B and C are read by every lane for every token: converted once here ([T, N], microseconds) to fp32 rows
-    # of BLOCK_N (zeros past N: a lane's states load as one vector, no mask), with TILE zero rows after the last
-    # token (a last tile's loads past it need no mask).
-    B, C = (F.pad(v.float(), (0, BLOCK_N - N, 0, TILE)) for v in (B, C))
-    _scan_varlen_kernel[(triton.cdiv(CH, blocking.block_c), num_seqs)](
-        x, dt, A, B, C, D, dt_bias, z, ssm_states, query_start_loc, state_slots, has_initial_state, y, CH, N,
-        *x.stride(), *dt.stride(), *A.stride(), *z.stride(), D.stride(0), dt_bias.stride(0), *ssm_states.stride(),
-        *y.stride(), BLOCK_C=blocking.block_c, G=G, BLOCK_N=BLOCK_N, TILE=TILE, FAST=x.device.type == "cuda",
-        num_warps=blocking.warps)
-    return y
-
-
-# The three-pass chunked kernel that selective_scan_varlen replaced: kept only so benchmarks/kernels_mamba.py
-# --mamba1-sweep can time both on the device; delete it (and its tests) once measured.
 
 
 @triton.jit
@@ -307,6 +129,12 @@ def _load_tile(p, stride_t, n_ok, c_ok, ti, TILE: tl.constexpr, BLOCK_C: tl.cons
         row = tl.load(p + i * stride_t, mask=tl.where(i < n_ok, c_ok, False), other=0.0)
         tile = tl.where(ti == i, row[None, :], tile)
     return tile
+
+
+@triton.jit
+def _row(tile, ti, i: tl.constexpr):
+    """Row i of a [TILE, BLOCK_C] tile: the TILE rows are a thread's registers, so this is a register pick."""
+    return tl.sum(tl.where(ti == i, tile, -0.0), axis=0)
 
 
 @triton.jit
@@ -545,8 +373,8 @@ def _scan_chunk_output_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias
 # Those were of the per-token loop; the tiled loop keeps that blocking until the sweep
 # (benchmarks/kernels_mamba.py --mamba1-sweep) is run. TILE 8: 168 registers in pass 3, no spills (sm_90 ptxas).
 @dataclass(frozen=True)
-class ChunkedBlocking:
-    """How selective_scan_varlen_chunked cuts its work (the measured choices above)."""
+class PrefillBlocking:
+    """How selective_scan_varlen cuts its work (the measured choices above)."""
     tile: int = 8  # tokens a step of the token loop: the next tile's inputs load while this one is worked
     warps: int = 4
     channels_per_thread: int = 1
@@ -558,17 +386,16 @@ class ChunkedBlocking:
         return self.channels_per_thread * 32 * self.warps
 
 
-CHUNKED_BLOCKING = ChunkedBlocking()
+PREFILL_BLOCKING = PrefillBlocking()
 SEQ_BLOCK = 64  # sequence starts a step of _count_below: fixed, so no batch size compiles a kernel variant
 
 
-def selective_scan_varlen_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                                  C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, z: torch.Tensor,
-                                  ssm_states: torch.Tensor, query_start_loc: torch.Tensor, state_slots: torch.Tensor,
-                                  has_initial_state: torch.Tensor, blocking: ChunkedBlocking | None = None
-                                  ) -> torch.Tensor:
-    """The three-pass predecessor of selective_scan_varlen (same arguments and result; no host sync);
-    `blocking`: CHUNKED_BLOCKING unless given.
+def selective_scan_varlen(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                          C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, z: torch.Tensor,
+                          ssm_states: torch.Tensor, query_start_loc: torch.Tensor, state_slots: torch.Tensor,
+                          has_initial_state: torch.Tensor, blocking: PrefillBlocking | None = None) -> torch.Tensor:
+    """Triton version of selective_scan_varlen_ref (same arguments and result; no host sync); `blocking`:
+    PREFILL_BLOCKING unless given.
 
     The recurrence is sequential in time, and one sequence alone has only d_inner x N independent scans
     (131K at FalconMamba-7B, one channel's N states a thread: 8K threads, too few for a GPU), so the flat token
@@ -600,7 +427,7 @@ def selective_scan_varlen_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Te
     y = torch.empty_like(x)
     if T == 0 or num_seqs == 0:
         return y
-    blocking = blocking or CHUNKED_BLOCKING
+    blocking = blocking or PREFILL_BLOCKING
     BLOCK_C, TILE = blocking.block_c, blocking.tile
     fast = x.device.type == "cuda"
     BLOCK_N = triton.next_power_of_2(N)

@@ -19,7 +19,7 @@ from kernels.norm import split_rms_norm_ref  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PAD = -1
 
-# (sequence lengths, has_initial_state, state slots); slot -1 is a padded sequence (its y is not checked).
+# (sequence lengths, has_initial_state, state slots); slot -1 is a padded sequence. The kernel's time tile is 16.
 LAYOUTS = [
     ([1], [True], [2]),
     ([1, 3, 1], [False, True, True], [4, 0, 2]),
@@ -49,9 +49,7 @@ def _tokens(T: int, CH: int, N: int, dtype: torch.dtype):
     return x, dt, B, C, z
 
 
-def _check_varlen(lengths, init, slots, CH, N, dtype, state_dtype=torch.float32, scan=None):
-    """scan (default ss.selective_scan_varlen) against selective_scan_varlen_ref: y of the sequences with a slot,
-    the states of every slot (an empty sequence with a slot writes its initial state or zeros back)."""
+def _check_varlen(lengths, init, slots, CH, N, dtype, state_dtype=torch.float32):
     num_slots = max(slots) + 2
     x, dt, B, C, z = _tokens(sum(lengths), CH, N, dtype)
     A, D, dt_bias = _params(CH, N)
@@ -61,9 +59,9 @@ def _check_varlen(lengths, init, slots, CH, N, dtype, state_dtype=torch.float32,
     init_t = torch.tensor(init, dtype=torch.bool, device=DEVICE)
     ref_states, out_states = states.clone(), states.clone()
     ref = ss.selective_scan_varlen_ref(x, dt, A, B, C, D, dt_bias, z, ref_states, qsl, slots_t, init_t)
-    out = (scan or ss.selective_scan_varlen)(x, dt, A, B, C, D, dt_bias, z, out_states, qsl, slots_t, init_t)
+    out = ss.selective_scan_varlen(x, dt, A, B, C, D, dt_bias, z, out_states, qsl, slots_t, init_t)
     live = torch.cat([torch.full((n,), s >= 0, dtype=torch.bool) for n, s in zip(lengths, slots)]).to(DEVICE)
-    tol = 1e-3 if dtype == torch.float32 and state_dtype == torch.float32 else 1e-2
+    tol = 1e-3 if dtype == torch.float32 else 1e-2
     assert _rel_err(out[live], ref[live]) < tol
     assert _rel_err(out_states, ref_states) < tol
     unowned = [r for r in range(num_slots) if r not in slots]
@@ -90,9 +88,9 @@ def _check_update(batch, CH, N, dtype, state_dtype=torch.float32, pad_rows=()):
     assert torch.equal(out_states[untouched.to(DEVICE)], states[untouched.to(DEVICE)])
 
 
-# Sequences within a tile or a 16-token chunk of the chunked kernel, across one or several boundaries, ending or
-# starting on one, length 1 on either side of one, empty ones (inside a chunk, on a boundary, at the end; an empty
-# sequence with a slot writes its initial state, or zeros, back), padded ones crossing boundaries.
+# The same with the token axis cut into chunks of 16 (the prefill kernel's chunked passes): sequences within
+# one chunk, across one or several boundaries, ending or starting on one, length 1 on either side of one,
+# empty ones (inside a chunk, on a boundary, at the end), padded ones crossing boundaries.
 CHUNKED_LAYOUTS = [
     ([40], [True], [1]),
     ([5, 30, 1, 16, 9], [False, True, True, False, True], [0, 3, PAD, 2, 4]),
@@ -102,8 +100,6 @@ CHUNKED_LAYOUTS = [
     ([16, 0, 20], [False, False, True], [2, 0, 1]),
     ([10, 30, 12], [True, True, False], [0, PAD, 1]),
 ]
-# Lengths of no multiple of the tile, empty and padded sequences, mixed initial states.
-TILE_LAYOUT = ([3, 21, 0, 7, 35, 1], [True, False, True, True, False, True], [2, 0, 5, PAD, 1, 3])
 
 
 @pytest.mark.parametrize("lengths,init,slots", LAYOUTS)
@@ -111,72 +107,47 @@ def test_varlen_interpreted(lengths, init, slots):
     _check_varlen(lengths, init, slots, CH=24, N=16, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("lengths,init,slots", CHUNKED_LAYOUTS)
-def test_varlen_uneven_interpreted(lengths, init, slots):
-    _check_varlen(lengths, init, slots, CH=24, N=16, dtype=torch.float32)
-
-
-# Lanes a channel 1 (all 16 states a lane), 4 and 8 (N = 12: the last lanes hold only padding states, or none
-# of the real ones), tiles of 1, 4, 8 tokens; channel blocks of 32 / G with one warp: CH = 24 over several.
-@pytest.mark.parametrize("threads_per_channel,tile,N", [(1, 1, 16), (4, 4, 16), (8, 8, 12), (2, 4, 5)])
-def test_varlen_blockings_interpreted(monkeypatch, threads_per_channel, tile, N):
-    blocking = ss.PrefillBlocking(threads_per_channel=threads_per_channel, warps=1, tile=tile)
-    monkeypatch.setattr(ss, "PREFILL_BLOCKING", blocking)
-    _check_varlen(*TILE_LAYOUT, CH=24, N=N, dtype=torch.float32)
-
-
-def test_varlen_bf16_interpreted():
-    _check_varlen([20, 3], [True, False], [0, 1], CH=16, N=8, dtype=torch.bfloat16)
-
-
-def test_varlen_bf16_state_interpreted():
-    """bf16 states in the slots (read, scanned in fp32, written back rounded), bf16 inputs, N not a power of two."""
-    _check_varlen([9, 1, 14], [True, True, False], [2, 0, 1], CH=40, N=12, dtype=torch.bfloat16,
-                  state_dtype=torch.bfloat16)
-
-
-# The three-pass chunked kernel (kept only for the benchmark's comparison; these tests go with it): the token
-# axis cut into chunks of 16.
 @pytest.fixture
 def chunk16(monkeypatch):
     """Chunks of 16 tokens whatever the size (normally L keeps chunks x channels near blocking.chains)."""
-    monkeypatch.setattr(ss, "CHUNKED_BLOCKING", dataclasses.replace(ss.CHUNKED_BLOCKING, min_chunk=16,
-                                                                    chains=1 << 30))
+    monkeypatch.setattr(ss, "PREFILL_BLOCKING", dataclasses.replace(ss.PREFILL_BLOCKING, min_chunk=16, chains=1 << 30))
 
 
 @pytest.mark.parametrize("lengths,init,slots", CHUNKED_LAYOUTS)
 def test_varlen_chunked_interpreted(chunk16, lengths, init, slots):
-    _check_varlen(lengths, init, slots, CH=24, N=16, dtype=torch.float32, scan=ss.selective_scan_varlen_chunked)
+    _check_varlen(lengths, init, slots, CH=24, N=16, dtype=torch.float32)
+
+
+# Tiles of 1, 4 and 8 tokens (the default 8 runs above) against chunks of 16: lengths of no multiple of the tile
+# within and across chunks, remainders on either side of a boundary, empty and padded sequences.
+TILE_LAYOUT = ([3, 21, 0, 7, 35, 1], [True, False, True, True, False, True], [2, 0, 5, PAD, 1, 3])
 
 
 @pytest.mark.parametrize("tile", [1, 4])
-def test_varlen_chunked_tiles_interpreted(chunk16, monkeypatch, tile):
-    monkeypatch.setattr(ss, "CHUNKED_BLOCKING", dataclasses.replace(ss.CHUNKED_BLOCKING, tile=tile))
-    _check_varlen(*TILE_LAYOUT, CH=24, N=16, dtype=torch.float32, scan=ss.selective_scan_varlen_chunked)
+def test_varlen_tiles_interpreted(chunk16, monkeypatch, tile):
+    monkeypatch.setattr(ss, "PREFILL_BLOCKING", dataclasses.replace(ss.PREFILL_BLOCKING, tile=tile))
+    _check_varlen(*TILE_LAYOUT, CH=24, N=16, dtype=torch.float32)
 
 
-SCANS = {"single_pass": ss.selective_scan_varlen, "chunked": ss.selective_scan_varlen_chunked}
-
-
-@pytest.mark.parametrize("scan", SCANS)
-def test_varlen_tile_past_last_token_interpreted(chunk16, scan):
+def test_varlen_tile_past_last_token_interpreted(chunk16):
     """The last sequence is 1 token, the token axis ending 1 token into its tile (B/C reads past T land in the
     zero padding); bf16 inputs."""
-    _check_varlen([9, 16, 8, 1], [False, True, True, True], [1, 2, 0, 3], CH=40, N=16, dtype=torch.bfloat16,
-                  scan=SCANS[scan])
+    _check_varlen([9, 16, 8, 1], [False, True, True, True], [1, 2, 0, 3], CH=40, N=16, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("scan", SCANS)
-def test_varlen_bf16_channel_blocks_interpreted(chunk16, scan):
-    """bf16 inputs, N below its block, channels over several blocks (the last one partly masked)."""
-    _check_varlen([7, 26, 3], [True, False, True], [2, 0, 1], CH=160, N=12, dtype=torch.bfloat16, scan=SCANS[scan])
+def test_varlen_chunked_bf16_channel_blocks_interpreted(chunk16):
+    """bf16 inputs, N below its block, channels over two blocks (the second one partly masked)."""
+    _check_varlen([7, 26, 3], [True, False, True], [2, 0, 1], CH=160, N=12, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("scan", SCANS)
-def test_varlen_full_blocks_interpreted(chunk16, scan):
+def test_varlen_chunked_full_blocks_interpreted(chunk16):
     """Channel blocks that tile the channels exactly (the unmasked loads the model shapes take)."""
-    block = (ss.PREFILL_BLOCKING if scan == "single_pass" else ss.CHUNKED_BLOCKING).block_c
-    _check_varlen([21, 12], [True, False], [1, 0], CH=block, N=16, dtype=torch.float32, scan=SCANS[scan])
+    block = ss.PREFILL_BLOCKING.block_c
+    _check_varlen([21, 12], [True, False], [1, 0], CH=block, N=16, dtype=torch.float32)
+
+
+def test_varlen_bf16_interpreted():
+    _check_varlen([20, 3], [True, False], [0, 1], CH=16, N=8, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("batch,pad_rows", [(1, ()), (5, (1, 4))])
@@ -248,9 +219,9 @@ def _compiled_variants(kernel) -> int:
 
 @pytest.mark.gpu
 def test_varlen_batch_shapes_compile_no_new_variants():
-    """A variant of the prefill kernel compiles for tens of seconds: once compiled for the model, no batch's
-    token or sequence count (1, a multiple of 16, a power of two or not) may compile another one."""
-    kernels = (ss._scan_varlen_kernel,)
+    """A variant of the prefill kernels compiles for ~27 s: once compiled for the model, no batch's token or
+    sequence count (1, a multiple of 16, a power of two or not) may compile another one."""
+    kernels = (ss._scan_chunk_state_kernel, ss._scan_chunk_output_kernel)
     batches = [[5, 4096], [1], [16], [256] * 16, [7, 300, 1], [3] * 37, [64] * 64]
     _check_varlen(batches[0], [False, True], [1, 0], CH=8192, N=16, dtype=torch.bfloat16)
     compiled = [_compiled_variants(k) for k in kernels]
