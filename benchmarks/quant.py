@@ -116,22 +116,24 @@ def _copies(w: tuple, nbytes: int) -> list[tuple]:
 
 
 def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
-    """The tile configs the sweep tries: at one row the half2 GEMV (the default) and the fp32 one it replaced
-    (tiles of 8-32 word rows, 2-4 warps); at more rows the planes GEMM (the default to 16 rows: BLOCK_M the
-    rows rounded up to 16 / 32 / 64 and the next size, BLOCK_N 64 / 128, BLOCK_K 128 / 256, 4 / 8 warps, 2-4
-    stages) and the transposed one (planes_t_candidates), each split for several waves of programs, and the
-    weights dequantized to bf16 then cuBLAS (kind dequant)."""
+    """The tile configs the sweep tries: at one row the half2 GEMV (the default from 2^23 weights; 128-512
+    columns, 4 or 8 word rows a warp, 1-4 warps along K, 4-16 programs an SM) and the fp32 one (64 x 16
+    words, 2 warps); at more rows the planes GEMM (the default to 16 rows: BLOCK_M the rows rounded up to
+    16 / 32 / 64 and the next size, BLOCK_N 64 / 128, BLOCK_K 128 / 256, 4 / 8 warps, 2-4 stages) and the
+    transposed one (planes_t_candidates), each split for several waves of programs, and the weights
+    dequantized to bf16 then cuBLAS (kind dequant)."""
     pack, dev = 32 // bits, torch.device("cuda")
     out = []
     if M == 1:
-        for bn, bk, warps in ((64, 16 * pack, 2), (64, 32 * pack, 2), (128, 16 * pack, 4)):
-            out += [dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
-                         SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev)) for waves in (4, 8)]
-        for bn, rows, warps in ((64, 16, 2), (128, 16, 4), (64, 8, 2), (128, 8, 2), (256, 8, 4), (64, 32, 4)):
-            bk = rows * pack
-            if bk <= 128:  # a K tile lies in one group of 128
-                out += [dict(kind="gemv_half2", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
-                             SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev)) for waves in (4, 8)]
+        bk = 16 * pack
+        out.append(dict(kind="gemv", BLOCK_N=64, BLOCK_K=bk, num_warps=2, num_stages=1,
+                        SPLIT_K=split_for(-(-N // 64), K, bk, 4, dev)))
+        # (warps along N, warps along K, word rows a warp, programs an SM): the default (2, 1, 4, 8) and 4 an
+        # SM, one-warp programs (more of them), 4 warps along N, 8 rows a warp (twice the bytes a load batch),
+        # warps along K (fewer splits: less partial traffic and reduce)
+        for tiles in ((2, 1, 4, 8), (2, 1, 4, 4), (1, 1, 4, 8), (1, 1, 4, 16), (4, 1, 4, 4), (2, 1, 8, 4),
+                      (2, 1, 8, 8), (2, 2, 4, 4), (1, 4, 4, 4)):
+            out.append(ql.half2_config(N, K, bits, 128, dev, *tiles))
         return out
     out += planes_t_candidates(M, N, K) + [dict(kind="dequant")]
     fits = 16 if M <= 16 else 32 if M <= 32 else 64  # as matmul_config picks it

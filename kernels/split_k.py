@@ -2,9 +2,11 @@
 
 At decode an [M, K] x [K, N] product has too few output tiles to keep every SM streaming weights, so K is
 split too: program (n, m, k) sums its share of K. Every split stores its fp32 partial sum; the last split
-of a tile to finish (an atomic counter per tile, reset by that split) adds the partials up in split order,
-so the result does not depend on which split finished last, adds the bias and writes the output. One
-launch per GEMM: no second reduce kernel, which at decode costs as much as a small GEMM's streaming.
+of a tile to finish (an atomic counter per tile, reset by that split) adds the partials up in a fixed order,
+so the result does not depend on which split finished last, adds the bias and writes the output; it loads
+the partials of several splits at once (up to 16 for a GEMV's tile), one L2 round trip for them, not one a
+split: that reduce is on every GEMM's critical path. One launch per GEMM: no second reduce kernel, which at
+decode costs as much as a small GEMM's streaming.
 (`last_to_arrive` serves the split attention decode too: kernels/attention/decode.py.)
 """
 
@@ -19,6 +21,8 @@ import triton.language as tl
 from kernels import pdl
 
 MAX_TILES = 1 << 16  # output tiles per launch that have a counter
+REDUCE_ELEMENTS = tl.constexpr(4096)  # partials the last split of a tile loads at once (registers: 64 a thread at 64)
+MAX_CHUNK = tl.constexpr(16)
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
@@ -72,10 +76,15 @@ def store_split_tile(acc, b_ptr, out_ptr, part_ptr, count_ptr, offs_m, offs_n, M
         tl.store(part_ptr + (tl.program_id(2) * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
         tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         if last_to_arrive(count_ptr, tile, SPLIT_K):
+            # CHUNK partials loaded at once (one L2 round trip a chunk, not a split), as many as fit in
+            # REDUCE_ELEMENTS; summed in a fixed order whatever the order the splits finished in
+            CHUNK: tl.constexpr = min(MAX_CHUNK, max(1, REDUCE_ELEMENTS // (acc.shape[0] * acc.shape[1])))
             total = tl.zeros_like(acc)
-            for s in range(SPLIT_K):  # .cg: from L2, where the other splits' stores are
-                total += tl.load(part_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0,
-                                 cache_modifier=".cg")
+            for s0 in range(0, SPLIT_K, CHUNK):  # .cg: from L2, where the other splits' stores are
+                s = s0 + tl.arange(0, CHUNK)[:, None, None]
+                parts = tl.load(part_ptr + (s * M + offs_m[None, :, None]) * N + offs_n[None, None, :],
+                                mask=(s < SPLIT_K) & mask[None, :, :], other=0.0, cache_modifier=".cg")
+                total += tl.sum(parts, axis=0)
             store_output(total, b_ptr, out_ptr, offs_m, offs_n, M, N, HAS_BIAS)
     else:
         store_output(acc, b_ptr, out_ptr, offs_m, offs_n, M, N, HAS_BIAS)

@@ -88,7 +88,7 @@ def chain_inputs(dtype: torch.dtype, device: str = "cuda") -> dict:
         query_start_loc=torch.tensor([0, 1], **i32), gate_w=randn(d, scale=0.1) + 1)
 
 
-HALF2_CONFIG = dict(kind="gemv_half2", BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=2, num_stages=1)
+HALF2_CONFIG = dict(kind="gemv_half2", BLOCK_N=256, BLOCK_K=32, WARPS_K=1, SPLIT_K=4, num_warps=2, num_stages=1)
 
 
 def decode_chain(p: dict, layers: int = 3) -> tuple[torch.Tensor, ...]:
@@ -112,7 +112,7 @@ def decode_chain(p: dict, layers: int = 3) -> tuple[torch.Tensor, ...]:
         f = fp8_weight_only_linear(activation.silu_mul(m, attn), p["fp8_w"], p["fp8_scale"], None,
                                    config=fp8_gemv_config(d, d, 4, 1, 4, n.device))
         f = gptq_linear(f, *p["gptq"], None, 4, 128)  # the fp32 GEMV at this size
-        f = gptq_linear(f, *p["gptq"], None, 4, 128, config=HALF2_CONFIG)  # and its separate gather launch
+        f = gptq_linear(f, *p["gptq"], None, 4, 128, config=HALF2_CONFIG)  # the half2 one (gathers x itself)
         h = norm.rms_norm(f, p["norm_w"], 1e-5)
     return h, residual, attn
 

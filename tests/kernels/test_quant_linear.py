@@ -1,15 +1,15 @@
 """Triton GPTQ (W4A16 / W8A16) and FP8 weight-only GEMMs against their torch references.
 
 CPU: Triton's interpreter at small shapes, in float32 and float16 (the interpreter mishandles bf16 dots);
-every path is exercised: the one-row fp32 GEMV and the tensor-core planes GEMM in both orientations (planes to
-16 rows, planes_t to 128; the one-row half2 GEMV and the planes GEMM's Int4 bf16 / fp16 dequantization are inline
-PTX: GPU only; their gathered inputs are checked on the CPU), split-K (reduced by the last split of
-each tile) and not, act-order gather, bias, group sizes 32 / 64 / 128 / one group, and the
-dequantize-then-cuBLAS path (from 129 rows). GPU: the Falcon-H1-7B / FalconMamba-7B projection shapes in bf16
-at decode (1, 16, 32 rows) and prefill (256, 4096 rows), group 128 with act-order, one group, group 32; the planes
-GEMMs in bf16 and fp16 at 2-128 rows and at their sweep's tiles; the fp8 tensor-core path.
+every path is exercised: the one-row fp32 and half2 GEMVs (the half2 one's f16x2 inline PTX emulated in fp16
+there) and the tensor-core planes GEMM in both orientations (planes to 16 rows, planes_t to 128; its Int4
+bf16 / fp16 dequantization is inline PTX: GPU only), split-K (reduced by the last split of each tile) and
+not, act-order gather, bias, group sizes 32 / 64 / 128 / one group, and the dequantize-then-cuBLAS path (from
+129 rows). GPU: the Falcon-H1-7B / FalconMamba-7B projection shapes in bf16 at decode (1, 16, 32 rows) and
+prefill (256, 4096 rows), group 128 with act-order, one group, group 32; the half2 GEMV at its sweep's tiles;
+the planes GEMMs in bf16 and fp16 at 2-128 rows and at their sweep's tiles; the fp8 tensor-core path.
 Tolerance: max |out - ref| / max |ref| < 1e-4 in fp32, 1e-2 in fp16 / bf16 (one rounding of the output
-and of each dequantized weight; the half2 GEMV rounds x to fp16 and each word's pack products' sum), 3e-2 for
+and of each dequantized weight; the half2 GEMV rounds x to fp16 and its products' fp16 sums), 3e-2 for
 fp8 tensor cores (activations are quantized to fp8 too).
 """
 
@@ -20,6 +20,8 @@ import torch
 
 from kernels import fp8_linear as fp8
 from kernels import quant_linear as ql
+from kernels.quant_linear import gemv_half2 as gh
+from kernels.split_k import split_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -95,20 +97,68 @@ def test_gptq_kernel_padded_columns(split_k):
     check_gptq(130, 128, 72, 4, 64, False, torch.float32, padded_to=128)  # dequantize + matmul
 
 
+def gathered_x_half2(x: torch.Tensor, perm: torch.Tensor | None, bits: int, silu_mul: bool = False,
+                     split: int = 3) -> torch.Tensor:
+    """The half2 GEMV's scratch after a call: x gathered and paired (each split's share by its programs; 3
+    splits of K = 320, the last shorter)."""
+    K = x.shape[1] // 2 if silu_mul else x.shape[1]
+    qweight, scales, zeros = (torch.zeros(K * bits // 32, 64, dtype=torch.int32, device=DEVICE),
+                              torch.ones(1, 64, dtype=torch.float16, device=DEVICE),
+                              torch.zeros(1, 64, dtype=torch.int16, device=DEVICE))
+    xh = torch.full((K // 2,), -1, dtype=torch.int32, device=DEVICE)
+    config = dict(gh.half2_config(64, K, bits, K, torch.device(DEVICE)), SPLIT_K=split)
+    gh.gptq_gemv_half2(x, qweight, scales, zeros, perm, None, bits, K, 64, config, silu_mul=silu_mul, xh=xh)
+    return xh
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("act_order", [True, False])
-def test_gather_x_half2_kernel(bits, act_order):
+def test_gather_x_half2(bits, act_order):
     """The half2 GEMV's input: x gathered by perm, paired (p, p + pack / 2) per word row, in fp16 times
-    2^-(bits + the pair's code position). Checked against the reference and, unpacked, against x itself."""
+    2^-(bits + the pair's code position) / X_HEADROOM. Checked against the reference and, unpacked, against x."""
     K, pack = 320, 32 // bits
     x = (torch.randn(1, K, generator=torch.Generator().manual_seed(bits)) * 4).to(DEVICE)
     perm = torch.randperm(K, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.int32) if act_order else None
-    out = ql.gather_x_half2(x, perm, bits)
-    assert torch.equal(out, ql.gather_x_half2_ref(x, perm, bits))
+    out = gathered_x_half2(x, perm, bits)
+    assert torch.equal(out, gh.gather_x_half2_ref(x, perm, bits))
     pairs = out.view(torch.float16).view(K // pack, pack // 2, 2)  # [row, p, (low, high)]
     xg = (x[0, perm] if act_order else x[0]).view(K // pack, pack)
-    factor = torch.tensor([2.0 ** -(bits + ql.half2_pair_shift(p % (pack // 2), bits)[1]) for p in range(pack)])
+    factor = torch.tensor([2.0 ** -(bits + gh.half2_pair_shift(p % (pack // 2), bits)[1]) / gh.X_HEADROOM.value
+                           for p in range(pack)])
     assert torch.equal(pairs.transpose(1, 2).reshape(K // pack, pack), (xg * factor.to(DEVICE)).half())
+
+
+HALF2_CPU = [  # K, N, bits, group_size, act_order, warps_n, warps_k, rows, split
+    (256, 64, 4, 128, False, 1, 1, 4, 1),
+    (256, 200, 4, 32, True, 2, 1, 4, 3),   # groups of one tile; N past the stored columns' tile (clamped)
+    (320, 48, 8, -1, True, 1, 1, 4, 2),    # one group of K = 320: tiles of 16 channels (10 word rows)
+    (512, 72, 8, 128, True, 1, 2, 4, 3),   # warps along K
+    (384, 136, 4, 128, True, 1, 4, 8, 2),  # 4 warps along K, 8 rows each: one 128-channel tile a group
+    (384, 64, 4, -1, False, 2, 2, 8, 1),   # 128 x 3 tiles, unsplit
+]
+
+
+@pytest.mark.parametrize("K, N, bits, group_size, act_order, warps_n, warps_k, rows, split", HALF2_CPU)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gptq_half2_gemv_small(K, N, bits, group_size, act_order, warps_n, warps_k, rows, split, dtype):
+    """The half2 GEMV (kernels/quant_linear/gemv_half2.py) at small shapes, its f16x2 steps emulated in fp16 on
+    the CPU (inline PTX on a GPU): 4 / 8 bits, act-order or not, groups 128 / 32 / one, 1-2 warps along the
+    columns and 1-4 along K, split or not, bias; the stored columns padded to 64; twice (the split counters
+    reset)."""
+    group = K if group_size == -1 else group_size
+    config = dict(gh.half2_config(N, K, bits, group, torch.device(DEVICE), warps_n, warps_k, rows), SPLIT_K=split)
+    assert K % config["BLOCK_K"] == 0 and group % config["BLOCK_K"] == 0
+    for _ in range(2):
+        check_gptq(1, K, N, bits, group_size, act_order, dtype, config=config, padded_to=-(-N // 64) * 64)
+
+
+def test_gptq_half2_config_divides_k_and_group():
+    """BLOCK_K halves until it divides K and the group (one tile in one group, no partial tile)."""
+    dev = torch.device(DEVICE)
+    assert gh.half2_config(8728, 3072, 4, 128, dev)["BLOCK_K"] == 32
+    assert gh.half2_config(64, 3072, 4, 128, dev, rows=32)["BLOCK_K"] == 128
+    assert gh.half2_config(64, 3080, 4, 3080, dev)["BLOCK_K"] == 8  # 3080 = 8 x 385
+    assert gh.half2_config(64, 256, 8, 32, dev, warps_k=2, rows=8)["BLOCK_K"] == 32
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -320,8 +370,8 @@ HALF2_SMALL = [(256, 64, 4, 128, False), (256, 64, 4, 32, True), (320, 48, 8, -1
 def test_gptq_half2_gemv_gpu_small(K, N, bits, group_size, act_order, split_k, dtype):
     """The half2 GEMV (inline PTX: GPU only) at small shapes: 4 and 8 bits, act-order and not, group 128 / 32 /
     one group, N not a multiple of the tile, K not a multiple of the split; twice (the split counters reset)."""
-    bk = 128 if group_size in (128, -1) else 32
-    config = dict(kind="gemv_half2", BLOCK_N=64, BLOCK_K=bk, SPLIT_K=split_k, num_warps=2, num_stages=1)
+    group = K if group_size == -1 else group_size
+    config = dict(gh.half2_config(N, K, bits, group, torch.device("cuda")), SPLIT_K=split_k)
     for _ in range(2):
         check_gptq(1, K, N, bits, group_size, act_order, dtype, config=config, padded_to=-(-N // 64) * 64)
 
@@ -331,6 +381,25 @@ def test_gptq_half2_gemv_gpu_small(K, N, bits, group_size, act_order, split_k, d
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("kind", ["gemv", "gemv_half2"])
 def test_gptq_gemv_kinds_gpu(K, N, bits, kind):
-    """Both one-row kernels (the fp32 GEMV kept as a candidate) at the real shapes with the default tiles."""
-    config = dict(ql.matmul_config(1, N, K, bits, 128, torch.device("cuda")), kind=kind)
+    """Both one-row kernels (the fp32 GEMV kept as a candidate) at the real shapes with their default tiles."""
+    dev = torch.device("cuda")
+    if kind == "gemv":
+        config = dict(kind="gemv", BLOCK_N=64, BLOCK_K=128, num_warps=2, num_stages=1,
+                      SPLIT_K=split_for(-(-N // 64), K, 128, 4, dev))
+    else:
+        config = gh.half2_config(N, K, bits, 128, dev)
+    check_gptq(1, K, N, bits, 128, True, torch.bfloat16, padded_to=-(-N // 64) * 64, config=config)
+
+
+HALF2_GPU_CONFIGS = [(2, 1, 4, 8), (1, 1, 4, 16), (4, 1, 4, 4), (2, 1, 8, 8), (2, 2, 4, 4), (1, 4, 4, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", PLANES_GPU_SHAPES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("warps_n, warps_k, rows, waves", HALF2_GPU_CONFIGS)
+def test_gptq_half2_gemv_gpu(K, N, bits, warps_n, warps_k, rows, waves):
+    """The half2 GEMV at the sweep's tiles (benchmarks/quant.py gptq_candidates) at the 7B shapes, group 128,
+    act-order, bf16 x (fp16 in test_gptq_half2_gemv_gpu_small)."""
+    config = gh.half2_config(N, K, bits, 128, torch.device("cuda"), warps_n, warps_k, rows, waves)
     check_gptq(1, K, N, bits, 128, True, torch.bfloat16, padded_to=-(-N // 64) * 64, config=config)

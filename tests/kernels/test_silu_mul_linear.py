@@ -21,7 +21,8 @@ from kernels import fp8_linear as fp8
 from kernels import quant_linear as ql
 from kernels.activation import silu_mul, silu_mul_ref
 from kernels.gemv import gemv, gemv_ref
-from tests.kernels.test_quant_linear import random_gptq
+from kernels.quant_linear import gemv_half2 as gh
+from tests.kernels.test_quant_linear import gathered_x_half2, random_gptq
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -82,17 +83,34 @@ def test_gptq_gemv_silu_mul(K, N, bits, group_size, act_order, split, dtype):
           ql.gptq_linear_ref(silu_mul_ref(*halves(gate_up)), *args), dtype)
 
 
+@pytest.mark.parametrize("K, N, bits, group_size, act_order, split", [
+    (256, 200, 4, 128, True, 3),
+    (320, 48, 8, 320, False, 2),  # one group; tiles of 16 channels
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gptq_half2_gemv_silu_mul(K, N, bits, group_size, act_order, split, dtype):
+    """The half2 GEMV (its f16x2 steps emulated on the CPU) with SiLU * mul in its gather: bit-equal to
+    silu_mul then the same GEMV."""
+    qweight, scales, zeros, perm, bias = random_gptq(K, N, bits, group_size, act_order, dtype, seed=K + N)
+    gate_up = gate_up_row(1, K, dtype, seed=N)
+    cfg = dict(gh.half2_config(N, K, bits, group_size, torch.device(DEVICE)), SPLIT_K=split)
+    args = (qweight, scales, zeros, perm, bias, bits, group_size)
+    x = silu_mul(*halves(gate_up))
+    check(lambda: ql.gptq_linear(gate_up, *args, config=cfg, silu_mul=True), ql.gptq_linear(x, *args, config=cfg),
+          ql.gptq_linear_ref(silu_mul_ref(*halves(gate_up)), *args), dtype)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gather_x_half2_silu_mul(bits, act_order, dtype):
-    """The half2 GEMV's one gather launch does the SiLU * mul: the same words as gathering silu_mul's output."""
+    """The half2 GEMV's gather of x does the SiLU * mul: the same words as gathering silu_mul's output."""
     K = 320
     gate_up = gate_up_row(1, K, dtype, seed=bits)
     perm = torch.randperm(K, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.int32) if act_order else None
-    out = ql.gather_x_half2(gate_up, perm, bits, silu_mul=True)
-    assert torch.equal(out, ql.gather_x_half2(silu_mul(*halves(gate_up)), perm, bits))
-    ref = ql.gather_x_half2_ref(silu_mul_ref(*halves(gate_up)), perm, bits)
+    out = gathered_x_half2(gate_up, perm, bits, silu_mul=True)
+    assert torch.equal(out, gathered_x_half2(silu_mul(*halves(gate_up)), perm, bits))
+    ref = gh.gather_x_half2_ref(silu_mul_ref(*halves(gate_up)), perm, bits)
     assert rel_err(out.view(torch.float16), ref.view(torch.float16)) < TOL[dtype]
 
 
