@@ -5,7 +5,8 @@ Cache layout per layer: k_cache, v_cache [num_blocks, block_size, kv_heads, head
 sequence lives in block block_table[j // block_size] at offset j % block_size.
 
 reference.py holds the torch references, decode.py the decode kernels (split context, merged in-kernel),
-prefill.py the varlen prefill kernel; paged_attention below launches both for one flat batch.
+prefill.py the varlen prefill kernel, tiles.py the tile steps both share; paged_attention below launches
+both for one flat batch.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention.tiles import _load_paged_kv, _softmax_step
 from kernels.pdl import wait_for_predecessor
 from kernels.split_k import last_to_arrive
 
@@ -38,37 +39,14 @@ def _attend_tile(acc, m, l, q, n0, k_cache_ptr, v_cache_ptr, table, kv_head, q_p
                  D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax step of queries q [M, D_PAD] over keys n0 .. n0 + BLOCK_N, gathered through the
-    block table. Scores are q.k * qk_scale (> 0; scale * log2(e), so exp2 gives the softmax), applied in one
-    FMA with the max subtraction. MASKED: key n is visible to row r only if n <= q_pos[r] and n < kv_end;
-    without it every key is visible and in range. P is cast to V's dtype for the second tensor-core dot."""
+    block table. MASKED: key n is visible to row r only if n <= q_pos[r] and n < kv_end; without it every key
+    is visible and in range."""
     n = n0 + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D_PAD)
-    in_range = n < kv_end
-    if MASKED:
-        page = tl.load(table + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
-    else:
-        page = tl.load(table + n // BLOCK_SIZE).to(tl.int64)
-    k_ptrs = k_cache_ptr + (page * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_head * stride_kh)[:, None] + d[None, :]
-    v_ptrs = v_cache_ptr + (page * stride_vb + (n % BLOCK_SIZE) * stride_vt + kv_head * stride_vh)[:, None] + d[None, :]
-    if MASKED:
-        kv_mask = in_range[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    elif HEAD_DIM == D_PAD:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=(d < HEAD_DIM)[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=(d < HEAD_DIM)[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    if MASKED:
-        s = tl.where((n[None, :] <= q_pos[:, None]) & in_range[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-    return acc, m_new, l
+    k, v = _load_paged_kv(k_cache_ptr, v_cache_ptr, table, n, kv_head, kv_end,
+                          stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                          HEAD_DIM, D_PAD, BLOCK_SIZE, MASKED)
+    visible = (n[None, :] <= q_pos[:, None]) & (n < kv_end)[None, :]
+    return _softmax_step(acc, m, l, q, k, v, visible, qk_scale, MASKED, PRECISION)
 
 
 @triton.jit
