@@ -188,8 +188,8 @@ class BF16Layer(Linear):
 @torch.no_grad()
 def test_silu_mul_linear_7b_down_gpu(make):
     """One row: the fused GEMV, equal to silu_mul + the layer to the bit (the half2 GEMV: its gather does the
-    SiLU * mul; FP8 at this size: the tl.dot kernel), within bf16 tolerance of the references. 4 rows: silu_mul,
-    then the layer (cuBLAS, planes, tl.dot)."""
+    SiLU * mul; FP8 at this size: silu_mul, then the tl.dot kernel), within bf16 tolerance of the references. 4
+    rows: silu_mul, then the layer (cuBLAS, planes, tl.dot)."""
     layer = make()
     for rows in (1, 4):
         gate_up = gate_up_row(rows, K7B, torch.bfloat16, seed=rows)
