@@ -4,8 +4,8 @@ come from HBM as in the server), timed by replay; reported per layer.
 
 - Falcon-H1's residual: `mamba + attn` then add_rms_norm (2 kernels) against add_rms_norm with two deltas (1).
 - FalconMamba-7B: split_rms_norm, dt matmul, state update against dt matmul, state update with the norms in it.
-- Falcon-H1-7B's MLP tail at one row: silu_mul then the down projection's GEMV (2 launches; GPTQ's half2 GEMV
-  3 with its gather) against the GEMV with SiLU*mul in its x loads, for bf16, GPTQ Int4 and FP8 weights.
+- Falcon-H1-0.5B's and -7B's MLP tail at one row: silu_mul then the down projection's GEMV (2 launches; GPTQ's
+  half2 GEMV 3 with its gather) against the GEMV with SiLU*mul in its x loads, for bf16, GPTQ Int4 and FP8 weights.
 - Falcon-H1-7B attention decode: split decode + the reduce kernel (2 launches) against the splits merged in
   the decode kernel (1), at (context, max_seq_len) pairs: a graph is sized for max_model_len, so the split
   count follows max_seq_len and the active splits the context.
@@ -44,7 +44,7 @@ from kernels.selective_scan import selective_scan_update, selective_scan_update_
 DEV, DTYPE = "cuda", torch.bfloat16
 H1 = {"falcon-h1-0.5b": dict(d=1024, layers=36), "falcon-h1-7b": dict(d=3072, layers=44)}
 MAMBA1_7B = dict(CH=8192, N=16, R=256, layers=64)
-H1_7B_MLP = dict(I=12288, d=3072, layers=44)
+MLP = {"falcon-h1-0.5b": dict(I=2048, d=1024, layers=36), "falcon-h1-7b": dict(I=12288, d=3072, layers=44)}
 H1_7B_ATTN = dict(q_heads=12, kv_heads=2, head_dim=128, block_size=16, layers=44)
 ATTENTION_CASES = [(160, 4160), (4096, 4160), (160, 32768), (8192, 32768), (32768, 32768)]  # (context, max_seq_len)
 
@@ -118,9 +118,9 @@ def down_layers(fmt: str, L: int, K: int, N: int) -> list[Callable[[torch.Tensor
     return layers
 
 
-def mlp_rows(fmt: str) -> list[tuple[str, float]]:
-    """Falcon-H1-7B's SiLU*mul + down projection at one row (the only row count that fuses)."""
-    I, d, L = H1_7B_MLP["I"], H1_7B_MLP["d"], H1_7B_MLP["layers"]
+def mlp_rows(model: str, fmt: str) -> list[tuple[str, float]]:
+    """The model's SiLU*mul + down projection at one row (the only row count that fuses)."""
+    I, d, L = MLP[model]["I"], MLP[model]["d"], MLP[model]["layers"]
     gate_up = [torch.randn(1, 2 * I, device=DEV, dtype=DTYPE) * 2 for _ in range(L)]
     down = down_layers(fmt, L, I, d)
     assert torch.equal(down[0](gate_up[0], True), down[0](silu_mul(*gate_up[0].chunk(2, dim=-1)), False))
@@ -235,7 +235,7 @@ def main() -> None:
         if "mamba1" in args.cases:
             cases.append(("falcon-mamba-7b SSM", mamba1_rows, (batch,)))
         if "mlp" in args.cases and batch == 1:
-            cases += [("falcon-h1-7b MLP tail", mlp_rows, (fmt,)) for fmt in ("bf16", "gptq-int4", "fp8")]
+            cases += [(f"{m} MLP tail", mlp_rows, (m, fmt)) for m in MLP for fmt in ("bf16", "gptq-int4", "fp8")]
         if "attention" in args.cases:
             pairs = ATTENTION_CASES if batch == 1 else [(160, 4160)]
             cases += [("falcon-h1-7b attention", attention_rows, (batch, *pair)) for pair in pairs]
