@@ -126,16 +126,13 @@ def gptq_candidates(M: int, N: int, K: int, bits: int) -> list[dict]:
     pack, dev = 32 // bits, torch.device("cuda")
     out = []
     if M == 1:
-        for bn, bk, warps in ((64, 16 * pack, 2), (64, 32 * pack, 2), (128, 16 * pack, 4)):
-            if bk > 128:  # a K tile lies in one group of 128
-                continue
-            out += [dict(kind="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
-                         SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev)) for waves in (4, 8)]
-        for bn, rows, warps in ((64, 16, 2), (128, 16, 4), (64, 8, 2), (128, 8, 2), (256, 8, 4), (64, 32, 4)):
-            bk = rows * pack
-            if bk <= 128:  # a K tile lies in one group of 128
-                out += [dict(kind="gemv_half2", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
-                             SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev)) for waves in (4, 8)]
+        tiles = [("gemv", bn, rows * pack, warps) for bn, rows, warps in ((64, 16, 2), (64, 32, 2), (128, 16, 4))]
+        tiles += [("gemv_half2", bn, rows * pack, warps) for bn, rows, warps in
+                  ((64, 16, 2), (128, 16, 4), (64, 8, 2), (128, 8, 2), (256, 8, 4), (64, 32, 4))]
+        out += [dict(kind=kind, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
+                     SPLIT_K=split_for(-(-N // bn), K, bk, waves, dev))
+                for kind, bn, bk, warps in tiles if bk <= 128  # a K tile lies in one group of 128
+                for waves in (4, 8)]
         return out
     out += planes_t_candidates(M, N, K) + [dict(kind="dequant")]
     fits = 16 if M <= 16 else 32 if M <= 32 else 64  # as matmul_config picks it
@@ -167,13 +164,14 @@ def planes_t_candidates(M: int, N: int, K: int) -> list[dict]:
 
 
 def fp8_candidates(M: int, N: int, K: int) -> list[dict]:
-    """FP8 weight-only: at one row the GEMV (4-16 W rows a program, 4 or 8 warps along K), and the tl.dot
-    kernel at any."""
+    """FP8 weight-only: at one row the GEMV (2-16 W rows a program, 2-8 warps along K, 8 or 16 bytes of a row a
+    thread), and the tl.dot kernel at any."""
     dev = torch.device("cuda")
     out = []
     if M == 1:
-        out += [fp8.gemv_config(N, K, bn, warps, waves, dev)
-                for bn, warps in ((4, 4), (8, 4), (16, 4), (8, 8), (16, 8)) for waves in (4, 8, 16)]
+        out += [fp8.gemv_config(N, K, bn, warps, waves, dev, vec)
+                for vec in (8, 16) for bn, warps in ((2, 4), (4, 2), (4, 4), (8, 2), (8, 4), (16, 4), (8, 8), (16, 8))
+                for waves in (4, 8, 16)]
     bm = 16 if M <= 16 else 32
     out += [dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4,
                  SPLIT_K=split_for(-(-N // bn) * -(-M // bm), K, bk, waves, dev))

@@ -84,21 +84,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(x, weight, bias)
 
 
+FUSED_SILU_MUL_MAX_WEIGHTS = 1 << 25  # 16-bit and FP8 GEMVs compute SiLU(gate) * up themselves below (silu_mul_linear)
+
+
 def silu_mul_linear(gate_up: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """layer(SiLU(gate) * up) for gate_up = [gate | up] [T, 2K] (SwiGLU's down projection). One row on CUDA whose
-    matmul is a Triton GEMV (a 16-bit weight that `linear` gives the GEMV, GPTQ, FP8 below 2^25 weights) computes
-    SiLU(gate) * up as the GEMV loads x: the silu_mul launch disappears. Otherwise (more rows, FP8's tl.dot kernel:
-    41.1 us fused against 15.5 with silu_mul at the 7B's down, a layer wrapped for LoRA, the references) silu_mul,
-    then the layer."""
+    matmul is a Triton GEMV computes SiLU(gate) * up as the GEMV loads x, so the silu_mul launch disappears: GPTQ's
+    at any size, 16-bit (where `linear` picks the GEMV) and FP8 ones below 2^25 weights. Above, fusing costs more
+    than the launch, since each program recomputes all of x's SiLU * mul for its few rows of W (H200,
+    benchmarks/decode_tail.py --cases mlp, us a layer, fused against silu_mul first: the 7B's down 25.3 / 22.1 in
+    bf16, 29.1 / 14.2 in FP8, 13.0 / 13.1 GPTQ-Int4; the 0.5B's 2.5 / 3.0 bf16, 4.2 / 4.9 FP8; RESULTS.md session
+    15). Otherwise (more rows, a layer wrapped for LoRA, the references) silu_mul, then the layer."""
     if gate_up.is_cuda and not _FORCE_TORCH and gate_up.shape[0] == 1:
         method = getattr(layer, "method", None)  # quantized layers' (engine/quantization); 16-bit: an nn.Linear
-        if method == "fp8" and fp8_kernels.weight_only_config(1, *layer.weight.shape, gate_up.device)["kind"] == "gemv":
-            return fp8_kernels.fp8_weight_only_linear(gate_up, layer.weight, layer.weight_scale, layer.bias,
-                                                      silu_mul=True)
         if method == "gptq" and layer.separate_parts is None:
             return gptq_kernels.gptq_linear(gate_up, layer.qweight, layer.scales, layer.zeros, layer.perm, layer.bias,
                                             layer.bits, layer.group_size, layer.out_features, silu_mul=True)
-        if isinstance(layer, nn.Linear) and gemv_kernels.gemv_faster(gate_up, layer.weight):
+        if method == "fp8" and layer.weight.numel() < FUSED_SILU_MUL_MAX_WEIGHTS:
+            return fp8_kernels.fp8_weight_only_linear(gate_up, layer.weight, layer.weight_scale, layer.bias,
+                                                      silu_mul=True)
+        if (isinstance(layer, nn.Linear) and layer.weight.numel() < FUSED_SILU_MUL_MAX_WEIGHTS
+                and gemv_kernels.gemv_faster(gate_up, layer.weight)):
             return gemv_kernels.gemv(gate_up, layer.weight, layer.bias, silu_mul=True)
     gate, up = gate_up.chunk(2, dim=-1)
     return layer(silu_mul(gate, up))

@@ -3,8 +3,8 @@
 Two GPU paths, picked by the number of rows (both measured in benchmarks/quant.py):
 - few rows (decode): weight-only, a Triton GEMM that converts each fp8 tile to the activation dtype in
   registers, split along K like the GPTQ kernel, scales applied to the fp32 sum; for one row of a weight
-  below 2^25 codes, a GEMV of fp32 multiply-adds (no tensor cores) that keeps one partial per (row, lane,
-  word of 4 codes) and widens the codes with packed cvt instructions;
+  below 2^25 codes or with no more rows than columns (N <= K), a GEMV of fp32 multiply-adds (no tensor cores)
+  that keeps one partial per (row, lane, word of 4 codes) and widens the codes with packed cvt instructions;
 - many rows: Hopper's fp8 tensor cores through torch._scaled_mm, activations quantized per row
   (dynamic, scale = amax / 448), so the product is rowwise-scaled fp8 x fp8.
 """
@@ -15,13 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import activation
 from kernels.activation import load_x
 from kernels.pdl import wait_for_predecessor
 from kernels.split_k import split_for, split_k_launch, store_split_tile
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALED_MM_MIN_ROWS = 128  # from here on (on sm_89+): fp8 x fp8 tensor cores
-GEMV_MAX_WEIGHTS = 1 << 25  # one row of a weight below this size: the GEMV kernel (H200 sweep, RESULTS.md)
+GEMV_MAX_WEIGHTS = 1 << 25  # one row of a smaller weight: the GEMV kernel (H200 sweep, RESULTS.md)
 
 
 def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,11 +43,10 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, b
 
 @triton.jit
 def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, stride_xm, K_TILES, SPLIT_K,
-                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, SILU_MUL: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Weight-only fp8: a [BLOCK_M, BLOCK_N] output tile over K_TILES tiles of K, W^T tiles read from the
-    row-major [N, K] fp8 weight and widened to x's dtype (exact), the row scales applied to the fp32 sum.
-    SILU_MUL: x is the gate half of [gate | up] rows, multiplied as SiLU(gate) * up (kernels/activation.py)."""
+    row-major [N, K] fp8 weight and widened to x's dtype (exact), the row scales applied to the fp32 sum."""
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
@@ -55,8 +55,8 @@ def _fp8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr,
     for i in range(K_TILES):
         offs_k = (tl.program_id(2) * K_TILES + i) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask_m[:, None] & mask_k[None, :], K,
-                   SILU_MUL)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
         w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         w = w.to(tl.float32).to(x_ptr.dtype.element_ty)  # e4m3 values are exact in fp16 / bf16 / fp32
         if IEEE:
@@ -157,24 +157,30 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M
 GEMV_VEC = 8  # bytes of a W row a thread loads per tile in _fp8_gemv_kernel (see its docstring)
 
 
-def gemv_config(N: int, K: int, block_n: int, num_warps: int, waves: float, device: torch.device) -> dict:
-    """A config for _fp8_gemv_kernel: BLOCK_K = 8 bytes x 32 lanes x num_warps (every warp along K),
+def gemv_config(N: int, K: int, block_n: int, num_warps: int, waves: float, device: torch.device,
+                vec: int = GEMV_VEC) -> dict:
+    """A config for _fp8_gemv_kernel: BLOCK_K = vec bytes x 32 lanes x num_warps (every warp along K),
     split along K for about `waves` programs per SM."""
-    bk = GEMV_VEC * 32 * num_warps
-    return dict(kind="gemv", BLOCK_N=block_n, BLOCK_K=bk, VEC=GEMV_VEC, num_warps=num_warps,
+    bk = vec * 32 * num_warps
+    return dict(kind="gemv", BLOCK_N=block_n, BLOCK_K=bk, VEC=vec, num_warps=num_warps,
                 num_stages=1, SPLIT_K=split_for(triton.cdiv(N, block_n), K, bk, waves, device))
 
 
 def weight_only_config(M: int, N: int, K: int, device: torch.device) -> dict:
     """Kernel, tile sizes and split-K for the weight-only path: enough programs to fill every SM a few times.
-    One row of a weight below 2^25 codes: the GEMV, 4 rows of W a program, 4 warps along K, no split
-    (the H200 sweep's best at every such shape: 3072 x 8728 12.8 against the tl.dot kernel's 13.5 us, 3072 x
-    3072 5.9 against 7.5); from there (gate+up, down, FalconMamba's in_proj and out_proj) the tl.dot kernel
-    won (RESULTS.md)."""
-    if M == 1 and K * N < GEMV_MAX_WEIGHTS and K % 4 == 0:
-        return gemv_config(N, K, block_n=4, num_warps=4, waves=4, device=device)
+    The H200 sweep's best at one row (benchmarks/quant.py, RESULTS.md session 15), us, against the tl.dot kernel:
+    below 2^25 codes the GEMV, 4 rows of W a program, 8 bytes a thread, 4 warps along K, no split (3072 x 8728
+    11.5 against 12.9, 3072 x 3072 4.9 against 6.8); from there, no more rows than columns (N <= K: the 7B's
+    down 12288 x 3072, FalconMamba's out_proj 8192 x 4096), the GEMV with 2 rows a program and 16 bytes a thread (13.2
+    against 17.0, 12.4 against 15.6); wider weights (the 7B's gate+up, FalconMamba's in_proj) the tl.dot kernel,
+    not split at one row (FalconMamba's in_proj 20.7 against 24.8 split in two)."""
+    if M == 1 and K % 4 == 0:
+        if K * N < GEMV_MAX_WEIGHTS:
+            return gemv_config(N, K, block_n=4, num_warps=4, waves=4, device=device)
+        if K >= N:
+            return gemv_config(N, K, block_n=2, num_warps=4, waves=4, device=device, vec=16)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    bn, bk, warps, stages, waves = (64, 128, 4, 4, 4) if M <= 64 else (128, 64, 8, 3, 1)
+    bn, bk, warps, stages, waves = (64, 128, 4, 4, 2 if M == 1 else 4) if M <= 64 else (128, 64, 8, 3, 1)
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     split = split_for(tiles, K, bk, waves, device)
     return dict(kind="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
@@ -183,21 +189,25 @@ def weight_only_config(M: int, N: int, K: int, device: torch.device) -> dict:
 def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                            config: dict | None = None, silu_mul: bool = False) -> torch.Tensor:
     """fp8_linear_ref by the weight-only kernels (config: kernel and tiles, default weight_only_config).
-    silu_mul: x is [M, 2K] = [gate | up] and the product is of SiLU(gate) * up, computed as x is loaded:
-    fp8_linear_ref(silu_mul_ref(gate, up), ...) in one launch."""
+    silu_mul: x is [M, 2K] = [gate | up] and the product is of SiLU(gate) * up: fp8_linear_ref(silu_mul_ref(gate,
+    up), ...). The GEMV computes it as it loads x (one launch); the tl.dot kernel after silu_mul's launch, since
+    each of its programs would recompute a [16, K] tile of it for one row (41.1 against 15.5 us at the 7B's
+    down, RESULTS.md session 13)."""
     x = x.contiguous()
-    if silu_mul:
-        x = x[:, :x.shape[1] // 2]  # the gates, a view: each row's up follows its gate (row stride 2K)
-    (M, K), N = x.shape, weight.shape[0]
-    cfg = dict(config or weight_only_config(M, N, K, x.device))
+    K, N = x.shape[1] // (2 if silu_mul else 1), weight.shape[0]
+    cfg = dict(config or weight_only_config(x.shape[0], N, K, x.device))
     kind = cfg.pop("kind", "gemm")
     if kind == "gemv":
         if K % 4:
             raise ValueError(f"the gemv kernel reads W as 32-bit words: K = {K} is not a multiple of 4")
+        if silu_mul:
+            x = x[:, :K]  # the gates, a view: each row's up follows its gate (row stride 2K)
         return split_k_launch(_fp8_gemv_kernel, x, (weight.view(torch.int32), scale), bias, N, 1, cfg,
                               SILU_MUL=silu_mul, PACKED_CVT=x.is_cuda and _has_fp8_tensor_cores(x.device))
+    if silu_mul:
+        x = activation.silu_mul(*x.chunk(2, dim=-1))
     return split_k_launch(_fp8_matmul_kernel, x, (weight, scale), bias, N, cfg["BLOCK_M"], cfg,
-                          IEEE=x.dtype == torch.float32, SILU_MUL=silu_mul)
+                          IEEE=x.dtype == torch.float32)
 
 
 def quantize_fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

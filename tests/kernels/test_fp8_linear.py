@@ -2,10 +2,10 @@
 against fp8_linear_ref.
 
 CPU: Triton's interpreter in float32 at small shapes: N and K not multiples of the tiles (K not even a
-multiple of the 8-byte vector; K % 4 == 0, W is read in 32-bit words), split along K or not (the last
+multiple of the 8- or 16-byte vector; K % 4 == 0, W is read in 32-bit words), split along K or not (the last
 split shorter than the others), bias or none, 1 / 5 / 16 / 32 rows (one program per row), with Triton's
 fp8 conversion (the interpreter runs no PTX: the packed cvt is checked on the GPU). GPU: the
-Falcon-H1-7B / FalconMamba-7B projection shapes in bf16 at one row, every tile shape the sweep tries.
+Falcon-H1-7B / FalconMamba-7B projection shapes in bf16 at one row, every tile shape and vector width the sweep tries.
 Tolerance: max |out - ref| / max |ref| < 1e-4 in fp32, 1e-2 in bf16 (one rounding of the output).
 """
 
@@ -31,8 +31,8 @@ def random_fp8(M: int, K: int, N: int, dtype: torch.dtype, seed: int):
     return [t.to(DEVICE) for t in (x, w, scale, bias)]
 
 
-def gemv_test_config(block_n: int, block_k: int, split_k: int, num_warps: int = 1) -> dict:
-    return dict(kind="gemv", BLOCK_N=block_n, BLOCK_K=block_k, VEC=fp8.GEMV_VEC, SPLIT_K=split_k,
+def gemv_test_config(block_n: int, block_k: int, split_k: int, num_warps: int = 1, vec: int = fp8.GEMV_VEC) -> dict:
+    return dict(kind="gemv", BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, SPLIT_K=split_k,
                 num_warps=num_warps, num_stages=1)
 
 
@@ -42,6 +42,7 @@ def gemv_test_config(block_n: int, block_k: int, split_k: int, num_warps: int = 
     (300, 72, gemv_test_config(8, 128, 1)),  # one split, three tiles
     (164, 20, gemv_test_config(32, 256, 1)),  # one tile (no loop), K % 8 = 4, fewer rows than the tile
     (256, 40, gemv_test_config(8, 64, 4)),  # every split one full tile
+    (300, 72, gemv_test_config(4, 128, 2, vec=16)),  # 16 bytes a thread: 3 tiles in splits of 2, 1; K % 16 = 12
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_fp8_gemv_kernel(M, K, N, config, with_bias):
@@ -73,10 +74,11 @@ GPU_SHAPES = [(3072, 8728), (3072, 3072), (1536, 3072), (3072, 24576), (12288, 3
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K, N", GPU_SHAPES)
-@pytest.mark.parametrize("block_n, num_warps", [(4, 4), (8, 4), (16, 4), (8, 8), (16, 8)])
+@pytest.mark.parametrize("block_n, num_warps", [(2, 4), (4, 2), (4, 4), (8, 2), (8, 4), (16, 4), (8, 8), (16, 8)])
 @pytest.mark.parametrize("waves", [4, 8])
-def test_fp8_gemv_gpu(K, N, block_n, num_warps, waves):
+@pytest.mark.parametrize("vec", [8, 16])
+def test_fp8_gemv_gpu(K, N, block_n, num_warps, waves, vec):
     x, w, scale, _ = random_fp8(1, K, N, torch.bfloat16, seed=K + N)
-    config = fp8.gemv_config(N, K, block_n, num_warps, waves, x.device)
+    config = fp8.gemv_config(N, K, block_n, num_warps, waves, x.device, vec)
     out = fp8.fp8_weight_only_linear(x, w, scale, None, config=config)
     assert rel_err(out, fp8.fp8_linear_ref(x, w, scale, None)) < 1e-2

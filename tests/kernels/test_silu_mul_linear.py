@@ -5,8 +5,8 @@ The fused loads compute the very values silu_mul's launch writes (kernels/activa
 GEMV must equal silu_mul + GEMV to the bit; the references (F.silu in torch, the fp32 matmul) within the GEMVs'
 tolerances. CPU: Triton's interpreter at small shapes, fp32 and bf16 (fp16 for GPTQ, whose scales are fp16),
 one split and several, bias or none, act-order; the half2 GEMV is inline PTX, so on the CPU its x gather is
-checked. GPU: the Falcon-H1-7B down projection (12288 -> 3072) in bf16 through ops.silu_mul_linear for each
-weight format, and its fallback for several rows.
+checked. GPU: the Falcon-H1-7B and -0.5B down projections in bf16 through ops.silu_mul_linear for each weight
+format, and its fallback for several rows.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def test_gather_x_half2_silu_mul(bits, act_order, dtype):
 ])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp8_silu_mul(M, K, N, config, bias):
-    """Both weight-only kernels (the 7B's down projection, 2^25 codes and more, runs the tl.dot one at one row)."""
+    """Both weight-only kernels: the GEMV's x loads compute SiLU * mul, the tl.dot kernel runs after silu_mul."""
     gen = torch.Generator().manual_seed(K)
     w, scale = (t.to(DEVICE) for t in fp8.quantize_fp8_weight(torch.randn(N, K, generator=gen) * 0.05))
     b = torch.randn(N, generator=gen).to(DEVICE) if bias else None
@@ -124,10 +124,12 @@ def test_silu_mul_linear_falls_back_to_silu_mul_then_the_layer():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GPU: Falcon-H1-7B's down projection, K = intermediate 12288, N = hidden 3072, bf16, through the op the model calls.
+# GPU: the down projections (K = intermediate, N = hidden) of Falcon-H1-7B, 12288 -> 3072 (above
+# ops.FUSED_SILU_MUL_MAX_WEIGHTS: only GPTQ fuses), and of Falcon-H1-0.5B, 2048 -> 1024 (every format fuses), in
+# bf16 through the op the model calls.
 # ----------------------------------------------------------------------------------------------------------------
 
-K7B, N7B = 12288, 3072
+DOWN_SHAPES = {"7b": (12288, 3072), "0.5b": (2048, 1024)}
 
 
 class GPTQLayer(nn.Module):
@@ -136,14 +138,15 @@ class GPTQLayer(nn.Module):
     method = "gptq"
     separate_parts = None
 
-    def __init__(self, bits: int, act_order: bool):
+    def __init__(self, K: int, N: int, bits: int, act_order: bool):
         super().__init__()
-        self.qweight, self.scales, self.zeros, self.perm, self.bias = random_gptq(K7B, N7B, bits, 128, act_order,
+        self.qweight, self.scales, self.zeros, self.perm, self.bias = random_gptq(K, N, bits, 128, act_order,
                                                                                   torch.bfloat16)
-        self.bits, self.group_size, self.out_features = bits, 128, N7B
+        self.bits, self.group_size, self.out_features = bits, 128, N
 
     def args(self) -> tuple:
-        return self.qweight, self.scales, self.zeros, self.perm, self.bias, self.bits, self.group_size, N7B
+        return (self.qweight, self.scales, self.zeros, self.perm, self.bias, self.bits, self.group_size,
+                self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ql.gptq_linear(x, *self.args())
@@ -157,10 +160,10 @@ class FP8Layer(nn.Module):
 
     method = "fp8"
 
-    def __init__(self):
+    def __init__(self, K: int, N: int):
         super().__init__()
-        self.weight, self.weight_scale = fp8.quantize_fp8_weight(torch.randn(N7B, K7B, device=DEVICE) * 0.02)
-        self.bias = torch.randn(N7B, device=DEVICE).to(torch.bfloat16)
+        self.weight, self.weight_scale = fp8.quantize_fp8_weight(torch.randn(N, K, device=DEVICE) * 0.02)
+        self.bias = torch.randn(N, device=DEVICE).to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8.fp8_linear(x, self.weight, self.weight_scale, self.bias)
@@ -172,8 +175,8 @@ class FP8Layer(nn.Module):
 class BF16Layer(Linear):
     """The model's 16-bit projection (its forward: ops.linear, the GEMV at one row)."""
 
-    def __init__(self):
-        super().__init__(K7B, N7B, bias=True, device=DEVICE, dtype=torch.bfloat16)
+    def __init__(self, K: int, N: int):
+        super().__init__(K, N, bias=True, device=DEVICE, dtype=torch.bfloat16)
         with torch.no_grad():
             self.weight.normal_(0.0, 0.02)
 
@@ -183,16 +186,19 @@ class BF16Layer(Linear):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("make", [BF16Layer, lambda: GPTQLayer(4, True), lambda: GPTQLayer(8, False), FP8Layer],
+@pytest.mark.parametrize("shape", list(DOWN_SHAPES))
+@pytest.mark.parametrize("make", [BF16Layer, lambda K, N: GPTQLayer(K, N, 4, True),
+                                  lambda K, N: GPTQLayer(K, N, 8, False), FP8Layer],
                          ids=["bf16", "gptq4-act-order", "gptq8", "fp8"])
 @torch.no_grad()
-def test_silu_mul_linear_7b_down_gpu(make):
-    """One row: the fused GEMV, equal to silu_mul + the layer to the bit (the half2 GEMV: its gather does the
-    SiLU * mul; FP8 at this size: silu_mul, then the tl.dot kernel), within bf16 tolerance of the references. 4
-    rows: silu_mul, then the layer (cuBLAS, planes, tl.dot)."""
-    layer = make()
+def test_silu_mul_linear_down_gpu(shape, make):
+    """One row: equal to silu_mul + the layer to the bit, fused or not (the half2 GEMV: its gather does the
+    SiLU * mul), within bf16 tolerance of the references. 4 rows: silu_mul, then the layer (cuBLAS, planes,
+    tl.dot)."""
+    K, N = DOWN_SHAPES[shape]
+    layer = make(K, N)
     for rows in (1, 4):
-        gate_up = gate_up_row(rows, K7B, torch.bfloat16, seed=rows)
+        gate_up = gate_up_row(rows, K, torch.bfloat16, seed=rows)
         out = ops.silu_mul_linear(gate_up, layer)
         assert torch.equal(out, layer(silu_mul(*halves(gate_up))))
         assert rel_err(out, layer.reference(silu_mul_ref(*halves(gate_up)))) < TOL[torch.bfloat16]
