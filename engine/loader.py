@@ -173,12 +173,13 @@ def load_model(model_dir: Path, arch: str, cfg: ModelConfig, dtype: torch.dtype,
                 for t in getattr(module, "optional_checkpoint_tensors", ())}
     missing = sorted(expected - seen - optional)
     if missing or unexpected:
-        quantized = any(n.endswith(".qweight") for n in [*missing, *unexpected])
+        quantized = any(n.endswith((".qweight", ".weight_scale")) for n in [*missing, *unexpected])
         raise LoadError(f"checkpoint {model_dir} does not match {arch}: "
                         f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
                         f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-                        + ("; GPTQ layers (qweight) are expected exactly where config.json's quantization_config "
-                           "says: attention q/k/v/o, Mamba in_proj/out_proj, MLP gate/up/down" if quantized else ""))
+                        + ("; quantized layers (GPTQ qweight, FP8 weight_scale) are expected exactly where "
+                           "config.json's quantization_config says: attention q/k/v/o, Mamba in_proj/out_proj, MLP "
+                           "gate/up/down (FalconMamba's x_proj and dt_proj stay 16-bit)" if quantized else ""))
     for name, layer in _quantized_layers(model):
         try:
             layer.finalize([module for module, _ in part_modules(name, layer)])

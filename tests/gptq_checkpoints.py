@@ -13,7 +13,8 @@ The packer here is written independently of engine/quantization so that one cann
 
 `write_fp8_reference` writes the plain checkpoint whose projections are the per-output-row float8_e4m3
 round trip of the original, the reference for `--quantization fp8`; `write_fp8_checkpoint` an FP8
-checkpoint as vLLM reads them (`quant_method: "fp8"`) with its dequantized reference.
+checkpoint as vLLM reads them (`quant_method: "fp8"`) or as llm-compressor writes them (compressed-tensors'
+"float-quantized" format) with its dequantized reference.
 """
 
 from __future__ import annotations
@@ -157,23 +158,42 @@ def write_fp8_reference(source: Path, plain_dir: Path) -> None:
         shutil.copy(f, plain_dir / f.name)
 
 
-def write_fp8_checkpoint(source: Path, fp8_dir: Path, plain_dir: Path, *, per_channel: bool, static: bool) -> None:
-    """An FP8 checkpoint as vLLM reads `quant_method: "fp8"`: per projection `weight` float8_e4m3fn and
-    `weight_scale` fp32 (a scalar, or [N, 1] per channel), `input_scale` with the static scheme; the rest
-    fp16. plain_dir: the same model with W = codes * weight_scale, the reference."""
+def write_fp8_checkpoint(source: Path, fp8_dir: Path, plain_dir: Path, *, per_channel: bool, static: bool,
+                         compressed_tensors: bool = False, weight_only: bool = False) -> None:
+    """An FP8 checkpoint: per projection `weight` float8_e4m3fn and `weight_scale` per tensor or per output
+    channel ([N, 1]), `input_scale` with static activations; the rest fp16. vLLM's `quant_method: "fp8"`: fp32
+    scales, per tensor a scalar. compressed-tensors (llm-compressor's layout): fp16 scales, per tensor [1], one
+    config group targeting Linear (weight_only: no input_activations), the 16-bit Linear modules listed in
+    `ignore`. plain_dir: the same model with W = codes * weight_scale, the reference."""
     tensors = load_file(str(Path(source) / "model.safetensors"))
-    fp8, plain = {}, {}
+    scale_dtype = torch.float16 if compressed_tensors else torch.float32
+    fp8, plain, ignore = {}, {}, ["lm_head"]
     for name, t in tensors.items():
         if not QUANTIZED.search(name):
             fp8[name], plain[name] = t.half(), t.half().float()
+            if name.endswith("_proj.weight"):  # a Linear left in 16 bits (FalconMamba's x_proj, dt_proj)
+                ignore.append(name[: -len(".weight")])
             continue
         prefix = name[: -len(".weight")]
-        amax = t.abs().amax(dim=1, keepdim=True) if per_channel else t.abs().amax()
-        scale = (amax / 448.0).float()
-        codes = (t / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        amax = t.abs().amax(dim=1, keepdim=True) if per_channel else t.abs().amax().reshape(
+            [1] if compressed_tensors else [])
+        scale = (amax / 448.0).to(scale_dtype)
+        codes = (t / scale.float()).clamp(-448, 448).to(torch.float8_e4m3fn)
         fp8[name], fp8[prefix + ".weight_scale"] = codes, scale
         if static:
-            fp8[prefix + ".input_scale"] = torch.tensor(0.05)
-        plain[name] = codes.float() * scale
-    _write_pair(source, fp8_dir, fp8, plain_dir, plain, dict(
-        quant_method="fp8", activation_scheme="static" if static else "dynamic", ignored_layers=["lm_head"]))
+            fp8[prefix + ".input_scale"] = torch.tensor([0.05] if compressed_tensors else 0.05, dtype=scale_dtype)
+        plain[name] = codes.float() * scale.float()
+    if not compressed_tensors:
+        config = dict(quant_method="fp8", activation_scheme="static" if static else "dynamic", ignored_layers=ignore)
+    else:
+        args = dict(num_bits=8, type="float", symmetric=True, group_size=None, block_structure=None, actorder=None)
+        inputs = dict(args, strategy="tensor" if static else "token", dynamic=not static,
+                      observer="static_minmax" if static else None)
+        group = dict(targets=["Linear"], weights=dict(args, strategy="channel" if per_channel else "tensor",
+                                                      dynamic=False, observer="minmax"),
+                     input_activations=None if weight_only else inputs, output_activations=None,
+                     format="float-quantized")
+        config = dict(quant_method="compressed-tensors", format="float-quantized", quantization_status="compressed",
+                      config_groups={"group_0": group}, ignore=ignore, kv_cache_scheme=None,
+                      global_compression_ratio=None)
+    _write_pair(source, fp8_dir, fp8, plain_dir, plain, config)

@@ -1,5 +1,6 @@
-"""Quantized weights end to end (CPU, float32): GPTQ checkpoints in the published layout (tests/gptq_checkpoints.py)
-and --quantization fp8, each against transformers run on the dequantized weights of the same model.
+"""Quantized weights end to end (CPU, float32): GPTQ checkpoints in the published layout (tests/gptq_checkpoints.py),
+FP8 checkpoints (vLLM's `fp8` and compressed-tensors' `float-quantized` formats) and --quantization fp8, each against
+transformers run on the dequantized weights of the same model.
 
 Greedy tokens must be equal and logprobs within 2e-4: both sides compute in float32 from the same
 dequantized values (our multipliers fold into the scales, transformers applies them at run time, which
@@ -120,12 +121,22 @@ def test_fp8_matches_transformers_on_dequantized_weights(tmp_path, h1_source, ma
     assert layers and all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers)
 
 
-@pytest.mark.parametrize("model, per_channel, static", [("h1", False, False), ("h1", True, True),
-                                                       ("mamba", False, True)])
-def test_fp8_checkpoints_match_transformers_on_dequantized_weights(tmp_path, h1_source, mamba_source, model,
-                                                                    per_channel, static):
+FP8_CHECKPOINTS = {  # model, per_channel, static, compressed_tensors, weight_only
+    "vllm_h1_tensor_dynamic": ("h1", False, False, False, False),
+    "vllm_h1_channel_static": ("h1", True, True, False, False),
+    "vllm_mamba_tensor_static": ("mamba", False, True, False, False),
+    "ct_h1_channel_token": ("h1", True, False, True, False),  # llm-compressor's FP8_DYNAMIC
+    "ct_mamba_tensor_static": ("mamba", False, True, True, False),  # its FP8 (x_proj, dt_proj in `ignore`)
+    "ct_h1_channel_weight_only": ("h1", True, False, True, True),
+}
+
+
+@pytest.mark.parametrize("variant", FP8_CHECKPOINTS)
+def test_fp8_checkpoints_match_transformers_on_dequantized_weights(tmp_path, h1_source, mamba_source, variant):
+    model, per_channel, static, compressed_tensors, weight_only = FP8_CHECKPOINTS[variant]
     write_fp8_checkpoint(h1_source if model == "h1" else mamba_source, tmp_path / "fp8", tmp_path / "plain",
-                         per_channel=per_channel, static=static)
+                         per_channel=per_channel, static=static, compressed_tensors=compressed_tensors,
+                         weight_only=weight_only)
     llm = compare(tmp_path / "fp8", tmp_path / "plain")
     layers = layers_of(llm, FP8Linear)
     assert layers and all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers)
@@ -169,7 +180,7 @@ def test_gptq_config_fields_are_read():
 @pytest.mark.parametrize("changes, field", [
     (dict(bits=3), "bits"), (dict(bits=None), "bits"), (dict(group_size=100), "group_size"),
     (dict(checkpoint_format="marlin"), "checkpoint_format"), (dict(quant_method="awq"), "quant_method"),
-    (dict(quant_method="compressed-tensors"), "quant_method"),
+    (dict(quant_method="compressed-tensors"), "format"),  # what a GPTQ config lacks of compressed-tensors' FP8
     (dict(lm_head=True), "lm_head"), (dict(pack_dtype="int16"), "pack_dtype"),
     (dict(dynamic={"-:.*down_proj": {}}), "dynamic"), (dict(desc_act="yes"), "desc_act"),
     (dict(modules_in_block_to_quantize=[["self_attn.q_proj"]]), "modules_in_block_to_quantize"),
@@ -235,6 +246,60 @@ def test_unsupported_fp8_fields_are_named(changes, field):
     with pytest.raises(ConfigError, match=field):
         parse_with({"quant_method": "fp8", "activation_scheme": "dynamic", **changes})
     assert parse_with(dict(quant_method="fp8", ignored_layers=["lm_head"])) == FP8Config(from_checkpoint=True)
+
+
+def ct_config(**changes) -> dict:
+    """compressed-tensors' FP8_DYNAMIC config as llm-compressor writes it; changes: top-level fields, or
+    "weights" / "input_activations" / "group": fields of the one config group's scheme."""
+    fp8 = dict(num_bits=8, type="float", symmetric=True, group_size=None, actorder=None, observer=None)
+    group = dict(targets=["Linear"], weights=dict(fp8, strategy="channel", dynamic=False),
+                 input_activations=dict(fp8, strategy="token", dynamic=True), output_activations=None)
+    group["weights"].update(changes.pop("weights", {}))
+    group["input_activations"].update(changes.pop("input_activations", {}))
+    group.update(changes.pop("group", {}))
+    config = dict(quant_method="compressed-tensors", format="float-quantized", quantization_status="compressed",
+                  config_groups={"group_0": group}, ignore=["lm_head"], kv_cache_scheme=None)
+    return {**config, **changes}
+
+
+def test_compressed_tensors_fp8_configs_are_read():
+    assert parse_with(ct_config()) == FP8Config(from_checkpoint=True)
+    static = dict(strategy="tensor", dynamic=False)
+    assert parse_with(ct_config(input_activations=static)) == FP8Config(from_checkpoint=True, static_input_scale=True)
+    assert parse_with(ct_config(group=dict(input_activations=None))) == FP8Config(from_checkpoint=True)
+    preset = dict(quant_method="compressed-tensors", format="float-quantized", config_groups={"FP8": ["Linear"]})
+    assert parse_with(preset) == FP8Config(from_checkpoint=True, static_input_scale=True)
+    assert parse_with(ct_config(ignore=["lm_head", "re:.*mixer.x_proj$"])) == FP8Config(from_checkpoint=True)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(format="pack-quantized"), "format"), (dict(format="naive-quantized"), "format"),
+    (dict(quantization_status="frozen"), "quantization_status"),
+    (dict(kv_cache_scheme=dict(num_bits=8, type="float")), "kv_cache_scheme"),
+    (dict(ignore=["lm_head", "model.layers.3.feed_forward.down_proj"]), "ignore"),
+    (dict(ignore=["re:.*self_attn.*"]), "ignore"),
+    (dict(group=dict(targets=["re:.*down_proj"])), "targets"), (dict(group=dict(format="int-quantized")), "format"),
+    (dict(group=dict(output_activations=dict(num_bits=8))), "output_activations"),
+    (dict(weights=dict(type="int")), r"weights\.type"), (dict(weights=dict(num_bits=4)), r"weights\.num_bits"),
+    (dict(weights=dict(strategy="block", block_structure=[128, 128])), r"weights\.strategy"),
+    (dict(weights=dict(strategy="group", group_size=128)), r"weights\.strategy"),
+    (dict(weights=dict(symmetric=False)), r"weights\.symmetric"), (dict(weights=dict(dynamic=True)), "dynamic"),
+    (dict(input_activations=dict(strategy="group", group_size=128)), r"input_activations\.strategy"),
+    (dict(input_activations=dict(dynamic=False)), "input_activations"),  # static scales per token
+])
+def test_unsupported_compressed_tensors_fields_are_named(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        parse_with(ct_config(**changes))
+
+
+def test_compressed_tensors_config_groups_are_checked():
+    two = ct_config()
+    two["config_groups"]["group_1"] = two["config_groups"]["group_0"]
+    with pytest.raises(ConfigError, match="config_groups"):
+        parse_with(two)
+    with pytest.raises(ConfigError, match="preset 'W4A16'"):
+        parse_with(dict(quant_method="compressed-tensors", format="float-quantized",
+                        config_groups={"W4A16": ["Linear"]}))
 
 
 def test_fp8_config_parses_from_the_flag():

@@ -1,4 +1,5 @@
-"""Quantization configs: GPTQ or FP8 from a checkpoint's `quantization_config`, FP8 from `--quantization fp8`.
+"""Quantization configs: GPTQ or FP8 from a checkpoint's `quantization_config` (FP8 as vLLM's `fp8` method or
+compressed-tensors' float-quantized format writes it), FP8 from `--quantization fp8`.
 
 Every field of a GPTQ `quantization_config` that changes what the stored tensors mean is read and
 checked; an unsupported value is a ConfigError naming the field. Fields that only describe how the
@@ -12,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from engine.config import ConfigError
+from kernels.fp8_linear import SCALED_MM_MIN_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +71,12 @@ def parse_quantization_config(raw: object, source: str) -> QuantConfig | None:
     method = raw.get("quant_method")
     if method == "fp8":
         return _parse_fp8(raw, where)
+    if method == "compressed-tensors":
+        return _parse_compressed_tensors(raw, where)
     if method != "gptq":
-        raise ConfigError(f"{where}.quant_method {method!r} is not supported (supported: 'gptq', 'fp8'; "
-                          "or serve a 16-bit checkpoint with --quantization fp8)")
+        raise ConfigError(f"{where}.quant_method {method!r} is not supported (supported: 'gptq', 'fp8', "
+                          "'compressed-tensors' with FP8 weights; or serve a 16-bit checkpoint with "
+                          "--quantization fp8)")
 
     def field(name, kinds, default=None, required=False):
         if name not in raw or raw[name] is None:
@@ -122,9 +127,7 @@ def _parse_fp8(raw: dict, where: str) -> FP8Config:
         raise ConfigError(f"{where}.activation_scheme {scheme!r} is not supported (supported: 'dynamic', 'static')")
     if raw.get("weight_block_size") is not None:
         raise ConfigError(f"{where}.weight_block_size (block-wise FP8 scales) is not supported")
-    ignored = raw.get("ignored_layers") or []
-    if not isinstance(ignored, list) or any(_PROJECTION.search(str(name)) for name in ignored):
-        raise ConfigError(f"{where}.ignored_layers {ignored!r}: every linear projection must be FP8 here")
+    _check_no_projection_ignored(raw.get("ignored_layers"), f"{where}.ignored_layers")
     fmt = raw.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise ConfigError(f"{where}.fmt {fmt!r} is not supported (supported: 'e4m3')")
@@ -132,6 +135,102 @@ def _parse_fp8(raw: dict, where: str) -> FP8Config:
         logger.warning("%s.activation_scheme 'static': the checkpoint's input_scale tensors are read but not "
                        "used; activations are quantized per token at run time instead", where)
     return FP8Config(from_checkpoint=True, static_input_scale=scheme == "static")
+
+
+def _check_no_projection_ignored(ignored: object, where: str) -> None:
+    """Layers a checkpoint leaves in 16 bits: names, or compressed-tensors' "re:" patterns; none may be one of
+    the projections, which are all quantized or none (the lm_head may be, and is anyway)."""
+    ignored = ignored or []
+    if not isinstance(ignored, list):
+        raise ConfigError(f"{where} must be a list, got {ignored!r}")
+    for entry in map(str, ignored):
+        if entry.startswith("re:"):
+            pattern = re.compile(entry[3:])
+            hit = any(pattern.match(f"model.layers.0.{name}") for name in _PROJECTION_MODULES)
+        else:
+            hit = bool(_PROJECTION.search(entry))
+        if hit:
+            raise ConfigError(f"{where} {entry!r}: every linear projection must be FP8 here")
+
+
+# Projection modules as Falcon-H1 / FalconMamba checkpoints name them, for matching "re:" ignore patterns.
+_PROJECTION_MODULES = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"feed_forward.{p}_proj" for p in ("gate", "up",
+                       "down")] + ["mamba.in_proj", "mamba.out_proj", "mixer.in_proj", "mixer.out_proj"]
+# llm-compressor's preset names, as config_groups may give them (group name -> targets), and what they stand for.
+_CT_FP8_WEIGHTS = dict(num_bits=8, type="float", symmetric=True, dynamic=False)
+_CT_PRESETS = {
+    "FP8": dict(weights=dict(_CT_FP8_WEIGHTS, strategy="tensor"),
+                input_activations=dict(_CT_FP8_WEIGHTS, strategy="tensor")),
+    "FP8_DYNAMIC": dict(weights=dict(_CT_FP8_WEIGHTS, strategy="channel"),
+                        input_activations=dict(_CT_FP8_WEIGHTS, strategy="token", dynamic=True)),
+}
+
+
+def _check_ct_fp8_args(args: object, where: str, strategies: tuple[str, ...]) -> dict:
+    """compressed-tensors QuantizationArgs that FP8Linear reads as stored: symmetric float8 (e4m3), one scale
+    per tensor, output channel or token."""
+    if not isinstance(args, dict):
+        raise ConfigError(f"{where} must be an object, got {args!r}")
+    for name, value in (("type", "float"), ("num_bits", 8), ("symmetric", True)):
+        if args.get(name, value) != value:
+            raise ConfigError(f"{where}.{name} {args.get(name)!r} is not supported (supported: {value!r}: FP8)")
+    if args.get("strategy") not in strategies:
+        raise ConfigError(f"{where}.strategy {args.get('strategy')!r} is not supported (supported: "
+                          f"{', '.join(map(repr, strategies))})")
+    for name in ("group_size", "block_structure", "actorder"):
+        if args.get(name) is not None:
+            raise ConfigError(f"{where}.{name} {args[name]!r} is not supported")
+    return args
+
+
+def _parse_compressed_tensors(raw: dict, where: str) -> FP8Config:
+    """compressed-tensors' "float-quantized" format (llm-compressor's FP8, FP8_DYNAMIC and FP8 weight-only
+    schemes): per projection `weight` float8_e4m3fn and `weight_scale` ([1] per tensor or [N, 1] per channel; no
+    zero point, the scheme is symmetric), and `input_scale` with static input activations. One config group
+    targeting every Linear; other formats (integer, packed, block-wise) are refused by field."""
+    if raw.get("format") != "float-quantized":
+        raise ConfigError(f"{where}.format {raw.get('format')!r} is not supported (supported: 'float-quantized', "
+                          "FP8 weights)")
+    if raw.get("quantization_status", "compressed") != "compressed":
+        raise ConfigError(f"{where}.quantization_status {raw['quantization_status']!r} is not supported (supported: "
+                          "'compressed', weights stored as FP8 codes)")
+    if raw.get("kv_cache_scheme") is not None:
+        raise ConfigError(f"{where}.kv_cache_scheme (a quantized KV cache) is not supported")
+    groups = raw.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise ConfigError(f"{where}.config_groups: one group (one scheme for every projection) is supported, got "
+                          f"{groups!r}")
+    _check_no_projection_ignored(raw.get("ignore"), f"{where}.ignore")
+    (name, scheme), = groups.items()
+    where = f"{where}.config_groups.{name}"
+    if isinstance(scheme, list):  # a preset's name, mapped to its targets
+        if name.upper() not in _CT_PRESETS:
+            raise ConfigError(f"{where}: preset {name!r} is not supported (supported: {', '.join(_CT_PRESETS)})")
+        scheme = dict(_CT_PRESETS[name.upper()], targets=scheme)
+    if not isinstance(scheme, dict):
+        raise ConfigError(f"{where} must be an object, got {scheme!r}")
+    if scheme.get("targets") != ["Linear"]:
+        raise ConfigError(f"{where}.targets {scheme.get('targets')!r} is not supported (supported: ['Linear'], "
+                          "every linear projection)")
+    if scheme.get("format") not in (None, "float-quantized"):
+        raise ConfigError(f"{where}.format {scheme['format']!r} is not supported (supported: 'float-quantized')")
+    if scheme.get("output_activations") is not None:
+        raise ConfigError(f"{where}.output_activations (quantized outputs) is not supported")
+    weights = _check_ct_fp8_args(scheme.get("weights"), f"{where}.weights", ("tensor", "channel"))
+    if weights.get("dynamic", False) is not False:
+        raise ConfigError(f"{where}.weights.dynamic {weights['dynamic']!r} is not supported (supported: false)")
+    inputs = scheme.get("input_activations")
+    if inputs is not None:
+        _check_ct_fp8_args(inputs, f"{where}.input_activations", ("tensor", "token"))
+    static = inputs is not None and inputs.get("dynamic", False) is False
+    if static and inputs["strategy"] != "tensor":
+        raise ConfigError(f"{where}.input_activations: static scales per {inputs['strategy']} are not supported")
+    if inputs is None or inputs["strategy"] != "token":
+        scheme_name = "none (weight-only)" if inputs is None else f"{'static' if static else 'dynamic'} per tensor"
+        logger.warning("%s.input_activations %s: activations are quantized per token at %d rows and more, as for "
+                       "every FP8 model here (below, not at all)%s", where, scheme_name, SCALED_MM_MIN_ROWS,
+                       "; the checkpoint's input_scale tensors are read but not used" if static else "")
+    return FP8Config(from_checkpoint=True, static_input_scale=static)
 
 
 def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) -> QuantConfig | None:

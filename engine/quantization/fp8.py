@@ -52,8 +52,8 @@ class FP8Linear(nn.Module):
                 raise ValueError(f"has shape {tuple(tensor.shape)}: expected one scale per tensor or one per output "
                                  f"row ({n})")
             self.weight_scale[rows] = tensor.reshape(-1).expand(n)
-        elif name == "input_scale":
-            copy_checked(self.input_scale[part], tensor)
+        elif name == "input_scale":  # a scalar, or [1] as compressed-tensors stores it
+            copy_checked(self.input_scale[part:part + 1], tensor.reshape(-1))
         else:
             copy_checked(self.bias[rows], tensor)
 
