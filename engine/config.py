@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from engine.lora import LoRAModulePath
     from engine.quantization import QuantConfig
 
+QUANTIZATION_METHODS = ("gptq", "fp8", "compressed-tensors")  # --quantization; engine/quantization resolves it
+
 
 class ConfigError(ValueError):
     pass
@@ -374,7 +376,7 @@ class EngineArgs:
     enforce_eager: bool = False
     chat_template: str | None = None  # template text overriding the tokenizer's
     load_format: str = "auto"  # auto (safetensors) | dummy (random weights of the right shapes, for benchmarks)
-    quantization: str | None = None  # None: as the checkpoint is | gptq (checks the checkpoint is) | fp8
+    quantization: str | None = None  # None: as the checkpoint is | gptq, compressed-tensors (checks it is) | fp8
     enable_prefix_caching: bool = True  # reuse cached KV blocks and SSM-state checkpoints of earlier prompts
     prefix_cache_checkpoints: int | None = None  # state checkpoint rows; default: planned (a memory share)
     enable_lora: bool = False  # serve LoRA adapters (engine.lora); sizes the device stacks below
@@ -395,8 +397,8 @@ class EngineArgs:
               f"device must be auto, cuda or cpu, got {self.device!r}")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16"),
               f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        check(self.quantization in (None, "gptq", "fp8"),
-              f"quantization must be gptq or fp8, got {self.quantization!r}")
+        check(self.quantization in (None, *QUANTIZATION_METHODS),
+              f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}")
         check(self.load_format in ("auto", "dummy"), f"load_format must be auto or dummy, got {self.load_format!r}")
         check(self.ssm_state_dtype in ("float32", "bfloat16", "float16"),
               f"ssm_state_dtype must be float32, bfloat16 or float16, got {self.ssm_state_dtype!r}")

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from engine.config import EngineArgs
+from engine.config import QUANTIZATION_METHODS, EngineArgs
 from engine.lora import LoRAModulePath
 from server.presets import PresetError, preset_arguments
 
@@ -103,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to run; auto picks cuda when available")
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "half", "float32", "float"], default=d["dtype"],
                    help="weight and activation dtype; auto uses the checkpoint's (half = float16, float = float32)")
-    g.add_argument("--quantization", "-q", choices=["gptq", "fp8"],
-                   help="gptq: check that --model is a GPTQ checkpoint (GPTQ and FP8 checkpoints load as such "
-                        "without this flag); fp8: quantize a 16-bit checkpoint's projections to float8_e4m3 at load "
-                        "(default: as the checkpoint is)")
+    g.add_argument("--quantization", "-q", choices=list(QUANTIZATION_METHODS),
+                   help="gptq / compressed-tensors: check that --model is such a checkpoint (GPTQ and FP8 "
+                        "checkpoints load as such without this flag); fp8: quantize a 16-bit checkpoint's "
+                        "projections to float8_e4m3 at load (default: as the checkpoint is)")
     g.add_argument("--max-model-len", type=int,
                    help="longest prompt + completion in tokens (default: from the model's config)")
     g.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"],

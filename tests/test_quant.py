@@ -137,7 +137,8 @@ def test_fp8_checkpoints_match_transformers_on_dequantized_weights(tmp_path, h1_
     write_fp8_checkpoint(h1_source if model == "h1" else mamba_source, tmp_path / "fp8", tmp_path / "plain",
                          per_channel=per_channel, static=static, compressed_tensors=compressed_tensors,
                          weight_only=weight_only)
-    llm = compare(tmp_path / "fp8", tmp_path / "plain")
+    flag = "compressed-tensors" if compressed_tensors else None  # vLLM's flag for them: it checks the config
+    llm = compare(tmp_path / "fp8", tmp_path / "plain", quantization=flag)
     layers = layers_of(llm, FP8Linear)
     assert layers and all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers)
 
@@ -198,6 +199,8 @@ def test_quantization_flag_is_checked_against_the_checkpoint(tmp_path, h1_source
         LLM(str(tmp_path / "gptq"), device="cpu", dtype="float32", quantization="fp8")
     with pytest.raises(ValueError, match="quantization must be"):
         EngineArgs(model=str(h1_source), quantization="awq")
+    with pytest.raises(ConfigError, match="no compressed-tensors quantization_config"):
+        LLM(str(tmp_path / "gptq"), device="cpu", dtype="float32", quantization="compressed-tensors")
 
 
 def test_broken_gptq_checkpoints_are_clear_errors(tmp_path, h1_source):
@@ -245,7 +248,7 @@ def test_engine_packing_agrees_with_the_test_packer():
 def test_unsupported_fp8_fields_are_named(changes, field):
     with pytest.raises(ConfigError, match=field):
         parse_with({"quant_method": "fp8", "activation_scheme": "dynamic", **changes})
-    assert parse_with(dict(quant_method="fp8", ignored_layers=["lm_head"])) == FP8Config(from_checkpoint=True)
+    assert parse_with(dict(quant_method="fp8", ignored_layers=["lm_head"])) == FP8Config(checkpoint="fp8")
 
 
 def ct_config(**changes) -> dict:
@@ -263,13 +266,14 @@ def ct_config(**changes) -> dict:
 
 
 def test_compressed_tensors_fp8_configs_are_read():
-    assert parse_with(ct_config()) == FP8Config(from_checkpoint=True)
-    static = dict(strategy="tensor", dynamic=False)
-    assert parse_with(ct_config(input_activations=static)) == FP8Config(from_checkpoint=True, static_input_scale=True)
-    assert parse_with(ct_config(group=dict(input_activations=None))) == FP8Config(from_checkpoint=True)
+    dynamic = FP8Config(checkpoint="compressed-tensors")
+    static = FP8Config(checkpoint="compressed-tensors", static_input_scale=True)
+    assert parse_with(ct_config()) == dynamic
+    assert parse_with(ct_config(input_activations=dict(strategy="tensor", dynamic=False))) == static
+    assert parse_with(ct_config(group=dict(input_activations=None))) == dynamic
     preset = dict(quant_method="compressed-tensors", format="float-quantized", config_groups={"FP8": ["Linear"]})
-    assert parse_with(preset) == FP8Config(from_checkpoint=True, static_input_scale=True)
-    assert parse_with(ct_config(ignore=["lm_head", "re:.*mixer.x_proj$"])) == FP8Config(from_checkpoint=True)
+    assert parse_with(preset) == static
+    assert parse_with(ct_config(ignore=["lm_head", "re:.*mixer.x_proj$"])) == dynamic
 
 
 @pytest.mark.parametrize("changes, field", [

@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from engine.config import ConfigError
+from engine.config import QUANTIZATION_METHODS, ConfigError
 from kernels.fp8_linear import SCALED_MM_MIN_ROWS
 
 logger = logging.getLogger(__name__)
@@ -51,14 +51,17 @@ class FP8Config:
     """float8_e4m3 weights with one fp32 scale per output channel: quantized from 16-bit weights at load
     (--quantization fp8), or read from an FP8 checkpoint (its per-tensor or per-channel `weight_scale`)."""
 
-    from_checkpoint: bool = False
+    checkpoint: str | None = None  # the checkpoint's quant_method ("fp8", "compressed-tensors"); None: 16-bit
     static_input_scale: bool = False  # the checkpoint has `input_scale` tensors (read, not used)
 
     method = "fp8"
 
+    @property
+    def from_checkpoint(self) -> bool:
+        return self.checkpoint is not None
+
 
 QuantConfig = GPTQConfig | FP8Config
-QUANTIZATION_METHODS = ("gptq", "fp8")
 
 
 def parse_quantization_config(raw: object, source: str) -> QuantConfig | None:
@@ -134,7 +137,7 @@ def _parse_fp8(raw: dict, where: str) -> FP8Config:
     if scheme == "static":
         logger.warning("%s.activation_scheme 'static': the checkpoint's input_scale tensors are read but not "
                        "used; activations are quantized per token at run time instead", where)
-    return FP8Config(from_checkpoint=True, static_input_scale=scheme == "static")
+    return FP8Config(checkpoint="fp8", static_input_scale=scheme == "static")
 
 
 def _check_no_projection_ignored(ignored: object, where: str) -> None:
@@ -230,7 +233,7 @@ def _parse_compressed_tensors(raw: dict, where: str) -> FP8Config:
         logger.warning("%s.input_activations %s: activations are quantized per token at %d rows and more, as for "
                        "every FP8 model here (below, not at all)%s", where, scheme_name, SCALED_MM_MIN_ROWS,
                        "; the checkpoint's input_scale tensors are read but not used" if static else "")
-    return FP8Config(from_checkpoint=True, static_input_scale=static)
+    return FP8Config(checkpoint="compressed-tensors", static_input_scale=static)
 
 
 def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) -> QuantConfig | None:
@@ -242,6 +245,11 @@ def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) 
     if requested == "gptq":
         if not isinstance(checkpoint, GPTQConfig):
             raise ConfigError("--quantization gptq: the checkpoint has no GPTQ quantization_config in config.json")
+        return checkpoint
+    if requested == "compressed-tensors":
+        if not isinstance(checkpoint, FP8Config) or checkpoint.checkpoint != "compressed-tensors":
+            raise ConfigError("--quantization compressed-tensors: the checkpoint has no compressed-tensors "
+                              "quantization_config in config.json")
         return checkpoint
     if isinstance(checkpoint, FP8Config):  # an FP8 checkpoint, and --quantization fp8 asked for
         return checkpoint
