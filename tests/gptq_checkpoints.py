@@ -14,7 +14,8 @@ The packer here is written independently of engine/quantization so that one cann
 `write_fp8_reference` writes the plain checkpoint whose projections are the per-output-row float8_e4m3
 round trip of the original, the reference for `--quantization fp8`; `write_fp8_checkpoint` an FP8
 checkpoint as vLLM reads them (`quant_method: "fp8"`) or as llm-compressor writes them (compressed-tensors'
-"float-quantized" format) with its dequantized reference.
+"float-quantized" format) with its dequantized reference; `write_compressed_tensors_int` llm-compressor's integer
+checkpoints (the "pack-quantized" format).
 """
 
 from __future__ import annotations
@@ -140,6 +141,46 @@ def _write_pair(source: Path, quant_dir: Path, quantized: dict, plain_dir: Path,
         (directory / "config.json").write_text(json.dumps(cfg))
         for f in Path(source).glob("tokenizer*"):
             shutil.copy(f, directory / f.name)
+
+
+def write_compressed_tensors_int(source: Path, ct_dir: Path, plain_dir: Path, *, bits: int, group_size: int,
+                                 sym: bool, actorder: bool, seed: int = 0) -> None:
+    """An integer checkpoint as llm-compressor writes it (compressed-tensors' pack-quantized format, W4A16 /
+    W8A16 with or without GPTQ): per projection `weight_packed` int32 [N, K / (32/bits)] (each row's codes, signed
+    q + 2^(bits-1), packed along K lowest bits first), `weight_scale` fp16 [N, G], `weight_zero_point` int32
+    [N / (32/bits), G] packed along N when asymmetric (none when symmetric: the zero is 2^(bits-1)),
+    `weight_shape` [N, K], `weight_g_idx` [K] with act-order; group_size -1: strategy "channel". plain_dir: the
+    dequantized reference."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(Path(source) / "model.safetensors"))
+    quantized, plain, ignore, perms = {}, {}, ["lm_head"], {}
+    for name, t in tensors.items():
+        if not QUANTIZED.search(name):
+            quantized[name], plain[name] = t.half(), t.half().float()
+            if name.endswith("_proj.weight"):  # a Linear left in 16 bits (FalconMamba's x_proj, dt_proj)
+                ignore.append(name[: -len(".weight")])
+            continue
+        prefix = name[: -len(".weight")]
+        N, K = t.shape
+        perm = perms.setdefault(_input_key(prefix), torch.randperm(K, generator=gen)) if actorder else None
+        g_idx = _g_idx(K, group_size, perm)
+        codes, zeros, scales, deq = quantize(t.float(), bits, group_size, g_idx, sym, v1=False)  # [K, N], [G, N]
+        quantized[prefix + ".weight_packed"] = torch.from_numpy(pack_along_cols(codes.T.numpy(), bits))
+        quantized[prefix + ".weight_scale"] = scales.T.contiguous()
+        quantized[prefix + ".weight_shape"] = torch.tensor([N, K])
+        if not sym:
+            quantized[prefix + ".weight_zero_point"] = torch.from_numpy(pack_along_rows(zeros.T.numpy(), bits))
+        if actorder:
+            quantized[prefix + ".weight_g_idx"] = g_idx
+        plain[name] = deq
+    weights = dict(num_bits=bits, type="int", symmetric=sym, strategy="channel" if group_size == -1 else "group",
+                   group_size=None if group_size == -1 else group_size, dynamic=False,
+                   actorder="group" if actorder else None, observer="minmax", block_structure=None)
+    group = dict(targets=["Linear"], weights=weights, input_activations=None, output_activations=None,
+                 format="pack-quantized")
+    _write_pair(source, ct_dir, quantized, plain_dir, plain, dict(
+        quant_method="compressed-tensors", format="pack-quantized", quantization_status="compressed",
+        config_groups={"group_0": group}, ignore=ignore, kv_cache_scheme=None, global_compression_ratio=None))
 
 
 def write_fp8_reference(source: Path, plain_dir: Path) -> None:

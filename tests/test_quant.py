@@ -24,6 +24,7 @@ from engine.quantization.gptq import GPTQLinear, pack_int32_rows, unpack_int32
 from tests.gptq_checkpoints import (
     pack_along_cols,
     pack_along_rows,
+    write_compressed_tensors_int,
     write_fp8_checkpoint,
     write_fp8_reference,
     write_gptq,
@@ -141,6 +142,26 @@ def test_fp8_checkpoints_match_transformers_on_dequantized_weights(tmp_path, h1_
     llm = compare(tmp_path / "fp8", tmp_path / "plain", quantization=flag)
     layers = layers_of(llm, FP8Linear)
     assert layers and all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers)
+
+
+CT_INT_VARIANTS = {  # model, bits, group_size, sym, actorder: llm-compressor's W4A16 / W8A16 (GPTQ or not)
+    "h1_w4a16_g128": ("h1", 4, 128, True, False),
+    "h1_w4a16_g32_asym_actorder": ("h1", 4, 32, False, True),
+    "h1_w8a16_channel": ("h1", 8, -1, True, False),
+    "h1_w8a16_g64_asym_actorder": ("h1", 8, 64, False, True),
+    "mamba_w4a16_g64_actorder": ("mamba", 4, 64, True, True),
+}
+
+
+@pytest.mark.parametrize("variant", CT_INT_VARIANTS)
+def test_compressed_tensors_int_checkpoints_match_transformers_on_dequantized_weights(tmp_path, h1_source,
+                                                                                      mamba_source, variant):
+    model, bits, group_size, sym, actorder = CT_INT_VARIANTS[variant]
+    write_compressed_tensors_int(h1_source if model == "h1" else mamba_source, tmp_path / "ct", tmp_path / "plain",
+                                 bits=bits, group_size=group_size, sym=sym, actorder=actorder)
+    llm = compare(tmp_path / "ct", tmp_path / "plain", quantization="compressed-tensors")
+    layers = layers_of(llm, GPTQLinear)
+    assert layers and all(layer.bits == bits for layer in layers)
 
 
 def test_memory_plan_counts_packed_weights(tmp_path, h1_source):
@@ -277,7 +298,8 @@ def test_compressed_tensors_fp8_configs_are_read():
 
 
 @pytest.mark.parametrize("changes, field", [
-    (dict(format="pack-quantized"), "format"), (dict(format="naive-quantized"), "format"),
+    (dict(format="int-quantized"), "format"), (dict(format="naive-quantized"), "format"),
+    (dict(format="pack-quantized"), r"weights\.type"),  # FP8 weights in the integer format
     (dict(quantization_status="frozen"), "quantization_status"),
     (dict(kv_cache_scheme=dict(num_bits=8, type="float")), "kv_cache_scheme"),
     (dict(ignore=["lm_head", "model.layers.3.feed_forward.down_proj"]), "ignore"),
@@ -296,14 +318,47 @@ def test_unsupported_compressed_tensors_fields_are_named(changes, field):
         parse_with(ct_config(**changes))
 
 
+def ct_int_config(**weights) -> dict:
+    """compressed-tensors' W4A16 config (pack-quantized) as llm-compressor writes it, its weights' fields changed."""
+    args = dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128, dynamic=False, actorder=None)
+    group = dict(targets=["Linear"], weights={**args, **weights}, input_activations=None, output_activations=None)
+    return dict(quant_method="compressed-tensors", format="pack-quantized", quantization_status="compressed",
+                config_groups={"group_0": group}, ignore=["lm_head"])
+
+
+def test_compressed_tensors_int_configs_are_read():
+    ct = dict(zeros_offset_by_one=False, checkpoint="compressed-tensors")
+    assert parse_with(ct_int_config()) == GPTQConfig(bits=4, group_size=128, desc_act=False, sym=True, **ct)
+    assert parse_with(ct_int_config(num_bits=8, strategy="channel", group_size=None, symmetric=False)) == GPTQConfig(
+        bits=8, group_size=-1, desc_act=False, sym=False, **ct)
+    assert parse_with(ct_int_config(actorder="group")).desc_act and not parse_with(ct_int_config(actorder="weight")
+                                                                                   ).desc_act
+    preset = dict(quant_method="compressed-tensors", format="pack-quantized", config_groups={"W8A16": ["Linear"]})
+    assert parse_with(preset) == GPTQConfig(bits=8, group_size=128, desc_act=False, sym=True, **ct)
+
+
+@pytest.mark.parametrize("weights, field", [
+    (dict(num_bits=3), "num_bits"), (dict(num_bits=None), "num_bits"), (dict(type="float"), "type"),
+    (dict(strategy="tensor", group_size=None), "strategy"), (dict(group_size=100), "group_size"),
+    (dict(actorder="sideways"), "actorder"), (dict(dynamic=True), "dynamic"),
+])
+def test_unsupported_compressed_tensors_int_fields_are_named(weights, field):
+    with pytest.raises(ConfigError, match=rf"weights\.{field}"):
+        parse_with(ct_int_config(**weights))
+    w8a8 = ct_int_config()
+    w8a8["config_groups"]["group_0"]["input_activations"] = dict(num_bits=8, type="int", strategy="token")
+    with pytest.raises(ConfigError, match="input_activations"):
+        parse_with(w8a8)
+
+
 def test_compressed_tensors_config_groups_are_checked():
     two = ct_config()
     two["config_groups"]["group_1"] = two["config_groups"]["group_0"]
     with pytest.raises(ConfigError, match="config_groups"):
         parse_with(two)
-    with pytest.raises(ConfigError, match="preset 'W4A16'"):
+    with pytest.raises(ConfigError, match="preset 'NVFP4'"):
         parse_with(dict(quant_method="compressed-tensors", format="float-quantized",
-                        config_groups={"W4A16": ["Linear"]}))
+                        config_groups={"NVFP4": ["Linear"]}))
 
 
 def test_fp8_config_parses_from_the_flag():

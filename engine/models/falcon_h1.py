@@ -248,15 +248,17 @@ class FalconH1ForCausalLM(nn.Module):
         kind = name.rsplit(".", 1)[-1]
         if kind == "weight" and tensor.dtype != torch.float8_e4m3fn:
             return [(name, tensor * (weight_m[:, None] if torch.is_tensor(weight_m) else weight_m))]
-        # Quantized weights keep their codes; the scales carry the multipliers, per output row:
-        # GPTQ `scales` [groups, out], FP8 `weight_scale` (one, or one per row).
+        # Quantized weights keep their codes; the scales carry the multipliers, per output row: GPTQ `scales`
+        # [groups, out]; `weight_scale` [out, 1 or groups] (FP8 per row, compressed-tensors), or one for all.
         if kind == "scales":
             return [(name, tensor * weight_m)]
+        if kind == "weight_scale" and tensor.dim() == 2:
+            return [(name, tensor * (weight_m[:, None] if torch.is_tensor(weight_m) else weight_m))]
         if kind == "weight_scale":
             return [(name, tensor.reshape(-1) * weight_m)]
         if kind == "bias":
             return [(name, tensor * bias_m)]
-        return [(name, tensor)]  # GPTQ qweight, qzeros, g_idx; FP8 codes and input_scale
+        return [(name, tensor)]  # GPTQ qweight, qzeros, g_idx (and their compressed-tensors names); FP8 codes
 
     def shard_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a (multiplier-folded) checkpoint tensor."""

@@ -38,6 +38,9 @@ class GPTQConfig:
     desc_act: bool
     sym: bool
     zeros_offset_by_one: bool  # checkpoint_format "gptq" (v1) stores zero - 1; "gptq_v2" stores the zero
+    # "compressed-tensors": its pack-quantized layout (weight_packed [N, K / pack], weight_scale [N, G], ...), read
+    # into GPTQ's (the same words transposed); symmetric ones store no zero point (it is 2^(bits - 1))
+    checkpoint: str = "gptq"
 
     method = "gptq"
 
@@ -160,43 +163,52 @@ def _check_no_projection_ignored(ignored: object, where: str) -> None:
 _PROJECTION_MODULES = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"feed_forward.{p}_proj" for p in ("gate", "up",
                        "down")] + ["mamba.in_proj", "mamba.out_proj", "mixer.in_proj", "mixer.out_proj"]
 # llm-compressor's preset names, as config_groups may give them (group name -> targets), and what they stand for.
-_CT_FP8_WEIGHTS = dict(num_bits=8, type="float", symmetric=True, dynamic=False)
+_CT_FP8 = dict(num_bits=8, type="float", symmetric=True, dynamic=False)
+_CT_INT = dict(type="int", strategy="group", group_size=128, symmetric=True, dynamic=False)
 _CT_PRESETS = {
-    "FP8": dict(weights=dict(_CT_FP8_WEIGHTS, strategy="tensor"),
-                input_activations=dict(_CT_FP8_WEIGHTS, strategy="tensor")),
-    "FP8_DYNAMIC": dict(weights=dict(_CT_FP8_WEIGHTS, strategy="channel"),
-                        input_activations=dict(_CT_FP8_WEIGHTS, strategy="token", dynamic=True)),
+    "FP8": dict(weights=dict(_CT_FP8, strategy="tensor"), input_activations=dict(_CT_FP8, strategy="tensor")),
+    "FP8_DYNAMIC": dict(weights=dict(_CT_FP8, strategy="channel"),
+                        input_activations=dict(_CT_FP8, strategy="token", dynamic=True)),
+    "W4A16": dict(weights=dict(_CT_INT, num_bits=4)),
+    "W4A16_ASYM": dict(weights=dict(_CT_INT, num_bits=4, symmetric=False)),
+    "W8A16": dict(weights=dict(_CT_INT, num_bits=8)),
 }
+# compressed-tensors formats read here, and the weight type each holds
+_CT_FORMATS = {"float-quantized": "float", "pack-quantized": "int"}
 
 
-def _check_ct_fp8_args(args: object, where: str, strategies: tuple[str, ...]) -> dict:
-    """compressed-tensors QuantizationArgs that FP8Linear reads as stored: symmetric float8 (e4m3), one scale
-    per tensor, output channel or token."""
+def _check_ct_args(args: object, where: str, kind: str, bits: tuple[int, ...], strategies: tuple[str, ...],
+                   symmetric: tuple[bool, ...] = (True,)) -> dict:
+    """compressed-tensors QuantizationArgs that the layers read as stored: `kind` ("float": e4m3, "int") codes of
+    one of `bits`, one scale per tensor, output channel, token or group of input channels."""
     if not isinstance(args, dict):
         raise ConfigError(f"{where} must be an object, got {args!r}")
-    for name, value in (("type", "float"), ("num_bits", 8), ("symmetric", True)):
-        if args.get(name, value) != value:
-            raise ConfigError(f"{where}.{name} {args.get(name)!r} is not supported (supported: {value!r}: FP8)")
-    if args.get("strategy") not in strategies:
-        raise ConfigError(f"{where}.strategy {args.get('strategy')!r} is not supported (supported: "
-                          f"{', '.join(map(repr, strategies))})")
-    for name in ("group_size", "block_structure", "actorder"):
-        if args.get(name) is not None:
-            raise ConfigError(f"{where}.{name} {args[name]!r} is not supported")
+    checks = (("type", (kind,)), ("num_bits", bits), ("symmetric", symmetric), ("strategy", strategies))
+    for name, allowed in checks:
+        if args.get(name, True if name == "symmetric" else None) not in allowed:  # the others written always
+            raise ConfigError(f"{where}.{name} {args.get(name)!r} is not supported here (supported: "
+                              f"{', '.join(map(repr, allowed))})")
+    if args.get("block_structure") is not None:
+        raise ConfigError(f"{where}.block_structure {args['block_structure']!r} is not supported")
+    if args.get("strategy") != "group" and args.get("group_size") is not None:
+        raise ConfigError(f"{where}.group_size {args['group_size']!r} is not supported without strategy 'group'")
     return args
 
 
-def _parse_compressed_tensors(raw: dict, where: str) -> FP8Config:
-    """compressed-tensors' "float-quantized" format (llm-compressor's FP8, FP8_DYNAMIC and FP8 weight-only
-    schemes): per projection `weight` float8_e4m3fn and `weight_scale` ([1] per tensor or [N, 1] per channel; no
-    zero point, the scheme is symmetric), and `input_scale` with static input activations. One config group
-    targeting every Linear; other formats (integer, packed, block-wise) are refused by field."""
-    if raw.get("format") != "float-quantized":
-        raise ConfigError(f"{where}.format {raw.get('format')!r} is not supported (supported: 'float-quantized', "
-                          "FP8 weights)")
+def _parse_compressed_tensors(raw: dict, where: str) -> QuantConfig:
+    """compressed-tensors, as llm-compressor writes it: one config group targeting every Linear, in one of two
+    formats. "float-quantized" (its FP8, FP8_DYNAMIC and FP8 weight-only schemes): per projection `weight`
+    float8_e4m3fn and `weight_scale` ([1] per tensor or [N, 1] per channel), `input_scale` with static input
+    activations. "pack-quantized" (W4A16, W8A16, GPTQ or not): `weight_packed` int32 [N, K / (32 / bits)] (codes
+    + 2^(bits - 1) packed along the input, lowest bits first), `weight_scale` [N, G], `weight_zero_point` packed
+    along the output when asymmetric, `weight_shape`, `weight_g_idx` with act-order. Other formats, schemes and
+    fields that change what the tensors mean are refused by name."""
+    fmt = raw.get("format")
+    if fmt not in _CT_FORMATS:
+        raise ConfigError(f"{where}.format {fmt!r} is not supported (supported: {', '.join(map(repr, _CT_FORMATS))})")
     if raw.get("quantization_status", "compressed") != "compressed":
         raise ConfigError(f"{where}.quantization_status {raw['quantization_status']!r} is not supported (supported: "
-                          "'compressed', weights stored as FP8 codes)")
+                          "'compressed', weights stored as codes)")
     if raw.get("kv_cache_scheme") is not None:
         raise ConfigError(f"{where}.kv_cache_scheme (a quantized KV cache) is not supported")
     groups = raw.get("config_groups")
@@ -215,16 +227,45 @@ def _parse_compressed_tensors(raw: dict, where: str) -> FP8Config:
     if scheme.get("targets") != ["Linear"]:
         raise ConfigError(f"{where}.targets {scheme.get('targets')!r} is not supported (supported: ['Linear'], "
                           "every linear projection)")
-    if scheme.get("format") not in (None, "float-quantized"):
-        raise ConfigError(f"{where}.format {scheme['format']!r} is not supported (supported: 'float-quantized')")
+    if scheme.get("format") not in (None, fmt):
+        raise ConfigError(f"{where}.format {scheme['format']!r} is not supported (supported: {fmt!r}, the config's)")
     if scheme.get("output_activations") is not None:
         raise ConfigError(f"{where}.output_activations (quantized outputs) is not supported")
-    weights = _check_ct_fp8_args(scheme.get("weights"), f"{where}.weights", ("tensor", "channel"))
+    if _CT_FORMATS[fmt] == "int":
+        return _ct_integer_weights(scheme, where)
+    return _ct_fp8_weights(scheme, where)
+
+
+def _ct_integer_weights(scheme: dict, where: str) -> GPTQConfig:
+    """pack-quantized: integer weights, 16-bit activations (GPTQ's kernels)."""
+    weights = _check_ct_args(scheme.get("weights"), f"{where}.weights", "int", (4, 8), ("group", "channel"),
+                             (True, False))
+    if scheme.get("input_activations") is not None:
+        raise ConfigError(f"{where}.input_activations (quantized activations with integer weights) is not supported")
     if weights.get("dynamic", False) is not False:
         raise ConfigError(f"{where}.weights.dynamic {weights['dynamic']!r} is not supported (supported: false)")
+    group_size = weights.get("group_size") if weights["strategy"] == "group" else -1
+    if group_size != -1 and (not isinstance(group_size, int) or group_size < 32 or group_size % 32):
+        raise ConfigError(f"{where}.weights.group_size {group_size!r} is not supported (supported: a multiple of 32)")
+    actorder = weights.get("actorder")
+    if actorder not in (None, "group", "weight", "static", "dynamic"):
+        raise ConfigError(f"{where}.weights.actorder {actorder!r} is not supported")
+    # "group" (or "dynamic") stores weight_g_idx; "weight" / "static" only changed the order GPTQ ran in
+    return GPTQConfig(bits=weights["num_bits"], group_size=group_size,
+                      desc_act=actorder in ("group", "dynamic"), sym=weights.get("symmetric", True),
+                      zeros_offset_by_one=False, checkpoint="compressed-tensors")
+
+
+def _ct_fp8_weights(scheme: dict, where: str) -> FP8Config:
+    """float-quantized: FP8 weights; activations as every FP8 model here runs them (logged when that differs)."""
+    weights = _check_ct_args(scheme.get("weights"), f"{where}.weights", "float", (8,), ("tensor", "channel"))
+    if weights.get("dynamic", False) is not False:
+        raise ConfigError(f"{where}.weights.dynamic {weights['dynamic']!r} is not supported (supported: false)")
+    if weights.get("actorder") is not None:
+        raise ConfigError(f"{where}.weights.actorder {weights['actorder']!r} is not supported")
     inputs = scheme.get("input_activations")
     if inputs is not None:
-        _check_ct_fp8_args(inputs, f"{where}.input_activations", ("tensor", "token"))
+        _check_ct_args(inputs, f"{where}.input_activations", "float", (8,), ("tensor", "token"))
     static = inputs is not None and inputs.get("dynamic", False) is False
     if static and inputs["strategy"] != "tensor":
         raise ConfigError(f"{where}.input_activations: static scales per {inputs['strategy']} are not supported")
@@ -247,7 +288,7 @@ def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) 
             raise ConfigError("--quantization gptq: the checkpoint has no GPTQ quantization_config in config.json")
         return checkpoint
     if requested == "compressed-tensors":
-        if not isinstance(checkpoint, FP8Config) or checkpoint.checkpoint != "compressed-tensors":
+        if getattr(checkpoint, "checkpoint", None) != "compressed-tensors":
             raise ConfigError("--quantization compressed-tensors: the checkpoint has no compressed-tensors "
                               "quantization_config in config.json")
         return checkpoint

@@ -1,5 +1,6 @@
-"""A GPTQ linear layer: the checkpoint's tensors (qweight, qzeros, scales, g_idx, bias) loaded by name,
-then turned into the layout kernels/quant_linear/ reads (unpacked zero points, act-order channels
+"""A GPTQ linear layer: the checkpoint's tensors (qweight, qzeros, scales, g_idx, bias; or compressed-tensors'
+pack-quantized weight_packed, weight_zero_point, weight_scale, weight_g_idx, which are the same words transposed)
+loaded by name, then turned into the layout kernels/quant_linear/ reads (unpacked zero points, act-order channels
 sorted so that groups are contiguous)."""
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class GPTQLinear(nn.Module):
     its own columns of qweight, qzeros, scales and bias; its g_idx into its own row of g_idx)."""
 
     method = "gptq"
-    optional_checkpoint_tensors = ("g_idx",)
+    optional_checkpoint_tensors = ("g_idx", "weight_g_idx")
+    # compressed-tensors' names -> GPTQ's; its [N, ...] tensors are GPTQ's [..., N] transposed
+    COMPRESSED_TENSORS_NAMES = {"weight_packed": "qweight", "weight_zero_point": "qzeros", "weight_scale": "scales",
+                                "weight_g_idx": "g_idx"}
 
     def __init__(self, in_features: int, parts: list[Part], quant: GPTQConfig):
         super().__init__()
@@ -82,12 +86,23 @@ class GPTQLinear(nn.Module):
         self.separate_parts: nn.ModuleList | None = None  # see finalize()
 
     def checkpoint_tensors(self, part: int) -> list[str]:
-        return ["qweight", "qzeros", "scales", "g_idx"] + (["bias"] if self.parts[part].bias else [])
+        bias = ["bias"] if self.parts[part].bias else []
+        if self.quant.checkpoint == "compressed-tensors":  # symmetric: no zero points stored
+            zeros = [] if self.quant.sym else ["weight_zero_point"]
+            return ["weight_packed", "weight_scale", "weight_shape", "weight_g_idx", *zeros, *bias]
+        return ["qweight", "qzeros", "scales", "g_idx", *bias]
 
     @torch.no_grad()
     def load_tensor(self, name: str, tensor: torch.Tensor, part: int) -> None:
         """The loader's hook, for one part's tensor: into its columns (its row of g_idx)."""
         cols = part_rows(self.parts, part)
+        if name == "weight_shape":
+            expected = [cols.stop - cols.start, self.in_features]
+            if tensor.tolist() != expected:
+                raise ValueError(f"is {tensor.tolist()}, the model expects {expected}")
+            return
+        if name in self.COMPRESSED_TENSORS_NAMES:
+            name, tensor = self.COMPRESSED_TENSORS_NAMES[name], tensor if name == "weight_g_idx" else tensor.t()
         if name == "g_idx":
             target = self.g_idx[part]
         elif name == "qzeros":  # packed along the output features
@@ -123,6 +138,8 @@ class GPTQLinear(nn.Module):
         zeros = unpack_int32(self.qzeros, self.bits, dim=1)
         if self.quant.zeros_offset_by_one:
             zeros = zeros + 1
+        if self.quant.checkpoint == "compressed-tensors" and self.quant.sym:  # stored codes are q + 2^(bits - 1)
+            zeros = torch.full_like(zeros, 1 << (self.bits - 1))
         perms = [self._group_order(g_idx, name) for g_idx, name in zip(self.g_idx, names)]
         if all(torch.equal(perm, perms[0]) for perm in perms[1:]):
             self._set_kernel_layout(q, zeros, self.scales, perms[0])
