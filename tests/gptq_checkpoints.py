@@ -143,6 +143,20 @@ def _write_pair(source: Path, quant_dir: Path, quantized: dict, plain_dir: Path,
             shutil.copy(f, directory / f.name)
 
 
+def _split_projections(source: Path) -> tuple[dict, dict, dict, list[str]]:
+    """source's tensors: (the projections to quantize, the rest in fp16, the rest as the reference reads it,
+    the modules an llm-compressor `ignore` list names: lm_head and the Linear layers left in 16 bits)."""
+    projections, rest, plain, ignore = {}, {}, {}, ["lm_head"]
+    for name, t in load_file(str(Path(source) / "model.safetensors")).items():
+        if QUANTIZED.search(name):
+            projections[name] = t
+            continue
+        rest[name], plain[name] = t.half(), t.half().float()
+        if name.endswith("_proj.weight"):  # FalconMamba's x_proj, dt_proj
+            ignore.append(name[: -len(".weight")])
+    return projections, rest, plain, ignore
+
+
 def write_compressed_tensors_int(source: Path, ct_dir: Path, plain_dir: Path, *, bits: int, group_size: int,
                                  sym: bool, actorder: bool, seed: int = 0) -> None:
     """An integer checkpoint as llm-compressor writes it (compressed-tensors' pack-quantized format, W4A16 /
@@ -152,14 +166,9 @@ def write_compressed_tensors_int(source: Path, ct_dir: Path, plain_dir: Path, *,
     `weight_shape` [N, K], `weight_g_idx` [K] with act-order; group_size -1: strategy "channel". plain_dir: the
     dequantized reference."""
     gen = torch.Generator().manual_seed(seed)
-    tensors = load_file(str(Path(source) / "model.safetensors"))
-    quantized, plain, ignore, perms = {}, {}, ["lm_head"], {}
-    for name, t in tensors.items():
-        if not QUANTIZED.search(name):
-            quantized[name], plain[name] = t.half(), t.half().float()
-            if name.endswith("_proj.weight"):  # a Linear left in 16 bits (FalconMamba's x_proj, dt_proj)
-                ignore.append(name[: -len(".weight")])
-            continue
+    projections, quantized, plain, ignore = _split_projections(source)
+    perms = {}
+    for name, t in projections.items():
         prefix = name[: -len(".weight")]
         N, K = t.shape
         perm = perms.setdefault(_input_key(prefix), torch.randperm(K, generator=gen)) if actorder else None
@@ -206,15 +215,9 @@ def write_fp8_checkpoint(source: Path, fp8_dir: Path, plain_dir: Path, *, per_ch
     scales, per tensor a scalar. compressed-tensors (llm-compressor's layout): fp16 scales, per tensor [1], one
     config group targeting Linear (weight_only: no input_activations), the 16-bit Linear modules listed in
     `ignore`. plain_dir: the same model with W = codes * weight_scale, the reference."""
-    tensors = load_file(str(Path(source) / "model.safetensors"))
     scale_dtype = torch.float16 if compressed_tensors else torch.float32
-    fp8, plain, ignore = {}, {}, ["lm_head"]
-    for name, t in tensors.items():
-        if not QUANTIZED.search(name):
-            fp8[name], plain[name] = t.half(), t.half().float()
-            if name.endswith("_proj.weight"):  # a Linear left in 16 bits (FalconMamba's x_proj, dt_proj)
-                ignore.append(name[: -len(".weight")])
-            continue
+    projections, fp8, plain, ignore = _split_projections(source)
+    for name, t in projections.items():
         prefix = name[: -len(".weight")]
         amax = t.abs().amax(dim=1, keepdim=True) if per_channel else t.abs().amax().reshape(
             [1] if compressed_tensors else [])
