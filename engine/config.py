@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from engine.lora import LoRAModulePath
     from engine.quantization import QuantConfig
 
-QUANTIZATION_METHODS = ("gptq", "fp8", "compressed-tensors")  # --quantization; engine/quantization resolves it
+QUANTIZATION_METHODS = ("gptq", "awq", "compressed-tensors", "fp8")  # --quantization; engine/quantization resolves it
 
 
 class ConfigError(ValueError):
@@ -376,7 +376,7 @@ class EngineArgs:
     enforce_eager: bool = False
     chat_template: str | None = None  # template text overriding the tokenizer's
     load_format: str = "auto"  # auto (safetensors) | dummy (random weights of the right shapes, for benchmarks)
-    quantization: str | None = None  # None: as the checkpoint is | gptq, compressed-tensors (checks it is) | fp8
+    quantization: str | None = None  # None: as the checkpoint is | gptq, awq, compressed-tensors (checks) | fp8
     enable_prefix_caching: bool = True  # reuse cached KV blocks and SSM-state checkpoints of earlier prompts
     prefix_cache_checkpoints: int | None = None  # state checkpoint rows; default: planned (a memory share)
     enable_lora: bool = False  # serve LoRA adapters (engine.lora); sizes the device stacks below

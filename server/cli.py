@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "half", "float32", "float"], default=d["dtype"],
                    help="weight and activation dtype; auto uses the checkpoint's (half = float16, float = float32)")
     g.add_argument("--quantization", "-q", choices=list(QUANTIZATION_METHODS),
-                   help="gptq / compressed-tensors: check that --model is such a checkpoint (GPTQ and FP8 "
+                   help="gptq / awq / compressed-tensors: check that --model is such a checkpoint (quantized "
                         "checkpoints load as such without this flag); fp8: quantize a 16-bit checkpoint's "
                         "projections to float8_e4m3 at load (default: as the checkpoint is)")
     g.add_argument("--max-model-len", type=int,

@@ -15,7 +15,7 @@ The packer here is written independently of engine/quantization so that one cann
 round trip of the original, the reference for `--quantization fp8`; `write_fp8_checkpoint` an FP8
 checkpoint as vLLM reads them (`quant_method: "fp8"`) or as llm-compressor writes them (compressed-tensors'
 "float-quantized" format) with its dequantized reference; `write_compressed_tensors_int` llm-compressor's integer
-checkpoints (the "pack-quantized" format).
+checkpoints (the "pack-quantized" format); `write_awq` AutoAWQ's.
 """
 
 from __future__ import annotations
@@ -190,6 +190,35 @@ def write_compressed_tensors_int(source: Path, ct_dir: Path, plain_dir: Path, *,
     _write_pair(source, ct_dir, quantized, plain_dir, plain, dict(
         quant_method="compressed-tensors", format="pack-quantized", quantization_status="compressed",
         config_groups={"group_0": group}, ignore=ignore, kv_cache_scheme=None, global_compression_ratio=None))
+
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's GEMM packing: word slot i holds column 8 c + AWQ_ORDER[i]
+
+
+def pack_awq_cols(q: np.ndarray) -> np.ndarray:
+    """q [R, C] 4-bit unsigned values -> int32 [R, C / 8], each word's 8 columns in AWQ_ORDER."""
+    out = np.zeros((q.shape[0], q.shape[1] // 8), dtype=np.uint32)
+    for slot, column in enumerate(AWQ_ORDER):
+        out |= q[:, column::8].astype(np.uint32) << np.uint32(4 * slot)
+    return out.view(np.int32)
+
+
+def write_awq(source: Path, awq_dir: Path, plain_dir: Path, *, group_size: int) -> None:
+    """A 4-bit checkpoint as AutoAWQ writes it (version "gemm"): per projection `qweight` int32 [K, N / 8] and
+    `qzeros` int32 [G, N / 8] packed along N in AWQ_ORDER, `scales` fp16 [G, N]; asymmetric (zero_point true).
+    plain_dir: the dequantized reference."""
+    projections, quantized, plain, ignore = _split_projections(source)
+    for name, t in projections.items():
+        prefix = name[: -len(".weight")]
+        g_idx = _g_idx(t.shape[1], group_size, None)
+        codes, zeros, scales, deq = quantize(t.float(), 4, group_size, g_idx, sym=False, v1=False)  # [K, N], [G, N]
+        quantized[prefix + ".qweight"] = torch.from_numpy(pack_awq_cols(codes.numpy()))
+        quantized[prefix + ".qzeros"] = torch.from_numpy(pack_awq_cols(zeros.numpy()))
+        quantized[prefix + ".scales"] = scales
+        plain[name] = deq
+    _write_pair(source, awq_dir, quantized, plain_dir, plain, dict(
+        quant_method="awq", bits=4, group_size=group_size, zero_point=True, version="gemm",
+        modules_to_not_convert=ignore[1:] or None))
 
 
 def write_fp8_reference(source: Path, plain_dir: Path) -> None:

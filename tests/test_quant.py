@@ -24,6 +24,7 @@ from engine.quantization.gptq import GPTQLinear, pack_int32_rows, unpack_int32
 from tests.gptq_checkpoints import (
     pack_along_cols,
     pack_along_rows,
+    write_awq,
     write_compressed_tensors_int,
     write_fp8_checkpoint,
     write_fp8_reference,
@@ -164,6 +165,30 @@ def test_compressed_tensors_int_checkpoints_match_transformers_on_dequantized_we
     assert layers and all(layer.bits == bits for layer in layers)
 
 
+@pytest.mark.parametrize("model, group_size", [("h1", 128), ("h1", 32), ("mamba", 64)])
+def test_awq_checkpoints_match_transformers_on_dequantized_weights(tmp_path, h1_source, mamba_source, model,
+                                                                   group_size):
+    write_awq(h1_source if model == "h1" else mamba_source, tmp_path / "awq", tmp_path / "plain",
+              group_size=group_size)
+    llm = compare(tmp_path / "awq", tmp_path / "plain", quantization="awq" if group_size == 32 else None)
+    assert layers_of(llm, GPTQLinear)
+    with pytest.raises(ConfigError, match="no gptq quantization_config"):
+        LLM(str(tmp_path / "awq"), device="cpu", dtype="float32", quantization="gptq")
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(bits=8), "bits"), (dict(group_size=100), "group_size"), (dict(version="gemv"), "version"),
+    (dict(version="marlin"), "version"), (dict(zero_point=False), "zero_point"),
+    (dict(modules_to_not_convert=["self_attn.o_proj"]), "modules_to_not_convert"),
+])
+def test_unsupported_awq_fields_are_named(changes, field):
+    awq = dict(quant_method="awq", bits=4, group_size=128, zero_point=True, version="gemm", modules_to_not_convert=None)
+    assert parse_with(awq) == GPTQConfig(bits=4, group_size=128, desc_act=False, sym=False, zeros_offset_by_one=False,
+                                         checkpoint="awq")
+    with pytest.raises(ConfigError, match=field):
+        parse_with({**awq, **changes})
+
+
 def test_memory_plan_counts_packed_weights(tmp_path, h1_source):
     write_gptq(h1_source, tmp_path / "gptq", tmp_path / "plain", bits=4, group_size=128, desc_act=False)
     quant = LLM(str(tmp_path / "gptq"), device="cpu", dtype="float32").engine.runner.model
@@ -201,7 +226,7 @@ def test_gptq_config_fields_are_read():
 
 @pytest.mark.parametrize("changes, field", [
     (dict(bits=3), "bits"), (dict(bits=None), "bits"), (dict(group_size=100), "group_size"),
-    (dict(checkpoint_format="marlin"), "checkpoint_format"), (dict(quant_method="awq"), "quant_method"),
+    (dict(checkpoint_format="marlin"), "checkpoint_format"),
     (dict(quant_method="compressed-tensors"), "format"),  # what a GPTQ config lacks of compressed-tensors' FP8
     (dict(lm_head=True), "lm_head"), (dict(pack_dtype="int16"), "pack_dtype"),
     (dict(dynamic={"-:.*down_proj": {}}), "dynamic"), (dict(desc_act="yes"), "desc_act"),
@@ -213,13 +238,15 @@ def test_unsupported_gptq_fields_are_named(changes, field):
 
 
 def test_quantization_flag_is_checked_against_the_checkpoint(tmp_path, h1_source):
-    with pytest.raises(ConfigError, match="no GPTQ quantization_config"):
+    with pytest.raises(ConfigError, match="no gptq quantization_config"):
         LLM(str(h1_source), device="cpu", dtype="float32", quantization="gptq")
     write_gptq(h1_source, tmp_path / "gptq", tmp_path / "plain", bits=4, group_size=128, desc_act=False)
     with pytest.raises(ConfigError, match="already gptq-quantized"):
         LLM(str(tmp_path / "gptq"), device="cpu", dtype="float32", quantization="fp8")
     with pytest.raises(ValueError, match="quantization must be"):
-        EngineArgs(model=str(h1_source), quantization="awq")
+        EngineArgs(model=str(h1_source), quantization="bitsandbytes")
+    with pytest.raises(ConfigError, match="no awq quantization_config"):
+        LLM(str(tmp_path / "gptq"), device="cpu", dtype="float32", quantization="awq")
     with pytest.raises(ConfigError, match="no compressed-tensors quantization_config"):
         LLM(str(tmp_path / "gptq"), device="cpu", dtype="float32", quantization="compressed-tensors")
 

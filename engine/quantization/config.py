@@ -1,6 +1,6 @@
-"""Quantization configs: GPTQ or FP8 from a checkpoint's `quantization_config` (GPTQ's own; vLLM's `fp8`;
-compressed-tensors' float-quantized FP8 and pack-quantized integer weights, read as FP8 and GPTQ layers), FP8 from
-`--quantization fp8`.
+"""Quantization configs: GPTQ or FP8 from a checkpoint's `quantization_config` (GPTQ's own, AWQ's GEMM layout,
+vLLM's `fp8`; compressed-tensors' float-quantized FP8 and pack-quantized integer weights, read as FP8 and GPTQ
+layers), FP8 from `--quantization fp8`.
 
 Every field of a GPTQ `quantization_config` that changes what the stored tensors mean is read and
 checked; an unsupported value is a ConfigError naming the field. Fields that only describe how the
@@ -39,7 +39,8 @@ class GPTQConfig:
     sym: bool
     zeros_offset_by_one: bool  # checkpoint_format "gptq" (v1) stores zero - 1; "gptq_v2" stores the zero
     # "compressed-tensors": its pack-quantized layout (weight_packed [N, K / pack], weight_scale [N, G], ...), read
-    # into GPTQ's (the same words transposed); symmetric ones store no zero point (it is 2^(bits - 1))
+    # into GPTQ's (the same words transposed); symmetric ones store no zero point (it is 2^(bits - 1)).
+    # "awq": AutoAWQ's GEMM layout (codes packed along the output, in AWQ's order), repacked into GPTQ's.
     checkpoint: str = "gptq"
 
     method = "gptq"
@@ -81,10 +82,11 @@ def parse_quantization_config(raw: object, source: str) -> QuantConfig | None:
         from engine.quantization.compressed_tensors import parse_compressed_tensors  # it builds these configs
 
         return parse_compressed_tensors(raw, where)
+    if method == "awq":
+        return _parse_awq(raw, where)
     if method != "gptq":
-        raise ConfigError(f"{where}.quant_method {method!r} is not supported (supported: 'gptq', 'fp8', "
-                          "'compressed-tensors'; or serve a 16-bit checkpoint with "
-                          "--quantization fp8)")
+        raise ConfigError(f"{where}.quant_method {method!r} is not supported (supported: 'gptq', 'awq', 'fp8', "
+                          "'compressed-tensors'; or serve a 16-bit checkpoint with --quantization fp8)")
 
     def field(name, kinds, default=None, required=False):
         if name not in raw or raw[name] is None:
@@ -125,6 +127,34 @@ def parse_quantization_config(raw: object, source: str) -> QuantConfig | None:
 
 
 _PROJECTION = re.compile(r"(q|k|v|o|gate|up|down)_proj|in_proj|out_proj")
+
+
+def _parse_awq(raw: dict, where: str) -> GPTQConfig:
+    """AutoAWQ's GEMM layout (transformers' AwqConfig, version "gemm"): `qweight` int32 [K, N / 8] and `qzeros`
+    [G, N / 8] packed along the output in AWQ's order (engine/quantization/gptq.py AWQ_ORDER), `scales` fp16
+    [G, N]; W = (q - zero) * scale. GPTQLinear repacks them into GPTQ's layout as they load."""
+    bits = raw.get("bits", raw.get("w_bit"))
+    if bits != 4:
+        raise ConfigError(f"{where}.bits {bits!r} is not supported (supported: 4)")
+    group_size = raw.get("group_size", raw.get("q_group_size"))
+    if not isinstance(group_size, int) or group_size != -1 and (group_size < 32 or group_size % 32):
+        raise ConfigError(f"{where}.group_size {group_size!r} is not supported (supported: -1 or a multiple of 32)")
+    version = str(raw.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ConfigError(f"{where}.version {version!r} is not supported (supported: 'gemm', AutoAWQ's default)")
+    if raw.get("zero_point", True) is not True:
+        raise ConfigError(f"{where}.zero_point {raw['zero_point']!r} is not supported (supported: true)")
+    check_no_projection_ignored(raw.get("modules_to_not_convert"), f"{where}.modules_to_not_convert")
+    unknown = sorted(set(raw) - _AWQ_FIELDS)
+    if unknown:
+        logger.warning("%s: ignoring fields %s (not known to change how AWQ tensors are read)", where, unknown)
+    return GPTQConfig(bits=4, group_size=group_size, desc_act=False, sym=False, zeros_offset_by_one=False,
+                      checkpoint="awq")
+
+
+# AutoAWQ / transformers' AwqConfig fields: read above, or only about how to run it elsewhere (fusing, backends).
+_AWQ_FIELDS = {"quant_method", "bits", "w_bit", "group_size", "q_group_size", "zero_point", "version",
+               "modules_to_not_convert", "backend", "do_fuse", "fuse_max_seq_len", "modules_to_fuse", "exllama_config"}
 
 
 def _parse_fp8(raw: dict, where: str) -> FP8Config:
@@ -170,14 +200,10 @@ def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) 
         return checkpoint
     if requested not in QUANTIZATION_METHODS:
         raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {requested!r}")
-    if requested == "gptq":
-        if not isinstance(checkpoint, GPTQConfig):
-            raise ConfigError("--quantization gptq: the checkpoint has no GPTQ quantization_config in config.json")
-        return checkpoint
-    if requested == "compressed-tensors":
-        if getattr(checkpoint, "checkpoint", None) != "compressed-tensors":
-            raise ConfigError("--quantization compressed-tensors: the checkpoint has no compressed-tensors "
-                              "quantization_config in config.json")
+    if requested != "fp8":  # gptq, awq, compressed-tensors: a check that the checkpoint is one, as in vLLM
+        if getattr(checkpoint, "checkpoint", None) != requested:
+            raise ConfigError(f"--quantization {requested}: the checkpoint has no {requested} quantization_config "
+                              "in config.json")
         return checkpoint
     if isinstance(checkpoint, FP8Config):  # an FP8 checkpoint, and --quantization fp8 asked for
         return checkpoint

@@ -1,7 +1,8 @@
 """A GPTQ linear layer: the checkpoint's tensors (qweight, qzeros, scales, g_idx, bias; or compressed-tensors'
-pack-quantized weight_packed, weight_zero_point, weight_scale, weight_g_idx, which are the same words transposed)
-loaded by name, then turned into the layout kernels/quant_linear/ reads (unpacked zero points, act-order channels
-sorted so that groups are contiguous)."""
+pack-quantized weight_packed, weight_zero_point, weight_scale, weight_g_idx, which are the same words transposed;
+or AWQ's qweight and qzeros, packed along the output in AWQ's order, repacked here) loaded by name, then turned
+into the layout kernels/quant_linear/ reads (unpacked zero points, act-order channels sorted so that groups are
+contiguous)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,18 @@ def pack_int32_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(pack, device=q.device, dtype=torch.int64) * bits
     packed = (q << shifts[None, :, None]).sum(dim=1)
     return (packed - ((packed >> 31) << 32)).to(torch.int32)  # two's complement in int32
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's GEMM packing: slot i of a word holds column 8 c + AWQ_ORDER[i]
+
+
+def unpack_awq_columns(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """AWQ's [R, C / 8] words (packed along the columns in AWQ_ORDER) -> the [R, C] values in column order."""
+    q = unpack_int32(packed, bits, dim=1)  # in slot order
+    pack = 32 // bits
+    slot_of_column = torch.tensor(AWQ_ORDER, device=packed.device).argsort()
+    columns = torch.arange(q.shape[1], device=packed.device)
+    return q[:, columns - columns % pack + slot_of_column[columns % pack]]
 
 
 COLUMN_PADDING = 64  # stored columns: a multiple of this, so the kernel's row loads are aligned and vectorize
@@ -103,6 +116,10 @@ class GPTQLinear(nn.Module):
             return
         if name in self.COMPRESSED_TENSORS_NAMES:
             name, tensor = self.COMPRESSED_TENSORS_NAMES[name], tensor if name == "weight_g_idx" else tensor.t()
+        if self.quant.checkpoint == "awq" and name == "qweight":  # [K, N / 8] -> GPTQ's [K / 8, N]
+            tensor = pack_int32_rows(unpack_awq_columns(tensor, self.bits), self.bits)
+        elif self.quant.checkpoint == "awq" and name == "qzeros":  # AWQ's order -> column order
+            tensor = pack_int32_rows(unpack_awq_columns(tensor, self.bits).t(), self.bits).t()
         if name == "g_idx":
             target = self.g_idx[part]
         elif name == "qzeros":  # packed along the output features
