@@ -68,6 +68,22 @@ def test_gemv_config_spreads_warps_along_k():
     assert 1 <= config["SPLIT_K"] <= 3  # K has 3 tiles of 1024
 
 
+@pytest.mark.parametrize("K, N, kind, block_n, vec", [
+    (3072, 8728, "gemv", 4, 8),  # below 2^25 codes: 4 rows a program, 8 bytes a thread
+    (12288, 3072, "gemv", 2, 16),  # N <= K (the 7B's down): 2 rows, 16 bytes
+    (8192, 4096, "gemv", 2, 16),  # FalconMamba's out_proj
+    (3072, 24576, "gemm", None, None),  # wide (gate+up, FalconMamba's in_proj): the tl.dot kernel
+    (4096, 16384, "gemm", None, None),
+])
+def test_weight_only_config_at_one_row_is_the_sweeps_best(K, N, kind, block_n, vec):
+    """The H200 sweep's choices (RESULTS.md, session 15) as weight_only_config makes them; more rows: tl.dot."""
+    config = fp8.weight_only_config(1, N, K, torch.device("cpu"))
+    assert config["kind"] == kind
+    if kind == "gemv":
+        assert (config["BLOCK_N"], config["VEC"]) == (block_n, vec)
+    assert fp8.weight_only_config(2, N, K, torch.device("cpu"))["kind"] == "gemm"
+
+
 # Falcon-H1-7B: fused in_proj+qkv, out_proj, o_proj, fused gate+up, down; FalconMamba-7B: in_proj, out_proj.
 GPU_SHAPES = [(3072, 8728), (3072, 3072), (1536, 3072), (3072, 24576), (12288, 3072), (4096, 16384), (8192, 4096)]
 
