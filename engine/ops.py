@@ -100,11 +100,11 @@ def silu_mul_linear(gate_up: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         if method == "gptq" and layer.separate_parts is None:
             return gptq_kernels.gptq_linear(gate_up, layer.qweight, layer.scales, layer.zeros, layer.perm, layer.bias,
                                             layer.bits, layer.group_size, layer.out_features, silu_mul=True)
-        if method == "fp8" and layer.weight.numel() < FUSED_SILU_MUL_MAX_WEIGHTS:
+        small = (method == "fp8" or isinstance(layer, nn.Linear)) and layer.weight.numel() < FUSED_SILU_MUL_MAX_WEIGHTS
+        if small and method == "fp8":
             return fp8_kernels.fp8_weight_only_linear(gate_up, layer.weight, layer.weight_scale, layer.bias,
                                                       silu_mul=True)
-        if (isinstance(layer, nn.Linear) and layer.weight.numel() < FUSED_SILU_MUL_MAX_WEIGHTS
-                and gemv_kernels.gemv_faster(gate_up, layer.weight)):
+        if small and gemv_kernels.gemv_faster(gate_up, layer.weight):
             return gemv_kernels.gemv(gate_up, layer.weight, layer.bias, silu_mul=True)
     gate, up = gate_up.chunk(2, dim=-1)
     return layer(silu_mul(gate, up))

@@ -218,7 +218,7 @@ def write_awq(source: Path, awq_dir: Path, plain_dir: Path, *, group_size: int) 
         plain[name] = deq
     _write_pair(source, awq_dir, quantized, plain_dir, plain, dict(
         quant_method="awq", bits=4, group_size=group_size, zero_point=True, version="gemm",
-        modules_to_not_convert=ignore[1:] or None))
+        modules_to_not_convert=ignore[1:] or None))  # AutoAWQ never quantizes lm_head: it names the rest only
 
 
 def write_fp8_reference(source: Path, plain_dir: Path) -> None:

@@ -127,6 +127,9 @@ def parse_quantization_config(raw: object, source: str) -> QuantConfig | None:
 
 
 _PROJECTION = re.compile(r"(q|k|v|o|gate|up|down)_proj|in_proj|out_proj")
+# Projection modules as Falcon-H1 / FalconMamba checkpoints name them, for matching "re:" ignore patterns.
+_PROJECTION_MODULES = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"feed_forward.{p}_proj" for p in ("gate", "up",
+                       "down")] + ["mamba.in_proj", "mamba.out_proj", "mixer.in_proj", "mixer.out_proj"]
 
 
 def _parse_awq(raw: dict, where: str) -> GPTQConfig:
@@ -191,9 +194,6 @@ def check_no_projection_ignored(ignored: object, where: str) -> None:
             raise ConfigError(f"{where} {entry!r}: every linear projection must be quantized here")
 
 
-# Projection modules as Falcon-H1 / FalconMamba checkpoints name them, for matching "re:" ignore patterns.
-_PROJECTION_MODULES = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"feed_forward.{p}_proj" for p in ("gate", "up",
-                       "down")] + ["mamba.in_proj", "mamba.out_proj", "mixer.in_proj", "mixer.out_proj"]
 def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None) -> QuantConfig | None:
     """What to run: the checkpoint's own quantization, checked against --quantization when one is given."""
     if requested is None:

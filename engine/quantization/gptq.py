@@ -115,7 +115,8 @@ class GPTQLinear(nn.Module):
                 raise ValueError(f"is {tensor.tolist()}, the model expects {expected}")
             return
         if name in self.COMPRESSED_TENSORS_NAMES:
-            name, tensor = self.COMPRESSED_TENSORS_NAMES[name], tensor if name == "weight_g_idx" else tensor.t()
+            tensor = tensor if name == "weight_g_idx" else tensor.t()  # [N, ...] -> GPTQ's [..., N]
+            name = self.COMPRESSED_TENSORS_NAMES[name]
         if self.quant.checkpoint == "awq" and name == "qweight":  # [K, N / 8] -> GPTQ's [K / 8, N]
             tensor = pack_int32_rows(unpack_awq_columns(tensor, self.bits), self.bits)
         elif self.quant.checkpoint == "awq" and name == "qzeros":  # AWQ's order -> column order
