@@ -6,12 +6,12 @@ come from HBM as in the server), timed by replay; reported per layer.
 - FalconMamba-7B: split_rms_norm, dt matmul, state update against dt matmul, state update with the norms in it.
 - Falcon-H1-0.5B's and -7B's MLP tail at one row: silu_mul then the down projection's GEMV (2 launches; GPTQ's
   half2 GEMV 3 with its gather) against the GEMV with SiLU*mul in its x loads, for bf16, GPTQ Int4 and FP8 weights.
-- Falcon-H1-7B attention decode: split decode + the reduce kernel (2 launches) against the splits merged in
-  the decode kernel (1), at (context, max_seq_len) pairs: a graph is sized for max_model_len, so the split
-  count follows max_seq_len and the active splits the context.
+- Falcon-H1-7B attention decode (split decode + the reduce kernel), the least tokens a split holds swept, at
+  (context, max_seq_len) pairs: a graph is sized for max_model_len, so the split count follows max_seq_len and
+  the active splits the context.
 - --engine: the Falcon-H1-7B engine's batch-1 decode graph (dummy weights, every layer, 128-token prompt) against
-  the same graph captured with both changes undone (ops.silu_mul_linear as silu_mul + the layer, the reduce
-  kernel), timed alternately, logits compared.
+  the same graph captured with both changes undone (ops.silu_mul_linear as silu_mul + the layer, attention
+  splits of one K/V tile), timed alternately, logits compared.
 
 Each variant's outputs are checked against the unfused ops' in the same run (asserts).
 
@@ -46,7 +46,10 @@ H1 = {"falcon-h1-0.5b": dict(d=1024, layers=36), "falcon-h1-7b": dict(d=3072, la
 MAMBA1_7B = dict(CH=8192, N=16, R=256, layers=64)
 MLP = {"falcon-h1-0.5b": dict(I=2048, d=1024, layers=36), "falcon-h1-7b": dict(I=12288, d=3072, layers=44)}
 H1_7B_ATTN = dict(q_heads=12, kv_heads=2, head_dim=128, block_size=16, layers=44)
-ATTENTION_CASES = [(160, 4160), (4096, 4160), (160, 32768), (8192, 32768), (32768, 32768)]  # (context, max_seq_len)
+ATTENTION_CASES = [(160, 4160), (1024, 4160), (4096, 4160), (160, 32768), (2048, 32768), (8192, 32768),
+                   (32768, 32768)]  # (context, max_seq_len)
+ATTENTION_CASES_BATCHED = [(160, 4160), (1024, 4160), (4096, 4160)]
+ATTENTION_MIN_PARTITIONS = (64, 128, 256, 512)
 
 
 def graph_us(step: Callable[[], object]) -> float:
@@ -138,18 +141,19 @@ def mlp_rows(model: str, fmt: str) -> list[tuple[str, float]]:
 
 
 @contextlib.contextmanager
-def merge_in_kernel(on: bool) -> Iterator[None]:
-    """decode.DECODE_MERGE_IN_KERNEL for the launches (and graph captures) inside."""
-    saved = decode.DECODE_MERGE_IN_KERNEL
-    decode.DECODE_MERGE_IN_KERNEL = on
+def min_partition(tokens: int) -> Iterator[None]:
+    """decode.DECODE_MIN_PARTITION for the launches (and graph captures) inside."""
+    saved = decode.DECODE_MIN_PARTITION
+    decode.DECODE_MIN_PARTITION = tokens
     try:
         yield
     finally:
-        decode.DECODE_MERGE_IN_KERNEL = saved
+        decode.DECODE_MIN_PARTITION = saved
 
 
 def attention_rows(batch: int, context: int, max_seq_len: int) -> list[tuple[str, float]]:
-    """Falcon-H1-7B attention decode of `batch` sequences of `context` tokens, each layer its own KV pages."""
+    """Falcon-H1-7B attention decode of `batch` sequences of `context` tokens, each layer its own KV pages, at
+    each of ATTENTION_MIN_PARTITIONS tokens a split at least."""
     Hq, Hkv, D, bs, L = (H1_7B_ATTN[k] for k in ("q_heads", "kv_heads", "head_dim", "block_size", "layers"))
     pages = -(-context // bs)
     seq_lens = torch.full((batch,), context, device=DEV, dtype=torch.int32)
@@ -163,18 +167,17 @@ def attention_rows(batch: int, context: int, max_seq_len: int) -> list[tuple[str
         return [attention.paged_attention(q, k, v, query_start_loc, seq_lens, tables, D**-0.5, batch, 1, max_seq_len)
                 for q, k, v in layers]
 
-    splits = decode._decode_partition(batch, Hkv, max_seq_len, torch.device(DEV))[0]
-    times = {}
-    for on in (False, True):
-        with merge_in_kernel(on):
-            out = step()[0]
-            times[on] = graph_us(step) / L
-        if not on:
-            ref = out
-    assert rel_err(out, ref) < 1e-2
-    label = f"context {context}, max_seq_len {max_seq_len} ({splits} splits)"
-    return [(f"{label}: decode + reduce (2 launches)", times[False]),
-            (f"{label}: merged in the decode kernel (1)", times[True])]
+    ref = attention.paged_attention_ref(*layers[0], query_start_loc, seq_lens, tables, D**-0.5, batch, 1, max_seq_len)
+    rows = []
+    for tokens in sorted({decode.DECODE_MIN_PARTITION, *ATTENTION_MIN_PARTITIONS}):
+        with min_partition(tokens):
+            assert rel_err(step()[0], ref) < 1e-2
+            splits = decode.decode_splits(batch, Hkv, max_seq_len, torch.device(DEV))
+            active = -(-context // max(decode.min_partition(), -(-context // splits)))
+            default = " (default)" if tokens == decode.DECODE_MIN_PARTITION else ""
+            rows.append((f"context {context}, max_seq_len {max_seq_len}: min partition {tokens}{default} "
+                         f"({splits} splits, ~{active} active)", graph_us(step) / L))
+    return rows
 
 
 def silu_mul_then_layer(gate_up: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
@@ -184,7 +187,8 @@ def silu_mul_then_layer(gate_up: torch.Tensor, layer: torch.nn.Module) -> torch.
 
 def engine_rows(reps: int = 50) -> list[tuple[str, float]]:
     """The Falcon-H1-7B engine's batch-1 decode graph against it captured with the old MLP tail and attention
-    merge (same static inputs and caches), alternately twice; ms a step, min of the rounds."""
+    splits of one K/V tile at least (same static inputs and caches), alternately twice; ms a step, min of the
+    rounds."""
     from benchmarks.offline import model_dir
     from benchmarks.pdl import replay_logits, state_tensors
     from engine.config import EngineArgs
@@ -205,7 +209,7 @@ def engine_rows(reps: int = 50) -> list[tuple[str, float]]:
     fused_op = ops.silu_mul_linear
     ops.silu_mul_linear = silu_mul_then_layer
     try:
-        with merge_in_kernel(False), torch.inference_mode():
+        with min_partition(decode.DECODE_BLOCK_N), torch.inference_mode():
             old = capture_graph(lambda: runner.model.compute_logits(runner.model(runner.graphs.batch(1),
                                                                                   runner.caches)),
                                 torch.cuda.graph_pool_handle(), runner.model.tp.size)
@@ -220,8 +224,8 @@ def engine_rows(reps: int = 50) -> list[tuple[str, float]]:
         saved = [t.clone() for t in states]
     diff = (replay_logits(*new, states, saved) - replay_logits(*old, states, saved)).abs().max().item()
     print(f"engine logits, new vs old graph: max |diff| {diff:.3g}; rounds (ms) {rounds}", flush=True)
-    return [("batch-1 decode graph: silu_mul + GEMV, decode + reduce (ms a step)", min(rounds["old"])),
-            ("batch-1 decode graph: SiLU*mul in the GEMV, merge in the decode kernel (ms a step)",
+    return [("batch-1 decode graph: silu_mul + GEMV, attention splits of one tile (ms a step)", min(rounds["old"])),
+            ("batch-1 decode graph: SiLU*mul in the GEMV, attention splits of DECODE_MIN_PARTITION (ms a step)",
              min(rounds["new"]))]
 
 
@@ -243,7 +247,7 @@ def main() -> None:
         if "mlp" in args.cases and batch == 1:
             cases += [(f"{m} MLP tail", mlp_rows, (m, fmt)) for m in MLP for fmt in ("bf16", "gptq-int4", "fp8")]
         if "attention" in args.cases:
-            pairs = ATTENTION_CASES if batch == 1 else [(160, 4160)]
+            pairs = ATTENTION_CASES if batch == 1 else ATTENTION_CASES_BATCHED
             cases += [("falcon-h1-7b attention", attention_rows, (batch, *pair)) for pair in pairs]
         for case, rows, case_args in cases:
             for name, us in rows(*case_args):

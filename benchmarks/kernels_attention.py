@@ -99,7 +99,7 @@ def decode_rows(sweep: bool, peaks: Ceilings) -> list[list[str]]:
         for bn, pps, w, st in settings:
             decode.DECODE_BLOCK_N, decode.DECODE_PROGRAMS_PER_SM = bn, pps
             decode.DECODE_NUM_WARPS, decode.DECODE_NUM_STAGES = w, st
-            splits, _ = decode._decode_partition(num_seqs, KV_HEADS, ctx, torch.device("cuda"))
+            splits = decode.decode_splits(num_seqs, KV_HEADS, ctx, torch.device("cuda"))
             t, tg = bench(attend(batch)), bench_graph(attend(batch))
             name = "decode" if (bn, pps, w, st) == defaults else f"decode BLOCK_N={bn} per_SM={pps} w={w} st={st}"
             rows.append([name, f"{num_seqs} x {ctx} ({splits} splits)", f"{t * 1e6:.1f}",

@@ -5,7 +5,6 @@ split too: program (n, m, k) sums its share of K. Every split stores its fp32 pa
 of a tile to finish (an atomic counter per tile, reset by that split) adds the partials up in split order,
 so the result does not depend on which split finished last, adds the bias and writes the output. One
 launch per GEMM: no second reduce kernel, which at decode costs as much as a small GEMM's streaming.
-(`last_to_arrive` serves the split attention decode too: kernels/attention/decode.py.)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 GPU tests: a decode-like chain of every one-sequence kernel (16-bit, FP8 and GPTQ GEMVs with split-K, the 16-bit
 one with SiLU*mul in its loads, norms, conv and both state updates in place, RoPE + KV write, split attention
-merged in its kernel (a counter per KV head, reset by the last split), SiLU*mul) replayed from one
+(2 splits) and its reduce kernel, SiLU*mul) replayed from one
 CUDA graph with PDL on and one with it off must leave bit-identical outputs and states; and the engine's
 greedy tokens and logprobs (decode graphs, both model families) must be identical with it on and off.
 """

@@ -4,7 +4,7 @@ reference of the K/V write (the Triton write is fused with RoPE in kernels/rope.
 Cache layout per layer: k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim]. Token j of a
 sequence lives in block block_table[j // block_size] at offset j % block_size.
 
-reference.py holds the torch references, decode.py the decode kernels (split context, merged in-kernel),
+reference.py holds the torch references, decode.py the decode kernels (split context, reduce),
 prefill.py the varlen prefill kernel, tiles.py the tile steps both share; paged_attention below launches
 both for one flat batch.
 """
@@ -18,7 +18,6 @@ from kernels import pdl
 from kernels.attention import decode, prefill  # modules: their tunables are read at each call, set there
 from kernels.attention.decode import num_sms
 from kernels.attention.reference import paged_attention_ref, write_kv_ref
-from kernels.split_k import MAX_TILES, tile_counters
 
 __all__ = ["num_sms", "paged_attention", "paged_attention_ref", "write_kv_ref"]
 
@@ -54,29 +53,25 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if num_decodes > 0:
         if max_seq_len <= 0:
             max_seq_len = int(seq_lens[:num_decodes].max())
-        num_splits, partition = decode._decode_partition(num_decodes, kv_heads, max_seq_len, q.device)
+        num_splits = decode.decode_splits(num_decodes, kv_heads, max_seq_len, q.device)
         split = num_splits > 1
-        merge = split and decode.DECODE_MERGE_IN_KERNEL
         part_shape = (num_decodes * num_heads * num_splits) if split else 1
         part_m = torch.empty(part_shape, dtype=torch.float32, device=q.device)
         part_l = torch.empty(part_shape, dtype=torch.float32, device=q.device)
         part_acc = torch.empty(part_shape * d_pad, dtype=torch.float32, device=q.device)
-        assert num_decodes * kv_heads <= MAX_TILES  # a merge counter per (sequence, KV head)
-        group_p2 = triton.next_power_of_2(group)
-        merge_chunk = min(triton.next_power_of_2(num_splits),
-                          max(1, decode.DECODE_MERGE_TILE // (group_p2 * d_pad)))
         decode._decode_kernel[(num_decodes, kv_heads, num_splits)](
-            q, k_cache, v_cache, out, part_acc, part_m, part_l, tile_counters(q.device), query_start_loc, seq_lens,
-            block_tables, qk_scale, partition, num_splits, q.stride(0), q.stride(1), *cache_strides, out.stride(0),
+            q, k_cache, v_cache, out, part_acc, part_m, part_l, query_start_loc, seq_lens,
+            block_tables, qk_scale, num_splits, q.stride(0), q.stride(1), *cache_strides, out.stride(0),
             out.stride(1), block_tables.stride(0), GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=decode.DECODE_BLOCK_N, SPLIT=split,
-            MERGE=merge, GROUP_P2=group_p2, MERGE_CHUNK=merge_chunk, PRECISION=precision,
-            num_warps=decode.DECODE_NUM_WARPS, num_stages=decode.DECODE_NUM_STAGES, **pdl.launch_kwargs(q.device))
-        if split and not merge:
+            HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=decode.DECODE_BLOCK_N,
+            MIN_PARTITION=decode.min_partition(), SPLIT=split, PRECISION=precision, num_warps=decode.DECODE_NUM_WARPS,
+            num_stages=decode.DECODE_NUM_STAGES, **pdl.launch_kwargs(q.device))
+        if split:
             decode._decode_reduce_kernel[(num_decodes, num_heads)](
-                part_acc, part_m, part_l, out, query_start_loc, seq_lens, partition, num_splits,
-                out.stride(0), out.stride(1), HEAD_DIM=head_dim, D_PAD=d_pad,
-                SPLIT_CHUNK=decode.DECODE_SPLIT_CHUNK, num_warps=4, **pdl.launch_kwargs(q.device))
+                part_acc, part_m, part_l, out, query_start_loc, seq_lens, num_splits,
+                out.stride(0), out.stride(1), HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=decode.DECODE_BLOCK_N,
+                MIN_PARTITION=decode.min_partition(), SPLIT_CHUNK=decode.DECODE_SPLIT_CHUNK, num_warps=4,
+                **pdl.launch_kwargs(q.device))
 
     num_prefills = num_seqs - num_decodes
     if num_prefills > 0:

@@ -20,7 +20,6 @@ import pytest  # noqa: E402
 
 from kernels import attention  # noqa: E402
 from kernels.attention import decode, prefill  # noqa: E402
-from kernels.split_k import tile_counters  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -116,34 +115,40 @@ def test_paged_attention_head_shapes(q_heads: int, kv_heads: int, head_dim: int,
 
 
 @pytest.mark.parametrize("programs_per_sm,block_n,chunk", [(1, 64, 32), (64, 16, 8)])
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
-def test_decode_split_counts(monkeypatch, programs_per_sm: int, block_n: int, chunk: int, merge_in_kernel: bool):
-    """One split per sequence, and many (23 splits of 48 tokens for the longest, merged 8 at a time), merged
-    by the reduce kernel or by the decode kernel's last split."""
+def test_decode_split_counts(monkeypatch, programs_per_sm: int, block_n: int, chunk: int):
+    """One split per sequence, and many (23 splits of 48 tokens for the longest, reduced 8 at a time)."""
     monkeypatch.setattr(decode, "DECODE_PROGRAMS_PER_SM", programs_per_sm)
     monkeypatch.setattr(decode, "DECODE_BLOCK_N", block_n)
+    monkeypatch.setattr(decode, "DECODE_MIN_PARTITION", block_n)
     monkeypatch.setattr(decode, "DECODE_SPLIT_CHUNK", chunk)
-    monkeypatch.setattr(decode, "DECODE_MERGE_IN_KERNEL", merge_in_kernel)
     seqs = [(1, 1100), (1, 0), (1, 65), (1, 5)]
     check_attention(make_batch(seqs, 4, 6, 2, 24, 4, torch.float32, seed=programs_per_sm))
 
 
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(6, 2, 24), (8, 2, 32), (4, 4, 16), (12, 2, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("merge_tile", [4096, 64])
-def test_decode_merge_in_kernel(monkeypatch, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                                merge_tile: int):
-    """The split decode merged by the last split of each (sequence, KV head) to finish: GQA groups of 3, 4, 1
-    and 6 (padded to 4, 4, 1, 8 in the merge), splits of 16 tokens (up to 19 for the longest; merge_tile 64:
-    one split a merge step, else all at once), a sequence of length 0 (zeros) and ones shorter than a split.
-    Twice, so the merge counters must be back at zero after the first launch."""
+def test_decode_split_gqa_groups(monkeypatch, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """The split decode with GQA groups of 3, 4, 1 and 6 (padded to 16 query rows in the dot), splits of 16
+    tokens (up to 19 for the longest), a sequence of length 0 (zeros) and ones shorter than a split."""
     monkeypatch.setattr(decode, "DECODE_PROGRAMS_PER_SM", 64)
     monkeypatch.setattr(decode, "DECODE_BLOCK_N", 16)
-    monkeypatch.setattr(decode, "DECODE_MERGE_TILE", merge_tile)
+    monkeypatch.setattr(decode, "DECODE_MIN_PARTITION", 16)
     batch = make_batch([(1, 300), (1, 0), (1, 33), (1, 7)], 4, q_heads, kv_heads, head_dim, 4, dtype, seed=head_dim)
-    for _ in range(2):
-        check_attention(batch)
-    assert not tile_counters(torch.device(DEVICE)).any()
+    check_attention(batch)
+
+
+@pytest.mark.parametrize("min_partition", [40, 64])
+def test_decode_min_partition(monkeypatch, min_partition: int):
+    """Each sequence splits its own context: in a launch sized for 4096 tokens (16 splits, 16-token tiles),
+    contexts up to min_partition (40 rounds up to 48) run in one program that writes its output directly, longer
+    ones over up to 16 splits (1100 tokens: 14 of 80) reduced; both in one launch."""
+    monkeypatch.setattr(decode, "DECODE_PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(decode, "DECODE_BLOCK_N", 16)
+    monkeypatch.setattr(decode, "DECODE_MIN_PARTITION", min_partition)
+    seqs = [(1, 1100), (1, 48), (1, 49), (1, 0), (1, 64), (1, 65), (1, 3), (1, 700)]
+    batch = make_batch(seqs, len(seqs), 6, 2, 24, 4, torch.float32, seed=min_partition)
+    assert decode.decode_splits(len(seqs), 2, 4096, torch.device(DEVICE)) == 16  # 64 x 4 SMs / (8 x 2 heads)
+    check_attention({**batch, "max_seq_len": 4096})
 
 
 def test_decode_graph_bound_and_missing_hints():
@@ -350,14 +355,11 @@ def test_decode_cuda_graph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_merge_gpu(monkeypatch, merge_in_kernel: bool, dtype: torch.dtype):
-    """7B heads, one sequence (the decode graph's case: 2 KV heads, up to 132 splits) at lengths from one token
-    to 32k, the splits merged by the reduce kernel or in the decode kernel; then replays of one CUDA graph
-    sized for 32k (128 splits, of which the active ones merge), each equal to the eager result, the merge
-    counters left at zero."""
-    monkeypatch.setattr(decode, "DECODE_MERGE_IN_KERNEL", merge_in_kernel)
+def test_decode_splits_gpu(dtype: torch.dtype):
+    """7B heads, one sequence (the decode graph's case: 2 KV heads, up to 128 splits) at lengths from one token
+    to 32k; then replays of one CUDA graph sized for 32k (128 splits, of which each length fills its own
+    number: one for the shortest two, written directly), each equal to the eager result."""
     q_heads, kv_heads, head_dim = MODELS["7B"]
     for n in (1, 100, 2049, 8000, 32768):
         batch = make_batch([(1, n)], 1, q_heads, kv_heads, head_dim, 16, dtype, seed=n)
@@ -372,7 +374,6 @@ def test_decode_merge_gpu(monkeypatch, merge_in_kernel: bool, dtype: torch.dtype
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, eager)
-        assert not tile_counters(torch.device(DEVICE)).any()
 
 
 @pytest.mark.gpu
