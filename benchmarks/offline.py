@@ -1,6 +1,7 @@
 """Offline GPU benchmark on random weights with the published shapes (the work per token is the same).
 
-For each model: decode tok/s at 1, 32 and 256 concurrent sequences (128-token prompts), prefill time
+For each model: decode tok/s at 1, 32 and 256 concurrent sequences (128-token prompts; --decode-contexts
+adds longer ones, where the attention's KV reads grow), prefill time
 of 4,096- and 32,768-token prompts, and how many 4k-context sequences fit, each next to its roofline:
 decode moves weights + state + KV bytes per step at the HBM bandwidth; prefill does FLOPs at the bf16
 matmul rate. Both ceilings are measured first, in the same run (benchmarks/ceilings.py).
@@ -147,7 +148,9 @@ def max_concurrent(engine: LLMEngine, context: int) -> int:
 
 
 def bench_model(name: str, root: Path, ceilings: Ceilings, batch_sizes: list[int], prefill_lens: list[int],
-                max_num_seqs: int, ssm_state_dtype: str = "float32") -> list:
+                max_num_seqs: int, ssm_state_dtype: str = "float32", decode_contexts: tuple[int, ...] = (128,)
+                ) -> list:
+    """decode_contexts: prompt lengths decode is measured after (each with every batch size)."""
     _, cfg = parse_model_config(SHAPES[name])
     prefill_lens = [t for t in prefill_lens if t + 64 <= cfg.max_position_embeddings]
     args = EngineArgs(model=str(model_dir(name, root)), device="cuda", dtype="bfloat16", load_format="dummy",
@@ -159,13 +162,15 @@ def bench_model(name: str, root: Path, ceilings: Ceilings, batch_sizes: list[int
     bench_decode(engine, min(batch_sizes), steps=4)  # compile kernels before timing
     for tokens in [1024, *prefill_lens]:  # a length's first prefill may compile kernel variants of its own
         bench_prefill(engine, tokens)
-    for n in batch_sizes:
-        if n > max_num_seqs:
-            continue
-        tok_s, sched_share = bench_decode(engine, n)
-        roof = n / (decode_bytes(engine, n, 128 + 32) / ceilings.hbm_bytes_per_s)
-        rows.append((name, f"decode, {n} seq", f"{tok_s:,.0f} tok/s", f"{roof:,.0f} tok/s",
-                     f"{tok_s / roof:.0%} (scheduler {sched_share:.0%} of step time)"))
+    for context in decode_contexts:
+        for n in batch_sizes:
+            if n > max_num_seqs or n > max_concurrent(engine, context + 72) or context + 72 > args.max_model_len:
+                continue
+            tok_s, sched_share = bench_decode(engine, n, prompt_len=context)  # 64 steps after 8 or fewer
+            roof = n / (decode_bytes(engine, n, context + 32) / ceilings.hbm_bytes_per_s)
+            case = f"decode, {n} seq" + ("" if context == 128 else f", {context:,}-token prompts")
+            rows.append((name, case, f"{tok_s:,.0f} tok/s", f"{roof:,.0f} tok/s",
+                         f"{tok_s / roof:.0%} (scheduler {sched_share:.0%} of step time)"))
     for tokens in prefill_lens:
         seconds = bench_prefill(engine, tokens)
         roof = prefill_flops(cfg, tokens) / ceilings.bf16_flops
@@ -185,6 +190,8 @@ def main() -> None:
     parser.add_argument("--prefill-lens", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--decode-contexts", type=int, nargs="+", default=[128],
+                        help="prompt lengths decode is measured after (those that fit max_model_len and the pool)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     ceilings = measure_ceilings()
@@ -195,7 +202,7 @@ def main() -> None:
         for name in args.models:
             try:
                 rows = bench_model(name, Path(root), ceilings, args.batch_sizes, args.prefill_lens,
-                                   args.max_num_seqs, args.ssm_state_dtype)
+                                   args.max_num_seqs, args.ssm_state_dtype, tuple(args.decode_contexts))
             except (torch.cuda.OutOfMemoryError, ValueError) as e:
                 rows = [(name, "skipped", f"{type(e).__name__}: {str(e)[:200]}", "", "")]
             for row in rows:
