@@ -28,7 +28,9 @@ DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 2
 DECODE_SPLIT_CHUNK = 32  # partial results merged per step of the reduce pass
 # Tokens a split holds at least (rounded up to DECODE_BLOCK_N): below it a split's partial store and the
-# reduce's loads cost more than the tiles they spread (H200 sweep, benchmarks/decode_tail.py --cases attention).
+# reduce's loads cost more than the tiles they spread (H200, benchmarks/decode_tail.py --cases attention, RESULTS.md
+# session 16: a 160-token context in one program 6.4 us a layer, in 3 splits of 64 7.8; other values for the
+# reduce path not swept yet).
 DECODE_MIN_PARTITION = 256
 
 
