@@ -35,11 +35,13 @@ DECODE_MIN_PARTITION = 256
 
 
 @triton.jit
-def _split_partition(seq_len, num_splits, MIN_PARTITION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Tokens a split of this sequence holds: its context over at most num_splits splits, a multiple of BLOCK_N
-    and at least MIN_PARTITION (itself a multiple of BLOCK_N). Split s covers [s * partition, +partition)."""
+def _sequence_splits(seq_len, num_splits, MIN_PARTITION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(partition, active splits) of this sequence: its context over at most num_splits splits of `partition`
+    tokens, a multiple of BLOCK_N and at least MIN_PARTITION (itself a multiple of BLOCK_N). Split s covers
+    [s * partition, +partition); a sequence of length 0 has one split."""
     per_split = tl.cdiv(tl.maximum(seq_len, 1), num_splits)
-    return tl.maximum(tl.cdiv(per_split, BLOCK_N) * BLOCK_N, MIN_PARTITION)
+    partition = tl.maximum(tl.cdiv(per_split, BLOCK_N) * BLOCK_N, MIN_PARTITION)
+    return partition, tl.cdiv(tl.maximum(seq_len, 1), partition)
 
 
 @triton.jit
@@ -77,7 +79,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr,
                    SPLIT: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     """Program (sequence b, kv head, split): the GROUP query heads of b's single query over the split's slice
-    of the context (_split_partition), clipped to seq_len.
+    of the context (_sequence_splits), clipped to seq_len.
 
     All query heads sharing a KV head go into one [GROUP_PAD, D] x [D, BLOCK_N] dot, so each K/V tile is read
     once. The normalised output is written directly when the context fits one split; else (SPLIT) the
@@ -89,8 +91,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
     split = tl.program_id(2)
     wait_for_predecessor(USE_PDL)  # before the early return too: every program waits (kernels/pdl.py)
     seq_len = tl.load(seq_lens_ptr + b)
-    partition = _split_partition(seq_len, num_splits, MIN_PARTITION, BLOCK_N)
-    n_active = tl.cdiv(tl.maximum(seq_len, 1), partition)
+    partition, n_active = _sequence_splits(seq_len, num_splits, MIN_PARTITION, BLOCK_N)
     start = split * partition
     if SPLIT:
         if split >= n_active:
@@ -114,7 +115,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
                                  D_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, PRECISION)
 
     out_rows = out_ptr + row * stride_ot + kv_head * GROUP * stride_oh
-    if SPLIT:
+    if SPLIT:  # constexpr first: a launch of one split compiles no partial stores (its n_active is always 1)
         if n_active > 1:
             part = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split
             tl.store(part_m_ptr + part, m, mask=g < GROUP)
@@ -137,7 +138,7 @@ def _decode_reduce_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, query_s
     h = tl.program_id(1)
     wait_for_predecessor(USE_PDL)
     seq_len = tl.load(seq_lens_ptr + b)
-    n_active = tl.cdiv(tl.maximum(seq_len, 1), _split_partition(seq_len, num_splits, MIN_PARTITION, BLOCK_N))
+    _, n_active = _sequence_splits(seq_len, num_splits, MIN_PARTITION, BLOCK_N)
     if n_active == 1:
         return
     base = (b * tl.num_programs(1) + h) * num_splits
